@@ -1,0 +1,79 @@
+//! Control API: one JSON request line, one JSON response line, over a Unix socket that
+//! only root may use. Shared by the agent (server) and the CLI (client).
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    Status { service: Option<String> },
+    SetWeight { service: String, weight_bp: u16 },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub listen: String,
+    pub protocol: String,
+    /// Canary share in percent.
+    pub weight: f64,
+    pub weight_bp: u16,
+    pub mode: String,
+    pub sticky: String,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendStatus {
+    pub group: String,
+    pub address: String,
+    pub connections: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub flow_misses: u64,
+}
+
+/// Sends one request to the agent and returns the `ok` payload.
+pub fn call(socket: &Path, request: &Request) -> Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to the agent at {} (is `canary agent` running, and are you root?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        bail!("the agent closed the connection without answering");
+    }
+    match serde_json::from_str(&reply).context("decoding the agent's reply")? {
+        Response::Ok(v) => Ok(v),
+        Response::Error(e) => bail!("{e}"),
+    }
+}

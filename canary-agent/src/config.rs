@@ -1,0 +1,481 @@
+//! Agent configuration (TOML). Parsing is strict: unknown keys, bad values and
+//! conflicts are errors naming the file, the field and the reason, and nothing is
+//! applied unless the whole file is valid.
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use canary_common::{MAX_GROUP_BACKENDS, MAX_SERVICES, WEIGHT_SCALE};
+use serde::Deserialize;
+
+pub const DEFAULT_SOCKET: &str = "/run/canary/agent.sock";
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/canary";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/canary";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Hash,
+    Exact,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sticky {
+    Connection,
+    ClientIp,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub interfaces: Vec<String>,
+    pub control_socket: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub stable: Vec<SocketAddr>,
+    pub canary: Vec<SocketAddr>,
+    /// Canary share when the service is first installed, in basis points.
+    pub weight_bp: u16,
+    pub mode: Mode,
+    pub sticky: Sticky,
+    /// Rollout policy file, resolved relative to the config file.
+    pub policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub agent: AgentConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<RawAgent>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interface: Option<OneOrMany>,
+    control_socket: Option<PathBuf>,
+    bpffs_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    listen: String,
+    protocol: Option<String>,
+    stable: Vec<String>,
+    #[serde(default)]
+    canary: Vec<String>,
+    #[serde(default)]
+    weight: f64,
+    mode: Option<String>,
+    sticky: Option<String>,
+    policy: Option<PathBuf>,
+}
+
+/// Converts a percentage with at most two decimals (0.01 % steps) to basis points.
+pub fn percent_to_bp(percent: f64) -> Result<u16, String> {
+    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
+        return Err(format!("{percent} is not a percentage between 0 and 100"));
+    }
+    let bp = (percent * 100.0).round();
+    if (percent * 100.0 - bp).abs() > 1e-6 {
+        return Err(format!(
+            "{percent} has more than two decimals (weights move in 0.01 % steps)"
+        ));
+    }
+    Ok(bp as u16)
+}
+
+/// Formats basis points as a percentage, e.g. 1250 -> "12.5".
+pub fn bp_to_percent(bp: u16) -> f64 {
+    bp as f64 / (WEIGHT_SCALE as f64 / 100.0)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            field: "(file)".into(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let err = |field: String, reason: String| ConfigError {
+            file: file.clone(),
+            field,
+            reason,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!("line {line}")
+                })
+                .unwrap_or_else(|| "(document)".into());
+            err(at, e.message().to_string())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let agent = match raw.agent {
+            Some(a) => AgentConfig {
+                interfaces: match a.interface {
+                    Some(OneOrMany::One(i)) => vec![i],
+                    Some(OneOrMany::Many(v)) => v,
+                    None => vec![],
+                },
+                control_socket: a.control_socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
+                bpffs_dir: a.bpffs_dir.unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
+                state_dir: a.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            },
+            None => return Err(err("agent".into(), "missing [agent] table".into())),
+        };
+        if agent.interfaces.is_empty() {
+            return Err(err(
+                "agent.interface".into(),
+                "name at least one interface".into(),
+            ));
+        }
+        for (i, name) in agent.interfaces.iter().enumerate() {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(err(
+                    format!("agent.interface[{i}]"),
+                    format!("{name:?} is not a valid interface name"),
+                ));
+            }
+        }
+        if raw.service.len() > MAX_SERVICES as usize {
+            return Err(err(
+                "service".into(),
+                format!(
+                    "{} services, at most {MAX_SERVICES} are supported",
+                    raw.service.len()
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut listens = HashSet::new();
+        let mut services = Vec::new();
+        for (i, s) in raw.service.into_iter().enumerate() {
+            let at = |f: &str| format!("service[{i}] ({}).{f}", s.name);
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    format!("service[{i}].name"),
+                    format!("{:?}: use letters, digits, '-' and '_'", s.name),
+                ));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(err(at("name"), "duplicate service name".into()));
+            }
+            let listen: SocketAddr = s
+                .listen
+                .parse()
+                .map_err(|_| err(at("listen"), format!("{:?} is not addr:port", s.listen)))?;
+            if listen.port() == 0 {
+                return Err(err(at("listen"), "port 0 is not a service port".into()));
+            }
+            let protocol = match s.protocol.as_deref().unwrap_or("tcp") {
+                "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
+                other => {
+                    return Err(err(
+                        at("protocol"),
+                        format!("{other:?}: expected tcp or udp"),
+                    ))
+                }
+            };
+            if !listens.insert((listen, protocol)) {
+                return Err(err(
+                    at("listen"),
+                    format!("{listen}/{protocol:?} is already used by another service"),
+                ));
+            }
+            let backends = |field: &str, list: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
+                if list.len() > MAX_GROUP_BACKENDS {
+                    return Err(err(
+                        at(field),
+                        format!("{} backends, at most {MAX_GROUP_BACKENDS}", list.len()),
+                    ));
+                }
+                list.iter()
+                    .enumerate()
+                    .map(|(j, a)| {
+                        let addr: SocketAddr = a.parse().map_err(|_| {
+                            err(
+                                format!("{}[{j}]", at(field)),
+                                format!("{a:?} is not addr:port"),
+                            )
+                        })?;
+                        if addr.is_ipv4() != listen.is_ipv4() {
+                            return Err(err(
+                                format!("{}[{j}]", at(field)),
+                                "address family differs from listen (no 4<->6 translation)".into(),
+                            ));
+                        }
+                        if addr.port() == 0 {
+                            return Err(err(format!("{}[{j}]", at(field)), "port 0".into()));
+                        }
+                        Ok(addr)
+                    })
+                    .collect()
+            };
+            let stable = backends("stable", &s.stable)?;
+            let canary = backends("canary", &s.canary)?;
+            if stable.is_empty() {
+                return Err(err(
+                    at("stable"),
+                    "at least one stable backend is required".into(),
+                ));
+            }
+            let weight_bp = percent_to_bp(s.weight).map_err(|r| err(at("weight"), r))?;
+            if canary.is_empty() && weight_bp > 0 {
+                return Err(err(
+                    at("weight"),
+                    "a non-zero weight needs canary backends".into(),
+                ));
+            }
+            let mode = match s.mode.as_deref().unwrap_or("hash") {
+                "hash" => Mode::Hash,
+                "exact" => Mode::Exact,
+                other => {
+                    return Err(err(
+                        at("mode"),
+                        format!("{other:?}: expected hash or exact"),
+                    ))
+                }
+            };
+            let sticky = match s.sticky.as_deref().unwrap_or("connection") {
+                "connection" => Sticky::Connection,
+                "client-ip" => Sticky::ClientIp,
+                other => {
+                    return Err(err(
+                        at("sticky"),
+                        format!("{other:?}: expected connection or client-ip"),
+                    ))
+                }
+            };
+            if mode == Mode::Exact && sticky == Sticky::ClientIp {
+                return Err(err(
+                    at("sticky"),
+                    "client-ip stickiness needs mode = \"hash\" (exact mode counts connections)"
+                        .into(),
+                ));
+            }
+            services.push(ServiceConfig {
+                name: s.name,
+                listen,
+                protocol,
+                stable,
+                canary,
+                weight_bp,
+                mode,
+                sticky,
+                policy: s.policy.map(|p| base.join(p)),
+            });
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            agent,
+            services,
+        })
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Hash => "hash",
+            Mode::Exact => "exact",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[agent]
+interface = ["cli0", "eth1"]
+control_socket = "/tmp/x.sock"
+
+[[service]]
+name = "web"
+listen = "198.19.0.10:80"
+stable = ["198.18.2.2:8080", "198.18.2.3:8080"]
+canary = ["198.18.3.2:8080"]
+weight = 12.5
+mode = "exact"
+policy = "web.scm"
+
+[[service]]
+name = "dns"
+listen = "[2001:db8:ffff::10]:53"
+protocol = "udp"
+stable = ["[2001:db8:2::2]:5353"]
+canary = ["[2001:db8:3::2]:5353"]
+sticky = "client-ip"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/canary/agent.toml"))
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.agent.interfaces, ["cli0", "eth1"]);
+        assert_eq!(c.agent.bpffs_dir, Path::new(DEFAULT_BPFFS_DIR));
+        let web = &c.services[0];
+        assert_eq!(web.weight_bp, 1250);
+        assert_eq!(web.mode, Mode::Exact);
+        assert_eq!(web.stable.len(), 2);
+        assert_eq!(
+            web.policy.as_deref(),
+            Some(Path::new("/etc/canary/web.scm"))
+        );
+        let dns = &c.services[1];
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(dns.sticky, Sticky::ClientIp);
+        assert_eq!(dns.weight_bp, 0);
+    }
+
+    fn expect_err(text: &str, field: &str, reason: &str) {
+        let e = parse(text).expect_err("config should be rejected");
+        let msg = e.to_string();
+        assert!(msg.starts_with("/etc/canary/agent.toml: "), "{msg}");
+        assert!(
+            e.field.contains(field),
+            "field {:?} lacks {field:?}",
+            e.field
+        );
+        assert!(msg.contains(reason), "{msg:?} lacks {reason:?}");
+    }
+
+    #[test]
+    fn bad_fields_are_located_errors() {
+        let svc = |extra: &str| {
+            format!(
+                "[agent]\ninterface = \"cli0\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:80\"]\ncanary = [\"198.18.3.2:80\"]\n{extra}"
+            )
+        };
+        expect_err(
+            &svc("weight = 101"),
+            "service[0] (web).weight",
+            "between 0 and 100",
+        );
+        expect_err(&svc("weight = 12.345"), ".weight", "two decimals");
+        expect_err(&svc("mode = \"random\""), ".mode", "expected hash or exact");
+        expect_err(
+            &svc("sticky = \"cookie\""),
+            ".sticky",
+            "expected connection",
+        );
+        expect_err(
+            &svc("protocol = \"sctp\""),
+            ".protocol",
+            "expected tcp or udp",
+        );
+        expect_err(&svc("colour = 1"), "line 8", "unknown field `colour`");
+        expect_err(
+            &svc("mode = \"exact\"\nsticky = \"client-ip\""),
+            ".sticky",
+            "needs mode",
+        );
+        expect_err(
+            &svc("").replace("198.18.3.2:80", "[2001:db8:3::2]:80"),
+            "canary[0]",
+            "address family",
+        );
+        expect_err(
+            &svc("").replace("198.19.0.10:80", "198.19.0.10"),
+            ".listen",
+            "addr:port",
+        );
+        expect_err(
+            &format!(
+                "{}\n{}",
+                svc(""),
+                svc("").replace("[agent]\ninterface = \"cli0\"\n", "")
+            ),
+            "service[1] (web).name",
+            "duplicate",
+        );
+        expect_err(
+            "[[service]]\nname=\"a\"\nlisten=\"1.2.3.4:1\"\nstable=[]",
+            "agent",
+            "missing",
+        );
+        expect_err(
+            &svc("").replace("\"cli0\"", "[]"),
+            "agent.interface",
+            "at least one",
+        );
+        expect_err(
+            &svc("").replace("canary = [\"198.18.3.2:80\"]", "weight = 5"),
+            ".weight",
+            "needs canary",
+        );
+    }
+
+    #[test]
+    fn percent_conversion_is_exact() {
+        assert_eq!(percent_to_bp(0.01), Ok(1));
+        assert_eq!(percent_to_bp(33.33), Ok(3333));
+        assert_eq!(percent_to_bp(100.0), Ok(10_000));
+        assert!(percent_to_bp(-1.0).is_err());
+        assert!(percent_to_bp(f64::NAN).is_err());
+        assert!(percent_to_bp(0.005).is_err());
+        assert_eq!(bp_to_percent(1250), 12.5);
+    }
+}

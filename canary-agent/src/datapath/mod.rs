@@ -1,0 +1,150 @@
+//! The datapath facade: loads the embedded kernel object, pins its maps under bpffs,
+//! attaches the programs, and is the only code that reads or writes the maps.
+
+mod bpffs;
+mod encode;
+pub mod test_run;
+
+use std::{os::fd::AsFd, path::Path};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use canary_common::{
+    stats_index, BackendStats, ServiceKey, ServiceValue, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
+    PROG_EGRESS, PROG_INGRESS,
+};
+pub use encode::{decode_addr, encode_service, service_key};
+
+/// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary.bpf.o"));
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    stats: PerCpuArray<MapData, BackendStats>,
+}
+
+impl Datapath {
+    /// Loads the programs with their maps pinned in `bpffs_dir` (reusing maps already
+    /// pinned there by an earlier agent), without attaching anything.
+    pub fn load(bpffs_dir: &Path) -> Result<Self> {
+        bpffs::ensure(bpffs_dir)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(bpffs_dir)
+            .load(OBJECT)
+            .with_context(|| {
+                format!(
+                    "loading the kernel object with maps in {}",
+                    bpffs_dir.display()
+                )
+            })?;
+        let services = HashMap::try_from(take(&mut ebpf, MAP_SERVICES)?)?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
+        let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
+        xdp.load().context("loading the XDP program (verifier)")?;
+        let tc: &mut SchedClassifier = program(&mut ebpf, PROG_EGRESS)?;
+        tc.load().context("loading the TC program (verifier)")?;
+        Ok(Self {
+            ebpf,
+            services,
+            stats,
+        })
+    }
+
+    /// Attaches ingress (XDP, native mode when the driver supports it) and egress (TC)
+    /// to `iface`. Links live as long as `self`; dropping it detaches.
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
+        if let Err(native) = xdp.attach(iface, XdpMode::Driver) {
+            tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
+            xdp.attach(iface, XdpMode::Skb)
+                .with_context(|| format!("attaching XDP to {iface}"))?;
+        }
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
+        tc.attach(iface, TcAttachType::Egress)
+            .with_context(|| format!("attaching TC egress to {iface}"))?;
+        Ok(())
+    }
+
+    /// File descriptor of a loaded program, for BPF_PROG_TEST_RUN.
+    pub fn program_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
+        let prog = self
+            .ebpf
+            .program(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
+        let fd = match prog {
+            aya::programs::Program::Xdp(p) => p.fd()?.as_fd().try_clone_to_owned()?,
+            aya::programs::Program::SchedClassifier(p) => p.fd()?.as_fd().try_clone_to_owned()?,
+            _ => return Err(anyhow!("program {name} has an unexpected type")),
+        };
+        Ok(fd)
+    }
+
+    /// Installs or replaces a service in one map update, so packets see either the old
+    /// or the new weight and backends, never a mix.
+    pub fn install(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.services
+            .insert(key, value, 0)
+            .context("writing the service map")
+    }
+
+    pub fn uninstall(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services
+            .remove(key)
+            .context("removing from the service map")
+    }
+
+    /// Services present in the (pinned) map, e.g. left by the previous agent.
+    pub fn installed(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        self.services
+            .iter()
+            .map(|r| r.context("reading the service map"))
+            .collect()
+    }
+
+    /// Per-backend counters of service `id`, summed over CPUs.
+    pub fn stats(&self, id: u32) -> Result<[BackendStats; MAX_BACKENDS]> {
+        let mut out = [BackendStats::default(); MAX_BACKENDS];
+        for (slot, total) in out.iter_mut().enumerate() {
+            let per_cpu = self.stats.get(&stats_index(id, slot as u8), 0)?;
+            for s in per_cpu.iter() {
+                total.connections += s.connections;
+                total.packets_in += s.packets_in;
+                total.bytes_in += s.bytes_in;
+                total.packets_out += s.packets_out;
+                total.bytes_out += s.bytes_out;
+                total.flow_misses += s.flow_misses;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Zeroes the counters of a service id that is being given to a different service.
+    pub fn clear_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for slot in 0..MAX_BACKENDS {
+            let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
+            self.stats.set(stats_index(id, slot as u8), zero, 0)?;
+        }
+        Ok(())
+    }
+}
+
+fn take(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the kernel object"))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the kernel object"))?;
+    Ok(prog.try_into()?)
+}

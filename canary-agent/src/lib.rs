@@ -1,0 +1,8 @@
+//! The canary agent: loads the kernel datapath, applies the configuration, and serves
+//! the control API that the `canary` CLI talks to.
+
+pub mod agent;
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod datapath;

@@ -1,0 +1,154 @@
+//! BPF map layouts and wire constants. Addresses are stored as the four 32-bit words
+//! loaded straight from the packet (network byte order in memory); IPv4 uses word 0
+//! and leaves the rest zero. Ports are stored in network byte order too, so the
+//! datapath never converts anything on the hot path.
+
+/// Canary weights are expressed in basis points: 10 000 = 100 %.
+pub const WEIGHT_SCALE: u16 = 10_000;
+
+/// Upper bounds sized for one node's services; the agent rejects configs beyond them.
+pub const MAX_SERVICES: u32 = 64;
+pub const MAX_GROUP_BACKENDS: usize = 16;
+/// Backend slots per service: stable in `0..16`, canary in `16..32`.
+pub const MAX_BACKENDS: usize = 2 * MAX_GROUP_BACKENDS;
+/// Entries in the flow table; each connection uses two (forward and reply).
+pub const FLOW_TABLE_SIZE: u32 = 131_072;
+
+pub const GROUP_STABLE: u8 = 0;
+pub const GROUP_CANARY: u8 = 1;
+
+pub const MODE_HASH: u8 = 0;
+pub const MODE_EXACT: u8 = 1;
+
+pub const STICKY_CONNECTION: u8 = 0;
+pub const STICKY_CLIENT_IP: u8 = 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Flow-table entry direction: client -> service, and backend -> client.
+pub const DIR_FORWARD: u8 = 0;
+pub const DIR_REPLY: u8 = 1;
+
+/// Flow flag: a FIN or RST was seen, so a later SYN on the same tuple is a new
+/// connection rather than a retransmission.
+pub const FLOW_CLOSING: u8 = 1;
+
+/// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
+pub const MAP_SERVICES: &str = "CANARY_SERVICES";
+pub const MAP_FLOWS: &str = "CANARY_FLOWS";
+pub const MAP_STATS: &str = "CANARY_STATS";
+pub const MAP_EXACT: &str = "CANARY_EXACT";
+pub const PROG_INGRESS: &str = "canary_ingress";
+pub const PROG_EGRESS: &str = "canary_egress";
+
+/// A service's virtual address: the lookup key for every packet entering the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Everything the datapath needs to place a new connection, in one map value so a
+/// single map update swaps weight and backends together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into the stats and exact-mode maps.
+    pub id: u32,
+    pub weight_bp: u16,
+    pub mode: u8,
+    pub sticky: u8,
+    pub n_stable: u8,
+    pub n_canary: u8,
+    pub _pad: [u8; 6],
+    /// Stable backends in `0..n_stable`, canary ones in `16..16 + n_canary`.
+    pub backends: [Backend; MAX_BACKENDS],
+}
+
+impl Default for ServiceValue {
+    fn default() -> Self {
+        Self {
+            id: 0,
+            weight_bp: 0,
+            mode: MODE_HASH,
+            sticky: STICKY_CONNECTION,
+            n_stable: 0,
+            n_canary: 0,
+            _pad: [0; 6],
+            backends: [Backend::default(); MAX_BACKENDS],
+        }
+    }
+}
+
+/// One direction of a connection as seen on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub dir: u8,
+    pub _pad: u8,
+}
+
+/// What to rewrite for a pinned flow: the backend for the forward direction, the
+/// service address for replies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub addr: [u32; 4],
+    pub port: u16,
+    /// Backend slot (`0..MAX_BACKENDS`) for the stats index.
+    pub slot: u8,
+    pub flags: u8,
+    pub service: u32,
+}
+
+/// Per-backend counters, one copy per CPU; the agent sums them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// New connections placed on this backend.
+    pub connections: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    /// Non-SYN packets that found no pinned flow (table eviction or agent
+    /// restarted without its pins) and were placed by the current weights.
+    pub flow_misses: u64,
+}
+
+/// Index of a backend's counters in the stats array.
+#[inline(always)]
+pub fn stats_index(service: u32, slot: u8) -> u32 {
+    service * MAX_BACKENDS as u32 + slot as u32
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are repr(C), Copy, and contain only integers with explicit padding.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::BackendStats {}
+}

@@ -1,0 +1,163 @@
+//! Client -> service: find the service, pin or look up the flow, rewrite the
+//! destination to the chosen backend, count.
+
+use aya_ebpf::programs::XdpContext;
+use canary_common::{
+    backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
+    FlowValue, ServiceKey, ServiceValue, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING, GROUP_CANARY,
+    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
+};
+
+use crate::{
+    checksum::rewrite_destination,
+    maps::{EXACT, FLOWS, SERVICES, STATS},
+    parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+
+#[inline(always)]
+pub fn handle(ctx: &XdpContext) {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let Some(pkt) = parse(data, end) else { return };
+    let svc_key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    // SAFETY: SERVICES is not preallocated, so a concurrent update swaps in a new
+    // element and this one stays valid for the rest of the program run.
+    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }) else {
+        return;
+    };
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        family: pkt.family,
+        dir: DIR_FORWARD,
+        _pad: 0,
+    };
+    let flow = match pinned_flow(&key, &pkt) {
+        Some(flow) => flow,
+        None => match place(&key, &pkt, svc) {
+            Some(flow) => flow,
+            None => return,
+        },
+    };
+    if rewrite_destination(data, end, &pkt, &flow.addr, flow.port).is_none() {
+        return;
+    }
+    if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
+        // SAFETY: per-CPU slot, no other writer on this CPU during the program run.
+        unsafe {
+            (*stats).packets_in += 1;
+            (*stats).bytes_in += (end - data) as u64;
+        }
+    }
+}
+
+/// The flow's pinned backend, unless this is a SYN that starts a new connection on a
+/// tuple whose previous connection has closed. Also marks client FIN/RST.
+#[inline(always)]
+fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<FlowValue> {
+    let entry = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: LRU entries stay valid during the program run; the flags byte is the only
+    // field written after insertion and a torn read of it is harmless.
+    let flow = unsafe { *entry };
+    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if syn && (flow.flags & FLOW_CLOSING != 0 || reply_closing(key, &flow)) {
+        return None;
+    }
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        unsafe { (*entry).flags |= FLOW_CLOSING };
+    }
+    Some(flow)
+}
+
+/// Whether the backend side of a pinned flow has sent FIN or RST (marked by egress).
+#[inline(always)]
+fn reply_closing(key: &FlowKey, flow: &FlowValue) -> bool {
+    let reply = reply_key(key, flow);
+    // SAFETY: read-only copy of one byte of an LRU entry.
+    unsafe { FLOWS.get(&reply) }.is_some_and(|r| r.flags & FLOW_CLOSING != 0)
+}
+
+#[inline(always)]
+fn reply_key(key: &FlowKey, flow: &FlowValue) -> FlowKey {
+    FlowKey {
+        src: flow.addr,
+        dst: key.src,
+        sport: flow.port,
+        dport: key.sport,
+        proto: key.proto,
+        family: key.family,
+        dir: DIR_REPLY,
+        _pad: 0,
+    }
+}
+
+/// Chooses a backend for a new flow from the service's current weight, pins both
+/// directions and counts the connection.
+#[inline(always)]
+fn place(key: &FlowKey, pkt: &Packet, svc: &ServiceValue) -> Option<FlowValue> {
+    let hash = if svc.sticky == STICKY_CLIENT_IP {
+        client_hash(&pkt.src)
+    } else {
+        flow_hash(&pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto)
+    };
+    let mut group = if svc.mode == MODE_EXACT {
+        let acc = EXACT.get_ptr_mut(svc.id)?;
+        // SAFETY: per-CPU accumulator, only this CPU's program run touches it.
+        smooth_pick(unsafe { &mut *acc }, svc.weight_bp)
+    } else {
+        hash_group(hash, svc.weight_bp)
+    };
+    // A group without backends cannot take traffic: fall back to the other one.
+    if group == GROUP_CANARY && svc.n_canary == 0 {
+        group = 1 - GROUP_CANARY;
+    } else if group != GROUP_CANARY && svc.n_stable == 0 {
+        group = GROUP_CANARY;
+    }
+    let (base, count) = if group == GROUP_CANARY {
+        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
+    } else {
+        (0, svc.n_stable)
+    };
+    if count == 0 {
+        return None;
+    }
+    let slot = base + backend_index(hash, count);
+    let backend = svc.backends.get(slot as usize)?;
+    let flow = FlowValue {
+        addr: backend.addr,
+        port: backend.port,
+        slot,
+        flags: 0,
+        service: svc.id,
+    };
+    let reply = FlowValue {
+        addr: pkt.dst,
+        port: pkt.dport,
+        slot,
+        flags: 0,
+        service: svc.id,
+    };
+    // If the table is full the LRU evicts the coldest flow; an insert error only means
+    // this flow is not pinned and its next packet is placed again.
+    let _ = FLOWS.insert(reply_key(key, &flow), reply, 0);
+    let _ = FLOWS.insert(key, flow, 0);
+    if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
+        let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        // SAFETY: per-CPU slot.
+        unsafe {
+            if syn {
+                (*stats).connections += 1;
+            } else {
+                (*stats).flow_misses += 1;
+            }
+        }
+    }
+    Some(flow)
+}

@@ -1,0 +1,41 @@
+//! Kernel side of canary: an XDP program that places each new connection to a service
+//! on a stable or canary backend and rewrites its destination, and a TC egress program
+//! that restores the service address as the source of the replies.
+#![no_std]
+#![no_main]
+
+mod checksum;
+mod egress;
+mod ingress;
+mod maps;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{xdp_action, TC_ACT_OK},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+/// Client -> service direction. Never drops: anything that is not ours passes untouched.
+#[xdp]
+pub fn canary_ingress(ctx: XdpContext) -> u32 {
+    ingress::handle(&ctx);
+    xdp_action::XDP_PASS
+}
+
+/// Backend -> client direction. Never drops.
+#[classifier]
+pub fn canary_egress(ctx: TcContext) -> i32 {
+    egress::handle(&ctx);
+    TC_ACT_OK as i32
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";
