@@ -133,8 +133,8 @@ pub fn render_status(status: &Status) -> String {
     let mut out = String::new();
     for s in &status.services {
         out += &format!(
-            "{} {} {}/{}  canary {}%  mode {}  sticky {}\n",
-            s.name, s.listen, s.protocol, s.mode, s.weight, s.mode, s.sticky
+            "{} {}/{}  canary {}%  mode {}  sticky {}\n",
+            s.name, s.listen, s.protocol, s.weight, s.mode, s.sticky
         );
         out += &format!(
             "  {:<7} {:<28} {:>10} {:>12} {:>12} {:>14} {:>14}\n",

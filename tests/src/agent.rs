@@ -1,0 +1,147 @@
+//! Runs the real `canary` agent in the node namespace, with its maps pinned on a
+//! private bpffs mount in the host mount namespace so that a restarted agent finds
+//! them again (an `ip netns exec` mount would vanish with the process).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{netns::log_dir, ChildGuard, NetNs, NODE_CLIENT_IFACE};
+
+/// The agent binary: `$CANARY_BIN`, else the workspace's debug build.
+pub fn canary_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("CANARY_BIN") {
+        return Ok(p.into());
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/canary");
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p canary-agent` (make test does)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub struct Agent {
+    child: Option<ChildGuard>,
+    bin: PathBuf,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    bpffs: PathBuf,
+    node: String,
+}
+
+impl Agent {
+    /// Writes a config with the given `[[service]]` tables (and any extra agent
+    /// flags), starts the agent in `node` and waits until its control API listens.
+    pub fn start(node: &NetNs, services: &str, extra_args: &[&str]) -> Result<Agent> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = log_dir().join(format!("agent-{}", N.fetch_add(1, Ordering::Relaxed)));
+        let bpffs = dir.join("bpffs");
+        std::fs::create_dir_all(&bpffs)?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&bpffs)
+            .status()?;
+        if !status.success() {
+            bail!("mounting bpffs on {}", bpffs.display());
+        }
+        let socket = dir.join("agent.sock");
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[agent]\ninterface = \"{NODE_CLIENT_IFACE}\"\ncontrol_socket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\n\n{services}",
+                socket.display(),
+                bpffs.display(),
+                dir.join("state").display()
+            ),
+        )?;
+        let mut agent = Agent {
+            child: None,
+            bin: canary_bin()?,
+            dir,
+            config,
+            socket,
+            bpffs,
+            node: node.name().to_string(),
+        };
+        agent.launch(node, extra_args)?;
+        Ok(agent)
+    }
+
+    fn launch(&mut self, node: &NetNs, extra_args: &[&str]) -> Result<()> {
+        let config = self.config.to_string_lossy().into_owned();
+        let mut args = vec!["agent", "--config", &config];
+        args.extend_from_slice(extra_args);
+        let mut child = node.spawn(&self.bin, &args)?;
+        child.wait_for_log("control API listening", Duration::from_secs(20))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGTERM, as an orchestrator would send, then wait for a clean exit.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.pid() as i32, libc::SIGTERM) };
+            for _ in 0..100 {
+                if !Path::new(&format!("/proc/{}", child.pid())).exists()
+                    || std::fs::read_to_string(format!("/proc/{}/stat", child.pid()))
+                        .is_ok_and(|s| s.contains(") Z "))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn restart(&mut self, node: &NetNs, extra_args: &[&str]) -> Result<()> {
+        assert_eq!(node.name(), self.node, "restart in the same node namespace");
+        self.stop()?;
+        self.launch(node, extra_args)
+    }
+
+    pub fn log(&self) -> String {
+        self.child.as_ref().map(|c| c.log()).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this agent and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .context("running the canary CLI")?;
+        if !out.status.success() {
+            bail!(
+                "canary {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `canary status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.child.take();
+        let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
+    }
+}

@@ -1,0 +1,104 @@
+//! Idempotent machine set-up. Every step checks first, so a machine that has
+//! everything finishes in well under a second.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cargo_path;
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// Debian packages the build, the tests and the benchmarks use, with a file each
+/// package provides (checked instead of asking dpkg, which is slower).
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("iproute2", "/usr/bin/ip"),
+    ("ethtool", "/usr/sbin/ethtool"),
+    ("iptables", "/usr/sbin/iptables"),
+    ("wrk", "/usr/bin/wrk"),
+    ("prometheus", "/usr/bin/prometheus"),
+];
+
+fn quiet(cmd: &mut Command) -> Result<bool> {
+    Ok(cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success())
+}
+
+fn must(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, file)| !std::path::Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        println!("bootstrap: installing {}", missing.join(" "));
+        must(
+            Command::new("apt-get").args(["update", "-q"]),
+            "apt-get update",
+        )?;
+        must(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing),
+            "apt-get install",
+        )?;
+    }
+
+    if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))? {
+        bail!("the nightly toolchain is missing (`rustup toolchain install nightly`)");
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()?;
+    if !String::from_utf8_lossy(&components.stdout).contains("rust-src") {
+        println!("bootstrap: adding rust-src to nightly");
+        must(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add rust-src",
+        )?;
+    }
+
+    let linker = Command::new("bpf-linker")
+        .env("PATH", cargo_path())
+        .arg("--version")
+        .output();
+    let have = linker
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if !have {
+        println!(
+            "bootstrap: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        must(
+            Command::new("cargo")
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env("PATH", format!("{LLVM_PREFIX}/bin:{}", cargo_path()))
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ]),
+            "cargo install bpf-linker",
+        )?;
+    }
+    println!("bootstrap: all set");
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Developer workflows: `cargo xtask bootstrap | build-ebpf`.
+
+mod bootstrap;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (LLVM 22, bpf-linker, rust-src, test tools).
+    Bootstrap,
+    /// Build the kernel object (canary-ebpf) that the agent embeds.
+    BuildEbpf,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Bootstrap => bootstrap::run(),
+        Task::BuildEbpf => build_ebpf(),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// `~/.cargo/bin` first on PATH, so a freshly installed bpf-linker is found.
+pub fn cargo_path() -> String {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo")
+        });
+    format!(
+        "{}:{}",
+        home.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+fn build_ebpf() -> Result<()> {
+    let dir = workspace_root().join("canary-ebpf");
+    let status = Command::new("cargo")
+        .current_dir(&dir)
+        .env("PATH", cargo_path())
+        // The host workspace's flags and target dir must not leak into the BPF build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .args([
+            "+nightly",
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .status()
+        .context(
+            "running cargo +nightly (is the nightly toolchain installed? `cargo xtask bootstrap`)",
+        )?;
+    if !status.success() {
+        bail!(
+            "building canary-ebpf failed; `cargo xtask bootstrap` installs bpf-linker and rust-src"
+        );
+    }
+    println!(
+        "kernel object: {}",
+        dir.join("target/bpfel-unknown-none/release/canary")
+            .display()
+    );
+    Ok(())
+}
