@@ -2,7 +2,10 @@
 //! the control API that the `canary` CLI talks to.
 
 pub mod agent;
+pub mod analysis;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod controller;
+pub mod policy;
 pub mod datapath;

@@ -4,6 +4,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod histogram;
 pub mod maps;
 pub mod select;
 

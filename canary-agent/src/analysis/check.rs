@@ -1,0 +1,433 @@
+//! Turning window counts into a sequential test and a three-way decision.
+//!
+//! Every comparison is reduced to one binomial question answered with
+//! [`ln_mixture_lr`]:
+//!
+//! - **Rate ratio** (canary rate vs `factor` × stable rate, e.g. error rate): treat the
+//!   events of each version as Poisson with mean `rate × trials`. Conditional on the total
+//!   `E = e_c + e_s`, the canary's share is `e_c ~ Binomial(E, π)` with
+//!   `π = ρ n_c / (ρ n_c + n_s)` where `ρ` is the true ratio of rates. "ρ ≤ factor" is
+//!   "π ≤ π0" with `π0` at `ρ = factor`. The event order is a sequence of Bernoulli(π)
+//!   draws, so the mixture ratio is a test martingale in `E`. Conditioning removes the
+//!   unknown stable rate (no plug-in estimate), and when stable has no events at all,
+//!   `π0 < 1` still lets a canary with many events fail. Binomial counts vary less than
+//!   Poisson ones, so for frequent events the test is conservative.
+//! - **Absolute** (canary rate vs a fixed `p0`, e.g. success-rate floor): `e_c ~
+//!   Binomial(n_c, p)`, one-sample test of `p ≤ p0`.
+//!
+//! The three outcomes:
+//! - **Fail**: the e-value against "canary within the threshold" reaches `1/α`.
+//! - **Pass**: positive evidence. Either the mirror test (against "canary beyond the
+//!   threshold") reaches `1/α` — *strict pass* — or, when data are too few to resolve
+//!   an effect as small as the threshold, the mirror test against the threshold widened
+//!   by `pass_slack` (ratio `factor × slack`, or `p0 × slack`) reaches `1/α`: the canary
+//!   is then shown, with the same confidence, to be no worse than `slack` times the
+//!   allowed degradation. Thus a Pass always means "a canary at least `slack` × beyond the
+//!   threshold would be rejected by these data with confidence 1 − α"; anything weaker
+//!   is Inconclusive.
+//! - **Inconclusive**: too few trials or, for ratios, too few events in both versions
+//!   together (below fixed minimums), or neither test decisive. The event minimum (10)
+//!   keeps start-up verdicts off a handful of events (where a few unlucky ones already
+//!   look extreme and several tests at once add up their α). It
+//!   does not shield a bad canary when stable has no errors: the canary's own events
+//!   count, and 10 of them against none is decisive. Never causes a rollback and never lets progression continue.
+
+use super::stats::{ln_mixture_lr, Tail};
+
+/// Which direction of the canary's value is bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worse {
+    Higher,
+    Lower,
+}
+
+impl Worse {
+    fn fail_tail(self) -> Tail {
+        match self {
+            Worse::Higher => Tail::Upper,
+            Worse::Lower => Tail::Lower,
+        }
+    }
+
+    fn pass_tail(self) -> Tail {
+        match self {
+            Worse::Higher => Tail::Lower,
+            Worse::Lower => Tail::Upper,
+        }
+    }
+
+    /// Moves a boundary `slack` times further in the bad direction.
+    fn widen(self, boundary: f64, slack: f64) -> f64 {
+        match self {
+            Worse::Higher => boundary * slack,
+            Worse::Lower => boundary / slack,
+        }
+    }
+}
+
+/// `events` out of `trials` for one version over the window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub events: u64,
+    pub trials: u64,
+}
+
+impl Rate {
+    /// Events per trial; NaN (serialized as `null`) without trials.
+    pub fn value(self) -> f64 {
+        if self.trials == 0 {
+            f64::NAN
+        } else {
+            self.events as f64 / self.trials as f64
+        }
+    }
+}
+
+/// A comparison of the canary with its bound.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Question {
+    /// Canary rate against `factor` × stable rate.
+    Ratio {
+        canary: Rate,
+        stable: Rate,
+        factor: f64,
+    },
+    /// Canary rate against the fixed rate `p0`.
+    Absolute { canary: Rate, p0: f64 },
+}
+
+impl Question {
+    /// `(k, n, π0)` of the binomial question with the bound set to `boundary` (a ratio
+    /// for [`Question::Ratio`], a rate for [`Question::Absolute`]).
+    fn binomial(&self, boundary: f64) -> (u64, u64, f64) {
+        match *self {
+            Question::Ratio { canary, stable, .. } => {
+                let weighted = boundary * canary.trials as f64;
+                (
+                    canary.events,
+                    canary.events + stable.events,
+                    weighted / (weighted + stable.trials as f64),
+                )
+            }
+            Question::Absolute { canary, .. } => (canary.events, canary.trials, boundary),
+        }
+    }
+
+    fn boundary(&self) -> f64 {
+        match *self {
+            Question::Ratio { factor, .. } => factor,
+            Question::Absolute { p0, .. } => p0,
+        }
+    }
+}
+
+/// Minimum trials per version and what they are called, for the data-sufficiency rule.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs<'a> {
+    pub min_canary: u64,
+    pub min_stable: u64,
+    /// Minimum events of both versions together for a ratio comparison.
+    pub min_events: u64,
+    /// Plural noun for a trial ("requests", "responses", ...).
+    pub trials: &'a str,
+    /// Plural noun for an event ("errors", "slow responses", ...).
+    pub events: &'a str,
+}
+
+/// Outcome of one comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Inconclusive,
+}
+
+/// A decision and the evidence behind it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// `1 − 1/e` of the deciding test (the fail test when inconclusive), in [0, 1].
+    pub confidence: f64,
+    /// Human-readable evidence summary.
+    pub reason: String,
+}
+
+/// Tuning shared by all comparisons.
+#[derive(Debug, Clone, Copy)]
+pub struct Level {
+    /// Significance level: reject when the e-value reaches `1/alpha`.
+    pub alpha: f64,
+    /// Widening of the bound for a non-strict Pass (≥ 1).
+    pub pass_slack: f64,
+}
+
+fn confidence(ln_e: f64) -> f64 {
+    (1.0 - (-ln_e).exp()).clamp(0.0, 1.0)
+}
+
+/// Runs the fail test and the mirror (pass) tests for `q`.
+pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u64) -> Decision {
+    let inconclusive = |reason: String| Decision {
+        outcome: Outcome::Inconclusive,
+        confidence: 0.0,
+        reason,
+    };
+    let (canary, stable) = match *q {
+        Question::Ratio { canary, stable, .. } => (canary, Some(stable)),
+        Question::Absolute { canary, .. } => (canary, None),
+    };
+    let canary_trials = canary.trials;
+    if canary_trials < needs.min_canary {
+        return inconclusive(format!(
+            "canary has {canary_trials} {} in {span_s} s window, need ≥ {}",
+            needs.trials, needs.min_canary
+        ));
+    }
+    if let Some(stable) = stable {
+        if stable.trials < needs.min_stable {
+            return inconclusive(format!(
+                "stable has {} {} in {span_s} s window, need ≥ {}",
+                stable.trials, needs.trials, needs.min_stable
+            ));
+        }
+        if stable.events == 0 && canary.events == 0 {
+            return inconclusive(format!(
+                "no stable {ev} to compare against and canary has 0 {ev} in {span_s} s window",
+                ev = needs.events
+            ));
+        }
+        let total = stable.events + canary.events;
+        if total < needs.min_events {
+            return inconclusive(format!(
+                "only {total} {} in {span_s} s window across both versions, need ≥ {}",
+                needs.events, needs.min_events
+            ));
+        }
+    }
+    let threshold = level.alpha.ln().abs();
+    let boundary = q.boundary();
+    let (k, n, p0) = q.binomial(boundary);
+    let ln_fail = ln_mixture_lr(k, n, p0, worse.fail_tail());
+    if ln_fail >= threshold {
+        return Decision {
+            outcome: Outcome::Fail,
+            confidence: confidence(ln_fail),
+            reason: format!(
+                "canary shown beyond the bound (e-value {:.3e} ≥ {:.0})",
+                ln_fail.exp(),
+                1.0 / level.alpha
+            ),
+        };
+    }
+    let ln_strict = ln_mixture_lr(k, n, p0, worse.pass_tail());
+    if ln_strict >= threshold {
+        return Decision {
+            outcome: Outcome::Pass,
+            confidence: confidence(ln_strict),
+            reason: format!(
+                "canary shown within the bound (e-value {:.3e})",
+                ln_strict.exp()
+            ),
+        };
+    }
+    let wide = worse.widen(boundary, level.pass_slack);
+    let slack_possible = level.pass_slack > 1.0
+        && match q {
+            Question::Ratio { .. } => wide.is_finite() && wide > 0.0,
+            Question::Absolute { .. } => wide > 0.0 && wide < 1.0,
+        };
+    if slack_possible {
+        let (k, n, p0) = q.binomial(wide);
+        let ln_slack = ln_mixture_lr(k, n, p0, worse.pass_tail());
+        if ln_slack >= threshold {
+            return Decision {
+                outcome: Outcome::Pass,
+                confidence: confidence(ln_slack),
+                reason: format!(
+                    "canary shown within {} × the bound (e-value {:.3e}); too few data to resolve the bound itself",
+                    level.pass_slack,
+                    ln_slack.exp()
+                ),
+            };
+        }
+    }
+    Decision {
+        outcome: Outcome::Inconclusive,
+        confidence: confidence(ln_fail),
+        reason: format!(
+            "not enough evidence either way yet (fail e-value {:.3}, pass e-value {:.3}, need {:.0})",
+            ln_fail.exp(),
+            ln_strict.exp(),
+            1.0 / level.alpha
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEVEL: Level = Level {
+        alpha: 0.01,
+        pass_slack: 1.5,
+    };
+    const NEEDS: Needs = Needs {
+        min_canary: 20,
+        min_stable: 20,
+        min_events: 10,
+        trials: "requests",
+        events: "errors",
+    };
+
+    fn ratio(ec: u64, nc: u64, es: u64, ns: u64, factor: f64) -> Question {
+        Question::Ratio {
+            canary: Rate {
+                events: ec,
+                trials: nc,
+            },
+            stable: Rate {
+                events: es,
+                trials: ns,
+            },
+            factor,
+        }
+    }
+
+    #[test]
+    fn too_few_requests_is_inconclusive() {
+        let d = decide(
+            &ratio(12, 12, 0, 1000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive);
+        assert_eq!(
+            d.reason,
+            "canary has 12 requests in 300 s window, need ≥ 20"
+        );
+    }
+
+    #[test]
+    fn no_events_anywhere_is_inconclusive() {
+        let d = decide(
+            &ratio(0, 600, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive);
+        assert!(d.reason.starts_with("no stable errors to compare against"));
+    }
+
+    #[test]
+    fn stable_without_errors_still_fails_a_bad_canary() {
+        // Stable: 0 errors in 5400; canary 10 % of traffic with 30 errors in 600.
+        let d = decide(
+            &ratio(30, 600, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Fail, "{d:?}");
+        assert!(d.confidence > 0.99);
+        // ... but two canary errors are not enough evidence.
+        let d = decide(
+            &ratio(2, 600, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive);
+        assert!(d.reason.starts_with("only 2 errors"), "{}", d.reason);
+        // Ten canary errors against none.
+        let d = decide(
+            &ratio(10, 600, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Fail, "{d:?}");
+    }
+
+    #[test]
+    fn equal_rates_pass_with_slack_not_strictly() {
+        // 60 vs 540 errors: equal rates. Ratio 1.0 is too close to 1.05 for a strict
+        // pass, but 1.5 × 1.05 is excluded.
+        let d = decide(
+            &ratio(60, 6000, 540, 54000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Pass, "{d:?}");
+        assert!(d.reason.contains("within 1.5 × the bound"));
+        let strict = Level {
+            pass_slack: 1.0,
+            ..LEVEL
+        };
+        let d = decide(
+            &ratio(60, 6000, 540, 54000, 1.05),
+            Worse::Higher,
+            strict,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive);
+        // A clearly better canary passes strictly.
+        let d = decide(
+            &ratio(5, 6000, 540, 54000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Pass);
+        assert!(d.reason.contains("within the bound"));
+    }
+
+    #[test]
+    fn lower_is_worse_direction() {
+        // Conversions: canary 3 % vs stable 5 % with a 0.9 floor.
+        let q = ratio(180, 6000, 2700, 54000, 0.9);
+        assert_eq!(
+            decide(&q, Worse::Lower, LEVEL, NEEDS, 60).outcome,
+            Outcome::Fail
+        );
+        let q = ratio(300, 6000, 2700, 54000, 0.9);
+        assert_ne!(
+            decide(&q, Worse::Lower, LEVEL, NEEDS, 60).outcome,
+            Outcome::Fail
+        );
+    }
+
+    #[test]
+    fn absolute_floor() {
+        let q = |errors| Question::Absolute {
+            canary: Rate {
+                events: errors,
+                trials: 1000,
+            },
+            p0: 0.05,
+        };
+        assert_eq!(
+            decide(&q(10), Worse::Higher, LEVEL, NEEDS, 600).outcome,
+            Outcome::Pass
+        );
+        assert_eq!(
+            decide(&q(120), Worse::Higher, LEVEL, NEEDS, 600).outcome,
+            Outcome::Fail
+        );
+        assert_eq!(
+            decide(&q(50), Worse::Higher, LEVEL, NEEDS, 600).outcome,
+            Outcome::Inconclusive
+        );
+    }
+}

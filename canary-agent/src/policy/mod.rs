@@ -1,0 +1,657 @@
+//! Rollout policy: the progression of canary weights, the stages that group
+//! them (with optional approval gates), the metrics the analysis watches and
+//! the rollback rules. Two file formats (TOML and Scheme s-expressions) parse
+//! into the same [`Policy`]; both go through one validation pass (`Draft`)
+//! so they cannot drift apart in meaning.
+
+mod plan;
+mod scheme;
+mod toml;
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::plan::percent;
+pub use self::scheme::parse_scheme;
+pub use self::toml::parse_toml;
+
+/// Canary weight in basis points: 1 bp = 0.01 %, 10_000 = 100 %.
+pub type WeightBp = u16;
+
+/// 100 % in basis points.
+pub const FULL_BP: WeightBp = 10_000;
+
+/// A validated rollout policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Strictly increasing in time, the first at offset 0.
+    pub steps: Vec<Step>,
+    /// Ordered by weight; every step's weight falls in one of them.
+    pub stages: Vec<Stage>,
+    pub metrics: Vec<MetricSpec>,
+    pub rules: Vec<RollbackRule>,
+    /// The static split (`define-canary-split` / `[split]`). When the policy
+    /// has no progression it becomes the single step at offset 0; otherwise
+    /// the progression sets the weights and the split is informational.
+    pub initial_split: Option<WeightBp>,
+}
+
+/// One point of the progression; `at_s` is the offset from rollout start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub at_s: u64,
+    pub weight_bp: WeightBp,
+}
+
+/// A named band of weights; a step belongs to the first stage listed whose
+/// `[min_bp, max_bp]` contains its weight (bands may touch at one point).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub name: String,
+    pub min_bp: WeightBp,
+    pub max_bp: WeightBp,
+    pub gate: Option<Gate>,
+}
+
+/// Entry gate of a stage: the rollout waits before its first step in the
+/// stage until an operator (`approval`) or the webhook approves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gate {
+    pub approval: bool,
+    pub webhook: Option<String>,
+    /// Seconds of waiting after which the controller raises an alert (the
+    /// gate keeps waiting); 0 = never.
+    pub timeout_s: u64,
+}
+
+/// A metric the analysis compares between canary and stable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSpec {
+    pub name: MetricName,
+    /// error-rate / latency-p99: maximum canary/stable ratio.
+    /// success-rate: minimum canary success fraction.
+    /// custom: minimum canary/stable ratio of events/trials.
+    pub threshold: f64,
+    pub window_s: u64,
+    pub on_fail: Action,
+    /// Required for (and only allowed on) custom metrics.
+    pub query: Option<CustomQuery>,
+}
+
+/// PromQL for a custom rate metric; `{version}` is substituted with
+/// `stable` or `canary`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomQuery {
+    pub events: String,
+    pub trials: String,
+}
+
+/// Built-in metrics have known queries; anything else needs a [`CustomQuery`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum MetricName {
+    ErrorRate,
+    LatencyP99,
+    SuccessRate,
+    Custom(String),
+}
+
+impl MetricName {
+    /// `p99-latency` is accepted as an alias because the seed's rules use it.
+    pub fn parse(name: &str) -> Self {
+        match name {
+            "error-rate" => Self::ErrorRate,
+            "latency-p99" | "p99-latency" => Self::LatencyP99,
+            "success-rate" => Self::SuccessRate,
+            other => Self::Custom(other.to_string()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::ErrorRate => "error-rate",
+            Self::LatencyP99 => "latency-p99",
+            Self::SuccessRate => "success-rate",
+            Self::Custom(name) => name,
+        }
+    }
+}
+
+impl From<String> for MetricName {
+    fn from(name: String) -> Self {
+        Self::parse(&name)
+    }
+}
+
+impl From<MetricName> for String {
+    fn from(name: MetricName) -> Self {
+        name.as_str().to_string()
+    }
+}
+
+impl fmt::Display for MetricName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `metric cmp baseline * factor`, where baseline is stable's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackRule {
+    pub name: String,
+    pub metric: MetricName,
+    pub cmp: Cmp,
+    pub factor: f64,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cmp {
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = "<")]
+    Lt,
+}
+
+impl Cmp {
+    fn parse(op: &str) -> Option<Self> {
+        match op {
+            ">" => Some(Self::Gt),
+            "<" => Some(Self::Lt),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gt => ">",
+            Self::Lt => "<",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    ImmediateRollback,
+    PauseAndAlert,
+}
+
+impl Action {
+    fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "immediate-rollback" => Ok(Self::ImmediateRollback),
+            "pause-and-alert" => Ok(Self::PauseAndAlert),
+            other => Err(format!(
+                "unknown action `{other}` (expected immediate-rollback or pause-and-alert)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ImmediateRollback => "immediate-rollback",
+            Self::PauseAndAlert => "pause-and-alert",
+        }
+    }
+}
+
+impl Policy {
+    /// Index of the stage a weight belongs to (first match in order).
+    pub fn stage_index(&self, weight_bp: WeightBp) -> Option<usize> {
+        self.stages
+            .iter()
+            .position(|s| (s.min_bp..=s.max_bp).contains(&weight_bp))
+    }
+
+    /// Stage of step `step`; validation guarantees one exists.
+    pub fn stage_of_step(&self, step: usize) -> Option<&Stage> {
+        let weight = self.steps.get(step)?.weight_bp;
+        self.stage_index(weight).map(|i| &self.stages[i])
+    }
+
+    /// The gate that must be passed before entering `step`: only when the
+    /// step starts a new stage (step 0 always does).
+    pub fn gate_before(&self, step: usize) -> Option<(&Stage, &Gate)> {
+        let stage = self.stage_of_step(step)?;
+        let same_as_previous = step
+            .checked_sub(1)
+            .and_then(|prev| self.stage_of_step(prev))
+            .is_some_and(|prev| prev.name == stage.name);
+        if same_as_previous {
+            return None;
+        }
+        stage.gate.as_ref().map(|gate| (stage, gate))
+    }
+
+    /// The seed's stages, used when a policy gives none.
+    pub fn default_stages() -> Vec<Stage> {
+        [
+            ("internal-testing", 0, 0),
+            ("beta-users", 100, 500),
+            ("gradual-rollout", 500, 5_000),
+            ("full-deployment", 5_000, FULL_BP),
+        ]
+        .into_iter()
+        .map(|(name, min_bp, max_bp)| Stage {
+            name: name.to_string(),
+            min_bp,
+            max_bp,
+            gate: None,
+        })
+        .collect()
+    }
+}
+
+/// What went wrong with a policy file, and where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {context}: {reason}", self.location())]
+pub struct PolicyError {
+    pub kind: PolicyErrorKind,
+    /// File path or other origin label given to the parser.
+    pub origin: String,
+    /// 1-based line, when the format can tell.
+    pub line: Option<usize>,
+    /// The form, table or field at fault.
+    pub context: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyErrorKind {
+    Io,
+    /// Unreadable syntax or a value the policy does not allow.
+    Invalid,
+    /// The file asks for a capability this build does not have.
+    NotBuilt,
+}
+
+impl PolicyError {
+    fn location(&self) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}", self.origin),
+            None => self.origin.clone(),
+        }
+    }
+}
+
+/// Reads a policy file, choosing the format by extension.
+pub fn load_policy(path: &Path) -> Result<Policy, PolicyError> {
+    let origin = path.display().to_string();
+    let fail = |kind, reason: String| PolicyError {
+        kind,
+        origin: origin.clone(),
+        line: None,
+        context: "policy file".into(),
+        reason,
+    };
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !matches!(ext, "toml" | "scm") {
+        return Err(fail(
+            PolicyErrorKind::Invalid,
+            format!("unsupported extension `{ext}` (expected .toml or .scm)"),
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| fail(PolicyErrorKind::Io, format!("cannot read: {e}")))?;
+    if ext == "toml" {
+        parse_toml(&text, &origin)
+    } else {
+        parse_scheme(&text, &origin)
+    }
+}
+
+/// Where an item was written, so whole-policy checks can point at it.
+#[derive(Debug, Clone)]
+pub(crate) struct Site {
+    pub line: Option<usize>,
+    pub context: String,
+}
+
+#[derive(Debug)]
+pub(crate) struct Sourced<T> {
+    pub item: T,
+    pub site: Site,
+}
+
+/// A policy as read by one format, before the checks both formats share.
+#[derive(Debug)]
+pub(crate) struct Draft {
+    pub origin: String,
+    pub split: Option<WeightBp>,
+    pub steps: Vec<Sourced<Step>>,
+    pub stages: Option<Vec<Sourced<Stage>>>,
+    pub metrics: Vec<Sourced<MetricSpec>>,
+    pub rules: Vec<Sourced<RollbackRule>>,
+}
+
+impl Draft {
+    pub fn new(origin: &str) -> Self {
+        Self {
+            origin: origin.to_string(),
+            split: None,
+            steps: Vec::new(),
+            stages: None,
+            metrics: Vec::new(),
+            rules: Vec::new(),
+        }
+    }
+
+    pub fn error(&self, site: &Site, reason: impl Into<String>) -> PolicyError {
+        PolicyError {
+            kind: PolicyErrorKind::Invalid,
+            origin: self.origin.clone(),
+            line: site.line,
+            context: site.context.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Applies the checks and defaults common to both formats.
+    pub fn finish(self) -> Result<Policy, PolicyError> {
+        let steps = self.checked_steps()?;
+        let stages = self.checked_stages()?;
+        let policy = Policy {
+            steps,
+            stages,
+            metrics: self.metrics.iter().map(|m| m.item.clone()).collect(),
+            rules: self.rules.iter().map(|r| r.item.clone()).collect(),
+            initial_split: self.split,
+        };
+        for (i, step) in self.steps.iter().enumerate() {
+            if policy.stage_index(step.item.weight_bp).is_none() {
+                let bands: Vec<String> = policy
+                    .stages
+                    .iter()
+                    .map(|s| format!("{} {}", s.name, plan::band(s)))
+                    .collect();
+                return Err(self.error(
+                    &step.site,
+                    format!(
+                        "step {} ({}, {}) falls in no stage; stages: {}",
+                        i + 1,
+                        plan::offset(step.item.at_s),
+                        plan::percent(step.item.weight_bp),
+                        bands.join(", ")
+                    ),
+                ));
+            }
+        }
+        self.check_metrics()?;
+        self.check_rules()?;
+        Ok(policy)
+    }
+
+    fn checked_steps(&self) -> Result<Vec<Step>, PolicyError> {
+        if self.steps.is_empty() {
+            let Some(weight_bp) = self.split else {
+                return Err(PolicyError {
+                    kind: PolicyErrorKind::Invalid,
+                    origin: self.origin.clone(),
+                    line: None,
+                    context: "policy".into(),
+                    reason: "needs a progression (define-progression / [[step]]) \
+                             or a split (define-canary-split / [split])"
+                        .into(),
+                });
+            };
+            return Ok(vec![Step { at_s: 0, weight_bp }]);
+        }
+        if self.steps[0].item.at_s != 0 {
+            return Err(self.error(
+                &self.steps[0].site,
+                format!(
+                    "the first step must be at offset 0, not {}",
+                    plan::offset(self.steps[0].item.at_s)
+                ),
+            ));
+        }
+        for pair in self.steps.windows(2) {
+            let (prev, next) = (&pair[0].item, &pair[1].item);
+            if next.at_s <= prev.at_s {
+                return Err(self.error(
+                    &pair[1].site,
+                    format!(
+                        "steps must be strictly increasing in time: {} is not after {}",
+                        plan::offset(next.at_s),
+                        plan::offset(prev.at_s)
+                    ),
+                ));
+            }
+        }
+        Ok(self.steps.iter().map(|s| s.item).collect())
+    }
+
+    fn checked_stages(&self) -> Result<Vec<Stage>, PolicyError> {
+        let Some(stages) = &self.stages else {
+            return Ok(Policy::default_stages());
+        };
+        for (i, stage) in stages.iter().enumerate() {
+            let s = &stage.item;
+            if s.min_bp > s.max_bp {
+                return Err(self.error(
+                    &stage.site,
+                    format!("weights {} are reversed", plan::band(s)),
+                ));
+            }
+            if stages[..i].iter().any(|p| p.item.name == s.name) {
+                return Err(self.error(&stage.site, format!("duplicate stage `{}`", s.name)));
+            }
+            if let Some(prev) = i.checked_sub(1).map(|p| &stages[p].item) {
+                if s.min_bp < prev.max_bp {
+                    return Err(self.error(
+                        &stage.site,
+                        format!(
+                            "weights {} overlap stage {} {}; list stages in increasing \
+                             weight order, touching at most at one point",
+                            plan::band(s),
+                            prev.name,
+                            plan::band(prev)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(stages.iter().map(|s| s.item.clone()).collect())
+    }
+
+    fn check_metrics(&self) -> Result<(), PolicyError> {
+        for (i, metric) in self.metrics.iter().enumerate() {
+            let m = &metric.item;
+            let fail = |reason: String| Err(self.error(&metric.site, reason));
+            if self.metrics[..i].iter().any(|p| p.item.name == m.name) {
+                return fail(format!("duplicate metric `{}`", m.name));
+            }
+            match (&m.name, &m.query) {
+                (MetricName::Custom(name), None) => {
+                    return fail(format!(
+                        "custom metric `{name}` needs a query: give events and trials PromQL"
+                    ))
+                }
+                (MetricName::Custom(_), Some(_)) => {}
+                (builtin, Some(_)) => {
+                    return fail(format!(
+                        "`{builtin}` is built in; events/trials queries are only for custom metrics"
+                    ))
+                }
+                (_, None) => {}
+            }
+            if !(m.threshold.is_finite() && m.threshold > 0.0) {
+                return fail(format!(
+                    "threshold {} must be a positive number",
+                    m.threshold
+                ));
+            }
+            if m.name == MetricName::SuccessRate && m.threshold > 1.0 {
+                return fail(format!(
+                    "success-rate threshold {} is a fraction and must be at most 1",
+                    m.threshold
+                ));
+            }
+            if m.window_s == 0 {
+                return fail("window must be longer than 0s".into());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_rules(&self) -> Result<(), PolicyError> {
+        for (i, rule) in self.rules.iter().enumerate() {
+            let r = &rule.item;
+            if self.rules[..i].iter().any(|p| p.item.name == r.name) {
+                return Err(self.error(&rule.site, format!("duplicate rule `{}`", r.name)));
+            }
+            if !(r.factor.is_finite() && r.factor > 0.0) {
+                return Err(self.error(
+                    &rule.site,
+                    format!("baseline factor {} must be a positive number", r.factor),
+                ));
+            }
+            let has_query = self
+                .metrics
+                .iter()
+                .any(|m| m.item.name == r.metric && m.item.query.is_some());
+            if matches!(r.metric, MetricName::Custom(_)) && !has_query {
+                return Err(self.error(
+                    &rule.site,
+                    format!(
+                        "rule uses custom metric `{}`, which has no query: add it to the \
+                         metrics with events and trials PromQL",
+                        r.metric
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whole or decimal percent text ("5", "0.01", "12.5") to exact basis points.
+pub(crate) fn percent_text_to_bp(text: &str) -> Result<WeightBp, String> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if int.is_empty() || !digits(int) || !digits(frac) {
+        return Err(format!("weight `{text}` is not a percentage from 0 to 100"));
+    }
+    let frac = frac.trim_end_matches('0');
+    if frac.len() > 2 {
+        return Err(format!(
+            "weight {text} % has more than two decimals (the finest step is 0.01 %)"
+        ));
+    }
+    let too_big = || format!("weight {text} % is above 100 %");
+    let whole: u32 = int.parse().map_err(|_| too_big())?;
+    let hundredths: u32 = format!("{frac:0<2}").parse().unwrap_or(0);
+    let bp = whole
+        .checked_mul(100)
+        .and_then(|b| b.checked_add(hundredths))
+        .filter(|&b| b <= u32::from(FULL_BP))
+        .ok_or_else(too_big)?;
+    Ok(bp as WeightBp)
+}
+
+pub(crate) fn percent_int_to_bp(value: i64) -> Result<WeightBp, String> {
+    percent_text_to_bp(&value.to_string())
+}
+
+/// Uses the shortest round-trip decimal of the float, so `12.34` is exact
+/// and `12.345` is rejected rather than rounded.
+pub(crate) fn percent_float_to_bp(value: f64) -> Result<WeightBp, String> {
+    if !value.is_finite() {
+        return Err(format!("weight {value} is not a percentage from 0 to 100"));
+    }
+    percent_text_to_bp(&value.to_string())
+}
+
+/// "300", "300s", "5m", "1h" to seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        _ => {
+            return Err(format!(
+                "bad duration `{text}` (use e.g. 300, 300s, 5m or 1h)"
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("bad duration `{text}` (use e.g. 300, 300s, 5m or 1h)"))
+}
+
+/// "error-rate > baseline * 1.5" (the factor may also come first).
+pub(crate) fn parse_condition(text: &str) -> Result<(MetricName, Cmp, f64), String> {
+    let spaced = text
+        .replace('>', " > ")
+        .replace('<', " < ")
+        .replace('*', " * ");
+    let tokens: Vec<&str> = spaced.split_whitespace().collect();
+    let bad =
+        || format!("cannot read condition `{text}` (expected e.g. `error-rate > baseline * 1.5`)");
+    let [metric, op, a, "*", b] = tokens[..] else {
+        return Err(bad());
+    };
+    let cmp = Cmp::parse(op).ok_or_else(bad)?;
+    let factor = match (a, b) {
+        ("baseline", f) | (f, "baseline") => f.parse::<f64>().map_err(|_| bad())?,
+        _ => return Err(bad()),
+    };
+    Ok((MetricName::parse(metric), cmp, factor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_is_exact_or_rejected() {
+        assert_eq!(percent_text_to_bp("5"), Ok(500));
+        assert_eq!(percent_text_to_bp("0.01"), Ok(1));
+        assert_eq!(percent_text_to_bp("12.50"), Ok(1250));
+        assert_eq!(percent_text_to_bp("100"), Ok(10_000));
+        assert_eq!(percent_float_to_bp(12.34), Ok(1234));
+        assert_eq!(percent_float_to_bp(0.1), Ok(10));
+        assert!(percent_float_to_bp(12.345)
+            .unwrap_err()
+            .contains("two decimals"));
+        assert!(percent_int_to_bp(101).unwrap_err().contains("above 100"));
+        assert!(percent_int_to_bp(-1).is_err());
+        assert!(percent_text_to_bp("1e3").is_err());
+        assert!(percent_text_to_bp("99999999999").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("300"), Ok(300));
+        assert_eq!(parse_duration("300s"), Ok(300));
+        assert_eq!(parse_duration("5m"), Ok(300));
+        assert_eq!(parse_duration("1h"), Ok(3600));
+        for bad in ["", "5 minutes", "m", "1.5h", "-3s", "5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn conditions() {
+        assert_eq!(
+            parse_condition("error-rate > baseline * 1.5"),
+            Ok((MetricName::ErrorRate, Cmp::Gt, 1.5))
+        );
+        assert_eq!(
+            parse_condition("p99-latency>2*baseline"),
+            Ok((MetricName::LatencyP99, Cmp::Gt, 2.0))
+        );
+        assert!(parse_condition("error-rate >= baseline * 1.5").is_err());
+        assert!(parse_condition("error-rate > 1.5").is_err());
+    }
+}

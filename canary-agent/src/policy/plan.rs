@@ -1,0 +1,152 @@
+//! Human-readable rendering of a policy, for `canary plan` and error texts.
+
+use std::fmt::Write;
+
+use super::{Gate, MetricName, Policy, Stage, WeightBp, FULL_BP};
+
+/// "12.5%", "0.01%", "100%": exact, no trailing zeros.
+pub fn percent(bp: WeightBp) -> String {
+    let (whole, frac) = (bp / 100, bp % 100);
+    match frac {
+        0 => format!("{whole}%"),
+        f if f % 10 == 0 => format!("{whole}.{}%", f / 10),
+        f => format!("{whole}.{f:02}%"),
+    }
+}
+
+/// "+0s", "+90s", "+5m", "+1h": the largest unit that divides exactly.
+pub fn offset(seconds: u64) -> String {
+    format!("+{}", duration(seconds))
+}
+
+pub fn duration(seconds: u64) -> String {
+    match seconds {
+        s if s > 0 && s % 3_600 == 0 => format!("{}h", s / 3_600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+pub fn band(stage: &Stage) -> String {
+    format!("{}–{}", percent(stage.min_bp), percent(stage.max_bp))
+}
+
+fn gate_text(gate: &Gate) -> String {
+    let mut who = Vec::new();
+    if gate.approval {
+        who.push("operator approval".to_string());
+    }
+    if let Some(url) = &gate.webhook {
+        who.push(format!("webhook {url}"));
+    }
+    let mut text = who.join(" or ");
+    if gate.timeout_s > 0 {
+        let _ = write!(text, ", alert after {}", duration(gate.timeout_s));
+    }
+    text
+}
+
+impl Policy {
+    /// A plan an operator can read before starting: every step with its time,
+    /// weight, stage and gate, then stages, metrics and rules.
+    pub fn render_plan(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "Progression ({} steps):", self.steps.len());
+        for (i, step) in self.steps.iter().enumerate() {
+            let stage = self.stage_of_step(i).map_or("-", |s| s.name.as_str());
+            let _ = write!(
+                out,
+                "  {:>2}. {:>7}  {:>7}  {stage}",
+                i + 1,
+                offset(step.at_s),
+                percent(step.weight_bp)
+            );
+            if let Some((_, gate)) = self.gate_before(i) {
+                let _ = write!(out, "  [gate waits first: {}]", gate_text(gate));
+            }
+            out.push('\n');
+        }
+        match self.steps.last() {
+            Some(last) if last.weight_bp == FULL_BP => {
+                out.push_str("  Reaching the last step promotes the canary.\n")
+            }
+            _ => out.push_str("  The last step is below 100%: promote by hand to finish.\n"),
+        }
+        if let Some(split) = self.initial_split {
+            let _ = writeln!(
+                out,
+                "Split: {} canary / {} stable{}",
+                percent(split),
+                percent(FULL_BP - split),
+                if self.steps.len() == 1 && self.steps[0].weight_bp == split {
+                    ""
+                } else {
+                    " (the progression sets the weights)"
+                }
+            );
+        }
+        out.push_str("Stages:\n");
+        for stage in &self.stages {
+            let gate = stage
+                .gate
+                .as_ref()
+                .map_or("no gate".to_string(), |g| format!("gate: {}", gate_text(g)));
+            let _ = writeln!(out, "  {:<18} {:<12} {gate}", stage.name, band(stage));
+        }
+        out.push_str("Metrics:\n");
+        if self.metrics.is_empty() {
+            out.push_str("  none\n");
+        }
+        for m in &self.metrics {
+            let test = match &m.name {
+                MetricName::ErrorRate | MetricName::LatencyP99 => {
+                    format!("canary/stable <= {}", m.threshold)
+                }
+                MetricName::SuccessRate => format!("canary >= {}", m.threshold),
+                MetricName::Custom(_) => format!("canary/stable events/trials >= {}", m.threshold),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<18} {test} over {}, on fail: {}",
+                m.name.as_str(),
+                duration(m.window_s),
+                m.on_fail.as_str()
+            );
+            if let Some(q) = &m.query {
+                let _ = writeln!(out, "    events: {}\n    trials: {}", q.events, q.trials);
+            }
+        }
+        out.push_str("Rules:\n");
+        if self.rules.is_empty() {
+            out.push_str("  none\n");
+        }
+        for r in &self.rules {
+            let _ = writeln!(
+                out,
+                "  {:<22} {} {} baseline * {} -> {}",
+                r.name,
+                r.metric,
+                r.cmp.as_str(),
+                r.factor,
+                r.action.as_str()
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(percent(1), "0.01%");
+        assert_eq!(percent(1250), "12.5%");
+        assert_eq!(percent(10_000), "100%");
+        assert_eq!(offset(0), "+0s");
+        assert_eq!(offset(300), "+5m");
+        assert_eq!(offset(3_600), "+1h");
+        assert_eq!(offset(90), "+90s");
+    }
+}

@@ -1,0 +1,433 @@
+//! Scheme policy files: a sequence of `(define-... '(...))` forms holding
+//! quoted association lists, read with lexpr's located datums so every error
+//! carries the line of the offending form or entry.
+//!
+//! Beyond the seed's forms this reads `define-stages` and custom metric
+//! queries (also accepted: `on-fail` per metric, "5m" strings for seconds):
+//!
+//! ```scheme
+//! (define-stages
+//!   '((internal-testing (weights 0 0))
+//!     (beta-users (weights 1 5)
+//!                 (gate (approval . #t) (webhook . "http://...") (timeout . 30)))))
+//! (define-canary-metrics
+//!   '((conversion-rate (threshold . 0.9) (window . 600) (on-fail . pause-and-alert)
+//!                      (events . "...{version}...") (trials . "...{version}..."))))
+//! ```
+
+use lexpr::datum::Ref;
+use lexpr::Value;
+
+use super::{
+    percent_float_to_bp, percent_int_to_bp, Action, Cmp, CustomQuery, Draft, Gate, MetricName,
+    MetricSpec, Policy, PolicyError, PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step,
+    WeightBp, FULL_BP,
+};
+
+const FORMS: [&str; 5] = [
+    "define-canary-split",
+    "define-progression",
+    "define-stages",
+    "define-canary-metrics",
+    "define-rollback-rules",
+];
+
+/// Forms from the design that describe capabilities not built yet: they are
+/// refused loudly rather than ignored, so nobody believes they are in effect.
+const NOT_BUILT: [(&str, &str); 2] = [
+    ("define-header-routing", "header-based routing"),
+    ("define-user-cohorts", "user-cohort routing"),
+];
+
+/// Parses a Scheme policy; `origin` names the file in errors.
+pub fn parse_scheme(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let reader = Reader { origin };
+    let mut draft = Draft::new(origin);
+    let mut seen: Vec<String> = Vec::new();
+    let mut parser = lexpr::Parser::from_str(text);
+    loop {
+        let datum = match parser.next_datum() {
+            Ok(Some(datum)) => datum,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(PolicyError {
+                    kind: PolicyErrorKind::Invalid,
+                    origin: origin.to_string(),
+                    line: e.location().map(|l| l.line()),
+                    context: "s-expression".into(),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        reader.form(datum.as_ref(), &mut draft, &mut seen)?;
+    }
+    draft.finish()
+}
+
+struct Reader<'o> {
+    origin: &'o str,
+}
+
+/// `((key . value) ...)` entries, taken by name; leftovers are errors.
+struct Props<'a> {
+    entries: Vec<(String, Ref<'a>, Ref<'a>)>,
+}
+
+impl<'a> Props<'a> {
+    fn take(&mut self, key: &str) -> Option<Ref<'a>> {
+        let at = self.entries.iter().position(|(k, _, _)| k == key)?;
+        Some(self.entries.remove(at).1)
+    }
+}
+
+fn line(r: Ref<'_>) -> usize {
+    r.span().start().line()
+}
+
+impl Reader<'_> {
+    fn err(&self, at: Ref<'_>, context: &str, reason: impl Into<String>) -> PolicyError {
+        PolicyError {
+            kind: PolicyErrorKind::Invalid,
+            origin: self.origin.to_string(),
+            line: Some(line(at)),
+            context: context.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn site(&self, at: Ref<'_>, context: String) -> Site {
+        Site {
+            line: Some(line(at)),
+            context,
+        }
+    }
+
+    fn form(
+        &self,
+        form: Ref<'_>,
+        draft: &mut Draft,
+        seen: &mut Vec<String>,
+    ) -> Result<(), PolicyError> {
+        let shape = "expected a (define-... '(...)) form";
+        let items = self.list(form, "top level")?;
+        let Some(name) = items.first().and_then(|h| h.as_symbol()) else {
+            return Err(self.err(form, "top level", shape));
+        };
+        if let Some((_, what)) = NOT_BUILT.iter().find(|(n, _)| *n == name) {
+            return Err(PolicyError {
+                kind: PolicyErrorKind::NotBuilt,
+                ..self.err(
+                    form,
+                    name,
+                    format!(
+                        "{what} is not built yet (this build splits traffic by weight only); \
+                         remove the form"
+                    ),
+                )
+            });
+        }
+        if !FORMS.contains(&name) {
+            return Err(self.err(
+                form,
+                name,
+                format!("unknown form (known: {})", FORMS.join(", ")),
+            ));
+        }
+        if seen.iter().any(|s| s == name) {
+            return Err(self.err(form, name, "given twice"));
+        }
+        seen.push(name.to_string());
+        let quoted = match &items[1..] {
+            [arg] => self.list(*arg, name).ok(),
+            _ => None,
+        };
+        let data = match quoted.as_deref() {
+            Some([quote, data]) if quote.as_symbol() == Some("quote") => *data,
+            _ => return Err(self.err(form, name, format!("{shape}: one quoted list"))),
+        };
+        match name {
+            "define-canary-split" => draft.split = Some(self.split(data)?),
+            "define-progression" => draft.steps = self.progression(data)?,
+            "define-stages" => draft.stages = Some(self.stages(data)?),
+            "define-canary-metrics" => draft.metrics = self.metrics(data)?,
+            _ => draft.rules = self.rules(data)?,
+        }
+        Ok(())
+    }
+
+    fn split(&self, data: Ref<'_>) -> Result<WeightBp, PolicyError> {
+        let ctx = "define-canary-split";
+        let mut props = self.props(data, ctx)?;
+        let canary = props
+            .take("canary")
+            .ok_or_else(|| self.err(data, ctx, "missing (canary . PERCENT)"))?;
+        let canary = self.weight(canary, &format!("{ctx} canary"))?;
+        if let Some(stable) = props.take("stable") {
+            if self.weight(stable, &format!("{ctx} stable"))? != FULL_BP - canary {
+                return Err(self.err(stable, ctx, "canary and stable must add up to 100 %"));
+            }
+        }
+        self.done(props, ctx)?;
+        Ok(canary)
+    }
+
+    fn progression(&self, data: Ref<'_>) -> Result<Vec<Sourced<Step>>, PolicyError> {
+        let ctx = "define-progression";
+        let mut steps = Vec::new();
+        for entry in self.list(data, ctx)? {
+            let here = format!("{ctx} {}", entry.value());
+            let (at, weight) = entry
+                .as_pair()
+                .ok_or_else(|| self.err(entry, &here, "expected (SECONDS . PERCENT)"))?;
+            steps.push(Sourced {
+                item: Step {
+                    at_s: self.seconds(at, &here)?,
+                    weight_bp: self.weight(weight, &here)?,
+                },
+                site: self.site(entry, here),
+            });
+        }
+        Ok(steps)
+    }
+
+    fn stages(&self, data: Ref<'_>) -> Result<Vec<Sourced<Stage>>, PolicyError> {
+        let mut stages = Vec::new();
+        for entry in self.list(data, "define-stages")? {
+            let (name, rest) = self.named(entry, "define-stages")?;
+            let here = format!("define-stages {name}");
+            let mut props = self.props(rest, &here)?;
+            let weights = props
+                .take("weights")
+                .ok_or_else(|| self.err(entry, &here, "missing (weights MIN MAX)"))?;
+            let bounds = match self.list(weights, &here)?[..] {
+                [min, max] => [self.weight(min, &here)?, self.weight(max, &here)?],
+                _ => return Err(self.err(weights, &here, "expected (weights MIN MAX)")),
+            };
+            let gate = props
+                .take("gate")
+                .map(|g| self.gate(g, &format!("{here} gate")))
+                .transpose()?;
+            self.done(props, &here)?;
+            stages.push(Sourced {
+                item: Stage {
+                    name,
+                    min_bp: bounds[0],
+                    max_bp: bounds[1],
+                    gate,
+                },
+                site: self.site(entry, here),
+            });
+        }
+        Ok(stages)
+    }
+
+    fn gate(&self, data: Ref<'_>, ctx: &str) -> Result<Gate, PolicyError> {
+        let mut props = self.props(data, ctx)?;
+        let approval = match props.take("approval") {
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(v, ctx, "approval must be #t or #f"))?,
+            None => false,
+        };
+        let webhook = props
+            .take("webhook")
+            .map(|v| self.string(v, ctx))
+            .transpose()?;
+        let timeout_s = props
+            .take("timeout")
+            .map(|v| self.seconds(v, ctx))
+            .transpose()?
+            .unwrap_or(0);
+        self.done(props, ctx)?;
+        if !approval && webhook.is_none() {
+            return Err(self.err(data, ctx, "gate needs (approval . #t) or a webhook"));
+        }
+        Ok(Gate {
+            approval,
+            webhook,
+            timeout_s,
+        })
+    }
+
+    fn metrics(&self, data: Ref<'_>) -> Result<Vec<Sourced<MetricSpec>>, PolicyError> {
+        let mut metrics = Vec::new();
+        for entry in self.list(data, "define-canary-metrics")? {
+            let (name, rest) = self.named(entry, "define-canary-metrics")?;
+            let here = format!("define-canary-metrics {name}");
+            let mut props = self.props(rest, &here)?;
+            let mut required = |key: &str| {
+                props
+                    .take(key)
+                    .ok_or_else(|| self.err(entry, &here, format!("missing ({key} . ...)")))
+            };
+            let threshold = self.number(required("threshold")?, &here)?;
+            let window_s = self.seconds(required("window")?, &here)?;
+            let on_fail = props
+                .take("on-fail")
+                .map(|v| self.action(v, &here))
+                .transpose()?
+                .unwrap_or(Action::ImmediateRollback);
+            let events = props.take("events").map(|v| self.string(v, &here));
+            let trials = props.take("trials").map(|v| self.string(v, &here));
+            let query = match (events.transpose()?, trials.transpose()?) {
+                (Some(events), Some(trials)) => Some(CustomQuery { events, trials }),
+                (None, None) => None,
+                _ => return Err(self.err(entry, &here, "give both events and trials, or neither")),
+            };
+            self.done(props, &here)?;
+            metrics.push(Sourced {
+                item: MetricSpec {
+                    name: MetricName::parse(&name),
+                    threshold,
+                    window_s,
+                    on_fail,
+                    query,
+                },
+                site: self.site(entry, here),
+            });
+        }
+        Ok(metrics)
+    }
+
+    fn rules(&self, data: Ref<'_>) -> Result<Vec<Sourced<RollbackRule>>, PolicyError> {
+        let mut rules = Vec::new();
+        for entry in self.list(data, "define-rollback-rules")? {
+            let (name, rest) = self.named(entry, "define-rollback-rules")?;
+            let here = format!("define-rollback-rules {name}");
+            let mut props = self.props(rest, &here)?;
+            let condition = props
+                .take("condition")
+                .ok_or_else(|| self.err(entry, &here, "missing (condition . EXPR)"))?;
+            let (metric, cmp, factor) = self.condition(condition, &format!("{here} condition"))?;
+            let action = props
+                .take("action")
+                .ok_or_else(|| self.err(entry, &here, "missing (action . ACTION)"))?;
+            let action = self.action(action, &here)?;
+            self.done(props, &here)?;
+            rules.push(Sourced {
+                item: RollbackRule {
+                    name,
+                    metric,
+                    cmp,
+                    factor,
+                    action,
+                },
+                site: self.site(entry, here),
+            });
+        }
+        Ok(rules)
+    }
+
+    /// `(> error-rate (* baseline 1.5))`; the factor may also come first.
+    fn condition(&self, expr: Ref<'_>, ctx: &str) -> Result<(MetricName, Cmp, f64), PolicyError> {
+        let bad = || {
+            self.err(
+                expr,
+                ctx,
+                "expected (> METRIC (* baseline FACTOR)) or with <",
+            )
+        };
+        let items = self.list(expr, ctx)?;
+        let [op, metric, product] = items[..] else {
+            return Err(bad());
+        };
+        let cmp = op.as_symbol().and_then(Cmp::parse).ok_or_else(bad)?;
+        let metric = metric.as_symbol().ok_or_else(bad)?;
+        let factor = match self.list(product, ctx).as_deref() {
+            Ok([times, a, b]) if times.as_symbol() == Some("*") => {
+                match (a.as_symbol(), b.as_symbol()) {
+                    (Some("baseline"), None) => self.number(*b, ctx)?,
+                    (None, Some("baseline")) => self.number(*a, ctx)?,
+                    _ => return Err(bad()),
+                }
+            }
+            _ => return Err(bad()),
+        };
+        Ok((MetricName::parse(metric), cmp, factor))
+    }
+
+    fn list<'a>(&self, r: Ref<'a>, ctx: &str) -> Result<Vec<Ref<'a>>, PolicyError> {
+        let not_list = || self.err(r, ctx, format!("expected a list, found {}", r.value()));
+        let mut iter = r.list_iter().ok_or_else(not_list)?;
+        let items: Vec<Ref<'a>> = iter.by_ref().collect();
+        if !iter.is_empty() {
+            return Err(not_list());
+        }
+        Ok(items)
+    }
+
+    /// `(name ...)` with a symbol head; returns the name and the tail.
+    fn named<'a>(&self, entry: Ref<'a>, ctx: &str) -> Result<(String, Ref<'a>), PolicyError> {
+        match entry.as_pair() {
+            Some((name, rest)) if name.is_symbol() => {
+                Ok((name.as_symbol().unwrap_or_default().to_string(), rest))
+            }
+            _ => Err(self.err(
+                entry,
+                ctx,
+                format!("expected (NAME ...), found {}", entry.value()),
+            )),
+        }
+    }
+
+    fn props<'a>(&self, r: Ref<'a>, ctx: &str) -> Result<Props<'a>, PolicyError> {
+        let mut entries: Vec<(String, Ref<'a>, Ref<'a>)> = Vec::new();
+        for entry in self.list(r, ctx)? {
+            let (key, value) = self.named(entry, ctx)?;
+            if entries.iter().any(|(k, _, _)| *k == key) {
+                return Err(self.err(entry, ctx, format!("`{key}` given twice")));
+            }
+            entries.push((key, value, entry));
+        }
+        Ok(Props { entries })
+    }
+
+    fn done(&self, props: Props<'_>, ctx: &str) -> Result<(), PolicyError> {
+        match props.entries.first() {
+            Some((key, _, entry)) => Err(self.err(*entry, ctx, format!("unknown key `{key}`"))),
+            None => Ok(()),
+        }
+    }
+
+    fn weight(&self, r: Ref<'_>, ctx: &str) -> Result<WeightBp, PolicyError> {
+        let converted = match r.value() {
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => percent_int_to_bp(i),
+                None => percent_float_to_bp(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            other => Err(format!("expected a percentage, found {other}")),
+        };
+        converted.map_err(|reason| self.err(r, ctx, reason))
+    }
+
+    fn seconds(&self, r: Ref<'_>, ctx: &str) -> Result<u64, PolicyError> {
+        let converted = match r.value() {
+            Value::Number(n) => n
+                .as_u64()
+                .ok_or_else(|| format!("duration {n} must be whole seconds, not negative")),
+            Value::String(s) => super::parse_duration(s),
+            other => Err(format!(
+                "expected seconds or a \"5m\" string, found {other}"
+            )),
+        };
+        converted.map_err(|reason| self.err(r, ctx, reason))
+    }
+
+    fn number(&self, r: Ref<'_>, ctx: &str) -> Result<f64, PolicyError> {
+        r.as_f64()
+            .ok_or_else(|| self.err(r, ctx, format!("expected a number, found {}", r.value())))
+    }
+
+    fn string(&self, r: Ref<'_>, ctx: &str) -> Result<String, PolicyError> {
+        r.as_str()
+            .map(str::to_string)
+            .ok_or_else(|| self.err(r, ctx, format!("expected a string, found {}", r.value())))
+    }
+
+    fn action(&self, r: Ref<'_>, ctx: &str) -> Result<Action, PolicyError> {
+        let name = r
+            .as_symbol()
+            .map_or_else(|| r.value().to_string(), str::to_string);
+        Action::parse(&name).map_err(|reason| self.err(r, ctx, reason))
+    }
+}

@@ -1,0 +1,309 @@
+//! TOML policy files. Value-level problems (bad duration, weight, action,
+//! unknown key) are raised inside deserialization so the toml crate attaches
+//! their position; whole-policy checks use the spans kept per table.
+//!
+//! Schema (every table optional, unknown keys rejected; weights are percent
+//! with at most two decimals, durations 300 / "300s" / "5m" / "1h"):
+//!
+//! ```toml
+//! [split]                       # static split; the single step if no [[step]]
+//! canary = 5
+//! stable = 95                   # optional; must make 100 with canary
+//!
+//! [[step]]                      # progression, offsets from rollout start
+//! at = "5m"
+//! weight = 5
+//!
+//! [[stage]]                     # replaces the four default stages
+//! name = "beta-users"
+//! weights = [1, 5]              # [min, max] percent
+//! gate = { approval = true, webhook = "http://...", timeout = "30s" }
+//!
+//! [[metric]]
+//! name = "error-rate"           # error-rate | latency-p99 | success-rate | custom
+//! threshold = 1.05
+//! window = "300s"
+//! on_fail = "pause-and-alert"   # default immediate-rollback
+//! events = "..."                # custom metrics only, both required:
+//! trials = "..."                # PromQL with {version}
+//!
+//! [[rule]]
+//! name = "error-spike"
+//! when = "error-rate > baseline * 1.5"
+//! action = "immediate-rollback" # or pause-and-alert
+//! ```
+
+use std::fmt;
+use std::ops::Range;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp, Action, CustomQuery,
+    Draft, Gate, MetricName, MetricSpec, Policy, PolicyError, PolicyErrorKind, RollbackRule, Site,
+    Sourced, Stage, Step, WeightBp, FULL_BP,
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    split: Option<Spanned<RawSplit>>,
+    #[serde(default)]
+    step: Vec<Spanned<RawStep>>,
+    stage: Option<Vec<Spanned<RawStage>>>,
+    #[serde(default)]
+    metric: Vec<Spanned<RawMetric>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSplit {
+    canary: Percent,
+    stable: Option<Percent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    at: Seconds,
+    weight: Percent,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    name: String,
+    weights: [Percent; 2],
+    gate: Option<RawGate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    #[serde(default)]
+    approval: bool,
+    webhook: Option<String>,
+    timeout: Option<Seconds>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetric {
+    name: String,
+    threshold: f64,
+    window: Seconds,
+    on_fail: Option<Action>,
+    events: Option<String>,
+    trials: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: String,
+    when: Condition,
+    action: Action,
+}
+
+/// A percentage (integer or float) converted exactly to basis points.
+struct Percent(WeightBp);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Percent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a percentage from 0 to 100, at most two decimals")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Percent, E> {
+                percent_int_to_bp(v).map(Percent).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Percent, E> {
+                percent_float_to_bp(v).map(Percent).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Seconds given as an integer or a "300s" / "5m" / "1h" string.
+struct Seconds(u64);
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as 300, \"300s\", \"5m\" or \"1h\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                u64::try_from(v)
+                    .map(Seconds)
+                    .map_err(|_| E::custom(format!("duration {v} is negative")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Seconds, E> {
+                parse_duration(v).map(Seconds).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A rule's `when = "error-rate > baseline * 1.5"`.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Condition(MetricName, super::Cmp, f64);
+
+impl TryFrom<String> for Condition {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        parse_condition(&text).map(|(m, c, f)| Condition(m, c, f))
+    }
+}
+
+/// Parses a TOML policy; `origin` names the file in errors.
+pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
+    let raw: RawPolicy = ::toml::from_str(text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        PolicyError {
+            kind: PolicyErrorKind::Invalid,
+            origin: origin.to_string(),
+            line: Some(line_of(text, span.start)),
+            context: context_at(text, span.start),
+            reason: e.message().trim().to_string(),
+        }
+    })?;
+    let site = |span: Range<usize>, what: &str, n: usize| Site {
+        line: Some(line_of(text, span.start)),
+        context: format!("[[{what}]] #{n}"),
+    };
+    let mut draft = Draft::new(origin);
+    if let Some(split) = raw.split {
+        let split_site = Site {
+            line: Some(line_of(text, split.span().start)),
+            context: "[split]".into(),
+        };
+        let split = split.into_inner();
+        if split
+            .stable
+            .is_some_and(|s| s.0 != FULL_BP - split.canary.0)
+        {
+            return Err(draft.error(&split_site, "canary and stable must add up to 100 %"));
+        }
+        draft.split = Some(split.canary.0);
+    }
+    for (i, step) in raw.step.into_iter().enumerate() {
+        let site = site(step.span(), "step", i + 1);
+        let step = step.into_inner();
+        draft.steps.push(Sourced {
+            item: Step {
+                at_s: step.at.0,
+                weight_bp: step.weight.0,
+            },
+            site,
+        });
+    }
+    if let Some(stages) = raw.stage {
+        let mut out = Vec::new();
+        for (i, stage) in stages.into_iter().enumerate() {
+            let site = site(stage.span(), "stage", i + 1);
+            let stage = stage.into_inner();
+            let gate = match stage.gate {
+                Some(g) if !g.approval && g.webhook.is_none() => {
+                    return Err(draft.error(&site, "gate needs approval = true or a webhook"))
+                }
+                g => g.map(|g| Gate {
+                    approval: g.approval,
+                    webhook: g.webhook,
+                    timeout_s: g.timeout.map_or(0, |t| t.0),
+                }),
+            };
+            out.push(Sourced {
+                item: Stage {
+                    name: stage.name,
+                    min_bp: stage.weights[0].0,
+                    max_bp: stage.weights[1].0,
+                    gate,
+                },
+                site,
+            });
+        }
+        draft.stages = Some(out);
+    }
+    for (i, metric) in raw.metric.into_iter().enumerate() {
+        let site = site(metric.span(), "metric", i + 1);
+        let m = metric.into_inner();
+        let query = match (m.events, m.trials) {
+            (Some(events), Some(trials)) => Some(CustomQuery { events, trials }),
+            (None, None) => None,
+            _ => return Err(draft.error(&site, "give both events and trials, or neither")),
+        };
+        draft.metrics.push(Sourced {
+            item: MetricSpec {
+                name: MetricName::parse(&m.name),
+                threshold: m.threshold,
+                window_s: m.window.0,
+                on_fail: m.on_fail.unwrap_or(Action::ImmediateRollback),
+                query,
+            },
+            site,
+        });
+    }
+    for (i, rule) in raw.rule.into_iter().enumerate() {
+        let site = site(rule.span(), "rule", i + 1);
+        let r = rule.into_inner();
+        let Condition(metric, cmp, factor) = r.when;
+        draft.rules.push(Sourced {
+            item: RollbackRule {
+                name: r.name,
+                metric,
+                cmp,
+                factor,
+                action: r.action,
+            },
+            site,
+        });
+    }
+    draft.finish()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// "[[step]] #2 weight": the table (with its index) and key at `offset`.
+fn context_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let upto = &text[..line_start + line.len()];
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.starts_with('['));
+    let header = upto
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['));
+    let table = header.map(|h| {
+        let count = upto.lines().filter(|l| l.trim() == h).count();
+        if h.starts_with("[[") {
+            format!("{h} #{count}")
+        } else {
+            h.to_string()
+        }
+    });
+    match (table, key) {
+        (Some(t), Some(k)) => format!("{t} {k}"),
+        (Some(t), None) => t,
+        (None, Some(k)) => k.to_string(),
+        (None, None) => line.trim().to_string(),
+    }
+}
