@@ -2,8 +2,10 @@
 //! pinned maps already hold, and answers control requests.
 
 use std::{
-    path::Path,
+    collections::HashSet,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,10 +17,17 @@ use tokio::{
 };
 
 use crate::{
-    api::{BackendStatus, Request, Response, ServiceStatus, Status},
+    api::{BackendStatus, Request, Response, RolloutAction, ServiceStatus, Status},
     config::{bp_to_percent, Config, ServiceConfig},
+    controller::{Actor, AnalysisHold, Clock, Command, Effect, EventLog, Rollout, RolloutState},
     datapath::{encode_service, service_key, Datapath},
+    policy::{load_policy, Policy},
 };
+
+/// How often the controller is ticked (real time; `--time-scale` speeds the clock).
+const TICK: Duration = Duration::from_millis(100);
+/// Pause between two calls of a gate webhook that did not approve.
+const WEBHOOK_RETRY: Duration = Duration::from_secs(2);
 
 /// A configured service as installed in the kernel.
 pub struct LiveService {
@@ -26,11 +35,25 @@ pub struct LiveService {
     pub id: u32,
     pub key: ServiceKey,
     pub weight_bp: u16,
+    pub policy: Option<Policy>,
+    pub rollout: Option<Rollout>,
+    events: EventLog,
 }
 
 pub struct Agent {
     datapath: Datapath,
     services: Vec<LiveService>,
+    clock: Arc<dyn Clock>,
+    state_dir: PathBuf,
+    /// Services whose gate webhook is being called (one call at a time each).
+    webhooks_in_flight: HashSet<String>,
+}
+
+/// A gate webhook the async side must call.
+pub struct GateCall {
+    pub service: String,
+    pub url: String,
+    pub payload: serde_json::Value,
 }
 
 /// How the configured services map onto kernel state left by a previous agent.
@@ -81,23 +104,65 @@ pub fn reconcile(
 impl Agent {
     /// Loads the datapath, installs the configured services and attaches to the
     /// configured interfaces.
-    pub fn start(config: &Config) -> Result<Self> {
+    pub fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Self> {
+        // Everything that can be wrong in files is checked before the kernel is touched.
+        let mut policies = Vec::new();
+        for svc in &config.services {
+            policies.push(match &svc.policy {
+                Some(path) => Some(load_policy(path).map_err(|e| {
+                    anyhow!(
+                        "{}: service {:?}: policy: {e}",
+                        config.path.display(),
+                        svc.name
+                    )
+                })?),
+                None => None,
+            });
+        }
+        let state_dir = config.agent.state_dir.clone();
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating state_dir {}", state_dir.display()))?;
+        let mut rollouts = Vec::new();
+        for svc in &config.services {
+            rollouts.push(load_rollout(&state_dir, &svc.name)?);
+        }
         let mut datapath = Datapath::load(&config.agent.bpffs_dir)?;
         let installed = datapath.installed()?;
         let plan = reconcile(&config.services, &installed);
         let mut services = Vec::new();
-        for (svc, (id, weight_bp, fresh)) in config.services.iter().zip(plan.placed) {
+        let per_service = config
+            .services
+            .iter()
+            .zip(plan.placed)
+            .zip(policies)
+            .zip(rollouts);
+        for (((svc, (id, weight_bp, fresh)), policy), rollout) in per_service {
             if fresh {
                 datapath.clear_stats(id)?;
             }
+            // A rollout in progress owns the weight; the pinned map already holds it.
+            let weight_bp = match &rollout {
+                Some(r) if !r.state().is_terminal() && r.state() != RolloutState::Pending => {
+                    r.weight_bp()
+                }
+                _ => weight_bp,
+            };
             let key = service_key(svc);
             datapath.install(&key, &encode_service(svc, id, weight_bp))?;
             tracing::info!(service = %svc.name, id, weight_bp, restored = !fresh, "service installed");
+            if let Some(r) = &rollout {
+                tracing::info!(service = %svc.name, state = %r.state(), "rollout restored");
+            }
+            // A service with a policy always shows its rollout, pending until started.
+            let rollout = rollout.or_else(|| policy.clone().map(|p| Rollout::new(&svc.name, p)));
             services.push(LiveService {
                 cfg: svc.clone(),
                 id,
                 key,
                 weight_bp,
+                policy,
+                rollout,
+                events: EventLog::new(state_dir.join(format!("{}.events.jsonl", svc.name))),
             });
         }
         for key in plan.stale {
@@ -108,7 +173,13 @@ impl Agent {
             datapath.attach(iface)?;
             tracing::info!(%iface, "datapath attached");
         }
-        Ok(Self { datapath, services })
+        Ok(Self {
+            datapath,
+            services,
+            clock,
+            state_dir,
+            webhooks_in_flight: HashSet::new(),
+        })
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut LiveService> {
@@ -116,6 +187,27 @@ impl Agent {
             .iter_mut()
             .find(|s| s.cfg.name == name)
             .ok_or_else(|| anyhow!("no service named {name:?}"))
+    }
+
+    /// Operator weight change: an override of a running rollout (which pauses it), or a
+    /// plain weight change when no rollout is running.
+    pub fn operator_set_weight(&mut self, name: &str, weight_bp: u16, by: &str) -> Result<()> {
+        if self.rollout_running(name)? {
+            return self.rollout_command(
+                name,
+                Command::SetWeight { bp: weight_bp },
+                Actor::Operator(by.into()),
+            );
+        }
+        self.set_weight(name, weight_bp)
+    }
+
+    fn rollout_running(&mut self, name: &str) -> Result<bool> {
+        Ok(self
+            .service_mut(name)?
+            .rollout
+            .as_ref()
+            .is_some_and(|r| !r.state().is_terminal() && r.state() != RolloutState::Pending))
     }
 
     /// Changes a service's canary weight with one map write.
@@ -193,6 +285,7 @@ impl Agent {
                     .unwrap_or("")
                     .into(),
                 backends,
+                rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
             });
         }
         Ok(Status { services })
@@ -203,26 +296,200 @@ impl Agent {
             Request::Status { service } => {
                 Ok(serde_json::to_value(self.status(service.as_deref())?)?)
             }
-            Request::SetWeight { service, weight_bp } => {
-                self.set_weight(&service, weight_bp)?;
+            Request::SetWeight {
+                service,
+                weight_bp,
+                by,
+            } => {
+                self.operator_set_weight(&service, weight_bp, &by)?;
                 Ok(serde_json::to_value(self.status(Some(&service))?)?)
+            }
+            Request::Rollout {
+                service,
+                action,
+                by,
+            } => {
+                let actor = Actor::Operator(by.clone());
+                let command = match action {
+                    RolloutAction::Start => Command::Start,
+                    RolloutAction::Pause { reason } => Command::Pause { reason },
+                    RolloutAction::Resume { reason } => Command::Resume { reason },
+                    RolloutAction::Approve => Command::Approve { by },
+                    RolloutAction::Promote { full } => Command::Promote { full },
+                    RolloutAction::Rollback { reason } => {
+                        if !self.rollout_running(&service)? {
+                            // Emergency rollback works with or without a rollout.
+                            self.set_weight(&service, 0)?;
+                            tracing::warn!(%service, %reason, "emergency rollback to stable");
+                            return Ok(serde_json::to_value(self.status(Some(&service))?)?);
+                        }
+                        Command::Rollback { reason }
+                    }
+                };
+                self.rollout_command(&service, command, actor)?;
+                Ok(serde_json::to_value(self.status(Some(&service))?)?)
+            }
+            Request::History { service } => {
+                let svc = self.service_mut(&service)?;
+                Ok(serde_json::to_value(svc.events.read()?)?)
             }
         }
     }
+
+    /// Applies an operator or automatic command to a service's rollout.
+    pub fn rollout_command(&mut self, name: &str, command: Command, actor: Actor) -> Result<()> {
+        let now = self.clock.now_ms();
+        let svc = self.service_mut(name)?;
+        let Some(policy) = &svc.policy else {
+            bail!("service {name:?} has no rollout policy (set `policy = \"FILE\"` in its config)");
+        };
+        let starting = command == Command::Start
+            && svc.rollout.as_ref().is_none_or(|r| r.state().is_terminal());
+        if starting {
+            svc.rollout = Some(Rollout::new(name, policy.clone()));
+        }
+        let rollout = svc.rollout.as_mut().ok_or_else(|| {
+            anyhow!("service {name:?} has no rollout yet: `canary rollout start {name}` begins one")
+        })?;
+        let effects = rollout.apply(command, actor, now)?;
+        self.apply_effects(name, effects)
+    }
+
+    fn apply_effects(&mut self, name: &str, effects: Vec<Effect>) -> Result<()> {
+        for effect in effects {
+            match effect {
+                Effect::SetWeight(bp) => self.set_weight(name, bp)?,
+                Effect::Transition(event) => {
+                    tracing::info!(
+                        service = name, from = %event.from, to = %event.to,
+                        weight_bp = event.weight_bp, reason = %event.reason, "rollout"
+                    );
+                    self.service_mut(name)?.events.append(&event)?;
+                }
+                Effect::GateWaiting { stage, webhook } => {
+                    tracing::info!(service = name, %stage, ?webhook, "gate waiting for approval");
+                }
+                Effect::Alert { reason } => {
+                    tracing::warn!(service = name, %reason, "rollout alert")
+                }
+            }
+        }
+        let state_dir = self.state_dir.clone();
+        if let Some(r) = &self.service_mut(name)?.rollout {
+            save_rollout(&state_dir, name, r)?;
+        }
+        Ok(())
+    }
+
+    /// Advances every rollout on the clock and returns the gate webhooks to call.
+    pub fn tick(&mut self) -> Vec<GateCall> {
+        let now = self.clock.now_ms();
+        if let Err(e) = std::fs::write(clock_path(&self.state_dir), now.to_string()) {
+            tracing::warn!(error = %e, "recording the controller clock");
+        }
+        let mut calls = Vec::new();
+        let names: Vec<String> = self.services.iter().map(|s| s.cfg.name.clone()).collect();
+        for name in names {
+            let Ok(svc) = self.service_mut(&name) else {
+                continue;
+            };
+            let Some(rollout) = svc.rollout.as_mut() else {
+                continue;
+            };
+            let effects = rollout.tick(now, AnalysisHold::Clear);
+            let status = rollout.status(now);
+            if !effects.is_empty() {
+                if let Err(e) = self.apply_effects(&name, effects) {
+                    tracing::error!(service = %name, error = %format!("{e:#}"), "applying rollout step");
+                }
+            }
+            let Some(gate) = status.waiting_gate else {
+                continue;
+            };
+            let Some(url) = gate
+                .webhook
+                .filter(|_| status.state == RolloutState::AwaitingApproval)
+            else {
+                continue;
+            };
+            if self.webhooks_in_flight.insert(name.clone()) {
+                calls.push(GateCall {
+                    service: name.clone(),
+                    payload: serde_json::json!({
+                        "event": "confirm-stage",
+                        "service": name,
+                        "stage": gate.stage,
+                        "step": gate.step,
+                        "weight_bp": status.weight_bp,
+                        "waiting_s": gate.waiting_s,
+                    }),
+                    url,
+                });
+            }
+        }
+        calls
+    }
+}
+
+fn rollout_path(state_dir: &Path, service: &str) -> PathBuf {
+    state_dir.join(format!("{service}.rollout.json"))
+}
+
+fn load_rollout(state_dir: &Path, service: &str) -> Result<Option<Rollout>> {
+    let path = rollout_path(state_dir, service);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Writes the rollout atomically (temp file + rename), so a crash leaves either the
+/// old or the new state.
+fn save_rollout(state_dir: &Path, service: &str, rollout: &Rollout) -> Result<()> {
+    let path = rollout_path(state_dir, service);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(rollout)?)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn clock_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("clock_ms")
+}
+
+/// The controller clock's last recorded time, so a time-scaled clock (which runs
+/// ahead of the wall clock) resumes where the previous agent left it.
+pub fn last_clock_ms(state_dir: &Path) -> Option<u64> {
+    std::fs::read_to_string(clock_path(state_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then detaches and removes the socket.
-pub async fn run(config: Config) -> Result<()> {
-    let agent = Arc::new(Mutex::new(Agent::start(&config)?));
+pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
+    let agent = Arc::new(Mutex::new(Agent::start(&config, clock)?));
     let socket = config.agent.control_socket.clone();
     let listener = bind_control_socket(&socket)?;
     tracing::info!(socket = %socket.display(), "control API listening");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = tick.tick() => {
+                let calls = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?.tick();
+                for call in calls {
+                    tokio::spawn(call_gate(call, agent.clone()));
+                }
+            }
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
                 let agent = agent.clone();
@@ -238,6 +505,27 @@ pub async fn run(config: Config) -> Result<()> {
     drop(agent);
     let _ = std::fs::remove_file(&socket);
     Ok(())
+}
+
+/// Calls a gate webhook once: a 2xx approves; anything else keeps the gate waiting
+/// and the call is retried after a pause.
+async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
+    let result = crate::webhook::post_json(&call.url, &call.payload, Duration::from_secs(5)).await;
+    let approved = matches!(result, Ok(code) if (200..300).contains(&code));
+    if !approved {
+        tracing::info!(service = %call.service, url = %call.url, result = ?result.as_ref().map_err(|e| e.to_string()), "gate webhook did not approve");
+        tokio::time::sleep(WEBHOOK_RETRY).await;
+    }
+    let Ok(mut agent) = agent.lock() else { return };
+    agent.webhooks_in_flight.remove(&call.service);
+    if approved {
+        let command = Command::Approve {
+            by: call.url.clone(),
+        };
+        if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(call.url)) {
+            tracing::warn!(service = %call.service, error = %e, "webhook approval not applied");
+        }
+    }
 }
 
 fn bind_control_socket(path: &Path) -> Result<UnixListener> {

@@ -14,8 +14,34 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
-    Status { service: Option<String> },
-    SetWeight { service: String, weight_bp: u16 },
+    Status {
+        service: Option<String>,
+    },
+    SetWeight {
+        service: String,
+        weight_bp: u16,
+        by: String,
+    },
+    Rollout {
+        service: String,
+        action: RolloutAction,
+        by: String,
+    },
+    History {
+        service: String,
+    },
+}
+
+/// Operator commands on a service's rollout.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum RolloutAction {
+    Start,
+    Pause { reason: String },
+    Resume { reason: String },
+    Approve,
+    Promote { full: bool },
+    Rollback { reason: String },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -41,6 +67,8 @@ pub struct ServiceStatus {
     pub mode: String,
     pub sticky: String,
     pub backends: Vec<BackendStatus>,
+    /// Present when the service has a rollout policy.
+    pub rollout: Option<crate::controller::RolloutStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -7,8 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    api::{self, Request, Status},
+    api::{self, Request, RolloutAction, Status},
     config::{self, Config},
+    controller::{Clock, Event, ScaledClock, SystemClock},
+    policy::{self, percent},
 };
 
 #[derive(Debug, Parser)]
@@ -28,7 +30,49 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: load the datapath, apply --config, serve the control API.
-    Agent,
+    Agent {
+        /// Run rollout schedules N times faster than real time (labs and demos).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        time_scale: u32,
+    },
+    /// Validate a config or policy file without touching the datapath and print
+    /// the resolved plan.
+    Check { file: PathBuf },
+    /// Rollout commands.
+    #[command(subcommand)]
+    Rollout(RolloutCmd),
+    /// Pause automatic progression.
+    Pause {
+        service: String,
+        #[arg(long, default_value = "paused by operator")]
+        reason: String,
+    },
+    /// Resume progression; overriding an analysis pause needs --reason.
+    Resume {
+        service: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Approve the stage gate a rollout is waiting at.
+    Approve { service: String },
+    /// Go to the next step now, or with --full straight to 100 %.
+    Promote {
+        service: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Emergency rollback: canary weight 0 in one map write.
+    Rollback {
+        service: String,
+        #[arg(long, default_value = "emergency rollback by operator")]
+        reason: String,
+    },
+    /// A service's rollout transitions.
+    History {
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Set a service's canary share, 0 to 100 percent in steps of 0.01.
     SetWeight {
         service: String,
@@ -40,7 +84,16 @@ pub enum Command {
         service: Option<String>,
         #[arg(long)]
         json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long, conflicts_with = "json")]
+        watch: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCmd {
+    /// Begin the service's rollout policy from its first step.
+    Start { service: String },
 }
 
 /// Parses "12.5" or "12.5%" into basis points.
@@ -77,7 +130,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn execute(cli: Cli) -> Result<()> {
     match &cli.command {
-        Command::Agent => {
+        Command::Agent { time_scale } => {
             let path = cli
                 .config
                 .clone()
@@ -87,11 +140,70 @@ fn execute(cli: Cli) -> Result<()> {
                 config.agent.control_socket = s.clone();
             }
             init_tracing();
+            let clock: std::sync::Arc<dyn Clock> = if *time_scale == 1 {
+                std::sync::Arc::new(SystemClock)
+            } else {
+                let start = crate::agent::last_clock_ms(&config.agent.state_dir)
+                    .unwrap_or(0)
+                    .max(SystemClock.now_ms());
+                tracing::info!(
+                    factor = time_scale,
+                    "rollout clock runs faster than real time"
+                );
+                std::sync::Arc::new(ScaledClock::starting_at(start, *time_scale))
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(crate::agent::run(config))
+            rt.block_on(crate::agent::run(config, clock))
+        }
+        Command::Check { file } => {
+            print!("{}", check(file)?);
+            Ok(())
+        }
+        Command::Rollout(RolloutCmd::Start { service }) => {
+            rollout(&cli, service, RolloutAction::Start)
+        }
+        Command::Pause { service, reason } => rollout(
+            &cli,
+            service,
+            RolloutAction::Pause {
+                reason: reason.clone(),
+            },
+        ),
+        Command::Resume { service, reason } => rollout(
+            &cli,
+            service,
+            RolloutAction::Resume {
+                reason: reason.clone(),
+            },
+        ),
+        Command::Approve { service } => rollout(&cli, service, RolloutAction::Approve),
+        Command::Promote { service, full } => {
+            rollout(&cli, service, RolloutAction::Promote { full: *full })
+        }
+        Command::Rollback { service, reason } => rollout(
+            &cli,
+            service,
+            RolloutAction::Rollback {
+                reason: reason.clone(),
+            },
+        ),
+        Command::History { service, json } => {
+            let v = api::call(
+                &cli.socket()?,
+                &Request::History {
+                    service: service.clone(),
+                },
+            )?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let events: Vec<Event> = serde_json::from_value(v)?;
+                print!("{}", render_history(&events));
+            }
+            Ok(())
         }
         Command::SetWeight { service, percent } => {
             let v = api::call(
@@ -99,27 +211,138 @@ fn execute(cli: Cli) -> Result<()> {
                 &Request::SetWeight {
                     service: service.clone(),
                     weight_bp: *percent,
+                    by: operator(),
                 },
             )?;
             let status: Status = serde_json::from_value(v)?;
             println!("{service}: canary weight {}%", status.services[0].weight);
             Ok(())
         }
-        Command::Status { service, json } => {
-            let v = api::call(
-                &cli.socket()?,
-                &Request::Status {
-                    service: service.clone(),
-                },
-            )?;
+        Command::Status {
+            service,
+            json,
+            watch,
+        } => {
+            let request = Request::Status {
+                service: service.clone(),
+            };
             if *json {
+                let v = api::call(&cli.socket()?, &request)?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", render_status(&serde_json::from_value(v)?));
+                return Ok(());
             }
-            Ok(())
+            loop {
+                let status: Status = serde_json::from_value(api::call(&cli.socket()?, &request)?)?;
+                if !*watch {
+                    print!("{}", render_status(&status));
+                    return Ok(());
+                }
+                // Clear the screen and redraw, like watch(1).
+                print!("\x1b[2J\x1b[H{}", render_status(&status));
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
         }
     }
+}
+
+/// Who the operator is, for the event log.
+fn operator() -> String {
+    std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "operator".into())
+}
+
+fn rollout(cli: &Cli, service: &str, action: RolloutAction) -> Result<()> {
+    let v = api::call(
+        &cli.socket()?,
+        &Request::Rollout {
+            service: service.into(),
+            action,
+            by: operator(),
+        },
+    )?;
+    print!("{}", render_status(&serde_json::from_value(v)?));
+    Ok(())
+}
+
+/// `canary check`: an agent config (validated with each service's policy) or a
+/// policy file on its own, rendered as the plan it resolves to.
+pub fn check(file: &std::path::Path) -> Result<String> {
+    let is_agent_config = file.extension().is_some_and(|e| e == "toml")
+        && std::fs::read_to_string(file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .lines()
+            .any(|l| l.trim() == "[agent]" || l.trim() == "[[service]]");
+    if !is_agent_config {
+        let policy = policy::load_policy(file)?;
+        return Ok(format!(
+            "{}: valid policy\n{}",
+            file.display(),
+            policy.render_plan()
+        ));
+    }
+    let config = Config::load(file)?;
+    let mut out = format!(
+        "{}: valid agent config, {} service(s) on {}\n",
+        file.display(),
+        config.services.len(),
+        config.agent.interfaces.join(", ")
+    );
+    for svc in &config.services {
+        out += &format!(
+            "\nservice {} {} ({} stable, {} canary), initial weight {}\n",
+            svc.name,
+            svc.listen,
+            svc.stable.len(),
+            svc.canary.len(),
+            percent(svc.weight_bp)
+        );
+        if let Some(path) = &svc.policy {
+            let policy = policy::load_policy(path)
+                .map_err(|e| anyhow::anyhow!("service {:?}: policy: {e}", svc.name))?;
+            out += &policy.render_plan();
+        }
+    }
+    Ok(out)
+}
+
+pub fn render_history(events: &[Event]) -> String {
+    let mut out = String::new();
+    for e in events {
+        out += &format!(
+            "{}  {:<17} -> {:<17} weight {:>7}  {}  by {}: {}\n",
+            format_ms(e.at_ms),
+            e.from.to_string(),
+            e.to.to_string(),
+            percent(e.weight_bp),
+            e.stage.as_deref().unwrap_or("-"),
+            serde_json::to_value(&e.actor)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            e.reason
+        );
+    }
+    out
+}
+
+/// UTC time of day with milliseconds.
+fn format_ms(ms: u64) -> String {
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+/// A 30-character bar for a fraction in 0..=1.
+fn bar(fraction: f64) -> String {
+    let filled = (fraction.clamp(0.0, 1.0) * 30.0).round() as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(30 - filled))
 }
 
 fn init_tracing() {
@@ -140,6 +363,38 @@ pub fn render_status(status: &Status) -> String {
             "  {:<7} {:<28} {:>10} {:>12} {:>12} {:>14} {:>14}\n",
             "group", "backend", "conns", "pkts in", "pkts out", "bytes in", "bytes out"
         );
+        if let Some(r) = &s.rollout {
+            let step = r
+                .step
+                .map(|i| format!("{}/{}", i + 1, r.steps))
+                .unwrap_or("-".into());
+            out += &format!(
+                "  rollout {} stage {} step {}  {} {}",
+                r.state,
+                r.stage.as_deref().unwrap_or("-"),
+                step,
+                bar(r.weight_bp as f64 / 10_000.0),
+                percent(r.weight_bp)
+            );
+            if let Some(t) = r.next_step_in_s {
+                out += &format!("  next step in {t:.0}s");
+            }
+            out += &format!("\n  reason: {}\n", r.reason);
+            if let Some(g) = &r.waiting_gate {
+                out += &format!(
+                    "  gate: stage {} waits for approval{} ({:.0}s)\n",
+                    g.stage,
+                    g.webhook
+                        .as_deref()
+                        .map(|w| format!(" or webhook {w}"))
+                        .unwrap_or_default(),
+                    g.waiting_s
+                );
+            }
+            if let Some(h) = &r.holding {
+                out += &format!("  holding: {h}\n");
+            }
+        }
         for b in &s.backends {
             out += &format!(
                 "  {:<7} {:<28} {:>10} {:>12} {:>12} {:>14} {:>14}\n",
@@ -201,6 +456,7 @@ mod tests {
     #[test]
     fn agent_without_config_is_a_clear_error() {
         let err = execute(parse(&["agent"]).unwrap()).unwrap_err().to_string();
+        assert!(parse(&["agent", "--time-scale", "0"]).is_err());
         assert!(err.contains("needs --config"), "{err}");
     }
 }

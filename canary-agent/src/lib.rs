@@ -7,5 +7,6 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod controller;
-pub mod policy;
 pub mod datapath;
+pub mod policy;
+pub mod webhook;

@@ -42,6 +42,17 @@ impl Agent {
     /// Writes a config with the given `[[service]]` tables (and any extra agent
     /// flags), starts the agent in `node` and waits until its control API listens.
     pub fn start(node: &NetNs, services: &str, extra_args: &[&str]) -> Result<Agent> {
+        Self::start_with_files(node, services, &[], extra_args)
+    }
+
+    /// Like [`Agent::start`], also writing `files` (name, contents) beside the
+    /// config, e.g. policy files the services name.
+    pub fn start_with_files(
+        node: &NetNs,
+        services: &str,
+        files: &[(&str, &str)],
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = log_dir().join(format!("agent-{}", N.fetch_add(1, Ordering::Relaxed)));
         let bpffs = dir.join("bpffs");
@@ -52,6 +63,9 @@ impl Agent {
             .status()?;
         if !status.success() {
             bail!("mounting bpffs on {}", bpffs.display());
+        }
+        for (name, contents) in files {
+            std::fs::write(dir.join(name), contents)?;
         }
         let socket = dir.join("agent.sock");
         let config = dir.join("agent.toml");
