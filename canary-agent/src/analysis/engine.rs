@@ -228,7 +228,7 @@ impl Analyzer {
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: name.to_string(),
-                    action: m.on_fail.clone(),
+                    action: m.on_fail,
                     detail: fired_detail(name, &a),
                 });
             }
@@ -258,7 +258,7 @@ impl Analyzer {
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: r.name.clone(),
-                    action: r.action.clone(),
+                    action: r.action,
                     detail: fired_detail(metric_name(&r.metric), &a),
                 });
             }
