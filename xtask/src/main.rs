@@ -1,6 +1,8 @@
 //! Developer workflows: `cargo xtask bootstrap | build-ebpf`.
 
+mod bench;
 mod bootstrap;
+mod lab;
 
 use std::{path::PathBuf, process::Command};
 
@@ -20,12 +22,23 @@ enum Task {
     Bootstrap,
     /// Build the kernel object (canary-ebpf) that the agent embeds.
     BuildEbpf,
+    /// The local lab: `deploy`, `traffic-split`, `simulate-failures`, `verify-rollback`.
+    Lab { scenario: String },
+    /// Direct vs XDP splitter vs iptables, and ns/packet of the XDP program.
+    Bench,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Bootstrap => bootstrap::run(),
         Task::BuildEbpf => build_ebpf(),
+        Task::Lab { scenario } => match scenario.as_str() {
+            "deploy" => lab::deploy(),
+            "traffic-split" => lab::traffic_split(),
+            "simulate-failures" | "verify-rollback" => lab::needs_analysis(&scenario),
+            other => bail!("unknown lab scenario {other:?}"),
+        },
+        Task::Bench => bench::run(),
     }
 }
 
