@@ -30,9 +30,9 @@ struct WrkResult {
 }
 
 fn wrk(topo: &Topology, url: &str) -> Result<WrkResult> {
-    let out = topo.client.run(&[
-        "wrk", "-t2", "-c32", "-d", WRK_SECONDS, "--latency", url,
-    ])?;
+    let out = topo
+        .client
+        .run(&["wrk", "-t2", "-c32", "-d", WRK_SECONDS, "--latency", url])?;
     let rps = out
         .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -81,7 +81,10 @@ pub fn run() -> Result<()> {
         topo.node.run(&args)?;
     }
     let paths = [
-        ("direct to backend", format!("http://{STABLE_V4}:{HTTP_PORT}/")),
+        (
+            "direct to backend",
+            format!("http://{STABLE_V4}:{HTTP_PORT}/"),
+        ),
         ("XDP splitter (10%)", format!("http://{VIP_V4}:80/")),
         ("iptables DNAT (10%)", format!("http://{IPTABLES_VIP}:80/")),
     ];
@@ -94,10 +97,18 @@ pub fn run() -> Result<()> {
             sums[i].1 += r.p99_ms / ROUNDS as f64;
         }
     }
-    println!("\nwrk -t2 -c32 -d{WRK_SECONDS}s, mean of {ROUNDS} interleaved rounds, keep-alive HTTP/1.1");
-    println!("{:<22} {:>12} {:>10} {:>14}", "path", "requests/s", "p99 ms", "vs direct");
+    println!(
+        "\nwrk -t2 -c32 -d{WRK_SECONDS}s, mean of {ROUNDS} interleaved rounds, keep-alive HTTP/1.1"
+    );
+    println!(
+        "{:<22} {:>12} {:>10} {:>14}",
+        "path", "requests/s", "p99 ms", "vs direct"
+    );
     for ((name, _), (rps, p99)) in paths.iter().zip(&sums) {
-        println!("{name:<22} {rps:>12.0} {p99:>10.2} {:>13.1}%", 100.0 * rps / sums[0].0);
+        println!(
+            "{name:<22} {rps:>12.0} {p99:>10.2} {:>13.1}%",
+            100.0 * rps / sums[0].0
+        );
     }
     println!(
         "XDP splitter / iptables: {:.3}x requests/s",
@@ -131,7 +142,10 @@ fn per_packet() -> Result<()> {
             Ok(out)
         };
         let cases = [
-            ("not ours (other address)", packet([198, 19, 0, 99].into(), false)?),
+            (
+                "not ours (other address)",
+                packet([198, 19, 0, 99].into(), false)?,
+            ),
             ("new flow (SYN, placement)", packet(VIP_V4.into(), true)?),
             ("pinned flow (data packet)", packet(VIP_V4.into(), false)?),
         ];
@@ -142,7 +156,11 @@ fn per_packet() -> Result<()> {
             if i == 0 {
                 base = r.duration_ns as f64;
             }
-            println!("{name:<28} {:>6} ns/packet  ({:.2}x pass-through)", r.duration_ns, r.duration_ns as f64 / base);
+            println!(
+                "{name:<28} {:>6} ns/packet  ({:.2}x pass-through)",
+                r.duration_ns,
+                r.duration_ns as f64 / base
+            );
         }
         Ok(())
     })();

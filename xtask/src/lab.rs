@@ -5,14 +5,18 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex,
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Result};
 use canary_lab::{
     agent::Agent,
-    backend::{BANNER_PORT, HTTP_PORT},
-    banner_connections, http_load,
+    backend::BANNER_PORT,
+    banner_connections,
     topology::{CANARY_V4, STABLE_V4},
     Topology, VIP_V4,
 };
@@ -43,13 +47,14 @@ const SEED_POLICY: &str = r#"step = [
 ]
 "#;
 
-fn http_service(extra: &str) -> String {
+fn banner_service(extra: &str) -> String {
     format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:{HTTP_PORT}\"]\n{extra}\n"
+        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{BANNER_PORT}\"]\ncanary = [\"{CANARY_V4}:{BANNER_PORT}\"]\n{extra}\n"
     )
 }
 
-/// A full time-scaled rollout under steady client load, with live status.
+/// A full time-scaled rollout under steady client load (new connections, so each
+/// one meets the current weight), with live status and the share the client saw.
 pub fn deploy() -> Result<()> {
     let (_, backend) = release_bins()?;
     let topo = Topology::build()?;
@@ -57,44 +62,74 @@ pub fn deploy() -> Result<()> {
     let scale = "120";
     let agent = Agent::start_with_files(
         &topo.node,
-        &http_service("policy = \"web-policy.toml\""),
+        &banner_service("policy = \"web-policy.toml\""),
         &[("web-policy.toml", SEED_POLICY)],
         &["--time-scale", scale],
     )?;
     println!("lab: agent running on the node namespace, rollout clock x{scale}");
-    print!("{}", agent.cli(&["check", &agent.config.to_string_lossy()])?);
+    print!(
+        "{}",
+        agent.cli(&["check", &agent.config.to_string_lossy()])?
+    );
+    topo.client
+        .run(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
+    let seen = Mutex::new((0usize, 0usize, 0usize));
+    let done = AtomicBool::new(false);
     std::thread::scope(|scope| {
         let load = scope.spawn(|| {
-            topo.client
-                .enter(|| http_load(target, "/", 200, Duration::from_secs(45), 16))
+            // Bounded: stops when the rollout ends or after 400 batches.
+            for _ in 0..400 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let r = topo
+                    .client
+                    .enter(|| banner_connections(target, 100, 8, &[], Duration::from_secs(5)))?;
+                let mut s = seen.lock().unwrap();
+                s.0 += r.count("stable");
+                s.1 += r.count("canary");
+                s.2 += r.failed();
+                drop(s);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            anyhow::Ok(())
         });
-        watch_rollout(&agent)?;
-        let report = load.join().expect("load thread")?;
-        println!(
-            "client: {} requests, {} failed, by version {:?}, p99 {:.2} ms",
-            report.sent,
-            report.failures.values().sum::<u64>(),
-            report.by_version,
-            report.latency.p99_ms
-        );
-        Ok(())
+        let watched = watch_rollout(&agent, &seen);
+        done.store(true, Ordering::Relaxed);
+        load.join().expect("load thread")?;
+        let (stable, canary, failed) = *seen.lock().unwrap();
+        println!("client: {stable} connections to stable, {canary} to canary, {failed} failed");
+        watched
     })
 }
 
-fn watch_rollout(agent: &Agent) -> Result<()> {
+fn watch_rollout(agent: &Agent, seen: &Mutex<(usize, usize, usize)>) -> Result<()> {
     agent.cli(&["rollout", "start", "web"])?;
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = (0, 0);
     loop {
-        let status = agent.cli(&["status", "web"])?;
-        println!("\n{status}");
+        std::thread::sleep(Duration::from_secs(3));
+        println!("\n{}", agent.cli(&["status", "web"])?);
+        let (stable, canary, _) = *seen.lock().unwrap();
+        let (ds, dc) = (stable - last.0, canary - last.1);
+        last = (stable, canary);
+        if ds + dc > 0 {
+            println!(
+                "  client, last 3 s: {} new connections, {:.1}% canary",
+                ds + dc,
+                100.0 * dc as f64 / (ds + dc) as f64
+            );
+        }
         let json = agent.status()?;
-        let state = json["services"][0]["rollout"]["state"].as_str().unwrap_or("").to_string();
+        let state = json["services"][0]["rollout"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         if state == "promoted" || state == "rolled-back" || Instant::now() > deadline {
             println!("lab: rollout {state}");
             break;
         }
-        std::thread::sleep(Duration::from_secs(3));
     }
     println!("\nhistory:\n{}", agent.cli(&["history", "web"])?);
     Ok(())
@@ -120,7 +155,10 @@ pub fn traffic_split() -> Result<()> {
     let agent = Agent::start(&topo.node, &services, &[])?;
     let sources = topo.add_client_addrs(16)?;
     let n = 5_000;
-    println!("{:<6} {:>8} {:>10} {:>10} {:>8}", "mode", "target", "observed", "error", "conns");
+    println!(
+        "{:<6} {:>8} {:>10} {:>10} {:>8}",
+        "mode", "target", "observed", "error", "conns"
+    );
     let mut round = 0;
     for weight in ["1", "5", "10", "25", "50", "90"] {
         for (i, mode) in ["hash", "exact"].iter().enumerate() {
@@ -129,9 +167,9 @@ pub fn traffic_split() -> Result<()> {
             let source: IpAddr = sources[round % sources.len()];
             round += 1;
             let target = SocketAddr::new(VIP_V4.into(), 80 + i as u16);
-            let r = topo.client.enter(|| {
-                banner_connections(target, n, 32, &[source], Duration::from_secs(5))
-            })?;
+            let r = topo
+                .client
+                .enter(|| banner_connections(target, n, 32, &[source], Duration::from_secs(5)))?;
             ensure!(r.failed() == 0, "{mode} at {weight}%: {:?}", r.failures);
             let observed = 100.0 * r.count("canary") as f64 / n as f64;
             let target_pct: f64 = weight.parse()?;
