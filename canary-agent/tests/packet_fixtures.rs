@@ -117,13 +117,17 @@ weight = 0
 "#;
 
 fn tcp(src: SocketAddr, dst: SocketAddr, syn: bool, payload: &[u8]) -> Vec<u8> {
+    tcp_seq(src, dst, syn, 1000, payload)
+}
+
+fn tcp_seq(src: SocketAddr, dst: SocketAddr, syn: bool, seq: u32, payload: &[u8]) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B);
     let b = match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
         (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
         _ => unreachable!(),
     };
-    let b = b.tcp(src.port(), dst.port(), 1000, 64_000);
+    let b = b.tcp(src.port(), dst.port(), seq, 64_000);
     let b = if syn { b.syn() } else { b.ack(1) };
     let mut out = Vec::new();
     b.write(&mut out, payload).unwrap();
@@ -418,4 +422,62 @@ fn counters_count_connections_packets_and_bytes() {
     assert_eq!(stats[0].bytes_in, (2 * syn.len() + data.len()) as u64);
     assert_eq!(stats[0].packets_out, 1);
     assert_eq!(stats[16].connections, 0);
+}
+
+#[test]
+fn http_and_handshake_telemetry_is_counted_once_per_segment() {
+    let mut f = Fixture::new(WEB);
+    let (client, vip, backend) = (
+        sa("198.18.1.2:40006"),
+        sa("198.19.0.10:80"),
+        sa("198.18.2.2:8080"),
+    );
+    f.ingress(&tcp(client, vip, true, b""));
+    let mut syn_ack = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4([198, 18, 2, 2], [198, 18, 1, 2], 64)
+        .tcp(8080, 40006, 5000, 64_000)
+        .syn()
+        .ack(1001)
+        .write(&mut syn_ack, b"")
+        .unwrap();
+    f.egress(&syn_ack);
+    f.egress(&syn_ack); // retransmitted SYN-ACK: one handshake
+    let request = tcp_seq(
+        client,
+        vip,
+        false,
+        1001,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    f.ingress(&request);
+    f.ingress(&request); // retransmission: one request
+    f.ingress(&tcp_seq(client, vip, false, 1030, b"not a request start"));
+    let response = tcp_seq(
+        backend,
+        client,
+        false,
+        5001,
+        b"HTTP/1.1 503 Service Unavailable\r\n\r\n",
+    );
+    f.egress(&response);
+    f.egress(&response);
+    f.egress(&tcp_seq(
+        backend,
+        client,
+        false,
+        5040,
+        b"HTTP/1.1 200 OK\r\n\r\n",
+    ));
+    let [stable, canary] = f.dp().signals(0).unwrap();
+    assert_eq!(stable.counters.handshakes, 1);
+    assert_eq!(stable.counters.requests, 1);
+    assert_eq!(stable.counters.responses, [0, 1, 0, 0, 1]);
+    // Only the first response answered a pending request.
+    assert_eq!(stable.latency.iter().sum::<u64>(), 1);
+    assert_eq!(canary.counters, Default::default());
+    let mut rst = tcp_seq(backend, client, false, 5060, b"");
+    rst[47] |= 0x04;
+    f.egress(&rst);
+    assert_eq!(f.dp().signals(0).unwrap()[0].counters.resets, 1);
 }

@@ -36,12 +36,16 @@ pub const DIR_REPLY: u8 = 1;
 /// Flow flag: a FIN or RST was seen, so a later SYN on the same tuple is a new
 /// connection rather than a retransmission.
 pub const FLOW_CLOSING: u8 = 1;
+/// Reply-entry flag: the backend's SYN-ACK was seen (handshake counted once).
+pub const FLOW_ESTABLISHED: u8 = 2;
 
 /// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
 pub const MAP_SERVICES: &str = "CANARY_SERVICES";
 pub const MAP_FLOWS: &str = "CANARY_FLOWS";
 pub const MAP_STATS: &str = "CANARY_STATS";
 pub const MAP_EXACT: &str = "CANARY_EXACT";
+pub const MAP_TELEMETRY: &str = "CANARY_TELEMETRY";
+pub const MAP_LATENCY: &str = "CANARY_LATENCY";
 pub const PROG_INGRESS: &str = "canary_ingress";
 pub const PROG_EGRESS: &str = "canary_egress";
 
@@ -120,6 +124,12 @@ pub struct FlowValue {
     pub slot: u8,
     pub flags: u8,
     pub service: u32,
+    /// Reply entry: when the pending request (or the SYN) was seen, 0 if none.
+    pub ts_ns: u64,
+    /// Sequence number of the last request (forward) or response (reply) counted,
+    /// so a retransmitted segment is not counted twice.
+    pub last_seq: u32,
+    pub _pad: u32,
 }
 
 /// Per-backend counters, one copy per CPU; the agent sums them.
@@ -137,6 +147,34 @@ pub struct BackendStats {
     pub flow_misses: u64,
 }
 
+/// Per service and version (stable, canary) application signals, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VersionTelemetry {
+    /// HTTP/1.x requests: a client segment starting with a method.
+    pub requests: u64,
+    /// HTTP/1.x responses by status class 1xx..5xx.
+    pub responses: [u64; 5],
+    /// Connections reset by the backend.
+    pub resets: u64,
+    /// Handshakes completed (backend SYN-ACK seen).
+    pub handshakes: u64,
+    /// Sum of SYN -> SYN-ACK times, for the mean handshake time.
+    pub handshake_ns: u64,
+}
+
+/// Index of a version's telemetry: the group of a backend slot.
+#[inline(always)]
+pub fn telemetry_index(service: u32, slot: u8) -> u32 {
+    service * 2 + (slot as usize >= MAX_GROUP_BACKENDS) as u32
+}
+
+/// Index of a latency histogram bucket for `telemetry_index` `version`.
+#[inline(always)]
+pub fn latency_index(version: u32, bucket: u32) -> u32 {
+    version * crate::histogram::LATENCY_BUCKETS as u32 + bucket
+}
+
 /// Index of a backend's counters in the stats array.
 #[inline(always)]
 pub fn stats_index(service: u32, slot: u8) -> u32 {
@@ -151,4 +189,5 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::VersionTelemetry {}
 }

@@ -13,7 +13,10 @@ use canary_common::{
 
 use crate::{
     maps::{FLOWS, STATS},
-    parse::{parse, IP_CHECK_OFF_V4, IP_SRC_OFF_V4, IP_SRC_OFF_V6, TCP_FIN, TCP_RST},
+    parse::{
+        parse, IP_CHECK_OFF_V4, IP_SRC_OFF_V4, IP_SRC_OFF_V6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
+    telemetry,
 };
 
 #[inline(always)]
@@ -41,8 +44,11 @@ pub fn handle(ctx: &TcContext) {
     };
     // SAFETY: LRU entry valid during the program run; only `flags` is written.
     let flow = unsafe { *entry };
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        unsafe { (*entry).flags |= FLOW_CLOSING };
+    if pkt.proto == PROTO_TCP {
+        observe(ctx, entry, &flow, &pkt);
+        if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            unsafe { (*entry).flags |= FLOW_CLOSING };
+        }
     }
     if rewrite_source(ctx, &pkt.src, pkt.sport, &flow.addr, flow.port, &pkt).is_err() {
         return;
@@ -52,6 +58,30 @@ pub fn handle(ctx: &TcContext) {
         unsafe {
             (*stats).packets_out += 1;
             (*stats).bytes_out += ctx.len() as u64;
+        }
+    }
+}
+
+/// Telemetry from a backend TCP segment: handshake, reset, HTTP status line.
+#[inline(always)]
+fn observe(
+    ctx: &TcContext,
+    entry: *mut canary_common::FlowValue,
+    flow: &canary_common::FlowValue,
+    pkt: &crate::parse::Packet,
+) {
+    if pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        telemetry::handshake(entry);
+    }
+    if pkt.tcp_flags & TCP_RST != 0 && flow.flags & FLOW_CLOSING == 0 {
+        telemetry::reset(flow);
+    }
+    if (ctx.len() as usize) < pkt.payload_off + 12 {
+        return;
+    }
+    if let Ok(head) = ctx.load::<[u8; 12]>(pkt.payload_off) {
+        if head[..7] == *b"HTTP/1." {
+            telemetry::response(entry, pkt.seq, head[9]);
         }
     }
 }

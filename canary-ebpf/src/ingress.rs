@@ -5,13 +5,16 @@ use aya_ebpf::programs::XdpContext;
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
     FlowValue, ServiceKey, ServiceValue, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING, GROUP_CANARY,
-    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
+    MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
 };
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
     checksum::rewrite_destination,
     maps::{EXACT, FLOWS, SERVICES, STATS},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    telemetry,
 };
 
 #[inline(always)]
@@ -46,6 +49,17 @@ pub fn handle(ctx: &XdpContext) {
             None => return,
         },
     };
+    if pkt.proto == PROTO_TCP && data + pkt.payload_off + 4 <= end {
+        // SAFETY: bounds checked just above.
+        let first =
+            unsafe { core::ptr::read_unaligned((data + pkt.payload_off) as *const [u8; 4]) };
+        if telemetry::is_request(first) {
+            if let Some(forward) = FLOWS.get_ptr_mut(&key) {
+                let reply = FLOWS.get_ptr_mut(&reply_key(&key, &flow));
+                telemetry::request(forward, reply, pkt.seq);
+            }
+        }
+    }
     if rewrite_destination(data, end, &pkt, &flow.addr, flow.port).is_none() {
         return;
     }
@@ -129,27 +143,37 @@ fn place(key: &FlowKey, pkt: &Packet, svc: &ServiceValue) -> Option<FlowValue> {
         return None;
     }
     let slot = base + backend_index(hash, count);
-    let backend = svc.backends.get(slot as usize)?;
+    // The mask is a no-op (slot < MAX_BACKENDS, a power of two) that lets the
+    // verifier see the bound.
+    let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;
     let flow = FlowValue {
         addr: backend.addr,
         port: backend.port,
         slot,
         flags: 0,
         service: svc.id,
+        ts_ns: 0,
+        last_seq: 0,
+        _pad: 0,
     };
+    let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let reply = FlowValue {
         addr: pkt.dst,
         port: pkt.dport,
         slot,
-        flags: 0,
-        service: svc.id,
+        // SYN time, for the handshake time measured at the backend's SYN-ACK.
+        ts_ns: if syn && pkt.proto == PROTO_TCP {
+            unsafe { bpf_ktime_get_ns() }
+        } else {
+            0
+        },
+        ..flow
     };
     // If the table is full the LRU evicts the coldest flow; an insert error only means
     // this flow is not pinned and its next packet is placed again.
     let _ = FLOWS.insert(reply_key(key, &flow), reply, 0);
     let _ = FLOWS.insert(key, flow, 0);
     if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
-        let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         // SAFETY: per-CPU slot.
         unsafe {
             if syn {

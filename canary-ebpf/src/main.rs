@@ -9,6 +9,7 @@ mod egress;
 mod ingress;
 mod maps;
 mod parse;
+mod telemetry;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use canary_common::{
-    BackendStats, FlowKey, FlowValue, ServiceKey, ServiceValue, FLOW_TABLE_SIZE, MAX_BACKENDS,
-    MAX_SERVICES,
+    histogram::LATENCY_BUCKETS, BackendStats, FlowKey, FlowValue, ServiceKey, ServiceValue,
+    VersionTelemetry, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
 };
 
 /// Service address -> weight and backends. Not preallocated, so replacing a value
@@ -29,3 +29,12 @@ pub static STATS: PerCpuArray<BackendStats> =
 /// Exact mode's smooth-counter accumulator, per service and per CPU.
 #[map(name = "CANARY_EXACT")]
 pub static EXACT: PerCpuArray<u32> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// HTTP and connection signals per service and version (index service * 2 + version).
+#[map(name = "CANARY_TELEMETRY")]
+pub static TELEMETRY: PerCpuArray<VersionTelemetry> = PerCpuArray::pinned(MAX_SERVICES * 2, 0);
+
+/// Request -> response latency histograms, per service and version.
+#[map(name = "CANARY_LATENCY")]
+pub static LATENCY: PerCpuArray<u64> =
+    PerCpuArray::pinned(MAX_SERVICES * 2 * LATENCY_BUCKETS as u32, 0);

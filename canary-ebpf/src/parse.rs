@@ -27,7 +27,11 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// TCP sequence number as loaded (0 for UDP).
+    pub seq: u32,
     pub l4_off: usize,
+    /// Where the L4 payload starts.
+    pub payload_off: usize,
 }
 
 impl Packet {
@@ -109,10 +113,15 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
         }
         _ => return None,
     };
-    let tcp_flags = if proto == PROTO_TCP {
-        read::<u8>(data, end, l4_off + 13)?
+    let (tcp_flags, seq, payload_off) = if proto == PROTO_TCP {
+        let doff = (read::<u8>(data, end, l4_off + 12)? >> 4) as usize;
+        (
+            read::<u8>(data, end, l4_off + 13)?,
+            read::<u32>(data, end, l4_off + 4)?,
+            l4_off + doff * 4,
+        )
     } else {
-        0
+        (0, 0, l4_off + UDP_LEN)
     };
     Some(Packet {
         family,
@@ -122,6 +131,8 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
         sport: ports[0],
         dport: ports[1],
         tcp_flags,
+        seq,
         l4_off,
+        payload_off,
     })
 }

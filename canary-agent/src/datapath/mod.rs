@@ -14,7 +14,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use canary_common::{
-    stats_index, BackendStats, ServiceKey, ServiceValue, MAP_SERVICES, MAP_STATS, MAX_BACKENDS,
+    histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
+    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
     PROG_EGRESS, PROG_INGRESS,
 };
 pub use encode::{decode_addr, encode_service, service_key};
@@ -26,6 +27,16 @@ pub struct Datapath {
     ebpf: Ebpf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     stats: PerCpuArray<MapData, BackendStats>,
+    telemetry: PerCpuArray<MapData, VersionTelemetry>,
+    latency: PerCpuArray<MapData, u64>,
+}
+
+/// One version's (stable or canary) application signals, summed over CPUs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VersionSignals {
+    pub counters: VersionTelemetry,
+    /// Request -> response latency histogram (canary_common::histogram buckets).
+    pub latency: Vec<u64>,
 }
 
 impl Datapath {
@@ -44,6 +55,8 @@ impl Datapath {
             })?;
         let services = HashMap::try_from(take(&mut ebpf, MAP_SERVICES)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
+        let telemetry = PerCpuArray::try_from(take(&mut ebpf, MAP_TELEMETRY)?)?;
+        let latency = PerCpuArray::try_from(take(&mut ebpf, MAP_LATENCY)?)?;
         let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let tc: &mut SchedClassifier = program(&mut ebpf, PROG_EGRESS)?;
@@ -52,6 +65,8 @@ impl Datapath {
             ebpf,
             services,
             stats,
+            telemetry,
+            latency,
         })
     }
 
@@ -123,12 +138,45 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Stable (`[0]`) and canary (`[1]`) signals of service `id`, summed over CPUs.
+    pub fn signals(&self, id: u32) -> Result<[VersionSignals; 2]> {
+        let mut out: [VersionSignals; 2] = Default::default();
+        for (version, sig) in out.iter_mut().enumerate() {
+            let index = id * 2 + version as u32;
+            for t in self.telemetry.get(&index, 0)?.iter() {
+                let c = &mut sig.counters;
+                c.requests += t.requests;
+                for (a, b) in c.responses.iter_mut().zip(t.responses) {
+                    *a += b;
+                }
+                c.resets += t.resets;
+                c.handshakes += t.handshakes;
+                c.handshake_ns += t.handshake_ns;
+            }
+            sig.latency = (0..LATENCY_BUCKETS as u32)
+                .map(|b| {
+                    let per_cpu = self.latency.get(&latency_index(index, b), 0)?;
+                    Ok(per_cpu.iter().sum())
+                })
+                .collect::<Result<_>>()?;
+        }
+        Ok(out)
+    }
+
     /// Zeroes the counters of a service id that is being given to a different service.
     pub fn clear_stats(&mut self, id: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         for slot in 0..MAX_BACKENDS {
             let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
             self.stats.set(stats_index(id, slot as u8), zero, 0)?;
+        }
+        for version in [id * 2, id * 2 + 1] {
+            let zero = aya::maps::PerCpuValues::try_from(vec![VersionTelemetry::default(); cpus])?;
+            self.telemetry.set(version, zero, 0)?;
+            for b in 0..LATENCY_BUCKETS as u32 {
+                let zero = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
+                self.latency.set(latency_index(version, b), zero, 0)?;
+            }
         }
         Ok(())
     }
