@@ -23,7 +23,7 @@ fn main() -> Result<()> {
 
 fn run(pins: &std::path::Path) -> Result<()> {
     let text = "[agent]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n";
-    let config = Config::parse(&text, std::path::Path::new("bench.toml"))?;
+    let config = Config::parse(text, std::path::Path::new("bench.toml"))?;
     let mut dp = Datapath::load(pins)?;
     let svc = &config.services[0];
     dp.install(&service_key(svc), &encode_service(svc, 0, svc.weight_bp))?;
