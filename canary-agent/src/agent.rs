@@ -17,6 +17,9 @@ use tokio::{
 };
 
 use crate::{
+    analysis::{
+        hold_reason, Action, Analyzer, MetricName, Verdict, VersionCounters, DEFAULT_ALPHA,
+    },
     api::{BackendStatus, Request, Response, RolloutAction, ServiceStatus, Status},
     config::{bp_to_percent, Config, ServiceConfig},
     controller::{Actor, AnalysisHold, Clock, Command, Effect, EventLog, Rollout, RolloutState},
@@ -38,6 +41,10 @@ pub struct LiveService {
     pub policy: Option<Policy>,
     pub rollout: Option<Rollout>,
     events: EventLog,
+    /// Present when the policy has metrics or rollback rules.
+    analyzer: Option<Analyzer>,
+    verdicts: Vec<Verdict>,
+    last_observed_s: u64,
 }
 
 pub struct Agent {
@@ -109,13 +116,26 @@ impl Agent {
         let mut policies = Vec::new();
         for svc in &config.services {
             policies.push(match &svc.policy {
-                Some(path) => Some(load_policy(path).map_err(|e| {
-                    anyhow!(
-                        "{}: service {:?}: policy: {e}",
-                        config.path.display(),
-                        svc.name
-                    )
-                })?),
+                Some(path) => {
+                    let policy = load_policy(path).map_err(|e| {
+                        anyhow!(
+                            "{}: service {:?}: policy: {e}",
+                            config.path.display(),
+                            svc.name
+                        )
+                    })?;
+                    let custom = policy.metrics.iter().find_map(|m| match &m.name {
+                        MetricName::Custom(name) => Some(name.clone()),
+                        _ => None,
+                    });
+                    if let Some(name) = custom {
+                        bail!(
+                            "{}: metric {name:?}: metrics from PromQL queries are not built yet",
+                            path.display()
+                        );
+                    }
+                    Some(policy)
+                }
                 None => None,
             });
         }
@@ -155,6 +175,10 @@ impl Agent {
             }
             // A service with a policy always shows its rollout, pending until started.
             let rollout = rollout.or_else(|| policy.clone().map(|p| Rollout::new(&svc.name, p)));
+            let analyzer = policy
+                .as_ref()
+                .filter(|p| !p.metrics.is_empty() || !p.rules.is_empty())
+                .map(|p| Analyzer::new(p.metrics.clone(), p.rules.clone(), DEFAULT_ALPHA));
             services.push(LiveService {
                 cfg: svc.clone(),
                 id,
@@ -163,6 +187,9 @@ impl Agent {
                 policy,
                 rollout,
                 events: EventLog::new(state_dir.join(format!("{}.events.jsonl", svc.name))),
+                analyzer,
+                verdicts: Vec::new(),
+                last_observed_s: 0,
             });
         }
         for key in plan.stale {
@@ -286,6 +313,11 @@ impl Agent {
                     .into(),
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
+                analysis: svc
+                    .verdicts
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<_, _>>()?,
             });
         }
         Ok(Status { services })
@@ -390,13 +422,20 @@ impl Agent {
         let mut calls = Vec::new();
         let names: Vec<String> = self.services.iter().map(|s| s.cfg.name.clone()).collect();
         for name in names {
+            let hold = match self.analyse(&name, now / 1000) {
+                Ok(hold) => hold,
+                Err(e) => {
+                    tracing::error!(service = %name, error = %format!("{e:#}"), "analysis");
+                    AnalysisHold::Clear
+                }
+            };
             let Ok(svc) = self.service_mut(&name) else {
                 continue;
             };
             let Some(rollout) = svc.rollout.as_mut() else {
                 continue;
             };
-            let effects = rollout.tick(now, AnalysisHold::Clear);
+            let effects = rollout.tick(now, hold);
             let status = rollout.status(now);
             if !effects.is_empty() {
                 if let Err(e) = self.apply_effects(&name, effects) {
@@ -428,6 +467,72 @@ impl Agent {
             }
         }
         calls
+    }
+}
+
+impl Agent {
+    /// Feeds this second's kernel counters to the service's analyzer and acts on its
+    /// verdicts: a fired rule rolls back or pauses a live rollout; inconclusive data
+    /// holds progression.
+    fn analyse(&mut self, name: &str, now_s: u64) -> Result<AnalysisHold> {
+        let svc = self.service_mut(name)?;
+        if svc.analyzer.is_none() || now_s <= svc.last_observed_s {
+            return Ok(AnalysisHold::Clear);
+        }
+        let (id, tcp) = (svc.id, svc.cfg.protocol == crate::config::Protocol::Tcp);
+        let signals = self.datapath.signals(id)?;
+        let stats = self.datapath.stats(id)?;
+        let counters = |version: usize| {
+            let slots = &stats[version * MAX_GROUP_BACKENDS..(version + 1) * MAX_GROUP_BACKENDS];
+            let conn_new: u64 = slots.iter().map(|s| s.connections).sum();
+            let t = &signals[version].counters;
+            VersionCounters {
+                requests: t.requests,
+                responses: t.responses,
+                conn_new,
+                conn_reset: t.resets,
+                // A TCP connection placed but never answered by a SYN-ACK.
+                conn_failed: if tcp {
+                    conn_new.saturating_sub(t.handshakes)
+                } else {
+                    0
+                },
+                latency: signals[version].latency.clone(),
+                custom: Default::default(),
+            }
+        };
+        let (stable, canary) = (counters(0), counters(1));
+        let svc = self.service_mut(name)?;
+        svc.last_observed_s = now_s;
+        let Some(analyzer) = svc.analyzer.as_mut() else {
+            return Ok(AnalysisHold::Clear);
+        };
+        analyzer.observe(now_s, &stable, &canary);
+        let eval = analyzer.evaluate(now_s);
+        svc.verdicts = eval.verdicts.clone();
+        let live = svc.rollout.as_ref().is_some_and(|r| {
+            matches!(
+                r.state(),
+                RolloutState::Progressing | RolloutState::AwaitingApproval
+            )
+        });
+        if let (true, Some(fired)) = (live, eval.fired.first()) {
+            let command = match fired.action {
+                Action::ImmediateRollback => Command::AnalysisRollback {
+                    rule: fired.rule.clone(),
+                    detail: fired.detail.clone(),
+                },
+                Action::PauseAndAlert => Command::AnalysisPause {
+                    reason: format!("{}: {}", fired.rule, fired.detail),
+                },
+            };
+            tracing::warn!(service = name, rule = %fired.rule, detail = %fired.detail, "analysis fired");
+            self.rollout_command(name, command, Actor::Rule(fired.rule.clone()))?;
+        }
+        Ok(match hold_reason(&eval) {
+            Some(reason) => AnalysisHold::Hold(reason),
+            None => AnalysisHold::Clear,
+        })
     }
 }
 

@@ -69,6 +69,10 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// Present when the service has a rollout policy.
     pub rollout: Option<crate::controller::RolloutStatus>,
+    /// Latest verdict per analysis metric (empty without metrics in the policy).
+    /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
+    /// are not numbers yet are null.
+    pub analysis: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -395,6 +395,17 @@ pub fn render_status(status: &Status) -> String {
                 out += &format!("  holding: {h}\n");
             }
         }
+        for v in &s.analysis {
+            out += &format!(
+                "  analysis {:<16} {:<13} canary {} stable {} confidence {}  {}\n",
+                v["metric"].as_str().unwrap_or("?"),
+                v["verdict"].as_str().unwrap_or("?"),
+                v["canary"],
+                v["stable"],
+                v["confidence"],
+                v["reason"].as_str().unwrap_or("")
+            );
+        }
         for b in &s.backends {
             out += &format!(
                 "  {:<7} {:<28} {:>10} {:>12} {:>12} {:>14} {:>14}\n",
