@@ -15,10 +15,10 @@ use std::{
 use anyhow::{ensure, Result};
 use canary_lab::{
     agent::Agent,
-    backend::BANNER_PORT,
-    banner_connections,
+    backend::{metric_value, scrape_metrics, set_faults, ADMIN_PORT, BANNER_PORT, HTTP_PORT},
+    banner_connections, http_load,
     topology::{CANARY_V4, STABLE_V4},
-    Topology, VIP_V4,
+    Faults, Topology, VIP_V4,
 };
 
 use crate::workspace_root;
@@ -182,9 +182,107 @@ pub fn traffic_split() -> Result<()> {
     Ok(())
 }
 
-pub fn needs_analysis(target: &str) -> Result<()> {
-    anyhow::bail!(
-        "`make {target}` injects canary faults and checks the automatic rollback, which \
-         lands with the analysis/automatic-rollback issue; it is not available yet"
-    )
+/// The seed's rollback check: a rollout under steady HTTP load, a 5xx fault injected
+/// into canary at the second step, then what the agent did. With `verify`, the run
+/// fails unless the canary was rolled back by a named rule, stable answered every
+/// request without error, and no request failed at the connection level.
+pub fn failures(verify: bool) -> Result<()> {
+    let (_, backend) = release_bins()?;
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(&backend)?;
+    let policy = r#"step = [ { at = 0, weight = 10 }, { at = "5s", weight = 50 }, { at = "10m", weight = 100 } ]
+[[metric]]
+name = "error-rate"
+threshold = 1.05
+window = "60s"
+[[metric]]
+name = "latency-p99"
+threshold = 1.2
+window = "60s"
+[[rule]]
+name = "error-spike"
+when = "error-rate > baseline * 1.5"
+action = "immediate-rollback"
+"#;
+    let service = format!(
+        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:{HTTP_PORT}\"]\npolicy = \"policy.toml\"\n"
+    );
+    let agent = Agent::start_with_files(&topo.node, &service, &[("policy.toml", policy)], &[])?;
+    agent.cli(&["rollout", "start", "web"])?;
+    let vip = SocketAddr::new(VIP_V4.into(), 80);
+    let canary_admin = SocketAddr::new(CANARY_V4.into(), ADMIN_PORT);
+    let report = std::thread::scope(|scope| -> Result<_> {
+        let load = scope.spawn(|| {
+            topo.client
+                .enter(|| http_load(vip, "/", 300, Duration::from_secs(25), 64))
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut injected = None;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let status = agent.status()?;
+            let r = &status["services"][0]["rollout"];
+            if injected.is_none() && r["step"] == 1 {
+                println!(
+                    "lab: rollout at step 2 ({}); injecting 50 % 5xx into canary",
+                    r["weight_bp"]
+                );
+                topo.client.enter(|| {
+                    set_faults(
+                        canary_admin,
+                        &Faults {
+                            error_rate: 0.5,
+                            ..Default::default()
+                        },
+                    )
+                })?;
+                injected = Some(Instant::now());
+            }
+            if r["state"] == "rolled-back" || Instant::now() > deadline {
+                if let Some(t) = injected {
+                    println!(
+                        "lab: {} {:.1} s after the fault",
+                        r["state"],
+                        t.elapsed().as_secs_f64()
+                    );
+                }
+                break;
+            }
+        }
+        println!("{}", agent.cli(&["status", "web"])?);
+        Ok(load.join().expect("load thread")?)
+    })?;
+    println!("history:\n{}", agent.cli(&["history", "web"])?);
+    let stable = topo
+        .client
+        .enter(|| scrape_metrics(SocketAddr::new(STABLE_V4.into(), ADMIN_PORT)))?;
+    let stable_errors =
+        metric_value(&stable, "lab_requests_total", &[("code", "503")]).unwrap_or(0.0);
+    let failed: u64 = report.failures.values().sum();
+    println!(
+        "client: {} requests, by status {:?}, by version {:?}, {failed} failed at the connection level; stable 503s: {stable_errors}",
+        report.sent, report.by_status, report.by_version
+    );
+    if verify {
+        let status = agent.status()?;
+        let r = &status["services"][0]["rollout"];
+        ensure!(
+            r["state"] == "rolled-back",
+            "canary was not rolled back: {r}"
+        );
+        ensure!(
+            r["reason"].as_str().unwrap_or("").contains("fired"),
+            "no rule named: {r}"
+        );
+        ensure!(
+            stable_errors == 0.0,
+            "stable answered {stable_errors} errors"
+        );
+        ensure!(
+            failed == 0,
+            "{failed} requests failed at the connection level"
+        );
+        println!("verify-rollback: OK");
+    }
+    Ok(())
 }

@@ -35,7 +35,8 @@ fn main() -> Result<()> {
         Task::Lab { scenario } => match scenario.as_str() {
             "deploy" => lab::deploy(),
             "traffic-split" => lab::traffic_split(),
-            "simulate-failures" | "verify-rollback" => lab::needs_analysis(&scenario),
+            "simulate-failures" => lab::failures(false),
+            "verify-rollback" => lab::failures(true),
             other => bail!("unknown lab scenario {other:?}"),
         },
         Task::Bench => bench::run(),
