@@ -250,7 +250,7 @@ action = "immediate-rollback"
             }
         }
         println!("{}", agent.cli(&["status", "web"])?);
-        Ok(load.join().expect("load thread")?)
+        load.join().expect("load thread")
     })?;
     println!("history:\n{}", agent.cli(&["history", "web"])?);
     let stable = topo
