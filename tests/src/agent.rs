@@ -13,6 +13,15 @@ use anyhow::{bail, Context, Result};
 
 use crate::{netns::log_dir, ChildGuard, NetNs, NODE_CLIENT_IFACE};
 
+/// A `[[service]]` table for the lab: `name` on VIP_V4:`port`, one stable and one
+/// canary backend on `backend_port`, plus `extra` lines (weight, mode, policy...).
+pub fn lab_service(name: &str, port: u16, backend_port: u16, extra: &str) -> String {
+    use crate::topology::{CANARY_V4, STABLE_V4, VIP_V4};
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = \"{VIP_V4}:{port}\"\nstable = [\"{STABLE_V4}:{backend_port}\"]\ncanary = [\"{CANARY_V4}:{backend_port}\"]\n{extra}\n"
+    )
+}
+
 /// The agent binary: `$CANARY_BIN`, else the workspace's debug build.
 pub fn canary_bin() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("CANARY_BIN") {

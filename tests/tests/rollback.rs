@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{ensure, Result};
 use canary_lab::{
-    agent::Agent,
+    agent::{lab_service, Agent},
     backend::{metric_value, scrape_metrics, set_faults, ADMIN_PORT, HTTP_PORT},
     http_load,
     topology::{CANARY_V4, STABLE_V4},
@@ -35,9 +35,7 @@ action = "immediate-rollback"
 fn canary_fault_is_rolled_back_automatically() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let services = format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:{HTTP_PORT}\"]\npolicy = \"policy.toml\"\n"
-    );
+    let services = lab_service("web", 80, HTTP_PORT, "policy = \"policy.toml\"");
     let agent = Agent::start_with_files(&topo.node, &services, &[("policy.toml", POLICY)], &[])?;
     agent.cli(&["rollout", "start", "web"])?;
     let vip = SocketAddr::new(VIP_V4.into(), 80);

@@ -15,9 +15,9 @@ use std::{
 
 use anyhow::{bail, ensure, Result};
 use canary_lab::{
-    agent::Agent,
+    agent::{lab_service, Agent},
     backend::ECHO_PORT,
-    topology::{CANARY_V4, CLIENT_V4, NODE_CLIENT_V4, STABLE_V4},
+    topology::{CLIENT_V4, NODE_CLIENT_V4},
     LongLived, Topology, VIP_V4,
 };
 use serde_json::Value;
@@ -99,9 +99,7 @@ weights = [20, 100]
 gate = {{ webhook = "http://{NODE_CLIENT_V4}:{WEBHOOK_PORT}/approve" }}
 "#
     );
-    let services = format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{ECHO_PORT}\"]\ncanary = [\"{CANARY_V4}:{ECHO_PORT}\"]\npolicy = \"web-policy.toml\"\n"
-    );
+    let services = lab_service("web", 80, ECHO_PORT, "policy = \"web-policy.toml\"");
     let mut agent =
         Agent::start_with_files(&topo.node, &services, &[("web-policy.toml", &policy)], &[])?;
     let conns = topo

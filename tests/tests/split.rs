@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{ensure, Result};
 use canary_lab::{
-    agent::Agent,
+    agent::{lab_service, Agent},
     backend::{BANNER_PORT, ECHO_PORT, UDP_PORT},
     banner_connections,
     topology::{CANARY_V4, CANARY_V6, CLIENT_V4, STABLE_V4, STABLE_V6},
@@ -20,12 +20,6 @@ use canary_lab::{
 use serde_json::Value;
 
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
-
-fn service(name: &str, port: u16, backend_port: u16, extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"{name}\"\nlisten = \"{VIP_V4}:{port}\"\nstable = [\"{STABLE_V4}:{backend_port}\"]\ncanary = [\"{CANARY_V4}:{backend_port}\"]\n{extra}\n"
-    )
-}
 
 /// Connections per group ("stable"/"canary") of one service in `status --json`.
 fn connections(status: &Value, name: &str) -> BTreeMap<String, u64> {
@@ -47,8 +41,8 @@ fn connections(status: &Value, name: &str) -> BTreeMap<String, u64> {
 fn twenty_thousand_connections_split_at_ten_percent() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let services = service("hash", 80, BANNER_PORT, "weight = 10\nmode = \"hash\"")
-        + &service("exact", 81, BANNER_PORT, "weight = 10\nmode = \"exact\"");
+    let services = lab_service("hash", 80, BANNER_PORT, "weight = 10\nmode = \"hash\"")
+        + &lab_service("exact", 81, BANNER_PORT, "weight = 10\nmode = \"exact\"");
     let agent = Agent::start(&topo.node, &services, &[])?;
     // Each run uses its own source address and a wide port range, so no 5-tuple is
     // reused while a backend still holds it in TIME_WAIT (a reused tuple can be
@@ -105,7 +99,7 @@ fn long_lived_connections_survive_weight_changes() -> Result<()> {
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
     let agent = Agent::start(
         &topo.node,
-        &service("echo", 80, ECHO_PORT, "weight = 10"),
+        &lab_service("echo", 80, ECHO_PORT, "weight = 10"),
         &[],
     )?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
@@ -151,7 +145,7 @@ fn client_ip_stickiness_only_grows_the_canary_set() -> Result<()> {
         .collect();
     let agent = Agent::start(
         &topo.node,
-        &service(
+        &lab_service(
             "sticky",
             80,
             BANNER_PORT,

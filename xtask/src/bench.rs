@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use canary_lab::{
-    agent::Agent,
+    agent::{lab_service, Agent},
     backend::HTTP_PORT,
     topology::{CANARY_V4, STABLE_V4},
     Topology, VIP_V4,
@@ -62,9 +62,7 @@ pub fn run() -> Result<()> {
     let (_, backend) = release_bins()?;
     let topo = Topology::build()?;
     let _backends = topo.start_backends(&backend)?;
-    let service = format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:{HTTP_PORT}\"]\nweight = 10\n"
-    );
+    let service = lab_service("web", 80, HTTP_PORT, "weight = 10");
     let _agent = Agent::start(&topo.node, &service, &[])?;
     for rule in [
         format!("-t nat -A PREROUTING -d {IPTABLES_VIP} -p tcp --dport 80 -m statistic --mode random --probability 0.1 -j DNAT --to-destination {CANARY_V4}:{HTTP_PORT}"),

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{ensure, Result};
 use canary_lab::{
-    agent::Agent,
+    agent::{lab_service, Agent},
     backend::{metric_value, scrape_metrics, set_faults, ADMIN_PORT, BANNER_PORT, HTTP_PORT},
     banner_connections, http_load,
     topology::{CANARY_V4, STABLE_V4},
@@ -47,12 +47,6 @@ const SEED_POLICY: &str = r#"step = [
 ]
 "#;
 
-fn banner_service(extra: &str) -> String {
-    format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{BANNER_PORT}\"]\ncanary = [\"{CANARY_V4}:{BANNER_PORT}\"]\n{extra}\n"
-    )
-}
-
 /// A full time-scaled rollout under steady client load (new connections, so each
 /// one meets the current weight), with live status and the share the client saw.
 pub fn deploy() -> Result<()> {
@@ -62,7 +56,7 @@ pub fn deploy() -> Result<()> {
     let scale = "120";
     let agent = Agent::start_with_files(
         &topo.node,
-        &banner_service("policy = \"web-policy.toml\""),
+        &lab_service("web", 80, BANNER_PORT, "policy = \"web-policy.toml\""),
         &[("web-policy.toml", SEED_POLICY)],
         &["--time-scale", scale],
     )?;
@@ -146,9 +140,11 @@ pub fn traffic_split() -> Result<()> {
         .iter()
         .enumerate()
         .map(|(i, mode)| {
-            format!(
-                "[[service]]\nname = \"{mode}\"\nlisten = \"{VIP_V4}:{}\"\nstable = [\"{STABLE_V4}:{BANNER_PORT}\"]\ncanary = [\"{CANARY_V4}:{BANNER_PORT}\"]\nmode = \"{mode}\"\n",
-                80 + i
+            lab_service(
+                mode,
+                80 + i as u16,
+                BANNER_PORT,
+                &format!("mode = \"{mode}\""),
             )
         })
         .collect::<String>();
@@ -204,9 +200,7 @@ name = "error-spike"
 when = "error-rate > baseline * 1.5"
 action = "immediate-rollback"
 "#;
-    let service = format!(
-        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\nstable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:{HTTP_PORT}\"]\npolicy = \"policy.toml\"\n"
-    );
+    let service = lab_service("web", 80, HTTP_PORT, "policy = \"policy.toml\"");
     let agent = Agent::start_with_files(&topo.node, &service, &[("policy.toml", policy)], &[])?;
     agent.cli(&["rollout", "start", "web"])?;
     let vip = SocketAddr::new(VIP_V4.into(), 80);
