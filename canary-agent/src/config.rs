@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub control_socket: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Where to serve Prometheus `/metrics`; none when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +99,7 @@ struct RawAgent {
     control_socket: Option<PathBuf>,
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +167,15 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let agent = match raw.agent {
             Some(a) => AgentConfig {
+                metrics_listen: match &a.metrics_listen {
+                    Some(l) => Some(l.parse().map_err(|_| {
+                        err(
+                            "agent.metrics_listen".into(),
+                            format!("{l:?} is not addr:port"),
+                        )
+                    })?),
+                    None => None,
+                },
                 interfaces: match a.interface {
                     Some(OneOrMany::One(i)) => vec![i],
                     Some(OneOrMany::Many(v)) => v,

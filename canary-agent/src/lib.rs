@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod datapath;
+pub mod metrics;
 pub mod policy;
 pub mod webhook;

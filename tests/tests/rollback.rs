@@ -14,10 +14,11 @@ use canary_lab::{
     agent::{lab_service, Agent},
     backend::{metric_value, scrape_metrics, set_faults, ADMIN_PORT, HTTP_PORT},
     http_load,
-    topology::{CANARY_V4, STABLE_V4},
+    topology::{CANARY_V4, NODE_CLIENT_V4, STABLE_V4},
     Faults, Topology, VIP_V4,
 };
 
+const METRICS_PORT: u16 = 9464;
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
 
 const POLICY: &str = r#"step = [ { at = 0, weight = 50 }, { at = "10m", weight = 100 } ]
@@ -35,7 +36,9 @@ action = "immediate-rollback"
 fn canary_fault_is_rolled_back_automatically() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let services = lab_service("web", 80, HTTP_PORT, "policy = \"policy.toml\"");
+    // The first line continues the harness's [agent] table.
+    let services = format!("metrics_listen = \"{NODE_CLIENT_V4}:{METRICS_PORT}\"\n")
+        + &lab_service("web", 80, HTTP_PORT, "policy = \"policy.toml\"");
     let agent = Agent::start_with_files(&topo.node, &services, &[("policy.toml", POLICY)], &[])?;
     agent.cli(&["rollout", "start", "web"])?;
     let vip = SocketAddr::new(VIP_V4.into(), 80);
@@ -95,6 +98,37 @@ fn canary_fault_is_rolled_back_automatically() -> Result<()> {
     ensure!(
         stable_503.unwrap_or(0.0) == 0.0,
         "stable answered 503s: {stable_503:?}"
+    );
+    // The agent's Prometheus endpoint shows the same story.
+    let metrics = topo
+        .client
+        .enter(|| scrape_metrics(SocketAddr::new(NODE_CLIENT_V4.into(), METRICS_PORT)))?;
+    let canary_5xx = metric_value(
+        &metrics,
+        "canary_http_responses_total",
+        &[("service", "web"), ("version", "canary"), ("class", "5xx")],
+    );
+    ensure!(
+        canary_5xx.unwrap_or(0.0) > 0.0,
+        "no canary 5xx in /metrics:\n{metrics}"
+    );
+    let state = metric_value(
+        &metrics,
+        "canary_rollout_state",
+        &[("service", "web"), ("state", "rolled-back")],
+    );
+    ensure!(
+        state == Some(1.0),
+        "rollout state missing from /metrics:\n{metrics}"
+    );
+    let latency = metric_value(
+        &metrics,
+        "canary_request_duration_seconds_count",
+        &[("service", "web"), ("version", "stable")],
+    );
+    ensure!(
+        latency.unwrap_or(0.0) > 0.0,
+        "no stable latency in /metrics:\n{metrics}"
     );
     // New connections now all reach stable.
     let after = topo

@@ -1,0 +1,177 @@
+//! Prometheus exposition of the agent's view: per service and version the kernel's
+//! counters and latency histogram, the weight, the rollout state and the latest
+//! analysis verdicts. Built fresh on every scrape from one consistent snapshot.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType, TypedMetric},
+    registry::Registry,
+};
+
+/// Upper bounds (seconds) of the exported latency buckets; the kernel's finer
+/// log-linear buckets are folded into them.
+pub const LATENCY_BOUNDS_S: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub service: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub service: String,
+    pub version: String,
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub service: String,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub service: String,
+    pub metric: String,
+    pub verdict: String,
+}
+
+/// A histogram whose buckets are already counted (by the kernel).
+#[derive(Debug, Default)]
+pub struct CountedHistogram(Mutex<(f64, u64, Vec<(f64, u64)>)>);
+
+impl CountedHistogram {
+    /// `sum_s`, total count and cumulative `(upper bound, count)` pairs.
+    pub fn set(&self, sum_s: f64, count: u64, buckets: Vec<(f64, u64)>) {
+        *self.0.lock().unwrap() = (sum_s, count, buckets);
+    }
+}
+
+impl TypedMetric for CountedHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for CountedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = &*self.0.lock().unwrap();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            *sum, *count, buckets, None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// The metric families; the agent fills them from a snapshot, then encodes.
+#[derive(Default)]
+pub struct Families {
+    pub connections: Family<VersionLabels, Counter>,
+    pub requests: Family<VersionLabels, Counter>,
+    pub responses: Family<ClassLabels, Counter>,
+    pub resets: Family<VersionLabels, Counter>,
+    pub latency: Family<VersionLabels, CountedHistogram>,
+    pub weight: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub state: Family<StateLabels, Gauge>,
+    pub verdict: Family<VerdictLabels, Gauge>,
+}
+
+impl Families {
+    pub fn encode(self) -> Result<String> {
+        let mut r = Registry::with_prefix("canary");
+        r.register(
+            "connections",
+            "New connections placed, per version",
+            self.connections,
+        );
+        r.register(
+            "http_requests",
+            "HTTP/1.x requests seen by the datapath",
+            self.requests,
+        );
+        r.register(
+            "http_responses",
+            "HTTP/1.x responses by status class",
+            self.responses,
+        );
+        r.register(
+            "backend_resets",
+            "Connections reset by the backend",
+            self.resets,
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request to response latency measured in the kernel",
+            self.latency,
+        );
+        r.register("weight_percent", "Current canary weight", self.weight);
+        r.register(
+            "rollout_state",
+            "1 for the rollout's current state",
+            self.state,
+        );
+        r.register(
+            "analysis_verdict",
+            "1 for each metric's latest verdict",
+            self.verdict,
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &r)?;
+        Ok(out)
+    }
+}
+
+/// Serves `GET /metrics` on `listen` until the runtime stops.
+pub async fn serve(
+    listen: std::net::SocketAddr,
+    agent: Arc<Mutex<crate::agent::Agent>>,
+) -> Result<()> {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "metrics endpoint listening");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let agent = agent.clone();
+                async move {
+                    let (code, body) = if req.uri().path() != "/metrics" {
+                        (404, "not found: try /metrics\n".to_string())
+                    } else {
+                        match agent
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("poisoned"))
+                            .and_then(|a| a.metrics())
+                        {
+                            Ok(text) => (200, text),
+                            Err(e) => (500, format!("{e:#}\n")),
+                        }
+                    };
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
