@@ -48,12 +48,14 @@ pub struct VerdictLabels {
     pub verdict: String,
 }
 
+/// Sum in seconds, total count and cumulative `(upper bound, count)` pairs.
+type HistogramSnapshot = (f64, u64, Vec<(f64, u64)>);
+
 /// A histogram whose buckets are already counted (by the kernel).
 #[derive(Debug, Default)]
-pub struct CountedHistogram(Mutex<(f64, u64, Vec<(f64, u64)>)>);
+pub struct CountedHistogram(Mutex<HistogramSnapshot>);
 
 impl CountedHistogram {
-    /// `sum_s`, total count and cumulative `(upper bound, count)` pairs.
     pub fn set(&self, sum_s: f64, count: u64, buckets: Vec<(f64, u64)>) {
         *self.0.lock().unwrap() = (sum_s, count, buckets);
     }
