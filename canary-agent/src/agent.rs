@@ -54,6 +54,9 @@ pub struct Agent {
     state_dir: PathBuf,
     /// Services whose gate webhook is being called (one call at a time each).
     webhooks_in_flight: HashSet<String>,
+    alert_webhook: Option<String>,
+    /// Alerts waiting to be POSTed to `alert_webhook`.
+    alerts: Vec<serde_json::Value>,
 }
 
 /// A gate webhook the async side must call.
@@ -206,6 +209,8 @@ impl Agent {
             clock,
             state_dir,
             webhooks_in_flight: HashSet::new(),
+            alert_webhook: config.agent.alert_webhook.clone(),
+            alerts: Vec::new(),
         })
     }
 
@@ -402,7 +407,8 @@ impl Agent {
                     tracing::info!(service = name, %stage, ?webhook, "gate waiting for approval");
                 }
                 Effect::Alert { reason } => {
-                    tracing::warn!(service = name, %reason, "rollout alert")
+                    tracing::warn!(service = name, %reason, "rollout alert");
+                    self.alert(name, "gate-timeout", &reason);
                 }
             }
         }
@@ -411,6 +417,25 @@ impl Agent {
             save_rollout(&state_dir, name, r)?;
         }
         Ok(())
+    }
+
+    /// Queues a JSON alert for the configured alert webhook (if any).
+    fn alert(&mut self, service: &str, kind: &str, reason: &str) {
+        if self.alert_webhook.is_some() {
+            self.alerts.push(serde_json::json!({
+                "event": "alert",
+                "kind": kind,
+                "service": service,
+                "at_ms": self.clock.now_ms(),
+                "reason": reason,
+            }));
+        }
+    }
+
+    /// Alerts to send now, with the webhook to send them to.
+    pub fn take_alerts(&mut self) -> Option<(String, Vec<serde_json::Value>)> {
+        let url = self.alert_webhook.clone()?;
+        (!self.alerts.is_empty()).then(|| (url, std::mem::take(&mut self.alerts)))
     }
 
     /// Advances every rollout on the clock and returns the gate webhooks to call.
@@ -618,6 +643,15 @@ impl Agent {
                 },
             };
             tracing::warn!(service = name, rule = %fired.rule, detail = %fired.detail, "analysis fired");
+            let kind = match fired.action {
+                Action::ImmediateRollback => "immediate-rollback",
+                Action::PauseAndAlert => "pause-and-alert",
+            };
+            self.alert(
+                name,
+                kind,
+                &format!("rule {} fired: {}", fired.rule, fired.detail),
+            );
             self.rollout_command(name, command, Actor::Rule(fired.rule.clone()))?;
         }
         Ok(match hold_reason(&eval) {
@@ -689,9 +723,15 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
-                let calls = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?.tick();
+                let (calls, alerts) = {
+                    let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
+                    (a.tick(), a.take_alerts())
+                };
                 for call in calls {
                     tokio::spawn(call_gate(call, agent.clone()));
+                }
+                if let Some((url, alerts)) = alerts {
+                    tokio::spawn(send_alerts(url, alerts));
                 }
             }
             accepted = listener.accept() => {
@@ -728,6 +768,18 @@ async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
         };
         if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(call.url)) {
             tracing::warn!(service = %call.service, error = %e, "webhook approval not applied");
+        }
+    }
+}
+
+/// POSTs alerts one by one; a failed delivery is logged (the event log has them too).
+async fn send_alerts(url: String, alerts: Vec<serde_json::Value>) {
+    for alert in alerts {
+        match crate::webhook::post_json(&url, &alert, Duration::from_secs(5)).await {
+            Ok(code) if (200..300).contains(&code) => {}
+            other => {
+                tracing::warn!(%url, result = ?other.map_err(|e| e.to_string()), "alert not delivered")
+            }
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Where to serve Prometheus `/metrics`; none when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where rollback and pause alerts are POSTed as JSON (http:// only).
+    pub alert_webhook: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +102,7 @@ struct RawAgent {
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
+    alert_webhook: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +170,15 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let agent = match raw.agent {
             Some(a) => AgentConfig {
+                alert_webhook: match a.alert_webhook {
+                    Some(url) if !url.starts_with("http://") => {
+                        return Err(err(
+                            "agent.alert_webhook".into(),
+                            format!("{url:?}: only http:// URLs are supported"),
+                        ))
+                    }
+                    other => other,
+                },
                 metrics_listen: match &a.metrics_listen {
                     Some(l) => Some(l.parse().map_err(|_| {
                         err(

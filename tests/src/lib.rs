@@ -9,6 +9,7 @@ pub mod backend;
 pub mod client;
 pub mod netns;
 pub mod topology;
+pub mod webhook;
 
 pub use backend::{Backends, Faults};
 pub use client::{

@@ -15,10 +15,12 @@ use canary_lab::{
     backend::{metric_value, scrape_metrics, set_faults, ADMIN_PORT, HTTP_PORT},
     http_load,
     topology::{CANARY_V4, NODE_CLIENT_V4, STABLE_V4},
+    webhook::approving_webhook,
     Faults, Topology, VIP_V4,
 };
 
 const METRICS_PORT: u16 = 9464;
+const ALERT_PORT: u16 = 9978;
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
 
 const POLICY: &str = r#"step = [ { at = 0, weight = 50 }, { at = "10m", weight = 100 } ]
@@ -37,7 +39,13 @@ fn canary_fault_is_rolled_back_automatically() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
     // The first line continues the harness's [agent] table.
-    let services = format!("metrics_listen = \"{NODE_CLIENT_V4}:{METRICS_PORT}\"\n")
+    let alerts = approving_webhook(
+        &topo.node,
+        SocketAddr::new(NODE_CLIENT_V4.into(), ALERT_PORT),
+    )?;
+    let services = format!(
+        "metrics_listen = \"{NODE_CLIENT_V4}:{METRICS_PORT}\"\nalert_webhook = \"http://{NODE_CLIENT_V4}:{ALERT_PORT}/alerts\"\n"
+    )
         + &lab_service("web", 80, HTTP_PORT, "policy = \"policy.toml\"");
     let agent = Agent::start_with_files(&topo.node, &services, &[("policy.toml", POLICY)], &[])?;
     agent.cli(&["rollout", "start", "web"])?;
@@ -98,6 +106,14 @@ fn canary_fault_is_rolled_back_automatically() -> Result<()> {
     ensure!(
         stable_503.unwrap_or(0.0) == 0.0,
         "stable answered 503s: {stable_503:?}"
+    );
+    // The alert webhook was told, naming the rule.
+    let bodies = alerts.bodies();
+    ensure!(
+        bodies
+            .iter()
+            .any(|b| b.contains("immediate-rollback") && b.contains("error")),
+        "alerts: {bodies:?}"
     );
     // The agent's Prometheus endpoint shows the same story.
     let metrics = topo

@@ -3,13 +3,8 @@
 //! override and a rollback, with long-lived connections that must never break.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     path::Path,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
@@ -18,6 +13,7 @@ use canary_lab::{
     agent::{lab_service, Agent},
     backend::ECHO_PORT,
     topology::{CLIENT_V4, NODE_CLIENT_V4},
+    webhook::approving_webhook,
     LongLived, Topology, VIP_V4,
 };
 use serde_json::Value;
@@ -44,40 +40,14 @@ fn wait_for(agent: &Agent, state: &str, limit: Duration) -> Result<Value> {
     }
 }
 
-/// A gate webhook in the node namespace that approves every call (HTTP 200).
-fn approving_webhook(topo: &Topology) -> Result<Arc<AtomicUsize>> {
-    let listener = topo
-        .node
-        .enter(|| Ok(TcpListener::bind((NODE_CLIENT_V4, WEBHOOK_PORT))?))?;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let counter = calls.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(20).flatten() {
-            let mut reader = BufReader::new(&stream);
-            let mut len = 0;
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                line.clear();
-            }
-            let mut body = vec![0; len];
-            let _ = std::io::Read::read_exact(&mut reader, &mut body);
-            if String::from_utf8_lossy(&body).contains("confirm-stage") {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-            let _ = (&stream).write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-        }
-    });
-    Ok(calls)
-}
-
 #[test]
 fn rollout_through_the_cli_with_gates_restart_and_rollback() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let webhook_calls = approving_webhook(&topo)?;
+    let webhook = approving_webhook(
+        &topo.node,
+        SocketAddr::new(NODE_CLIENT_V4.into(), WEBHOOK_PORT),
+    )?;
     let policy = format!(
         r#"step = [
   {{ at = 0, weight = 1 }},
@@ -157,7 +127,7 @@ gate = {{ webhook = "http://{NODE_CLIENT_V4}:{WEBHOOK_PORT}/approve" }}
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    ensure!(webhook_calls.load(Ordering::SeqCst) >= 1);
+    ensure!(webhook.bodies().iter().any(|b| b.contains("confirm-stage")));
 
     agent.cli(&["rollback", "web", "--reason", "test done"])?;
     let r = rollout(&agent)?;
