@@ -2,7 +2,7 @@
 //! pinned maps already hold, and answers control requests.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -45,6 +45,15 @@ pub struct LiveService {
     analyzer: Option<Analyzer>,
     verdicts: Vec<Verdict>,
     last_observed_s: u64,
+    /// Latest (events, trials) of each PromQL metric, for stable and canary.
+    custom: BTreeMap<String, [(u64, u64); 2]>,
+}
+
+/// A policy's PromQL metric, to be queried for both versions.
+pub struct CustomQueryJob {
+    pub service: String,
+    pub metric: String,
+    pub query: crate::analysis::CustomQuery,
 }
 
 pub struct Agent {
@@ -131,10 +140,11 @@ impl Agent {
                         MetricName::Custom(name) => Some(name.clone()),
                         _ => None,
                     });
-                    if let Some(name) = custom {
+                    if let (Some(name), None) = (custom, &config.agent.prometheus_url) {
                         bail!(
-                            "{}: metric {name:?}: metrics from PromQL queries are not built yet",
-                            path.display()
+                            "{}: metric {name:?} is a PromQL metric: set [agent] prometheus_url in {}",
+                            path.display(),
+                            config.path.display()
                         );
                     }
                     Some(policy)
@@ -193,6 +203,7 @@ impl Agent {
                 analyzer,
                 verdicts: Vec::new(),
                 last_observed_s: 0,
+                custom: BTreeMap::new(),
             });
         }
         for key in plan.stale {
@@ -419,6 +430,30 @@ impl Agent {
         Ok(())
     }
 
+    /// The PromQL metrics of every service's policy.
+    pub fn custom_queries(&self) -> Vec<CustomQueryJob> {
+        let mut jobs = Vec::new();
+        for svc in &self.services {
+            for m in svc.policy.iter().flat_map(|p| &p.metrics) {
+                if let (MetricName::Custom(name), Some(query)) = (&m.name, &m.query) {
+                    jobs.push(CustomQueryJob {
+                        service: svc.cfg.name.clone(),
+                        metric: name.clone(),
+                        query: query.clone(),
+                    });
+                }
+            }
+        }
+        jobs
+    }
+
+    /// Records the latest (events, trials) of a PromQL metric for stable and canary.
+    pub fn set_custom(&mut self, service: &str, metric: &str, values: [(u64, u64); 2]) {
+        if let Ok(svc) = self.service_mut(service) {
+            svc.custom.insert(metric.to_string(), values);
+        }
+    }
+
     /// Queues a JSON alert for the configured alert webhook (if any).
     fn alert(&mut self, service: &str, kind: &str, reason: &str) {
         if self.alert_webhook.is_some() {
@@ -596,6 +631,7 @@ impl Agent {
             return Ok(AnalysisHold::Clear);
         }
         let (id, tcp) = (svc.id, svc.cfg.protocol == crate::config::Protocol::Tcp);
+        let custom = svc.custom.clone();
         let signals = self.datapath.signals(id)?;
         let stats = self.datapath.stats(id)?;
         let counters = |version: usize| {
@@ -614,7 +650,10 @@ impl Agent {
                     0
                 },
                 latency: signals[version].latency.clone(),
-                custom: Default::default(),
+                custom: custom
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v[version]))
+                    .collect(),
             }
         };
         let (stable, canary) = (counters(0), counters(1));
@@ -706,6 +745,9 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let agent = Arc::new(Mutex::new(Agent::start(&config, clock)?));
     let socket = config.agent.control_socket.clone();
     let listener = bind_control_socket(&socket)?;
+    if let Some(url) = config.agent.prometheus_url.clone() {
+        tokio::spawn(query_prometheus(url, agent.clone()));
+    }
     if let Some(listen) = config.agent.metrics_listen {
         let agent = agent.clone();
         tokio::spawn(async move {
@@ -768,6 +810,52 @@ async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
         };
         if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(call.url)) {
             tracing::warn!(service = %call.service, error = %e, "webhook approval not applied");
+        }
+    }
+}
+
+/// Every second, runs each PromQL metric's events and trials queries for both
+/// versions (`{version}` substituted) and hands the counts to the analysis.
+async fn query_prometheus(url: String, agent: Arc<Mutex<Agent>>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let Ok(jobs) = agent.lock().map(|a| a.custom_queries()) else {
+            return;
+        };
+        for job in jobs {
+            let mut values = [(0u64, 0u64); 2];
+            let mut complete = true;
+            for (v, version) in ["stable", "canary"].into_iter().enumerate() {
+                for (slot, query) in [&job.query.events, &job.query.trials]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let query = query.replace("{version}", version);
+                    match crate::webhook::prometheus_scalar(&url, &query, Duration::from_secs(2))
+                        .await
+                    {
+                        Ok(Some(x)) if x.is_finite() && x >= 0.0 => {
+                            let n = x.round() as u64;
+                            if slot == 0 {
+                                values[v].0 = n
+                            } else {
+                                values[v].1 = n
+                            }
+                        }
+                        Ok(_) => complete = false,
+                        Err(e) => {
+                            tracing::warn!(service = %job.service, metric = %job.metric, error = %format!("{e:#}"), "PromQL query");
+                            complete = false;
+                        }
+                    }
+                }
+            }
+            if complete {
+                if let Ok(mut a) = agent.lock() {
+                    a.set_custom(&job.service, &job.metric, values);
+                }
+            }
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Where rollback and pause alerts are POSTed as JSON (http:// only).
     pub alert_webhook: Option<String>,
+    /// Prometheus server that answers the policies' PromQL (business) metrics.
+    pub prometheus_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -103,6 +105,7 @@ struct RawAgent {
     state_dir: Option<PathBuf>,
     metrics_listen: Option<String>,
     alert_webhook: Option<String>,
+    prometheus_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +173,15 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let agent = match raw.agent {
             Some(a) => AgentConfig {
+                prometheus_url: match a.prometheus_url {
+                    Some(url) if !url.starts_with("http://") => {
+                        return Err(err(
+                            "agent.prometheus_url".into(),
+                            format!("{url:?}: only http:// URLs are supported"),
+                        ))
+                    }
+                    other => other,
+                },
                 alert_webhook: match a.alert_webhook {
                     Some(url) if !url.starts_with("http://") => {
                         return Err(err(
