@@ -553,6 +553,10 @@ impl Agent {
                 let t = &signals[v].counters;
                 f.requests.get_or_create(&labels).inc_by(t.requests);
                 f.resets.get_or_create(&labels).inc_by(t.resets);
+                f.handshakes.get_or_create(&labels).inc_by(t.handshakes);
+                f.handshake_seconds
+                    .get_or_create(&labels)
+                    .inc_by(t.handshake_ns as f64 / 1e9);
                 for (i, n) in t.responses.iter().enumerate() {
                     let class = ClassLabels {
                         service: service.clone(),
@@ -657,6 +661,7 @@ impl Agent {
             }
         };
         let (stable, canary) = (counters(0), counters(1));
+        let now_ms = self.clock.now_ms();
         let svc = self.service_mut(name)?;
         svc.last_observed_s = now_s;
         let Some(analyzer) = svc.analyzer.as_mut() else {
@@ -664,7 +669,47 @@ impl Agent {
         };
         analyzer.observe(now_s, &stable, &canary);
         let eval = analyzer.evaluate(now_s);
+        let changed: Vec<String> = eval
+            .verdicts
+            .iter()
+            .filter(|v| {
+                let before = svc.verdicts.iter().find(|p| p.metric == v.metric);
+                before.map(|p| p.verdict) != Some(v.verdict)
+            })
+            .map(|v| {
+                let before = svc
+                    .verdicts
+                    .iter()
+                    .find(|p| p.metric == v.metric)
+                    .map(|p| format!("{:?}", p.verdict).to_lowercase())
+                    .unwrap_or_else(|| "none".into());
+                format!(
+                    "verdict {}: {before} -> {}: {}",
+                    v.metric,
+                    format!("{:?}", v.verdict).to_lowercase(),
+                    v.reason
+                )
+            })
+            .collect();
         svc.verdicts = eval.verdicts.clone();
+        // Verdict changes go to the rollout's history as same-state events.
+        if let Some(r) = &svc.rollout {
+            let status = r.status(now_ms);
+            for reason in changed {
+                let event = crate::controller::Event {
+                    service: name.to_string(),
+                    at_ms: now_ms,
+                    from: status.state,
+                    to: status.state,
+                    step: status.step,
+                    stage: status.stage.clone(),
+                    weight_bp: status.weight_bp,
+                    actor: Actor::Analysis,
+                    reason,
+                };
+                svc.events.append(&event)?;
+            }
+        }
         let live = svc.rollout.as_ref().is_some_and(|r| {
             matches!(
                 r.state(),

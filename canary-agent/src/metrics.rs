@@ -85,6 +85,8 @@ pub struct Families {
     pub requests: Family<VersionLabels, Counter>,
     pub responses: Family<ClassLabels, Counter>,
     pub resets: Family<VersionLabels, Counter>,
+    pub handshakes: Family<VersionLabels, Counter>,
+    pub handshake_seconds: Family<VersionLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     pub latency: Family<VersionLabels, CountedHistogram>,
     pub weight: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub state: Family<StateLabels, Gauge>,

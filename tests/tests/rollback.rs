@@ -107,6 +107,9 @@ fn canary_fault_is_rolled_back_automatically() -> Result<()> {
         stable_503.unwrap_or(0.0) == 0.0,
         "stable answered 503s: {stable_503:?}"
     );
+    // History shows the verdict changes as well as the transition.
+    let history = agent.cli(&["history", "web"])?;
+    ensure!(history.contains("verdict error-rate"), "{history}");
     // The alert webhook was told, naming the rule.
     let bodies = alerts.bodies();
     ensure!(
