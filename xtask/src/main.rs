@@ -76,6 +76,8 @@ fn build_ebpf() -> Result<()> {
         .args([
             "+nightly",
             "build",
+            // The lock pins aya-build 0.2.0: newer releases need a newer rustc.
+            "--locked",
             "--release",
             "--target",
             "bpfel-unknown-none",
