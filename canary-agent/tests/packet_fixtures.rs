@@ -22,24 +22,38 @@ const TC_ACT_OK: u32 = 0;
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-/// A loaded datapath with maps pinned in a private bpffs mount, removed on drop.
+/// The private bpffs mount of a fixture, unmounted on drop, even when loading failed
+/// after the mount was made.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: valid path; unmounting our own private bpffs mount.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A loaded datapath with maps pinned in a private bpffs mount. Fields drop in order:
+/// the datapath (closing the maps) before its mount.
 struct Fixture {
-    dp: Option<Datapath>,
-    pins: PathBuf,
+    dp: Datapath,
     config: Config,
+    _pins: Pins,
 }
 
 impl Fixture {
     fn new(services: &str) -> Fixture {
         static N: AtomicU32 = AtomicU32::new(0);
-        let pins = std::env::temp_dir().join(format!(
+        let pins = Pins(std::env::temp_dir().join(format!(
             "canary-fixture-{}-{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
-        ));
+        )));
         let text = format!("[agent]\ninterface = \"lo\"\n{services}");
         let config = Config::parse(&text, std::path::Path::new("fixture.toml")).unwrap();
-        let mut dp = Datapath::load(&pins).expect("loading the datapath (run as root)");
+        let mut dp = Datapath::load(&pins.0).expect("loading the datapath (run as root)");
         for (id, svc) in config.services.iter().enumerate() {
             dp.install(
                 &service_key(svc),
@@ -48,14 +62,14 @@ impl Fixture {
             .unwrap();
         }
         Fixture {
-            dp: Some(dp),
-            pins,
+            dp,
             config,
+            _pins: pins,
         }
     }
 
     fn dp(&mut self) -> &mut Datapath {
-        self.dp.as_mut().unwrap()
+        &mut self.dp
     }
 
     fn set_weight(&mut self, idx: usize, bp: u16) {
@@ -66,7 +80,7 @@ impl Fixture {
     }
 
     fn run(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let fd = self.dp.as_ref().unwrap().program_fd(prog).unwrap();
+        let fd = self.dp.program_fd(prog).unwrap();
         let r = test_run::run(fd.as_fd(), packet, 1).unwrap();
         (r.retval, r.packet)
     }
@@ -81,16 +95,6 @@ impl Fixture {
         let (verdict, out) = self.run(PROG_EGRESS, packet);
         assert_eq!(verdict, TC_ACT_OK, "TC must never drop");
         out
-    }
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        self.dp.take();
-        let c = std::ffi::CString::new(self.pins.to_str().unwrap()).unwrap();
-        // SAFETY: valid path; unmounting our own private bpffs mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.pins);
     }
 }
 
