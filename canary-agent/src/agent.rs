@@ -539,17 +539,15 @@ impl Agent {
         let f = Families::default();
         for svc in &self.services {
             let service = svc.cfg.name.clone();
-            let stats = self.datapath.stats(svc.id)?;
             let signals = self.datapath.signals(svc.id)?;
             for (v, version) in ["stable", "canary"].into_iter().enumerate() {
                 let labels = VersionLabels {
                     service: service.clone(),
                     version: version.into(),
                 };
-                let slots = &stats[v * MAX_GROUP_BACKENDS..(v + 1) * MAX_GROUP_BACKENDS];
                 f.connections
                     .get_or_create(&labels)
-                    .inc_by(slots.iter().map(|s| s.connections).sum());
+                    .inc_by(signals[v].connections);
                 let t = &signals[v].counters;
                 f.requests.get_or_create(&labels).inc_by(t.requests);
                 f.resets.get_or_create(&labels).inc_by(t.resets);
@@ -637,10 +635,8 @@ impl Agent {
         let (id, tcp) = (svc.id, svc.cfg.protocol == crate::config::Protocol::Tcp);
         let custom = svc.custom.clone();
         let signals = self.datapath.signals(id)?;
-        let stats = self.datapath.stats(id)?;
         let counters = |version: usize| {
-            let slots = &stats[version * MAX_GROUP_BACKENDS..(version + 1) * MAX_GROUP_BACKENDS];
-            let conn_new: u64 = slots.iter().map(|s| s.connections).sum();
+            let conn_new = signals[version].connections;
             let t = &signals[version].counters;
             VersionCounters {
                 requests: t.requests,
@@ -669,26 +665,25 @@ impl Agent {
         };
         analyzer.observe(now_s, &stable, &canary);
         let eval = analyzer.evaluate(now_s);
+        let name_of = |o: crate::analysis::Outcome| format!("{o:?}").to_lowercase();
         let changed: Vec<String> = eval
             .verdicts
             .iter()
-            .filter(|v| {
-                let before = svc.verdicts.iter().find(|p| p.metric == v.metric);
-                before.map(|p| p.verdict) != Some(v.verdict)
-            })
-            .map(|v| {
+            .filter_map(|v| {
                 let before = svc
                     .verdicts
                     .iter()
                     .find(|p| p.metric == v.metric)
-                    .map(|p| format!("{:?}", p.verdict).to_lowercase())
-                    .unwrap_or_else(|| "none".into());
-                format!(
-                    "verdict {}: {before} -> {}: {}",
-                    v.metric,
-                    format!("{:?}", v.verdict).to_lowercase(),
-                    v.reason
-                )
+                    .map(|p| p.verdict);
+                (before != Some(v.verdict)).then(|| {
+                    let before = before.map_or("none".into(), name_of);
+                    format!(
+                        "verdict {}: {before} -> {}: {}",
+                        v.metric,
+                        name_of(v.verdict),
+                        v.reason
+                    )
+                })
             })
             .collect();
         svc.verdicts = eval.verdicts.clone();

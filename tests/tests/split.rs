@@ -165,25 +165,20 @@ fn client_ip_stickiness_only_grows_the_canary_set() -> Result<()> {
         }
         Ok(out)
     };
-    let at5 = per_client(&topo.client.enter(|| {
-        banner_connections(
-            target,
-            clients.len() * 8,
-            16,
-            &clients,
-            Duration::from_secs(5),
-        )
-    })?)?;
+    let sample = || {
+        per_client(&topo.client.enter(|| {
+            banner_connections(
+                target,
+                clients.len() * 8,
+                16,
+                &clients,
+                Duration::from_secs(5),
+            )
+        })?)
+    };
+    let at5 = sample()?;
     agent.cli(&["set-weight", "sticky", "20"])?;
-    let at20 = per_client(&topo.client.enter(|| {
-        banner_connections(
-            target,
-            clients.len() * 8,
-            16,
-            &clients,
-            Duration::from_secs(5),
-        )
-    })?)?;
+    let at20 = sample()?;
     let canary5: Vec<_> = at5
         .iter()
         .filter(|(_, v)| *v == "canary")

@@ -16,9 +16,9 @@ use aya::{
 use canary_common::{
     histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
     VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
-    PROG_EGRESS, PROG_INGRESS,
+    MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS,
 };
-pub use encode::{decode_addr, encode_service, service_key};
+pub use encode::{encode_service, service_key};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary.bpf.o"));
@@ -34,6 +34,8 @@ pub struct Datapath {
 /// One version's (stable or canary) application signals, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VersionSignals {
+    /// New connections placed on the version's backends.
+    pub connections: u64,
     pub counters: VersionTelemetry,
     /// Request -> response latency histogram (canary_common::histogram buckets).
     pub latency: Vec<u64>,
@@ -141,7 +143,10 @@ impl Datapath {
     /// Stable (`[0]`) and canary (`[1]`) signals of service `id`, summed over CPUs.
     pub fn signals(&self, id: u32) -> Result<[VersionSignals; 2]> {
         let mut out: [VersionSignals; 2] = Default::default();
+        let stats = self.stats(id)?;
         for (version, sig) in out.iter_mut().enumerate() {
+            let group = &stats[version * MAX_GROUP_BACKENDS..(version + 1) * MAX_GROUP_BACKENDS];
+            sig.connections = group.iter().map(|s| s.connections).sum();
             let index = id * 2 + version as u32;
             for t in self.telemetry.get(&index, 0)?.iter() {
                 let c = &mut sig.counters;
