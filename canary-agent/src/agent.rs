@@ -799,11 +799,19 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     tracing::info!(socket = %socket.display(), "control API listening");
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // SIGUSR2: restart hand-over. The programs stay attached (links pinned in bpffs)
+    // and the next agent takes them over, so there is no gap without a datapath.
+    let mut hand_over = signal(SignalKind::user_defined2())?;
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hand_over.recv() => {
+                agent.lock().map_err(|_| anyhow!("agent state poisoned"))?.datapath.hand_over()?;
+                tracing::info!("handed over: programs stay attached for the next agent");
+                break;
+            }
             _ = tick.tick() => {
                 let (calls, alerts) = {
                     let mut a = agent.lock().map_err(|_| anyhow!("agent state poisoned"))?;
@@ -827,7 +835,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             }
         }
     }
-    tracing::info!("stopping: detaching the datapath (maps and flows stay pinned)");
+    tracing::info!("stopping: releasing the datapath (maps and flows stay pinned)");
     drop(agent);
     let _ = std::fs::remove_file(&socket);
     Ok(())

@@ -112,9 +112,14 @@ impl Agent {
 
     /// SIGTERM, as an orchestrator would send, then wait for a clean exit.
     pub fn stop(&mut self) -> Result<()> {
+        self.signal_and_wait(libc::SIGTERM);
+        Ok(())
+    }
+
+    fn signal_and_wait(&mut self, signal: i32) {
         if let Some(child) = self.child.take() {
             // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.pid() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(child.pid() as i32, signal) };
             for _ in 0..100 {
                 if !Path::new(&format!("/proc/{}", child.pid())).exists()
                     || std::fs::read_to_string(format!("/proc/{}/stat", child.pid()))
@@ -125,12 +130,13 @@ impl Agent {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Ok(())
     }
 
+    /// Restarts the agent the way an upgrade does: SIGUSR2 hands the attached
+    /// programs over (pinned links), and the new agent takes them over.
     pub fn restart(&mut self, node: &NetNs, extra_args: &[&str]) -> Result<()> {
         assert_eq!(node.name(), self.node, "restart in the same node namespace");
-        self.stop()?;
+        self.signal_and_wait(libc::SIGUSR2);
         self.launch(node, extra_args)
     }
 

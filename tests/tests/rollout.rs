@@ -100,6 +100,11 @@ gate = {{ webhook = "http://{NODE_CLIENT_V4}:{WEBHOOK_PORT}/approve" }}
 
     // An agent restart in the middle changes nothing.
     agent.restart(&topo.node, &[])?;
+    ensure!(
+        agent.log().contains("took over"),
+        "no hand-over:\n{}",
+        agent.log()
+    );
     let r = rollout(&agent)?;
     ensure!(
         r["state"] == "awaiting-approval" && r["weight_bp"] == 500,

@@ -7,10 +7,15 @@ pub mod test_run;
 
 use std::{os::fd::AsFd, path::Path};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use canary_common::{
@@ -25,6 +30,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 pub struct Datapath {
     ebpf: Ebpf,
+    bpffs_dir: std::path::PathBuf,
+    /// Attachments per interface, so a hand-over can pin them.
+    links: Vec<(String, XdpLinkId, SchedClassifierLinkId)>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     stats: PerCpuArray<MapData, BackendStats>,
     telemetry: PerCpuArray<MapData, VersionTelemetry>,
@@ -65,6 +73,8 @@ impl Datapath {
         tc.load().context("loading the TC program (verifier)")?;
         Ok(Self {
             ebpf,
+            bpffs_dir: bpffs_dir.to_path_buf(),
+            links: Vec::new(),
             services,
             stats,
             telemetry,
@@ -72,18 +82,60 @@ impl Datapath {
         })
     }
 
+    fn link_pin(&self, kind: &str, iface: &str) -> std::path::PathBuf {
+        self.bpffs_dir.join(format!("link-{kind}-{iface}"))
+    }
+
     /// Attaches ingress (XDP, native mode when the driver supports it) and egress (TC)
-    /// to `iface`. Links live as long as `self`; dropping it detaches.
+    /// to `iface`. Links live as long as `self`; dropping it detaches. Links that a
+    /// previous agent pinned when handing over are taken over instead: the kernel swaps
+    /// the program inside the link atomically, so no packet goes unprocessed.
     pub fn attach(&mut self, iface: &str) -> Result<()> {
+        let (xdp_pin, tc_pin) = (self.link_pin("xdp", iface), self.link_pin("tc", iface));
         let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
-        if let Err(native) = xdp.attach(iface, XdpMode::Driver) {
-            tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
-            xdp.attach(iface, XdpMode::Skb)
-                .with_context(|| format!("attaching XDP to {iface}"))?;
-        }
+        let xdp_id = if xdp_pin.exists() {
+            tracing::info!(%iface, "took over the previous agent's attachments");
+            let link = PinnedLink::from_pin(&xdp_pin)?.unpin()?;
+            xdp.attach_to_link(link.try_into()?)
+                .with_context(|| format!("taking over the XDP link on {iface}"))?
+        } else {
+            match xdp.attach(iface, XdpMode::Driver) {
+                Ok(id) => id,
+                Err(native) => {
+                    tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
+                    xdp.attach(iface, XdpMode::Skb)
+                        .with_context(|| format!("attaching XDP to {iface}"))?
+                }
+            }
+        };
         let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
-        tc.attach(iface, TcAttachType::Egress)
-            .with_context(|| format!("attaching TC egress to {iface}"))?;
+        let tc_id = if tc_pin.exists() {
+            let link = PinnedLink::from_pin(&tc_pin)?.unpin()?;
+            tc.attach_to_link(link.try_into()?)
+                .with_context(|| format!("taking over the TC link on {iface}"))?
+        } else {
+            tc.attach(iface, TcAttachType::Egress)
+                .with_context(|| format!("attaching TC egress to {iface}"))?
+        };
+        if xdp_pin.exists() || tc_pin.exists() {
+            bail!("{iface}: a pinned link was left behind after the take-over");
+        }
+        self.links.push((iface.to_string(), xdp_id, tc_id));
+        Ok(())
+    }
+
+    /// Pins every attachment under bpffs so the programs stay attached after this
+    /// process exits, for the next agent to take over (a restart without a gap).
+    pub fn hand_over(&mut self) -> Result<()> {
+        for (iface, xdp_id, tc_id) in std::mem::take(&mut self.links) {
+            let (xdp_pin, tc_pin) = (self.link_pin("xdp", &iface), self.link_pin("tc", &iface));
+            let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
+            let link: FdLink = xdp.take_link(xdp_id)?.try_into()?;
+            link.pin(&xdp_pin).context("pinning the XDP link")?;
+            let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
+            let link: FdLink = tc.take_link(tc_id)?.try_into()?;
+            link.pin(&tc_pin).context("pinning the TC link")?;
+        }
         Ok(())
     }
 
