@@ -112,6 +112,10 @@ fn failing_metric_fires_with_its_action_and_names_the_numbers() {
         f.detail
     );
     assert!(f.detail.contains("confidence 1.0000"), "{}", f.detail);
+    // The agent prints "{rule}: {detail}": the name must not come twice.
+    assert!(f.detail.starts_with("canary 0.1000"), "{}", f.detail);
+    assert!(!f.detail.contains("error-rate"), "{}", f.detail);
+    assert!(!eval.verdicts[0].reason.contains("error-rate"));
 }
 
 #[test]
@@ -127,16 +131,58 @@ fn stable_without_errors_does_not_shield_a_failing_canary() {
         "{:?}",
         eval.verdicts[0]
     );
-    // No errors on either side: inconclusive with the reason spelled out.
+    // No errors on either side: the ratio cannot be decided, so the canary is compared
+    // with the 1 % error floor — inconclusive with the reason spelled out while its
+    // requests are too few to show it below the floor (400 in 20 s)...
     let mut a = error_rate_only();
-    for t in 0..=60 {
+    for t in 0..=20 {
+        a.observe(t, &steady(t, 180, 0, 20), &steady(t, 20, 0, 20));
+    }
+    let v = &a.evaluate(20).verdicts[0];
+    assert_eq!(v.verdict, Outcome::Inconclusive);
+    assert!(
+        v.reason.contains(
+            "no stable errors to compare against and canary has 0 errors in 20 s window; \
+             canary error rate not yet shown below the 1% floor"
+        ),
+        "{}",
+        v.reason
+    );
+    // ... and a Pass once they are (1200 in 60 s).
+    for t in 21..=60 {
         a.observe(t, &steady(t, 180, 0, 20), &steady(t, 20, 0, 20));
     }
     let v = &a.evaluate(60).verdicts[0];
-    assert_eq!(v.verdict, Outcome::Inconclusive);
-    assert!(v
-        .reason
-        .ends_with("no stable errors to compare against and canary has 0 errors in 60 s window"));
+    assert_eq!(v.verdict, Outcome::Pass, "{v:?}");
+    assert!(
+        v.reason
+            .contains("0 errors in 1200 requests: canary error rate shown below the 1% floor"),
+        "{}",
+        v.reason
+    );
+}
+
+#[test]
+fn rule_detail_names_its_metric_once() {
+    let spike = RollbackRule {
+        name: "error-spike".into(),
+        metric: MetricName::ErrorRate,
+        cmp: Cmp::Gt,
+        factor: 1.5,
+        action: Action::ImmediateRollback,
+    };
+    let mut a = Analyzer::new(vec![], vec![spike], 0.01);
+    for t in 0..=30 {
+        a.observe(t, &steady(t, 180, 100, 20), &steady(t, 20, 5, 20));
+    }
+    let fired = a.evaluate(30).fired;
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let line = format!("{}: {}", fired[0].rule, fired[0].detail);
+    assert!(
+        line.starts_with("error-spike: canary 0.2000 (120/600 requests) vs stable 0.0100 (54/5400) over 30 s, error-rate must be ≤ 1.5 × stable: canary shown beyond the bound"),
+        "{line}"
+    );
+    assert_eq!(line.matches("error-rate").count(), 1, "{line}");
 }
 
 #[test]
@@ -253,5 +299,8 @@ fn invalid_threshold_is_inconclusive_not_a_panic() {
     a.observe(60, &steady(60, 10, 0, 1), &steady(60, 10, 0, 1));
     let v = &a.evaluate(60).verdicts[0];
     assert_eq!(v.verdict, Outcome::Inconclusive);
-    assert!(v.reason.contains("invalid success-rate threshold"));
+    assert_eq!(
+        v.reason,
+        "invalid threshold 1.5: a success fraction is at most 1"
+    );
 }

@@ -8,10 +8,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use canary_agent::analysis::{Analyzer, MetricName};
+use canary_agent::analysis::{Analyzer, MetricName, Outcome, ERROR_FREE_REQUESTS_TO_PASS};
 use common::{
-    par_map, run, seed_analyzer, seed_metrics, seed_rules, Detection, Model, Scenario, Traffic,
-    BASE, SEED_TRAFFIC,
+    par_map, run, seed_analyzer, seed_metrics, seed_rules, Detection, Model, Scenario, Sim,
+    Traffic, BASE, SEED_TRAFFIC,
 };
 
 /// Full-window warm-up before a fault is injected (the longest seed window is 600 s).
@@ -60,6 +60,72 @@ fn aa_false_rollbacks_at_most_one_percent() {
         !by_rule.keys().any(|r| r.starts_with("latency")),
         "{by_rule:?}"
     );
+}
+
+/// Healthy zero-error A/A: both versions answer every request, 150 req/s, 10 % canary,
+/// the seed's `error-rate` (≤ 1.05 × stable over 300 s) and `success-rate` (≥ 0.95 over
+/// 600 s). Stable has no errors to compare against, so `error-rate` passes against the
+/// 1 % error floor once the canary has served [`ERROR_FREE_REQUESTS_TO_PASS`] (497)
+/// requests: 497 / 15 ≈ 33 s of data, plus the first second, whose reading is the
+/// window's baseline. `success-rate` is an absolute floor and needs fewer (~120).
+/// Bound: at 45 s the window holds 44 s of data, 660 canary requests on average, 6.4
+/// standard deviations (√660 ≈ 25.7) above 497, so a run slower than that would mean the
+/// floor test is not working as computed, not bad luck.
+#[test]
+fn aa_zero_errors_passes_within_forty_five_seconds() {
+    const RUNS: usize = 200;
+    const END: u64 = 700;
+    const BOUND_S: u64 = 45;
+    let traffic = Traffic {
+        rate: 150.0,
+        canary_share: 0.1,
+    };
+    let clean = Model { error: 0.0, ..BASE };
+    let metrics: Vec<_> = seed_metrics()
+        .into_iter()
+        .filter(|m| matches!(m.name, MetricName::ErrorRate | MetricName::SuccessRate))
+        .collect();
+    let first_pass = par_map(RUNS, |i| {
+        let mut a = Analyzer::new(metrics.clone(), vec![], 0.01);
+        let mut sim = Sim::new(90_000 + i as u64);
+        let mut passed_at: Option<u64> = None;
+        for t in 1..=END {
+            sim.step(traffic, clean, clean);
+            a.observe(t, &sim.stable, &sim.canary);
+            let eval = a.evaluate(t);
+            assert!(eval.fired.is_empty(), "run {i}, {t} s: {:?}", eval.fired);
+            let all_pass = eval.verdicts.iter().all(|v| v.verdict == Outcome::Pass);
+            match passed_at {
+                // Once shown, it stays shown: the window only gains error-free requests
+                // until it is full, and a full 300 s window holds ~4500.
+                Some(at) => assert!(
+                    all_pass,
+                    "run {i}: passed at {at} s, not at {t} s: {eval:?}"
+                ),
+                None if all_pass => {
+                    let v = &eval.verdicts[0];
+                    assert!(
+                        v.reason
+                            .contains("canary error rate shown below the 1% floor"),
+                        "{}",
+                        v.reason
+                    );
+                    passed_at = Some(t);
+                }
+                None => {}
+            }
+        }
+        passed_at.unwrap_or_else(|| panic!("run {i}: not passed within {END} s"))
+    });
+    let mut sorted = first_pass.clone();
+    sorted.sort_unstable();
+    let (min, median, max) = (sorted[0], sorted[RUNS / 2], sorted[RUNS - 1]);
+    println!(
+        "A/A, 0 % errors, 150 req/s, 10 % canary, error-rate (300 s) + success-rate (600 s), \
+         {RUNS} runs: both Pass after min {min} s, median {median} s, max {max} s \
+         ({ERROR_FREE_REQUESTS_TO_PASS} error-free canary requests needed)"
+    );
+    assert!(max <= BOUND_S, "slowest run passed after {max} s");
 }
 
 #[test]

@@ -14,6 +14,13 @@
 //!   Poisson ones, so for frequent events the test is conservative.
 //! - **Absolute** (canary rate vs a fixed `p0`, e.g. success-rate floor): `e_c ~
 //!   Binomial(n_c, p)`, one-sample test of `p ≤ p0`.
+//! - **Error floor** (a rate ratio whose stable side has too few events, see
+//!   [`Question::Ratio::floor`]): a ratio needs events on both sides, and a healthy
+//!   stable often has none — `0 / 0` can never be shown to be ≤ 1.05. The canary is then
+//!   compared with an absolute rate instead, by the one-sample pass test (`p ≥ floor`
+//!   rejected at the same α): a canary shown below the floor passes. The floor only ever
+//!   yields a Pass; every Fail still comes from the ratio test, so a canary that is bad
+//!   against a zero-error stable fails exactly as without a floor.
 //!
 //! The three outcomes:
 //! - **Fail**: the e-value against "canary within the threshold" reaches `1/α`.
@@ -30,7 +37,9 @@
 //!   keeps start-up verdicts off a handful of events (where a few unlucky ones already
 //!   look extreme and several tests at once add up their α). It
 //!   does not shield a bad canary when stable has no errors: the canary's own events
-//!   count, and 10 of them against none is decisive. Never causes a rollback and never lets progression continue.
+//!   count, and 10 of them against none is decisive. With a floor, a canary shown below
+//!   it passes even when the event minimum is not met. Inconclusive never causes a
+//!   rollback and never lets progression continue.
 
 use super::stats::{ln_mixture_lr, Tail};
 
@@ -66,7 +75,7 @@ impl Worse {
 }
 
 /// `events` out of `trials` for one version over the window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Rate {
     pub events: u64,
     pub trials: u64,
@@ -91,6 +100,10 @@ pub enum Question {
         canary: Rate,
         stable: Rate,
         factor: f64,
+        /// Absolute canary rate in (0, 1) that suffices for a Pass when stable has fewer
+        /// events than [`Needs::min_events`], so that the ratio cannot be decided (see the
+        /// module docs). Only used when higher is worse; never causes a Fail.
+        floor: Option<f64>,
     },
     /// Canary rate against the fixed rate `p0`.
     Absolute { canary: Rate, p0: f64 },
@@ -173,9 +186,18 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
         confidence: 0.0,
         reason,
     };
-    let (canary, stable) = match *q {
-        Question::Ratio { canary, stable, .. } => (canary, Some(stable)),
-        Question::Absolute { canary, .. } => (canary, None),
+    let (canary, stable, floor) = match *q {
+        Question::Ratio {
+            canary,
+            stable,
+            floor,
+            ..
+        } => (
+            canary,
+            Some(stable),
+            floor.filter(|f| worse == Worse::Higher && *f > 0.0 && *f < 1.0),
+        ),
+        Question::Absolute { canary, .. } => (canary, None, None),
     };
     let canary_trials = canary.trials;
     if canary_trials < needs.min_canary {
@@ -184,6 +206,18 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
             needs.trials, needs.min_canary
         ));
     }
+    // When stable has too few events for the ratio, a canary shown below the floor
+    // passes; otherwise `undecided` stands, with the floor's progress appended.
+    let against_floor = |undecided: Decision| match floor {
+        Some(floor) => {
+            floor_pass(canary, floor, level, needs).unwrap_or_else(|progress| Decision {
+                reason: format!("{}; {progress}", undecided.reason),
+                ..undecided
+            })
+        }
+        None => undecided,
+    };
+    let mut sparse_stable = false;
     if let Some(stable) = stable {
         if stable.trials < needs.min_stable {
             return inconclusive(format!(
@@ -192,18 +226,19 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
             ));
         }
         if stable.events == 0 && canary.events == 0 {
-            return inconclusive(format!(
+            return against_floor(inconclusive(format!(
                 "no stable {ev} to compare against and canary has 0 {ev} in {span_s} s window",
                 ev = needs.events
-            ));
+            )));
         }
         let total = stable.events + canary.events;
         if total < needs.min_events {
-            return inconclusive(format!(
+            return against_floor(inconclusive(format!(
                 "only {total} {} in {span_s} s window across both versions, need ≥ {}",
                 needs.events, needs.min_events
-            ));
+            )));
         }
+        sparse_stable = stable.events < needs.min_events;
     }
     let threshold = level.alpha.ln().abs();
     let boundary = q.boundary();
@@ -252,7 +287,7 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
             };
         }
     }
-    Decision {
+    let undecided = Decision {
         outcome: Outcome::Inconclusive,
         confidence: confidence(ln_fail),
         reason: format!(
@@ -261,7 +296,48 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
             ln_strict.exp(),
             1.0 / level.alpha
         ),
+    };
+    if sparse_stable {
+        against_floor(undecided)
+    } else {
+        undecided
     }
+}
+
+/// The one-sample pass test of the canary's event rate against `floor`: a Pass when the
+/// canary is shown below it, else (as `Err`) a note of how far the test has got.
+fn floor_pass(canary: Rate, floor: f64, level: Level, needs: Needs) -> Result<Decision, String> {
+    let ln_e = ln_mixture_lr(canary.events, canary.trials, floor, Tail::Lower);
+    let floor_text = fraction_as_percent(floor);
+    if ln_e >= level.alpha.ln().abs() {
+        Ok(Decision {
+            outcome: Outcome::Pass,
+            confidence: confidence(ln_e),
+            reason: format!(
+                "{} {} in {} {}: canary error rate shown below the {floor_text} floor \
+                 (e-value {:.3e}; stable has too few {} for a ratio)",
+                canary.events,
+                needs.events,
+                canary.trials,
+                needs.trials,
+                ln_e.exp(),
+                needs.events
+            ),
+        })
+    } else {
+        Err(format!(
+            "canary error rate not yet shown below the {floor_text} floor (e-value {:.3}, need {:.0})",
+            ln_e.exp(),
+            1.0 / level.alpha
+        ))
+    }
+}
+
+/// 0.01 → "1%", 0.0025 → "0.25%".
+pub fn fraction_as_percent(fraction: f64) -> String {
+    let text = format!("{:.4}", fraction * 100.0);
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("{text}%")
 }
 
 #[cfg(test)]
@@ -291,6 +367,25 @@ mod tests {
                 trials: ns,
             },
             factor,
+            floor: None,
+        }
+    }
+
+    /// [`ratio`] with the default 1 % error floor.
+    fn floored(ec: u64, nc: u64, es: u64, ns: u64, factor: f64) -> Question {
+        match ratio(ec, nc, es, ns, factor) {
+            Question::Ratio {
+                canary,
+                stable,
+                factor,
+                ..
+            } => Question::Ratio {
+                canary,
+                stable,
+                factor,
+                floor: Some(0.01),
+            },
+            q => q,
         }
     }
 
@@ -429,5 +524,150 @@ mod tests {
             decide(&q(50), Worse::Higher, LEVEL, NEEDS, 600).outcome,
             Outcome::Inconclusive
         );
+    }
+
+    #[test]
+    fn zero_errors_pass_against_the_floor() {
+        use crate::analysis::{DEFAULT_ALPHA, DEFAULT_ERROR_FLOOR, ERROR_FREE_REQUESTS_TO_PASS};
+        let level = Level {
+            alpha: DEFAULT_ALPHA,
+            ..LEVEL
+        };
+        let floor = |nc| Question::Ratio {
+            canary: Rate {
+                events: 0,
+                trials: nc,
+            },
+            stable: Rate {
+                events: 0,
+                trials: 9 * nc,
+            },
+            factor: 1.05,
+            floor: Some(DEFAULT_ERROR_FLOOR),
+        };
+        let first_pass = (20..10_000)
+            .find(|&n| decide(&floor(n), Worse::Higher, level, NEEDS, 300).outcome == Outcome::Pass)
+            .unwrap();
+        assert_eq!(first_pass, ERROR_FREE_REQUESTS_TO_PASS);
+        // The search agrees with the e-value directly.
+        let ln_e = |n| ln_mixture_lr(0, n, DEFAULT_ERROR_FLOOR, Tail::Lower);
+        assert!(ln_e(first_pass) >= 100f64.ln() && ln_e(first_pass - 1) < 100f64.ln());
+        let d = decide(&floor(first_pass - 1), Worse::Higher, level, NEEDS, 300);
+        assert_eq!(d.outcome, Outcome::Inconclusive);
+        assert!(
+            d.reason.starts_with("no stable errors to compare against")
+                && d.reason
+                    .contains("canary error rate not yet shown below the 1% floor"),
+            "{}",
+            d.reason
+        );
+        let d = decide(&floor(612), Worse::Higher, level, NEEDS, 300);
+        assert_eq!(d.outcome, Outcome::Pass);
+        assert!(d.confidence >= 0.99);
+        assert!(
+            d.reason.starts_with(
+                "0 errors in 612 requests: canary error rate shown below the 1% floor (e-value "
+            ),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
+    fn floor_never_fails_and_never_shields_a_bad_canary() {
+        // 9 % canary errors against a clean stable, below the event minimum: the floor
+        // test is one-sided, so this holds rather than passing or failing.
+        let d = decide(
+            &floored(9, 100, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive, "{d:?}");
+        assert!(d.reason.starts_with("only 9 errors"), "{}", d.reason);
+        // Exactly as without a floor: 10 or 30 canary errors against none fail.
+        for errors in [10, 30] {
+            let d = decide(
+                &floored(errors, 600, 0, 5400, 1.05),
+                Worse::Higher,
+                LEVEL,
+                NEEDS,
+                300,
+            );
+            assert_eq!(d.outcome, Outcome::Fail, "{d:?}");
+        }
+        // 2 errors in 600 (0.33 %): too few requests to show it below 1 % yet.
+        let d = decide(
+            &floored(2, 600, 0, 5400, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive, "{d:?}");
+        // A canary above the floor never passes against it, however many requests.
+        let d = decide(
+            &floored(9, 600, 0, 540_000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive, "{d:?}");
+    }
+
+    #[test]
+    fn floor_applies_when_stable_errors_are_too_few_for_the_ratio() {
+        // 8 stable + 2 canary errors: the ratio test can decide neither way, and stable's
+        // 8 errors are below the minimum: 2 errors in 6000 is shown below 1 %.
+        let d = decide(
+            &floored(2, 6000, 8, 54_000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Pass, "{d:?}");
+        assert!(d
+            .reason
+            .starts_with("2 errors in 6000 requests: canary error rate shown below the 1% floor"));
+        let unfloored = decide(
+            &ratio(2, 6000, 8, 54_000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(unfloored.outcome, Outcome::Inconclusive);
+        // With enough stable errors the ratio must decide; the floor is not consulted.
+        let d = decide(
+            &floored(3, 6000, 20, 54_000, 1.05),
+            Worse::Higher,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive, "{d:?}");
+        assert!(d.reason.starts_with("not enough evidence"), "{}", d.reason);
+        assert!(!d.reason.contains("floor"), "{}", d.reason);
+        // Nor when lower is worse (a floor on an error ratio makes no sense there).
+        let d = decide(
+            &floored(0, 6000, 0, 54_000, 1.05),
+            Worse::Lower,
+            LEVEL,
+            NEEDS,
+            300,
+        );
+        assert_eq!(d.outcome, Outcome::Inconclusive, "{d:?}");
+        assert!(!d.reason.contains("floor"), "{}", d.reason);
+    }
+
+    #[test]
+    fn percent_text() {
+        assert_eq!(fraction_as_percent(0.01), "1%");
+        assert_eq!(fraction_as_percent(0.0025), "0.25%");
+        assert_eq!(fraction_as_percent(0.07), "7%");
+        assert_eq!(fraction_as_percent(0.5), "50%");
     }
 }

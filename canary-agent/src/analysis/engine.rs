@@ -34,6 +34,26 @@ pub const DEFAULT_CUSTOM_RULE_WINDOW_S: u64 = 300;
 /// window reaches that; a strict 1.05 would need days of data.
 pub const DEFAULT_PASS_SLACK: f64 = 1.5;
 
+/// Default absolute error rate that a canary passes `error-rate` against when stable has
+/// too few errors for a ratio (see [`super::check`]; set per policy with
+/// `[analysis] error_floor`).
+///
+/// Why 1 %: it is the error budget of a 99 % availability objective, the loosest that
+/// services commonly promise, and five times stricter than the seed's `success-rate ≥
+/// 0.95`. It is resolved quickly: with 0 errors the canary passes after
+/// [`ERROR_FREE_REQUESTS_TO_PASS`] = 497 requests at the default α = 0.01 (the mixture
+/// test needs a little more than the `ln(1/α)/floor ≈ 461` of a fixed-sample bound,
+/// the price of looking every second) — 33 s at 15 canary req/s; a floor of 0.1 % would
+/// need ten times as many. A canary that is worse than a zero-error stable still fails
+/// through the ratio test, which never consults the floor: 10 canary errors against
+/// none are decisive, whatever the floor.
+pub const DEFAULT_ERROR_FLOOR: f64 = 0.01;
+
+/// Error-free canary requests needed to show the canary below [`DEFAULT_ERROR_FLOOR`] at
+/// [`DEFAULT_ALPHA`] (checked by a unit test): the smallest `n` with
+/// `ln_mixture_lr(0, n, 0.01, Lower) ≥ ln 100`.
+pub const ERROR_FREE_REQUESTS_TO_PASS: u64 = 497;
+
 /// Minimum trials per version for rate comparisons: below this a "rate" is a handful of
 /// requests and any verdict would be noise.
 const MIN_TRIALS: u64 = 20;
@@ -49,7 +69,7 @@ const P99: f64 = 0.99;
 
 /// Result of one metric over its window. `canary`/`stable` are the metric's values:
 /// fractions for rates, milliseconds for `latency-p99`, NaN (`null` in JSON) when there is
-/// no data.
+/// no data. `reason` does not repeat the metric's name (it is in `metric`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Verdict {
     pub metric: String,
@@ -66,6 +86,8 @@ pub struct Verdict {
 pub struct Fired {
     pub rule: String,
     pub action: Action,
+    /// The evidence, without the rule's name (callers print `"{rule}: {detail}"`); for a
+    /// rule it names the metric the rule watches.
     pub detail: String,
 }
 
@@ -140,6 +162,7 @@ pub struct Analyzer {
     level: Level,
     rule_window_s: u64,
     custom_rule_window_s: u64,
+    error_floor: f64,
     history: History,
 }
 
@@ -161,6 +184,7 @@ impl Analyzer {
             },
             rule_window_s: DEFAULT_RULE_WINDOW_S,
             custom_rule_window_s: DEFAULT_CUSTOM_RULE_WINDOW_S,
+            error_floor: DEFAULT_ERROR_FLOOR,
             history: History::new(1),
         };
         a.history = History::new(a.longest_window());
@@ -179,6 +203,18 @@ impl Analyzer {
     /// Overrides [`DEFAULT_PASS_SLACK`]; 1.0 allows only strict passes.
     pub fn with_pass_slack(mut self, slack: f64) -> Self {
         self.level.pass_slack = if slack >= 1.0 { slack } else { 1.0 };
+        self
+    }
+
+    /// Overrides [`DEFAULT_ERROR_FLOOR`], the error rate an `error-rate` canary passes
+    /// against while stable has too few errors for a ratio. Values outside (0, 1) fall
+    /// back to the default.
+    pub fn with_error_floor(mut self, floor: f64) -> Self {
+        self.error_floor = if floor > 0.0 && floor < 1.0 {
+            floor
+        } else {
+            DEFAULT_ERROR_FLOOR
+        };
         self
     }
 
@@ -224,12 +260,22 @@ impl Analyzer {
                 },
             };
             let name = metric_name(&m.name);
-            let a = self.assess(&m.name, bound, window_for(m.window_s).as_ref());
+            let floor = (m.name == MetricName::ErrorRate
+                && matches!(
+                    bound,
+                    Bound::Relative {
+                        worse: Worse::Higher,
+                        ..
+                    }
+                ))
+            .then_some(self.error_floor);
+            let win = window_for(m.window_s);
+            let a = self.assess(&m.name, bound, floor, None, win.as_ref());
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: name.to_string(),
                     action: m.on_fail,
-                    detail: fired_detail(name, &a),
+                    detail: fired_detail(&a),
                 });
             }
             eval.verdicts.push(Verdict {
@@ -254,22 +300,34 @@ impl Analyzer {
                 factor: r.factor,
                 worse,
             };
-            let a = self.assess(&r.metric, bound, window_for(window_s).as_ref());
+            let subject = Some(metric_name(&r.metric));
+            let win = window_for(window_s);
+            let a = self.assess(&r.metric, bound, None, subject, win.as_ref());
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: r.name.clone(),
                     action: r.action,
-                    detail: fired_detail(metric_name(&r.metric), &a),
+                    detail: fired_detail(&a),
                 });
             }
         }
         eval
     }
 
-    fn assess(&self, metric: &MetricName, bound: Bound, window: Option<&Window>) -> Assessment {
+    /// `floor`: see [`Question::Ratio`]; `subject` names the metric in the limit text
+    /// (for rules, whose name is not the metric's).
+    fn assess(
+        &self,
+        metric: &MetricName,
+        bound: Bound,
+        floor: Option<f64>,
+        subject: Option<&str>,
+        window: Option<&Window>,
+    ) -> Assessment {
         let Some(w) = window else {
             return unavailable("no observations yet".to_string());
         };
+        let subject = subject.map_or(String::new(), |s| format!("{s} "));
         let limit = match bound {
             Bound::Relative { factor, .. } | Bound::SuccessFloor(factor)
                 if !(factor.is_finite() && factor > 0.0) =>
@@ -277,13 +335,15 @@ impl Analyzer {
                 return unavailable(format!("invalid threshold {factor}"));
             }
             Bound::SuccessFloor(t) if t > 1.0 => {
-                return unavailable(format!("invalid success-rate threshold {t} (> 1)"));
+                return unavailable(format!(
+                    "invalid threshold {t}: a success fraction is at most 1"
+                ));
             }
             Bound::Relative { factor, worse } => {
                 let op = if worse == Worse::Higher { "≤" } else { "≥" };
-                format!("must be {op} {factor} × stable")
+                format!("{subject}must be {op} {factor} × stable")
             }
-            Bound::SuccessFloor(t) => format!("must be ≥ {t}"),
+            Bound::SuccessFloor(t) => format!("{subject}must be ≥ {t}"),
         };
         let span = w.span_s;
         let (factor, worse) = match bound {
@@ -295,14 +355,26 @@ impl Analyzer {
             MetricName::Custom(name) => {
                 let (Some(&c), Some(&s)) = (w.canary.custom.get(name), w.stable.custom.get(name))
                 else {
-                    return unavailable(format!("no data for custom metric {name}"));
+                    return unavailable("no data from the metric's queries yet".to_string());
                 };
                 let needs = needs(MIN_TRIALS, MIN_TRIALS, "trials", "events");
-                self.ratio(rate(c), rate(s), factor, worse, needs, span, &limit)
+                let q = Question::Ratio {
+                    canary: rate(c),
+                    stable: rate(s),
+                    factor,
+                    floor: None,
+                };
+                self.ratio(q, worse, needs, span, &limit)
             }
             MetricName::ErrorRate => {
-                let (c, s, needs) = errors(w);
-                self.ratio(c, s, factor, worse, needs, span, &limit)
+                let (canary, stable, needs) = errors(w);
+                let q = Question::Ratio {
+                    canary,
+                    stable,
+                    factor,
+                    floor,
+                };
+                self.ratio(q, worse, needs, span, &limit)
             }
             MetricName::SuccessRate => {
                 let (c, s, needs) = errors(w);
@@ -314,7 +386,13 @@ impl Analyzer {
                     events: "successes",
                     ..needs
                 };
-                self.ratio(ok(c), ok(s), factor, worse, needs, span, &limit)
+                let q = Question::Ratio {
+                    canary: ok(c),
+                    stable: ok(s),
+                    factor,
+                    floor: None,
+                };
+                self.ratio(q, worse, needs, span, &limit)
             }
         }
     }
@@ -343,22 +421,12 @@ impl Analyzer {
         }
     }
 
-    /// Two-sample rate comparison of canary against `factor` × stable.
-    #[allow(clippy::too_many_arguments)]
-    fn ratio(
-        &self,
-        c: Rate,
-        s: Rate,
-        factor: f64,
-        worse: Worse,
-        needs: Needs,
-        span: u64,
-        limit: &str,
-    ) -> Assessment {
-        let q = Question::Ratio {
-            canary: c,
-            stable: s,
-            factor,
+    /// Two-sample rate comparison of canary against `factor` × stable (`q` is a
+    /// [`Question::Ratio`]).
+    fn ratio(&self, q: Question, worse: Worse, needs: Needs, span: u64, limit: &str) -> Assessment {
+        let (c, s) = match q {
+            Question::Ratio { canary, stable, .. } => (canary, stable),
+            Question::Absolute { canary, .. } => (canary, Rate::default()),
         };
         Assessment {
             decision: decide(&q, worse, self.level, needs, span),
@@ -424,6 +492,7 @@ impl Analyzer {
                 trials: ns,
             },
             factor: 1.0,
+            floor: None,
         };
         let why = format!(
             "canary p99 {} ms vs stable {} ms over {} s, {limit}; {slow_c}/{nc} canary responses ≥ {:.3} ms vs {slow_s}/{ns} stable ≥ {:.3} ms",
@@ -519,10 +588,180 @@ fn fmt_value(v: f64) -> String {
     }
 }
 
-fn fired_detail(metric: &str, a: &Assessment) -> String {
-    format!(
-        "{metric}: {}; confidence {:.4}",
-        a.reason(),
-        a.decision.confidence
-    )
+fn fired_detail(a: &Assessment) -> String {
+    format!("{}; confidence {:.4}", a.reason(), a.decision.confidence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: MetricName, threshold: f64, window_s: u64) -> MetricSpec {
+        MetricSpec {
+            name,
+            threshold,
+            window_s,
+            on_fail: Action::PauseAndAlert,
+            query: None,
+        }
+    }
+
+    /// `secs` seconds at `rps` requests/s, one 5xx every `err_every` (0 = none), and
+    /// `conversions` per mille of requests converting.
+    fn counters(secs: u64, rps: u64, err_every: u64, conversions: u64) -> VersionCounters {
+        let mut c = VersionCounters::zero();
+        let n = secs * rps;
+        let errors = n.checked_div(err_every).unwrap_or(0);
+        c.requests = n;
+        c.responses[1] = n - errors;
+        c.responses[4] = errors;
+        c.custom
+            .insert("conversion-rate".into(), (n * conversions / 1000, n));
+        c
+    }
+
+    /// Feeds `secs` seconds (stable 180 req/s, canary 20 req/s) and evaluates.
+    fn run(a: &mut Analyzer, secs: u64, err_every: (u64, u64), conv: (u64, u64)) -> Evaluation {
+        for t in 0..=secs {
+            a.observe(
+                t,
+                &counters(t, 180, err_every.0, conv.0),
+                &counters(t, 20, err_every.1, conv.1),
+            );
+        }
+        a.evaluate(secs)
+    }
+
+    #[test]
+    fn error_rate_passes_against_the_floor_without_errors() {
+        let error_rate =
+            || Analyzer::new(vec![spec(MetricName::ErrorRate, 1.05, 300)], vec![], 0.01);
+        // 30 s at 20 canary req/s: 600 error-free requests ≥ ERROR_FREE_REQUESTS_TO_PASS.
+        let v = run(&mut error_rate(), 30, (0, 0), (50, 50))
+            .verdicts
+            .remove(0);
+        assert_eq!(v.verdict, Outcome::Pass, "{v:?}");
+        assert!(
+            v.reason
+                .contains("0 errors in 600 requests: canary error rate shown below the 1% floor"),
+            "{}",
+            v.reason
+        );
+        // 20 s = 400 requests: not yet.
+        let v = run(&mut error_rate(), 20, (0, 0), (50, 50))
+            .verdicts
+            .remove(0);
+        assert_eq!(v.verdict, Outcome::Inconclusive, "{v:?}");
+        // A stricter floor needs more requests; out-of-range floors use the default.
+        let v = run(
+            &mut error_rate().with_error_floor(0.001),
+            30,
+            (0, 0),
+            (50, 50),
+        )
+        .verdicts
+        .remove(0);
+        assert_eq!(v.verdict, Outcome::Inconclusive, "{v:?}");
+        assert!(
+            v.reason.contains("not yet shown below the 0.1% floor"),
+            "{}",
+            v.reason
+        );
+        for bad in [0.0, 1.0, -0.5, f64::NAN, f64::INFINITY] {
+            let v = run(
+                &mut error_rate().with_error_floor(bad),
+                30,
+                (0, 0),
+                (50, 50),
+            )
+            .verdicts
+            .remove(0);
+            assert_eq!(v.verdict, Outcome::Pass, "floor {bad}: {v:?}");
+        }
+        // 5 % canary errors against a clean stable still fail (50/1000 in 50 s).
+        let eval = run(&mut error_rate(), 50, (0, 20), (50, 50));
+        assert_eq!(
+            eval.verdicts[0].verdict,
+            Outcome::Fail,
+            "{:?}",
+            eval.verdicts
+        );
+        assert_eq!(eval.fired.len(), 1);
+    }
+
+    #[test]
+    fn success_rate_does_not_stall_without_errors() {
+        let mut a = Analyzer::new(vec![spec(MetricName::SuccessRate, 0.95, 600)], vec![], 0.01);
+        let v = run(&mut a, 30, (0, 0), (50, 50)).verdicts.remove(0);
+        assert_eq!(v.verdict, Outcome::Pass, "{v:?}");
+    }
+
+    #[test]
+    fn reasons_and_details_do_not_repeat_the_name() {
+        let conversion = MetricName::Custom("conversion-rate".into());
+        let rule = RollbackRule {
+            name: "business-impact".into(),
+            metric: conversion.clone(),
+            cmp: Cmp::Lt,
+            factor: 0.9,
+            action: Action::PauseAndAlert,
+        };
+        let mut a = Analyzer::new(vec![spec(conversion, 0.9, 300)], vec![rule], 0.01)
+            .with_rule_windows_s(30, 300);
+        // Canary converts 2.5 %, stable 5 %.
+        let eval = run(&mut a, 300, (100, 100), (50, 25));
+        assert_eq!(eval.verdicts[0].verdict, Outcome::Fail);
+        let v = &eval.verdicts[0];
+        assert!(!v.reason.contains("conversion-rate"), "{}", v.reason);
+        assert!(
+            v.reason.starts_with("canary 0.0250 (150/6000 trials)"),
+            "{}",
+            v.reason
+        );
+        let [metric, rule] = &eval.fired[..] else {
+            panic!("{:?}", eval.fired)
+        };
+        assert_eq!(metric.rule, "conversion-rate");
+        assert!(
+            metric.detail.starts_with("canary 0.0250"),
+            "{}",
+            metric.detail
+        );
+        assert!(
+            !metric.detail.contains("conversion-rate"),
+            "{}",
+            metric.detail
+        );
+        // A rule's name is not its metric's: the detail names the metric, not first.
+        assert_eq!(rule.rule, "business-impact");
+        assert!(rule.detail.starts_with("canary 0.0250"), "{}", rule.detail);
+        assert!(
+            rule.detail
+                .contains("conversion-rate must be ≥ 0.9 × stable"),
+            "{}",
+            rule.detail
+        );
+        // What the agent prints.
+        let line = format!("{}: {}", metric.rule, metric.detail);
+        assert_eq!(line.matches("conversion-rate").count(), 1, "{line}");
+
+        // Hold reasons: "inconclusive: NAME: reason" with the name once.
+        let mut a = Analyzer::new(
+            vec![
+                spec(MetricName::ErrorRate, 1.05, 300),
+                spec(MetricName::Custom("signups".into()), 0.9, 300),
+            ],
+            vec![],
+            0.01,
+        );
+        let eval = run(&mut a, 10, (0, 0), (50, 50));
+        let hold = hold_reason(&eval).unwrap();
+        assert_eq!(
+            hold,
+            "inconclusive: error-rate: canary 0.0000 (0/200 requests) vs stable 0.0000 (0/1800) \
+             over 10 s, must be ≤ 1.05 × stable: no stable errors to compare against and canary \
+             has 0 errors in 10 s window; canary error rate not yet shown below the 1% floor \
+             (e-value 5.977, need 100); signups: no data from the metric's queries yet"
+        );
+    }
 }

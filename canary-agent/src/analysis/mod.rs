@@ -11,7 +11,10 @@
 //! `∫ L(π)/L(π0) dG(π)` with a uniform prior on the alternative side (see [`stats`]). A
 //! ratio of rates (canary vs `t` × stable) is made binomial by conditioning on the total
 //! number of events; a p99 comparison is turned into a ratio of tail fractions; an
-//! absolute floor is a one-sample test (see [`check`]).
+//! absolute floor is a one-sample test (see [`check`]). When stable has too few errors
+//! for an error-rate ratio (a healthy stable often has none), the canary passes once it
+//! is shown below the policy's absolute error floor ([`DEFAULT_ERROR_FLOOR`]) instead of
+//! holding forever; failing still takes the ratio test.
 //!
 //! Why anytime-valid: the test is looked at every second, forever. A fixed-horizon test
 //! repeated at each look would eventually raise a false alarm with certainty; an e-value
@@ -40,7 +43,8 @@ pub mod window;
 pub use check::Outcome;
 pub use engine::{
     hold_reason, metric_name, Analyzer, Evaluation, Fired, Verdict, DEFAULT_ALPHA,
-    DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_PASS_SLACK, DEFAULT_RULE_WINDOW_S,
+    DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_ERROR_FLOOR, DEFAULT_PASS_SLACK, DEFAULT_RULE_WINDOW_S,
+    ERROR_FREE_REQUESTS_TO_PASS,
 };
 pub use spec::{Action, Cmp, CustomQuery, MetricName, MetricSpec, RollbackRule, WeightBp};
 pub use window::{History, VersionCounters, Window};
