@@ -24,6 +24,12 @@ pub fn rewrite_destination(
     addr: &[u32; 4],
     port: u16,
 ) -> Option<()> {
+    // XDP sees the whole frame: an IP packet that runs past its end was cut short, and
+    // one without a length is malformed on the wire (BIG TCP exists only inside the
+    // stack). The kernel drops both; they pass as they came.
+    if pkt.ip_end == 0 || data + pkt.ip_end > end {
+        return None;
+    }
     let l4_check = field::<u16>(data, end, pkt.l4_check_off())?;
     let dport = field::<u16>(data, end, pkt.l4_off + 2)?;
     // SAFETY: every pointer was bounds-checked above or below before it is written.

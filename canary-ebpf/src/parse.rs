@@ -1,6 +1,12 @@
 //! Header parsing shared by both directions. It only accepts what the datapath can
 //! rewrite safely (plain Ethernet, IPv4 without options or fragments, IPv6 with TCP or
-//! UDP as the first header); everything else is reported as "not ours" and passes.
+//! UDP as the first header, lengths that agree with each other: the IP length holds
+//! the L4 header, the TCP data offset lies within 5..=segment, the UDP length within
+//! 8..=IP payload); everything else is reported as "not ours" and passes.
+//!
+//! Whether the frame holds the whole IP packet (`Packet::ip_end`) is left to the
+//! caller: at XDP the frame ends at `data_end`, at TC `data_end` only ends the linear
+//! part of the skb and the packet may go on in fragments.
 
 use canary_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
@@ -32,6 +38,10 @@ pub struct Packet {
     pub l4_off: usize,
     /// Where the L4 payload starts.
     pub payload_off: usize,
+    /// Where the IP packet ends as its header claims (offset in the frame), or 0 when
+    /// the length field is 0: the kernel's BIG TCP packets (over 64 KiB) carry no
+    /// length and take it from the skb.
+    pub ip_end: usize,
 }
 
 impl Packet {
@@ -67,7 +77,9 @@ fn read<T: Copy>(data: usize, end: usize, off: usize) -> Option<T> {
 #[inline(always)]
 pub fn parse(data: usize, end: usize) -> Option<Packet> {
     let ethertype = u16::from_be(read::<u16>(data, end, 12)?);
-    let (family, proto, src, dst, l4_off) = match ethertype {
+    // `len` is the IP length field, `counted` the header bytes it includes and `base`
+    // the frame offset it counts from.
+    let (family, proto, src, dst, l4_off, len, counted, base) = match ethertype {
         ETH_P_IP => {
             let ver_ihl: u8 = read(data, end, ETH_LEN)?;
             // IHL other than 5 means IP options: not rewritten, passes untouched.
@@ -82,12 +94,16 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
             let proto: u8 = read(data, end, ETH_LEN + 9)?;
             let src: u32 = read(data, end, IP_SRC_OFF_V4)?;
             let dst: u32 = read(data, end, IP_DST_OFF_V4)?;
+            let total = u16::from_be(read::<u16>(data, end, ETH_LEN + 2)?) as usize;
             (
                 FAMILY_V4,
                 proto,
                 [src, 0, 0, 0],
                 [dst, 0, 0, 0],
                 ETH_LEN + IPV4_LEN,
+                total,
+                IPV4_LEN,
+                ETH_LEN,
             )
         }
         ETH_P_IPV6 => {
@@ -98,9 +114,32 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
             let proto: u8 = read(data, end, ETH_LEN + 6)?;
             let src: [u32; 4] = read(data, end, IP_SRC_OFF_V6)?;
             let dst: [u32; 4] = read(data, end, IP_DST_OFF_V6)?;
-            (FAMILY_V6, proto, src, dst, ETH_LEN + IPV6_LEN)
+            let payload = u16::from_be(read::<u16>(data, end, ETH_LEN + 4)?) as usize;
+            (
+                FAMILY_V6,
+                proto,
+                src,
+                dst,
+                ETH_LEN + IPV6_LEN,
+                payload,
+                0,
+                ETH_LEN + IPV6_LEN,
+            )
         }
         _ => return None,
+    };
+    let l4_min = match proto {
+        PROTO_TCP => TCP_MIN_LEN,
+        PROTO_UDP => UDP_LEN,
+        _ => return None,
+    };
+    // An IP length that cannot even hold the L4 header: not a packet to rewrite.
+    let ip_end = if len == 0 {
+        0
+    } else if len < counted + l4_min {
+        return None;
+    } else {
+        base + len
     };
     let ports: [u16; 2] = match proto {
         PROTO_TCP => {
@@ -115,12 +154,23 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
     };
     let (tcp_flags, seq, payload_off) = if proto == PROTO_TCP {
         let doff = (read::<u8>(data, end, l4_off + 12)? >> 4) as usize;
+        // A data offset below the fixed header or past the segment: the payload (and
+        // the telemetry read from it) would start in the wrong place.
+        if doff < 5 || (ip_end != 0 && l4_off + doff * 4 > ip_end) {
+            return None;
+        }
         (
             read::<u8>(data, end, l4_off + 13)?,
             read::<u32>(data, end, l4_off + 4)?,
             l4_off + doff * 4,
         )
     } else {
+        if ip_end != 0 {
+            let udp_len = u16::from_be(read::<u16>(data, end, l4_off + 4)?) as usize;
+            if udp_len < UDP_LEN || l4_off + udp_len > ip_end {
+                return None;
+            }
+        }
         (0, 0, l4_off + UDP_LEN)
     };
     Some(Packet {
@@ -134,5 +184,6 @@ pub fn parse(data: usize, end: usize) -> Option<Packet> {
         seq,
         l4_off,
         payload_off,
+        ip_end,
     })
 }
