@@ -1,8 +1,9 @@
 use std::path::{Path, PathBuf};
 
+use canary_agent::analysis::DEFAULT_ERROR_FLOOR;
 use canary_agent::policy::{
-    load_policy, parse_scheme, parse_toml, Action, Cmp, CustomQuery, Gate, MetricName, Policy,
-    PolicyError, PolicyErrorKind, Step,
+    load_policy, parse_scheme, parse_toml, Action, AnalysisSettings, Cmp, CustomQuery, Gate,
+    MetricName, OnRollback, Policy, PolicyError, PolicyErrorKind, Step, DEFAULT_MAX_HOLD_S,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -33,6 +34,15 @@ fn seed_scheme_and_toml_are_equal() {
         ]
     );
     assert_eq!(scm.initial_split, Some(500));
+    assert_eq!(
+        scm.analysis,
+        AnalysisSettings {
+            error_floor: DEFAULT_ERROR_FLOOR,
+            max_hold_s: DEFAULT_MAX_HOLD_S,
+        }
+    );
+    assert_eq!((DEFAULT_ERROR_FLOOR, DEFAULT_MAX_HOLD_S), (0.01, 1800));
+    assert_eq!(scm.on_rollback, OnRollback::Drain);
     assert_eq!(scm.stages, Policy::default_stages());
     let names: Vec<&str> = scm.stages.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
@@ -135,6 +145,105 @@ fn policy_round_trips_through_json() {
 }
 
 #[test]
+fn settings_scheme_and_toml_are_equal() {
+    let scm = load("settings.scm");
+    assert_eq!(scm, load("settings.toml"));
+    assert_eq!(
+        scm.analysis,
+        AnalysisSettings {
+            error_floor: 0.005,
+            max_hold_s: 2700,
+        }
+    );
+    assert_eq!(scm.on_rollback, OnRollback::Keep);
+    let plan = scm.render_plan();
+    for expected in [
+        "Analysis: error floor 0.5% (error-rate passes below it while stable has too few errors to compare), alert when analysis holds a step for 45m\n",
+        "On rollback: keep the canary's open connections until they close",
+    ] {
+        assert!(plan.contains(expected), "missing {expected:?} in\n{plan}");
+    }
+    assert_eq!(plan, load("settings.toml").render_plan());
+}
+
+#[test]
+fn settings_forms_and_defaults() {
+    // Each setting alone; the others keep their defaults. Durations as elsewhere.
+    let toml = |extra: &str| parse_toml(&format!("{STEPS_TOML}{extra}"), "s.toml").unwrap();
+    let scm = |extra: &str| parse_scheme(&format!("{STEPS_SCM}{extra}"), "s.scm").unwrap();
+    let never = AnalysisSettings {
+        max_hold_s: 0,
+        ..AnalysisSettings::default()
+    };
+    for p in [
+        toml("[analysis]\nmax_hold = 0\n"),
+        toml("[analysis]\nmax_hold = \"0s\"\n"),
+        scm("(define-analysis '((max-hold . 0)))"),
+        scm("(define-analysis '((max-hold . \"0m\")))"),
+    ] {
+        assert_eq!(p.analysis, never);
+        assert_eq!(p.on_rollback, OnRollback::Drain);
+        assert!(p
+            .render_plan()
+            .contains("error floor 1% (error-rate passes below it while stable has too few errors to compare), never alert while analysis holds a step\n"));
+    }
+    let hour = AnalysisSettings {
+        max_hold_s: 3600,
+        ..AnalysisSettings::default()
+    };
+    assert_eq!(toml("[analysis]\nmax_hold = \"1h\"\n").analysis, hour);
+    assert_eq!(
+        scm("(define-analysis '((max-hold . \"1h\")))").analysis,
+        hour
+    );
+    let floor = AnalysisSettings {
+        error_floor: 0.02,
+        ..AnalysisSettings::default()
+    };
+    assert_eq!(toml("[analysis]\nerror_floor = 0.02\n").analysis, floor);
+    assert_eq!(
+        scm("(define-analysis '((error-floor . 0.02)))").analysis,
+        floor
+    );
+    // Empty tables and forms are allowed and change nothing.
+    assert_eq!(toml("[analysis]\n[rollback]\n"), toml(""));
+    assert_eq!(scm("(define-analysis '()) (define-rollback '())"), scm(""));
+    assert_eq!(
+        toml("[rollback]\nconnections = \"drain\"\n").on_rollback,
+        OnRollback::Drain
+    );
+    assert_eq!(
+        scm("(define-rollback '((connections . keep)))").on_rollback,
+        OnRollback::Keep
+    );
+    assert!(toml("").render_plan().contains(
+        "On rollback: drain the canary's open connections (closed at request boundaries)\n"
+    ));
+}
+
+#[test]
+fn policy_saved_without_settings_reads_with_defaults() {
+    // A policy as an older agent saved it inside rollout state: no analysis or
+    // on_rollback keys.
+    let policy = load("seed.toml");
+    let mut json = serde_json::to_value(&policy).unwrap();
+    let object = json.as_object_mut().unwrap();
+    assert!(object.remove("analysis").is_some());
+    assert!(object.remove("on_rollback").is_some());
+    let old: Policy = serde_json::from_value(json).unwrap();
+    assert_eq!(old, policy);
+    // And the new keys round-trip.
+    let keep = load("settings.scm");
+    let json = serde_json::to_string(&keep).unwrap();
+    assert!(json.contains(r#""on_rollback":"keep""#), "{json}");
+    assert!(
+        json.contains(r#""analysis":{"error_floor":0.005,"max_hold_s":2700}"#),
+        "{json}"
+    );
+    assert_eq!(serde_json::from_str::<Policy>(&json).unwrap(), keep);
+}
+
+#[test]
 fn plan_lists_steps_stages_metrics_and_rules() {
     let plan = load("gated.toml").render_plan();
     for expected in [
@@ -158,6 +267,8 @@ fn plan_lists_steps_stages_metrics_and_rules() {
         "events: sum(rate(checkout_completed_total",
         "business-impact        conversion-rate < baseline * 0.9 -> pause-and-alert",
         "latency-degradation    latency-p99 > baseline * 2 -> immediate-rollback",
+        "Analysis: error floor 1% (error-rate passes below it while stable has too few errors to compare), alert when analysis holds a step for 30m\n",
+        "On rollback: drain the canary's open connections (closed at request boundaries)\n",
     ] {
         assert!(plan.contains(expected), "missing {expected:?} in\n{plan}");
     }
@@ -301,6 +412,144 @@ fn toml_errors_are_located() {
         bad("[split]\ncanary = 5\nstable = 90\n"),
         1,
         &["[split]", "add up to 100 %"],
+    );
+    assert_error(
+        bad(&format!(
+            "{STEPS_TOML}[[metric]]\nname = \"success-rate\"\nthreshold = 1.0\nwindow = 60\n"
+        )),
+        8,
+        &[
+            "[[metric]] #1",
+            "success-rate threshold 1 is a fraction and must be below 1",
+        ],
+    );
+}
+
+#[test]
+fn toml_setting_errors_are_located() {
+    let bad = |extra: &str| parse_toml(&format!("{STEPS_TOML}{extra}"), "bad.toml");
+    for (value, reason) in [
+        ("1.5", "error floor 1.5 must be a fraction between 0 and 1"),
+        ("0", "error floor 0 must be a fraction between 0 and 1"),
+        ("1", "error floor 1 must be a fraction between 0 and 1"),
+        (
+            "-0.01",
+            "error floor -0.01 must be a fraction between 0 and 1",
+        ),
+        ("nan", "error floor NaN must be a fraction between 0 and 1"),
+        ("\"1%\"", "expected a fraction between 0 and 1"),
+    ] {
+        assert_error(
+            bad(&format!("[analysis]\nerror_floor = {value}\n")),
+            9,
+            &["bad.toml:9: [analysis] error_floor:", reason],
+        );
+    }
+    assert_error(
+        bad("[analysis]\nmax_hold = \"30 minutes\"\n"),
+        9,
+        &[
+            "bad.toml:9: [analysis] max_hold:",
+            "bad duration `30 minutes`",
+        ],
+    );
+    assert_error(
+        bad("[analysis]\nmax_hold = -5\n"),
+        9,
+        &["[analysis] max_hold", "duration -5 is negative"],
+    );
+    assert_error(
+        bad("[analysis]\nerror_floor = 0.01\nerror-floor = 0.02\n"),
+        10,
+        &[
+            "bad.toml:10: [analysis] error-floor:",
+            "unknown field `error-floor`",
+        ],
+    );
+    assert_error(
+        bad("[rollback]\nconnections = \"reset\"\n"),
+        9,
+        &[
+            "bad.toml:9: [rollback] connections:",
+            "unknown variant `reset`, expected `drain` or `keep`",
+        ],
+    );
+    assert_error(
+        bad("[rollback]\nconnections = \"drain\"\nmode = \"keep\"\n"),
+        10,
+        &["[rollback] mode", "unknown field `mode`"],
+    );
+    assert_error(
+        bad("[analysis]\nmax_hold = 60\n[analysis]\nerror_floor = 0.1\n"),
+        10,
+        &["bad.toml:10:", "[analysis]", "duplicate"],
+    );
+}
+
+#[test]
+fn scheme_setting_errors_are_located() {
+    let bad = |extra: &str| parse_scheme(&format!("{STEPS_SCM}{extra}"), "bad.scm");
+    assert_error(
+        bad("(define-analysis\n  '((max-hold . 60)\n    (error-floor . 1.5)))\n"),
+        4,
+        &[
+            "bad.scm:4: define-analysis error-floor:",
+            "error floor 1.5 must be a fraction between 0 and 1",
+        ],
+    );
+    assert_error(
+        bad("(define-analysis '((error-floor . \"1%\")))\n"),
+        2,
+        &[
+            "define-analysis error-floor",
+            "expected a number, found \"1%\"",
+        ],
+    );
+    assert_error(
+        bad("(define-analysis\n  '((max-hold . \"30 minutes\")))\n"),
+        3,
+        &[
+            "bad.scm:3: define-analysis max-hold:",
+            "bad duration `30 minutes`",
+        ],
+    );
+    assert_error(
+        bad("(define-analysis\n  '((max-hold . -5)))\n"),
+        3,
+        &[
+            "define-analysis max-hold",
+            "duration -5 must be whole seconds",
+        ],
+    );
+    assert_error(
+        bad("(define-analysis\n  '((error_floor . 0.01)))\n"),
+        3,
+        &["bad.scm:3: define-analysis:", "unknown key `error_floor`"],
+    );
+    assert_error(
+        bad("(define-rollback\n  '((connections . reset)))\n"),
+        3,
+        &[
+            "bad.scm:3: define-rollback connections:",
+            "unknown connections `reset` (expected drain or keep)",
+        ],
+    );
+    assert_error(
+        bad(
+            "(define-rollback '((connections . drain)\n                   (connections . keep)))\n",
+        ),
+        3,
+        &["define-rollback", "`connections` given twice"],
+    );
+    assert_error(
+        bad("(define-rollback '((connections . drain)))\n(define-rollback '((connections . keep)))\n"),
+        3,
+        &["bad.scm:3: define-rollback:", "given twice"],
+    );
+    assert_error(
+        bad("(define-rollback connections)\n"),
+        2,
+        &["define-rollback", "one quoted list"],
     );
 }
 

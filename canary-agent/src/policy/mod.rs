@@ -1,6 +1,7 @@
 //! Rollout policy: the progression of canary weights, the stages that group
 //! them (with optional approval gates), the metrics the analysis watches and
-//! the rollback rules. Two file formats (TOML and Scheme s-expressions) parse
+//! the rollback rules, plus analysis settings (error floor, max hold) and what a
+//! rollback does to open canary connections. Two file formats (TOML and Scheme s-expressions) parse
 //! into the same [`Policy`]; both go through one validation pass (`Draft`)
 //! so they cannot drift apart in meaning.
 
@@ -36,6 +37,82 @@ pub struct Policy {
     /// has no progression it becomes the single step at offset 0; otherwise
     /// the progression sets the weights and the split is informational.
     pub initial_split: Option<WeightBp>,
+    /// `[analysis]` / `define-analysis`. Defaulted when absent, also when reading a
+    /// policy saved (inside rollout state) by an agent that did not know it.
+    #[serde(default)]
+    pub analysis: AnalysisSettings,
+    /// `[rollback] connections` / `define-rollback`; defaulted like `analysis`.
+    #[serde(default)]
+    pub on_rollback: OnRollback,
+}
+
+/// Default of [`AnalysisSettings::max_hold_s`]: 30 minutes, longer than any
+/// seed window (10 min) with room for a slow ramp of traffic, short enough
+/// that a rollout stuck on inconclusive analysis is noticed within a shift.
+pub const DEFAULT_MAX_HOLD_S: u64 = 1_800;
+
+/// Analysis settings of a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AnalysisSettings {
+    /// Absolute error rate, a fraction in (0, 1), below which a canary passes
+    /// `error-rate` while stable has too few errors to compare against (see
+    /// [`crate::analysis::DEFAULT_ERROR_FLOOR`]).
+    pub error_floor: f64,
+    /// seconds; 0 = never alert. How long inconclusive analysis may hold a
+    /// due step before an alert is raised (the hold goes on).
+    pub max_hold_s: u64,
+}
+
+impl Default for AnalysisSettings {
+    fn default() -> Self {
+        Self {
+            error_floor: crate::analysis::DEFAULT_ERROR_FLOOR,
+            max_hold_s: DEFAULT_MAX_HOLD_S,
+        }
+    }
+}
+
+/// What a rollback does to the canary connections already open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRollback {
+    /// Close them at request boundaries, so their next request goes to stable.
+    #[default]
+    Drain,
+    /// Leave them on the canary until they close; only new connections go to
+    /// stable.
+    Keep,
+}
+
+impl OnRollback {
+    fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "drain" => Ok(Self::Drain),
+            "keep" => Ok(Self::Keep),
+            other => Err(format!(
+                "unknown connections `{other}` (expected drain or keep)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Keep => "keep",
+        }
+    }
+}
+
+/// An error floor must be a fraction strictly between 0 and 1.
+pub(crate) fn check_error_floor(value: f64) -> Result<f64, String> {
+    if value > 0.0 && value < 1.0 {
+        Ok(value)
+    } else {
+        Err(format!(
+            "error floor {value} must be a fraction between 0 and 1 (exclusive), e.g. 0.01 for 1 %"
+        ))
+    }
 }
 
 /// One point of the progression; `at_s` is the offset from rollout start.
@@ -325,6 +402,8 @@ pub(crate) struct Draft {
     pub stages: Option<Vec<Sourced<Stage>>>,
     pub metrics: Vec<Sourced<MetricSpec>>,
     pub rules: Vec<Sourced<RollbackRule>>,
+    pub analysis: AnalysisSettings,
+    pub on_rollback: OnRollback,
 }
 
 impl Draft {
@@ -336,6 +415,8 @@ impl Draft {
             stages: None,
             metrics: Vec::new(),
             rules: Vec::new(),
+            analysis: AnalysisSettings::default(),
+            on_rollback: OnRollback::default(),
         }
     }
 
@@ -359,6 +440,8 @@ impl Draft {
             metrics: self.metrics.iter().map(|m| m.item.clone()).collect(),
             rules: self.rules.iter().map(|r| r.item.clone()).collect(),
             initial_split: self.split,
+            analysis: self.analysis,
+            on_rollback: self.on_rollback,
         };
         for (i, step) in self.steps.iter().enumerate() {
             if policy.stage_index(step.item.weight_bp).is_none() {
@@ -484,9 +567,11 @@ impl Draft {
                     m.threshold
                 ));
             }
-            if m.name == MetricName::SuccessRate && m.threshold > 1.0 {
+            if m.name == MetricName::SuccessRate && m.threshold >= 1.0 {
                 return fail(format!(
-                    "success-rate threshold {} is a fraction and must be at most 1",
+                    "success-rate threshold {} is a fraction and must be below 1 (no finite \
+                     number of requests shows a success rate of 1, so the rollout would hold \
+                     forever)",
                     m.threshold
                 ));
             }

@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use super::{Gate, MetricName, Policy, Stage, WeightBp, FULL_BP};
+use super::{Gate, MetricName, OnRollback, Policy, Stage, WeightBp, FULL_BP};
+use crate::analysis::check::fraction_as_percent;
 
 /// "12.5%", "0.01%", "100%": exact, no trailing zeros.
 pub fn percent(bp: WeightBp) -> String {
@@ -48,7 +49,8 @@ fn gate_text(gate: &Gate) -> String {
 
 impl Policy {
     /// A plan an operator can read before starting: every step with its time,
-    /// weight, stage and gate, then stages, metrics and rules.
+    /// weight, stage and gate, then stages, metrics, rules, analysis settings and
+    /// what a rollback does to open connections.
     pub fn render_plan(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "Progression ({} steps):", self.steps.len());
@@ -131,6 +133,25 @@ impl Policy {
                 r.action.as_str()
             );
         }
+        let a = &self.analysis;
+        let hold = match a.max_hold_s {
+            0 => "never alert while analysis holds a step".to_string(),
+            s => format!("alert when analysis holds a step for {}", duration(s)),
+        };
+        let _ = writeln!(
+            out,
+            "Analysis: error floor {} (error-rate passes below it while stable has too few \
+             errors to compare), {hold}",
+            fraction_as_percent(a.error_floor)
+        );
+        let _ = writeln!(
+            out,
+            "On rollback: {}",
+            match self.on_rollback {
+                OnRollback::Drain => "drain the canary's open connections (closed at request boundaries)",
+                OnRollback::Keep => "keep the canary's open connections until they close (only new ones go to stable)",
+            }
+        );
         out
     }
 }

@@ -13,23 +13,27 @@
 //! (define-canary-metrics
 //!   '((conversion-rate (threshold . 0.9) (window . 600) (on-fail . pause-and-alert)
 //!                      (events . "...{version}...") (trials . "...{version}..."))))
+//! (define-analysis '((error-floor . 0.01) (max-hold . 1800)))  ; or "30m"; 0 = never
+//! (define-rollback '((connections . drain)))                  ; or keep
 //! ```
 
 use lexpr::datum::Ref;
 use lexpr::Value;
 
 use super::{
-    percent_float_to_bp, percent_int_to_bp, Action, Cmp, CustomQuery, Draft, Gate, MetricName,
-    MetricSpec, Policy, PolicyError, PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step,
-    WeightBp, FULL_BP,
+    check_error_floor, percent_float_to_bp, percent_int_to_bp, Action, AnalysisSettings, Cmp,
+    CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
+    PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step, WeightBp, FULL_BP,
 };
 
-const FORMS: [&str; 5] = [
+const FORMS: [&str; 7] = [
     "define-canary-split",
     "define-progression",
     "define-stages",
     "define-canary-metrics",
     "define-rollback-rules",
+    "define-analysis",
+    "define-rollback",
 ];
 
 /// Forms from the design that describe capabilities not built yet: they are
@@ -150,9 +154,42 @@ impl Reader<'_> {
             "define-progression" => draft.steps = self.progression(data)?,
             "define-stages" => draft.stages = Some(self.stages(data)?),
             "define-canary-metrics" => draft.metrics = self.metrics(data)?,
-            _ => draft.rules = self.rules(data)?,
+            "define-rollback-rules" => draft.rules = self.rules(data)?,
+            "define-analysis" => draft.analysis = self.analysis(data)?,
+            _ => draft.on_rollback = self.on_rollback(data)?,
         }
         Ok(())
+    }
+
+    fn analysis(&self, data: Ref<'_>) -> Result<AnalysisSettings, PolicyError> {
+        let ctx = "define-analysis";
+        let mut props = self.props(data, ctx)?;
+        let mut settings = AnalysisSettings::default();
+        if let Some(v) = props.take("error-floor") {
+            let here = format!("{ctx} error-floor");
+            settings.error_floor =
+                check_error_floor(self.number(v, &here)?).map_err(|r| self.err(v, &here, r))?;
+        }
+        if let Some(v) = props.take("max-hold") {
+            settings.max_hold_s = self.seconds(v, &format!("{ctx} max-hold"))?;
+        }
+        self.done(props, ctx)?;
+        Ok(settings)
+    }
+
+    fn on_rollback(&self, data: Ref<'_>) -> Result<OnRollback, PolicyError> {
+        let ctx = "define-rollback";
+        let mut props = self.props(data, ctx)?;
+        let mut on_rollback = OnRollback::default();
+        if let Some(v) = props.take("connections") {
+            let name = v
+                .as_symbol()
+                .map_or_else(|| v.value().to_string(), str::to_string);
+            on_rollback = OnRollback::parse(&name)
+                .map_err(|r| self.err(v, &format!("{ctx} connections"), r))?;
+        }
+        self.done(props, ctx)?;
+        Ok(on_rollback)
     }
 
     fn split(&self, data: Ref<'_>) -> Result<WeightBp, PolicyError> {

@@ -31,6 +31,13 @@
 //! name = "error-spike"
 //! when = "error-rate > baseline * 1.5"
 //! action = "immediate-rollback" # or pause-and-alert
+//!
+//! [analysis]
+//! error_floor = 0.01            # fraction in (0, 1); default 0.01
+//! max_hold = "30m"              # alert after holding this long; 0 = never
+//!
+//! [rollback]
+//! connections = "drain"         # or "keep"; default drain
 //! ```
 
 use std::fmt;
@@ -41,9 +48,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp, Action, CustomQuery,
-    Draft, Gate, MetricName, MetricSpec, Policy, PolicyError, PolicyErrorKind, RollbackRule, Site,
-    Sourced, Stage, Step, WeightBp, FULL_BP,
+    check_error_floor, parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp,
+    Action, CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
+    PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step, WeightBp, FULL_BP,
 };
 
 #[derive(Deserialize)]
@@ -57,6 +64,21 @@ struct RawPolicy {
     metric: Vec<Spanned<RawMetric>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    analysis: Option<RawAnalysis>,
+    rollback: Option<RawRollback>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    error_floor: Option<Fraction>,
+    max_hold: Option<Seconds>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollback {
+    connections: Option<OnRollback>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +153,28 @@ impl<'de> Deserialize<'de> for Percent {
     }
 }
 
+/// A fraction strictly between 0 and 1 (an error floor).
+struct Fraction(f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Fraction;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a fraction between 0 and 1, e.g. 0.01")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Fraction, E> {
+                check_error_floor(v as f64).map(Fraction).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Fraction, E> {
+                check_error_floor(v).map(Fraction).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Seconds given as an integer or a "300s" / "5m" / "1h" string.
 struct Seconds(u64);
 
@@ -197,6 +241,17 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             return Err(draft.error(&split_site, "canary and stable must add up to 100 %"));
         }
         draft.split = Some(split.canary.0);
+    }
+    if let Some(analysis) = raw.analysis {
+        if let Some(floor) = analysis.error_floor {
+            draft.analysis.error_floor = floor.0;
+        }
+        if let Some(hold) = analysis.max_hold {
+            draft.analysis.max_hold_s = hold.0;
+        }
+    }
+    if let Some(connections) = raw.rollback.and_then(|r| r.connections) {
+        draft.on_rollback = connections;
     }
     for (i, step) in raw.step.into_iter().enumerate() {
         let site = site(step.span(), "step", i + 1);
