@@ -30,6 +30,10 @@ pub enum Request {
     History {
         service: String,
     },
+    /// Re-read the config file and apply it (as SIGHUP does).
+    Reload,
+    /// Detach the datapath, remove its pins and the agent's state, and exit.
+    Uninstall,
 }
 
 /// Operator commands on a service's rollout.
@@ -69,6 +73,9 @@ pub struct ServiceStatus {
     pub backends: Vec<BackendStatus>,
     /// Present when the service has a rollout policy.
     pub rollout: Option<crate::controller::RolloutStatus>,
+    /// Canary connections are being closed at request boundaries (after a rollback).
+    #[serde(default)]
+    pub draining: bool,
     /// Latest verdict per analysis metric (empty without metrics in the policy).
     /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
     /// are not numbers yet are null.

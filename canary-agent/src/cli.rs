@@ -79,6 +79,12 @@ pub enum Command {
         #[arg(value_parser = parse_percent)]
         percent: u16,
     },
+    /// Re-read the agent's config file and apply it without a restart (as SIGHUP
+    /// does); a bad config is refused whole and the running one stays.
+    Reload,
+    /// Detach the datapath from every interface, remove its pins and the agent's
+    /// state. Stops a running agent first. Needs --config.
+    Uninstall,
     /// Show services, weights and per-backend counters.
     Status {
         service: Option<String>,
@@ -218,6 +224,18 @@ fn execute(cli: Cli) -> Result<()> {
             println!("{service}: canary weight {}%", status.services[0].weight);
             Ok(())
         }
+        Command::Reload => {
+            let v = api::call(&cli.socket()?, &Request::Reload)?;
+            let changes: Vec<String> = serde_json::from_value(v["changes"].clone())?;
+            if changes.is_empty() {
+                println!("reloaded: nothing changed");
+            }
+            for change in changes {
+                println!("reloaded: {change}");
+            }
+            Ok(())
+        }
+        Command::Uninstall => uninstall(&cli),
         Command::Status {
             service,
             json,
@@ -244,6 +262,39 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Stops a running agent (which detaches as it exits), then removes whatever is left
+/// of the datapath's pins and the agent's state, so an agent that is not running can
+/// be uninstalled too.
+fn uninstall(cli: &Cli) -> Result<()> {
+    let path = cli
+        .config
+        .clone()
+        .context("`canary uninstall` needs --config FILE (it names bpffs_dir and state_dir)")?;
+    let config = Config::load(&path)?;
+    let socket = cli.socket.clone().unwrap_or(config.agent.control_socket.clone());
+    if socket.exists() && api::call(&socket, &Request::Uninstall).is_ok() {
+        // Bounded wait for the agent to finish detaching and exit.
+        for _ in 0..100 {
+            if !socket.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let detached = crate::agent::uninstall(&config.agent.bpffs_dir, &config.agent.state_dir)?;
+    println!(
+        "uninstalled: datapath detached{}, pins in {} and state in {} removed",
+        if detached.is_empty() {
+            String::new()
+        } else {
+            format!(" from {}", detached.join(", "))
+        },
+        config.agent.bpffs_dir.display(),
+        config.agent.state_dir.display()
+    );
+    Ok(())
 }
 
 /// Who the operator is, for the event log.
@@ -339,6 +390,18 @@ fn format_ms(ms: u64) -> String {
     )
 }
 
+/// A verdict number for people: four significant digits, `-` when there is none.
+fn round(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        None => "-".into(),
+        Some(x) if x == 0.0 || !x.is_finite() => format!("{x}"),
+        Some(x) => {
+            let digits = (3 - x.abs().log10().floor() as i32).clamp(0, 6) as usize;
+            format!("{x:.digits$}")
+        }
+    }
+}
+
 /// A 30-character bar for a fraction in 0..=1.
 fn bar(fraction: f64) -> String {
     let filled = (fraction.clamp(0.0, 1.0) * 30.0).round() as usize;
@@ -395,14 +458,17 @@ pub fn render_status(status: &Status) -> String {
                 out += &format!("  holding: {h}\n");
             }
         }
+        if s.draining {
+            out += "  draining: closing canary connections at request boundaries\n";
+        }
         for v in &s.analysis {
             out += &format!(
                 "  analysis {:<16} {:<13} canary {} stable {} confidence {}  {}\n",
                 v["metric"].as_str().unwrap_or("?"),
                 v["verdict"].as_str().unwrap_or("?"),
-                v["canary"],
-                v["stable"],
-                v["confidence"],
+                round(&v["canary"]),
+                round(&v["stable"]),
+                round(&v["confidence"]),
                 v["reason"].as_str().unwrap_or("")
             );
         }
@@ -462,6 +528,16 @@ mod tests {
         assert!(parse(&["set-weight", "web"]).is_err());
         assert!(parse(&["status", "--jsn"]).is_err());
         assert!(parse(&["frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn verdict_numbers_are_rounded_for_people() {
+        use serde_json::json;
+        assert_eq!(round(&json!(0.012345678)), "0.01235");
+        assert_eq!(round(&json!(0.99999871)), "1.0000");
+        assert_eq!(round(&json!(123.456789)), "123.5");
+        assert_eq!(round(&json!(0.0)), "0");
+        assert_eq!(round(&json!(null)), "-");
     }
 
     #[test]

@@ -138,30 +138,26 @@ impl Families {
     }
 }
 
+/// Produces the exposition text for one scrape.
+pub type Render = Arc<dyn Fn() -> Result<String> + Send + Sync>;
+
 /// Serves `GET /metrics` on `listen` until the runtime stops.
-pub async fn serve(
-    listen: std::net::SocketAddr,
-    agent: Arc<Mutex<crate::agent::Agent>>,
-) -> Result<()> {
+pub async fn serve(listen: std::net::SocketAddr, render: Render) -> Result<()> {
     use http_body_util::Full;
     use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics endpoint listening");
     loop {
         let (stream, _) = listener.accept().await?;
-        let agent = agent.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let agent = agent.clone();
+                let render = render.clone();
                 async move {
                     let (code, body) = if req.uri().path() != "/metrics" {
                         (404, "not found: try /metrics\n".to_string())
                     } else {
-                        match agent
-                            .lock()
-                            .map_err(|_| anyhow::anyhow!("poisoned"))
-                            .and_then(|a| a.metrics())
-                        {
+                        match render() {
                             Ok(text) => (200, text),
                             Err(e) => (500, format!("{e:#}\n")),
                         }

@@ -62,17 +62,42 @@ impl Agent {
         files: &[(&str, &str)],
         extra_args: &[&str],
     ) -> Result<Agent> {
+        Self::start_inner(node, services, files, extra_args, true)
+    }
+
+    /// An agent whose `bpffs_dir` is under `/sys/fs/bpf` where nothing is mounted, as on
+    /// a freshly booted host: `ip netns exec` gives it a mount namespace with a fresh
+    /// sysfs and no bpffs, so the agent must mount one itself (which then lives and
+    /// dies with that namespace: no restarts with this one).
+    pub fn start_on_fresh_host(node: &NetNs, services: &str) -> Result<Agent> {
+        Self::start_inner(node, services, &[], &[], false)
+    }
+
+    fn start_inner(
+        node: &NetNs,
+        services: &str,
+        files: &[(&str, &str)],
+        extra_args: &[&str],
+        private_bpffs: bool,
+    ) -> Result<Agent> {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = log_dir().join(format!("agent-{}", N.fetch_add(1, Ordering::Relaxed)));
-        let bpffs = dir.join("bpffs");
-        std::fs::create_dir_all(&bpffs)?;
-        let status = Command::new("mount")
-            .args(["-t", "bpf", "bpf"])
-            .arg(&bpffs)
-            .status()?;
-        if !status.success() {
-            bail!("mounting bpffs on {}", bpffs.display());
-        }
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = log_dir().join(format!("agent-{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let bpffs = if private_bpffs {
+            let bpffs = dir.join("bpffs");
+            std::fs::create_dir_all(&bpffs)?;
+            let status = Command::new("mount")
+                .args(["-t", "bpf", "bpf"])
+                .arg(&bpffs)
+                .status()?;
+            if !status.success() {
+                bail!("mounting bpffs on {}", bpffs.display());
+            }
+            bpffs
+        } else {
+            PathBuf::from(format!("/sys/fs/bpf/canary-lab-{}-{n}", std::process::id()))
+        };
         for (name, contents) in files {
             std::fs::write(dir.join(name), contents)?;
         }
@@ -110,13 +135,23 @@ impl Agent {
         Ok(())
     }
 
-    /// SIGTERM, as an orchestrator would send, then wait for a clean exit.
+    /// SIGTERM, as an orchestrator would send, then wait for the exit. The datapath
+    /// stays attached (its links are pinned).
     pub fn stop(&mut self) -> Result<()> {
         self.signal_and_wait(libc::SIGTERM);
         Ok(())
     }
 
-    fn signal_and_wait(&mut self, signal: i32) {
+    /// Sends `signal` (e.g. SIGHUP) to the running agent.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.pid() as i32, signal) };
+        }
+    }
+
+    /// Sends `signal` (SIGKILL, SIGTERM, ...) and waits until the process is gone.
+    pub fn signal_and_wait(&mut self, signal: i32) {
         if let Some(child) = self.child.take() {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.pid() as i32, signal) };
@@ -132,12 +167,28 @@ impl Agent {
         }
     }
 
-    /// Restarts the agent the way an upgrade does: SIGUSR2 hands the attached
-    /// programs over (pinned links), and the new agent takes them over.
+    /// Restarts the agent the way a DaemonSet update does: SIGTERM, then a new agent
+    /// that takes over the pinned links.
     pub fn restart(&mut self, node: &NetNs, extra_args: &[&str]) -> Result<()> {
+        self.signal_and_wait(libc::SIGTERM);
+        self.relaunch(node, extra_args)
+    }
+
+    /// Starts the agent again (after [`Agent::signal_and_wait`]) on the same config.
+    pub fn relaunch(&mut self, node: &NetNs, extra_args: &[&str]) -> Result<()> {
         assert_eq!(node.name(), self.node, "restart in the same node namespace");
-        self.signal_and_wait(libc::SIGUSR2);
         self.launch(node, extra_args)
+    }
+
+    /// Replaces the `[[service]]` tables of the config file (the `[agent]` table stays).
+    pub fn write_services(&self, services: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let agent = text
+            .split("\n\n")
+            .next()
+            .context("the config starts with its [agent] table")?;
+        std::fs::write(&self.config, format!("{agent}\n\n{services}"))?;
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -171,6 +222,10 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.child.take();
-        let _ = Command::new("umount").arg("-l").arg(&self.bpffs).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.bpffs)
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }

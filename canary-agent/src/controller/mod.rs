@@ -164,6 +164,8 @@ pub enum Effect {
         webhook: Option<String>,
     },
     Alert {
+        /// `gate-timeout` or `max-hold`, as sent to the alert webhook.
+        kind: String,
         reason: String,
     },
 }
@@ -298,6 +300,12 @@ pub struct Rollout {
     paused_by_analysis: bool,
     reason: String,
     holding: Option<String>,
+    /// When the current hold began (controller clock), for `max-hold`.
+    #[serde(default)]
+    holding_since_ms: Option<u64>,
+    /// The max-hold alert of the current hold was raised.
+    #[serde(default)]
+    hold_alerted: bool,
 }
 
 impl Rollout {
@@ -316,7 +324,26 @@ impl Rollout {
             paused_by_analysis: false,
             reason: "created".into(),
             holding: None,
+            holding_since_ms: None,
+            hold_alerted: false,
         }
+    }
+
+    /// Continues a running rollout under a changed policy (a config reload): state,
+    /// weight and dwell are kept, the step index is clamped to the new progression,
+    /// and the new steps, stages, metrics and rules apply from now on.
+    pub fn adopt_policy(&mut self, policy: Policy, now_ms: u64) {
+        let last = policy.steps.len().saturating_sub(1);
+        self.step = self.step.map(|s| s.min(last));
+        if let Some(gate) = &mut self.gate {
+            gate.step = gate.step.min(last);
+            if gate.since_ms.is_some() {
+                gate.since_ms = Some(now_ms);
+            }
+        }
+        self.policy = policy;
+        self.holding_since_ms = None;
+        self.hold_alerted = false;
     }
 
     pub fn service(&self) -> &str {
@@ -422,10 +449,15 @@ impl Rollout {
                     return fx;
                 };
                 match analysis {
-                    AnalysisHold::Hold(why) if due == 0 => self.holding = Some(why),
+                    AnalysisHold::Hold(why) if due == 0 => {
+                        self.check_max_hold(&why, now_ms, &mut fx);
+                        self.holding = Some(why);
+                    }
                     AnalysisHold::Hold(_) => {}
                     AnalysisHold::Clear => {
                         self.holding = None;
+                        self.holding_since_ms = None;
+                        self.hold_alerted = false;
                         if due == 0 {
                             let next = self.step.map_or(0, |s| s + 1);
                             let why = "dwell time elapsed";
@@ -440,6 +472,7 @@ impl Rollout {
                     if let (true, Some(gate)) = (status.timed_out, gate) {
                         gate.alerted = true;
                         fx.push(Effect::Alert {
+                            kind: "gate-timeout".into(),
                             reason: format!(
                                 "{}: stage {} gate has waited {:.0}s for approval",
                                 self.service, status.stage, status.waiting_s
@@ -451,6 +484,27 @@ impl Rollout {
             _ => {}
         }
         fx
+    }
+
+    /// Raises one alert (and a history event) when inconclusive analysis has held the
+    /// due step back longer than the policy's `max-hold`; the hold continues.
+    fn check_max_hold(&mut self, why: &str, now_ms: u64, fx: &mut Vec<Effect>) {
+        let since = *self.holding_since_ms.get_or_insert(now_ms);
+        let max_s = 0u64/*PENDING_MAXHOLD*/;
+        let held_ms = now_ms.saturating_sub(since);
+        if max_s == 0 || self.hold_alerted || held_ms < max_s * 1_000 {
+            return;
+        }
+        self.hold_alerted = true;
+        let reason = format!(
+            "analysis has held the next step for {:.0}s (max-hold {max_s}s): {why}",
+            held_ms as f64 / 1_000.0
+        );
+        fx.push(Effect::Alert {
+            kind: "max-hold".into(),
+            reason: format!("{}: {reason}", self.service),
+        });
+        self.transition(self.state, Actor::Analysis, reason, now_ms, fx);
     }
 
     pub fn status(&self, now_ms: u64) -> RolloutStatus {
@@ -559,6 +613,8 @@ impl Rollout {
             or_default(reason, "resumed")
         };
         self.paused_by_analysis = false;
+        self.holding_since_ms = None;
+        self.hold_alerted = false;
         let step_weight = self.step.map_or(0, |s| self.policy.steps[s].weight_bp);
         self.set_weight(step_weight, fx);
         if let Some(gate) = &mut self.gate {
@@ -631,6 +687,8 @@ impl Rollout {
         );
         self.gate = None;
         self.holding = None;
+        self.holding_since_ms = None;
+        self.hold_alerted = false;
         self.step = Some(step);
         self.dwell.restart(now_ms);
         self.set_weight(weight, fx);

@@ -5,15 +5,18 @@ mod bpffs;
 mod encode;
 pub mod test_run;
 
-use std::{os::fd::AsFd, path::Path};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::{
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
         SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -23,6 +26,8 @@ use canary_common::{
     VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
     MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS,
 };
+pub use bpffs::ensure as ensure_bpffs;
+pub struct DrainProgress{pub closed:usize,pub remaining:usize}/*PENDING_DRAIN*/
 pub use encode::{encode_service, service_key};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -30,9 +35,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 pub struct Datapath {
     ebpf: Ebpf,
-    bpffs_dir: std::path::PathBuf,
-    /// Attachments per interface, so a hand-over can pin them.
-    links: Vec<(String, XdpLinkId, SchedClassifierLinkId)>,
+    bpffs_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     stats: PerCpuArray<MapData, BackendStats>,
     telemetry: PerCpuArray<MapData, VersionTelemetry>,
@@ -74,7 +77,6 @@ impl Datapath {
         Ok(Self {
             ebpf,
             bpffs_dir: bpffs_dir.to_path_buf(),
-            links: Vec::new(),
             services,
             stats,
             telemetry,
@@ -82,59 +84,59 @@ impl Datapath {
         })
     }
 
-    fn link_pin(&self, kind: &str, iface: &str) -> std::path::PathBuf {
-        self.bpffs_dir.join(format!("link-{kind}-{iface}"))
+    fn link_pin(&self, kind: &str, iface: &str) -> PathBuf {
+        link_pin(&self.bpffs_dir, kind, iface)
     }
 
     /// Attaches ingress (XDP, native mode when the driver supports it) and egress (TC)
-    /// to `iface`. Links live as long as `self`; dropping it detaches. Links that a
-    /// previous agent pinned when handing over are taken over instead: the kernel swaps
-    /// the program inside the link atomically, so no packet goes unprocessed.
+    /// to `iface`, and pins both links under `bpffs_dir` at once: the attachment then
+    /// belongs to the pin, not to this process, so SIGTERM, SIGKILL, a panic or an OOM
+    /// kill leave the programs attached and splitting with the last weights. Links an
+    /// earlier agent pinned are taken over: the kernel swaps this agent's program into
+    /// the existing link atomically (`bpf_link_update`), so no packet goes unprocessed.
+    /// Only [`detach`] (an explicit uninstall or an interface removed from the config)
+    /// removes an attachment.
     pub fn attach(&mut self, iface: &str) -> Result<()> {
-        let (xdp_pin, tc_pin) = (self.link_pin("xdp", iface), self.link_pin("tc", iface));
+        let xdp_pin = self.link_pin("xdp", iface);
         let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
-        let xdp_id = if xdp_pin.exists() {
-            tracing::info!(%iface, "took over the previous agent's attachments");
-            let link = PinnedLink::from_pin(&xdp_pin)?.unpin()?;
-            xdp.attach_to_link(link.try_into()?)
-                .with_context(|| format!("taking over the XDP link on {iface}"))?
-        } else {
-            match xdp.attach(iface, XdpMode::Driver) {
-                Ok(id) => id,
-                Err(native) => {
-                    tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
-                    xdp.attach(iface, XdpMode::Skb)
-                        .with_context(|| format!("attaching XDP to {iface}"))?
-                }
+        match take_over(&xdp_pin, iface, "XDP", |link| {
+            // Taking the link back out of the program closes this process's fd on
+            // drop, so only the pin holds the attachment.
+            let id = xdp.attach_to_link(XdpLink::try_from(link)?)?;
+            xdp.take_link(id)?;
+            Ok(())
+        })? {
+            true => tracing::info!(%iface, "took over the attached XDP program"),
+            false => {
+                let id = match xdp.attach(iface, XdpMode::Driver) {
+                    Ok(id) => id,
+                    Err(native) => {
+                        tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
+                        xdp.attach(iface, XdpMode::Skb)
+                            .with_context(|| format!("attaching XDP to {iface}"))?
+                    }
+                };
+                let link: FdLink = xdp.take_link(id)?.try_into()?;
+                link.pin(&xdp_pin)
+                    .with_context(|| format!("pinning the XDP link at {}", xdp_pin.display()))?;
             }
-        };
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
-        let tc_id = if tc_pin.exists() {
-            let link = PinnedLink::from_pin(&tc_pin)?.unpin()?;
-            tc.attach_to_link(link.try_into()?)
-                .with_context(|| format!("taking over the TC link on {iface}"))?
-        } else {
-            tc.attach(iface, TcAttachType::Egress)
-                .with_context(|| format!("attaching TC egress to {iface}"))?
-        };
-        if xdp_pin.exists() || tc_pin.exists() {
-            bail!("{iface}: a pinned link was left behind after the take-over");
         }
-        self.links.push((iface.to_string(), xdp_id, tc_id));
-        Ok(())
-    }
-
-    /// Pins every attachment under bpffs so the programs stay attached after this
-    /// process exits, for the next agent to take over (a restart without a gap).
-    pub fn hand_over(&mut self) -> Result<()> {
-        for (iface, xdp_id, tc_id) in std::mem::take(&mut self.links) {
-            let (xdp_pin, tc_pin) = (self.link_pin("xdp", &iface), self.link_pin("tc", &iface));
-            let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
-            let link: FdLink = xdp.take_link(xdp_id)?.try_into()?;
-            link.pin(&xdp_pin).context("pinning the XDP link")?;
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
-            let link: FdLink = tc.take_link(tc_id)?.try_into()?;
-            link.pin(&tc_pin).context("pinning the TC link")?;
+        let tc_pin = self.link_pin("tc", iface);
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
+        match take_over(&tc_pin, iface, "TC", |link| {
+            let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            tc.take_link(id)?;
+            Ok(())
+        })? {
+            true => tracing::info!(%iface, "took over the attached TC program"),
+            false => {
+                let id = tc
+                    .attach(iface, TcAttachType::Egress)
+                    .with_context(|| format!("attaching TC egress to {iface}"))?;
+                let link: FdLink = tc.take_link(id)?.try_into()?;
+                link.pin(&tc_pin)
+                    .with_context(|| format!("pinning the TC link at {}", tc_pin.display()))?;
+            }
         }
         Ok(())
     }
@@ -252,4 +254,86 @@ where
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the kernel object"))?;
     Ok(prog.try_into()?)
+}
+
+fn link_pin(bpffs_dir: &Path, kind: &str, iface: &str) -> PathBuf {
+    bpffs_dir.join(format!("link-{kind}-{iface}"))
+}
+
+/// Swaps this agent's program into the link pinned at `pin`, if there is one. A pin
+/// whose link no longer works (its interface was deleted) is removed so that a fresh
+/// attachment can take its place. Returns whether a link was taken over.
+fn take_over(
+    pin: &Path,
+    iface: &str,
+    kind: &str,
+    update: impl FnOnce(FdLink) -> Result<()>,
+) -> Result<bool> {
+    if !pin.exists() {
+        return Ok(false);
+    }
+    let link = PinnedLink::from_pin(pin)
+        .with_context(|| format!("opening the pinned {kind} link {}", pin.display()))?;
+    // `FdLink::from` keeps the pin: the attachment stays owned by bpffs throughout.
+    match update(FdLink::from(link)) {
+        Ok(()) => Ok(true),
+        Err(e) => {
+            tracing::warn!(%iface, error = %e, pin = %pin.display(), "pinned link is defunct; attaching anew");
+            std::fs::remove_file(pin)
+                .with_context(|| format!("removing the defunct link pin {}", pin.display()))?;
+            Ok(false)
+        }
+    }
+}
+
+/// Interfaces with programs attached through pins in `bpffs_dir`.
+pub fn attached_interfaces(bpffs_dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(bpffs_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", bpffs_dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        for prefix in ["link-xdp-", "link-tc-"] {
+            if let Some(iface) = name.strip_prefix(prefix) {
+                if !out.iter().any(|i| i == iface) {
+                    out.push(iface.to_string());
+                }
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Detaches both programs from `iface` by removing their link pins: once no process
+/// holds the links open, the kernel destroys them. An explicit act (uninstall, or an
+/// interface removed from the config): no signal or crash of the agent does this.
+pub fn detach(bpffs_dir: &Path, iface: &str) -> Result<()> {
+    for kind in ["xdp", "tc"] {
+        let pin = link_pin(bpffs_dir, kind, iface);
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Removes everything the datapath left in `bpffs_dir`: the link pins first (which
+/// detaches the programs from every interface), then the map pins (the kernel frees
+/// the maps, flow table included, once no program uses them). Returns the interfaces
+/// that were detached.
+pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
+    let ifaces = attached_interfaces(bpffs_dir)?;
+    for iface in &ifaces {
+        detach(bpffs_dir, iface)?;
+    }
+    for pin in bpffs::pins_in(bpffs_dir)? {
+        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+    }
+    Ok(ifaces)
 }

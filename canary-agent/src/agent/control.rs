@@ -1,0 +1,144 @@
+//! The control socket server: one JSON request line in, one JSON response line out.
+//!
+//! It must keep serving (and never stall the tick loop) whatever a client does:
+//! requests are bounded in size and time, answers in time, and clients in number.
+//! The agent lock is held only while a well-formed request is handled.
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
+
+use super::Agent;
+use crate::api::{Request, Response};
+
+/// Longest request line accepted; real requests are a few hundred bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Time a client has to send its request line, and to take the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Clients served at once; more are told the agent is busy.
+pub const MAX_CLIENTS: usize = 512;
+
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!("another agent is already serving {}", path.display());
+        }
+        // Left by an agent that was killed.
+        std::fs::remove_file(path)?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts clients until the listener fails; each is served on its own task.
+pub async fn serve(listener: UnixListener, agent: Arc<Mutex<Agent>>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "control socket accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let agent = agent.clone();
+        let slot = slots.clone().try_acquire_owned();
+        tokio::spawn(async move {
+            let result = match slot {
+                Ok(_slot) => serve_client(stream, agent).await,
+                Err(_) => {
+                    let busy = format!("agent busy: {MAX_CLIENTS} control clients connected");
+                    answer(stream, Response::Error(busy)).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %format!("{e:#}"), "control client");
+            }
+        });
+    }
+}
+
+async fn serve_client(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()> {
+    // The socket mode already limits access to root; the credential check also covers
+    // a socket directory with looser permissions.
+    let uid = stream.peer_cred()?.uid();
+    if uid != 0 {
+        let denied = format!("permission denied: uid {uid} is not root");
+        return answer(stream, Response::Error(denied)).await;
+    }
+    let (read, write) = stream.into_split();
+    let response = match read_request(read).await {
+        Err(e) => Response::Error(format!("bad request: {e}")),
+        Ok(line) => match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response::Error(format!("bad request: {e}")),
+            Ok(request) => {
+                let result = agent
+                    .lock()
+                    .map_err(|_| anyhow!("agent state poisoned"))?
+                    .handle(request);
+                match result {
+                    Ok(v) => Response::Ok(v),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                }
+            }
+        },
+    };
+    write_answer(write, response).await
+}
+
+/// One request line: at most [`MAX_REQUEST`] bytes, UTF-8, within [`CLIENT_TIMEOUT`].
+async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64 + 1));
+    let mut line = Vec::new();
+    let n = tokio::time::timeout(CLIENT_TIMEOUT, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| {
+            anyhow!(
+                "no complete request line within {}s",
+                CLIENT_TIMEOUT.as_secs()
+            )
+        })??;
+    if n > MAX_REQUEST {
+        bail!("request line longer than {MAX_REQUEST} bytes");
+    }
+    if line.last() != Some(&b'\n') {
+        bail!("connection closed before the end of the request line");
+    }
+    let text = String::from_utf8(line).map_err(|_| anyhow!("request is not UTF-8"))?;
+    Ok(text)
+}
+
+async fn answer(stream: UnixStream, response: Response) -> Result<()> {
+    let (_, write) = stream.into_split();
+    write_answer(write, response).await
+}
+
+async fn write_answer(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    response: Response,
+) -> Result<()> {
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    tokio::time::timeout(CLIENT_TIMEOUT, write.write_all(out.as_bytes()))
+        .await
+        .map_err(|_| anyhow!("client did not take the answer"))??;
+    Ok(())
+}

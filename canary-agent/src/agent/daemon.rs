@@ -1,0 +1,181 @@
+//! The daemon loop: ticks the rollouts, serves the control socket and /metrics, calls
+//! webhooks, reloads on SIGHUP, and exits on SIGTERM/SIGINT with the datapath still
+//! attached (the links are pinned): the next agent takes it over without a gap.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{anyhow, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::{control, Agent, GateCall};
+use crate::{
+    config::Config,
+    controller::{Actor, Clock, Command},
+};
+
+/// How often the controller is ticked (real time; `--time-scale` speeds the clock).
+const TICK: Duration = Duration::from_millis(100);
+/// Pause between two calls of a gate webhook that did not approve.
+const WEBHOOK_RETRY: Duration = Duration::from_secs(2);
+
+fn lock(agent: &Mutex<Agent>) -> Result<std::sync::MutexGuard<'_, Agent>> {
+    agent.lock().map_err(|_| anyhow!("agent state poisoned"))
+}
+
+/// Runs the agent until SIGTERM or SIGINT (or an uninstall request).
+pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
+    let socket = config.agent.control_socket.clone();
+    let listener = control::bind(&socket)?;
+    let (agent, uninstall) = Agent::start(config, clock)?;
+    let agent = Arc::new(Mutex::new(agent));
+    tokio::spawn(control::serve(listener, agent.clone()));
+    tokio::spawn(query_prometheus(agent.clone()));
+    if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
+        let source = agent.clone();
+        let render: crate::metrics::Render = Arc::new(move || {
+            source
+                .lock()
+                .map_err(|_| anyhow!("agent state poisoned"))?
+                .metrics()
+        });
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listen, render).await {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
+            }
+        });
+    }
+    tracing::info!(socket = %socket.display(), "control API listening");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(TICK);
+    let uninstalling = loop {
+        tokio::select! {
+            _ = term.recv() => break false,
+            _ = int.recv() => break false,
+            _ = uninstall.notified() => break true,
+            _ = hup.recv() => {
+                match lock(&agent)?.reload() {
+                    Ok(changes) => tracing::info!(?changes, "reloaded the config (SIGHUP)"),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; the running config stays"),
+                }
+            }
+            _ = tick.tick() => {
+                let (calls, alerts) = {
+                    let mut a = lock(&agent)?;
+                    (a.tick(), a.take_alerts())
+                };
+                for call in calls {
+                    tokio::spawn(call_gate(call, agent.clone()));
+                }
+                if let Some((url, alerts)) = alerts {
+                    tokio::spawn(send_alerts(url, alerts));
+                }
+            }
+        }
+    };
+    let (bpffs_dir, state_dir) = {
+        let a = lock(&agent)?;
+        (
+            a.config.agent.bpffs_dir.clone(),
+            a.config.agent.state_dir.clone(),
+        )
+    };
+    let _ = std::fs::remove_file(&socket);
+    if uninstalling {
+        let detached = super::uninstall(&bpffs_dir, &state_dir)?;
+        tracing::info!(?detached, "uninstalled: programs detached, pins and state removed");
+    } else {
+        tracing::info!(
+            "exiting; the datapath stays attached with its weights and flows for the next agent \
+             (`canary uninstall` detaches it)"
+        );
+    }
+    Ok(())
+}
+/// Calls a gate webhook once: a 2xx approves; anything else keeps the gate waiting
+/// and the call is retried after a pause.
+async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
+    let result = crate::webhook::post_json(&call.url, &call.payload, Duration::from_secs(5)).await;
+    let approved = matches!(result, Ok(code) if (200..300).contains(&code));
+    if !approved {
+        tracing::info!(service = %call.service, url = %call.url, result = ?result.as_ref().map_err(|e| e.to_string()), "gate webhook did not approve");
+        tokio::time::sleep(WEBHOOK_RETRY).await;
+    }
+    let Ok(mut agent) = agent.lock() else { return };
+    agent.webhooks_in_flight.remove(&call.service);
+    if approved {
+        let command = Command::Approve {
+            by: call.url.clone(),
+        };
+        if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(call.url)) {
+            tracing::warn!(service = %call.service, error = %e, "webhook approval not applied");
+        }
+    }
+}
+
+/// Every second, when `prometheus_url` is set, runs each PromQL metric's events and trials queries for both
+/// versions (`{version}` substituted) and hands the counts to the analysis.
+async fn query_prometheus(agent: Arc<Mutex<Agent>>) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        let Ok((url, jobs)) = agent
+            .lock()
+            .map(|a| (a.config.agent.prometheus_url.clone(), a.custom_queries()))
+        else {
+            return;
+        };
+        let Some(url) = url else { continue };
+        for job in jobs {
+            let mut values = [(0u64, 0u64); 2];
+            let mut complete = true;
+            for (v, version) in ["stable", "canary"].into_iter().enumerate() {
+                for (slot, query) in [&job.query.events, &job.query.trials]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let query = query.replace("{version}", version);
+                    match crate::webhook::prometheus_scalar(&url, &query, Duration::from_secs(2))
+                        .await
+                    {
+                        Ok(Some(x)) if x.is_finite() && x >= 0.0 => {
+                            let n = x.round() as u64;
+                            if slot == 0 {
+                                values[v].0 = n
+                            } else {
+                                values[v].1 = n
+                            }
+                        }
+                        Ok(_) => complete = false,
+                        Err(e) => {
+                            tracing::warn!(service = %job.service, metric = %job.metric, error = %format!("{e:#}"), "PromQL query");
+                            complete = false;
+                        }
+                    }
+                }
+            }
+            if complete {
+                if let Ok(mut a) = agent.lock() {
+                    a.set_custom(&job.service, &job.metric, values);
+                }
+            }
+        }
+    }
+}
+
+/// POSTs alerts one by one; a failed delivery is logged (the event log has them too).
+async fn send_alerts(url: String, alerts: Vec<serde_json::Value>) {
+    for alert in alerts {
+        match crate::webhook::post_json(&url, &alert, Duration::from_secs(5)).await {
+            Ok(code) if (200..300).contains(&code) => {}
+            other => {
+                tracing::warn!(%url, result = ?other.map_err(|e| e.to_string()), "alert not delivered")
+            }
+        }
+    }
+}
+

@@ -1,0 +1,409 @@
+//! The configuration is the desired state. On start and on every reload, this pure
+//! function decides, from the config and what the kernel and `state_dir` already hold,
+//! each service's id, weight and rollout — so that nothing from an earlier config
+//! surfaces, and nothing live moves that the config did not ask to move:
+//!
+//! - an installed service keeps its id (pinned flows and counters refer to it);
+//! - a running rollout owns the weight (a restart mid-rollout changes nothing);
+//! - otherwise the live weight is kept only while the config's weight is the one last
+//!   applied and the rollout that may have set it is still configured; a changed
+//!   config weight, a new service or a removed policy apply the config weight;
+//! - a removed policy drops the rollout; a changed policy replaces a pending or
+//!   finished rollout with a fresh pending one, and is adopted by a running rollout;
+//! - services no longer configured are removed from the maps.
+
+use std::collections::BTreeMap;
+
+use canary_common::{ServiceKey, ServiceValue, MAX_SERVICES};
+
+use super::state::Applied;
+use crate::config::ServiceConfig;
+use crate::controller::{Rollout, RolloutState};
+use crate::datapath::service_key;
+use crate::policy::{Policy, WeightBp};
+
+/// The decision for one configured service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePlan {
+    pub id: u32,
+    pub weight_bp: WeightBp,
+    /// The id was free: its counters belong to no one and must be zeroed.
+    pub fresh: bool,
+    pub rollout: Option<Rollout>,
+    /// Whether the service's rollout state on disk must be rewritten (`Some`) or
+    /// deleted (`None`).
+    pub rollout_changed: bool,
+    /// What changed, for the log and the reload answer.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub services: Vec<ServicePlan>,
+    /// Installed services no longer configured.
+    pub stale: Vec<ServiceKey>,
+}
+
+/// What the agent (or the previous one) left behind.
+pub struct Current<'a> {
+    pub installed: &'a [(ServiceKey, ServiceValue)],
+    pub applied: &'a Applied,
+    pub rollouts: &'a BTreeMap<String, Rollout>,
+}
+
+pub fn plan(
+    configured: &[ServiceConfig],
+    policies: &[Option<Policy>],
+    current: &Current,
+    now_ms: u64,
+) -> Plan {
+    let keys: Vec<ServiceKey> = configured.iter().map(service_key).collect();
+    let stale = current
+        .installed
+        .iter()
+        .filter(|(k, _)| !keys.contains(k))
+        .map(|(k, _)| *k)
+        .collect();
+    let kept: Vec<u32> = current
+        .installed
+        .iter()
+        .filter(|(k, _)| keys.contains(k))
+        .map(|(_, v)| v.id)
+        .collect();
+    let mut free = (0..MAX_SERVICES).filter(|id| !kept.contains(id));
+    let services = configured
+        .iter()
+        .zip(&keys)
+        .zip(policies)
+        .map(|((svc, key), policy)| {
+            let installed = current.installed.iter().find(|(k, _)| k == key);
+            let (id, fresh) = match installed {
+                Some((_, v)) => (v.id, false),
+                None => (free.next().expect("config holds at most MAX_SERVICES"), true),
+            };
+            let mut notes = Vec::new();
+            let previous = current.rollouts.get(&svc.name);
+            let (rollout, kept_owner) = reconcile_rollout(
+                &svc.name,
+                previous,
+                policy.as_ref(),
+                now_ms,
+                &mut notes,
+            );
+            let rollout_changed = rollout.as_ref() != previous;
+            let config_changed = current
+                .applied
+                .services
+                .get(&svc.name)
+                .is_none_or(|a| a.config_weight_bp != svc.weight_bp);
+            let running = rollout.as_ref().filter(|r| is_running(r.state()));
+            let weight_bp = match (running, installed) {
+                (Some(r), _) => r.weight_bp(),
+                (None, Some((_, v))) if !config_changed && kept_owner => v.weight_bp,
+                (None, Some((_, v))) => {
+                    if v.weight_bp != svc.weight_bp {
+                        notes.push(format!(
+                            "weight {} -> {} (from the config)",
+                            crate::policy::percent(v.weight_bp),
+                            crate::policy::percent(svc.weight_bp)
+                        ));
+                    }
+                    svc.weight_bp
+                }
+                (None, None) => svc.weight_bp,
+            };
+            if fresh {
+                notes.push("installed".into());
+            }
+            ServicePlan {
+                id,
+                weight_bp,
+                fresh,
+                rollout,
+                rollout_changed,
+                notes,
+            }
+        })
+        .collect();
+    Plan { services, stale }
+}
+
+/// Progressing, paused or at a gate: the rollout, not the config, sets the weight.
+pub fn is_running(state: RolloutState) -> bool {
+    !state.is_terminal() && state != RolloutState::Pending
+}
+
+/// The rollout a service has under `policy`, and whether whatever set the live weight
+/// (the previous rollout, or none) is still in place.
+fn reconcile_rollout(
+    service: &str,
+    previous: Option<&Rollout>,
+    policy: Option<&Policy>,
+    now_ms: u64,
+    notes: &mut Vec<String>,
+) -> (Option<Rollout>, bool) {
+    match (previous, policy) {
+        (None, None) => (None, true),
+        (Some(_), None) => {
+            notes.push("policy removed: rollout dropped".into());
+            (None, false)
+        }
+        (None, Some(p)) => (Some(Rollout::new(service, p.clone())), true),
+        (Some(r), Some(p)) if r.policy() == p => (Some(r.clone()), true),
+        (Some(r), Some(p)) if is_running(r.state()) => {
+            let mut r = r.clone();
+            r.adopt_policy(p.clone(), now_ms);
+            notes.push(format!(
+                "policy changed: the {} rollout continues under the new policy",
+                r.state()
+            ));
+            (Some(r), true)
+        }
+        (Some(r), Some(p)) => {
+            notes.push(format!(
+                "policy changed: the {} rollout is replaced by a new pending one",
+                r.state()
+            ));
+            (Some(Rollout::new(service, p.clone())), false)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::state::AppliedService;
+    use crate::config::Config;
+    use crate::controller::{Actor, AnalysisHold, Command};
+    use crate::datapath::encode_service;
+    use std::path::Path;
+
+    fn services(n: usize, weight: &str) -> Vec<ServiceConfig> {
+        let mut text = String::from("[agent]\ninterface = \"x\"\n");
+        for i in 0..n {
+            text += &format!(
+                "[[service]]\nname = \"s{i}\"\nlisten = \"198.19.0.{i}:80\"\nstable = [\"198.18.2.2:80\"]\ncanary = [\"198.18.3.2:80\"]\nweight = {weight}\n"
+            );
+        }
+        Config::parse(&text, Path::new("t.toml")).unwrap().services
+    }
+
+    fn policy() -> Policy {
+        crate::policy::parse_toml(
+            "step = [{ at = 0, weight = 5 }, { at = \"1m\", weight = 50 }]",
+            "p.toml",
+        )
+        .unwrap()
+    }
+
+    fn applied(entries: &[(&str, WeightBp)]) -> Applied {
+        Applied {
+            services: entries
+                .iter()
+                .map(|(n, w)| {
+                    (
+                        n.to_string(),
+                        AppliedService {
+                            config_weight_bp: *w,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn run(
+        cfg: &[ServiceConfig],
+        policies: &[Option<Policy>],
+        installed: &[(ServiceKey, ServiceValue)],
+        applied: &Applied,
+        rollouts: &BTreeMap<String, Rollout>,
+    ) -> Plan {
+        let current = Current {
+            installed,
+            applied,
+            rollouts,
+        };
+        plan(cfg, policies, &current, 1_000)
+    }
+
+    #[test]
+    fn fresh_services_get_config_weights_and_free_ids() {
+        let cfg = services(3, "10");
+        let p = run(
+            &cfg,
+            &[None, None, None],
+            &[],
+            &Applied::default(),
+            &BTreeMap::new(),
+        );
+        let got: Vec<_> = p
+            .services
+            .iter()
+            .map(|s| (s.id, s.weight_bp, s.fresh))
+            .collect();
+        assert_eq!(got, vec![(0, 1000, true), (1, 1000, true), (2, 1000, true)]);
+        assert!(p.stale.is_empty());
+    }
+
+    #[test]
+    fn restart_keeps_ids_and_live_weights_and_drops_stale() {
+        let cfg = services(3, "10");
+        let other = services(5, "10");
+        let installed = vec![
+            (service_key(&cfg[1]), encode_service(&cfg[1], 0, 5000)),
+            (service_key(&other[4]), encode_service(&other[4], 1, 100)),
+        ];
+        let applied = applied(&[("s0", 1000), ("s1", 1000), ("s2", 1000)]);
+        let p = run(
+            &cfg,
+            &[None, None, None],
+            &installed,
+            &applied,
+            &BTreeMap::new(),
+        );
+        let got: Vec<_> = p
+            .services
+            .iter()
+            .map(|s| (s.id, s.weight_bp, s.fresh))
+            .collect();
+        // s1 keeps id 0 and its live 50 % (an operator's set-weight); the others take
+        // ids not kept (1 was stale).
+        assert_eq!(got, vec![(1, 1000, true), (0, 5000, false), (2, 1000, true)]);
+        assert_eq!(p.stale, vec![service_key(&other[4])]);
+    }
+
+    #[test]
+    fn a_changed_config_weight_applies_over_the_live_one() {
+        let cfg = services(1, "10");
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
+        // Last applied config said 20 %: the config now says 10 %, so 10 % applies.
+        let p = run(
+            &cfg,
+            &[None],
+            &installed,
+            &applied(&[("s0", 2000)]),
+            &BTreeMap::new(),
+        );
+        assert_eq!(p.services[0].weight_bp, 1000);
+        // No record at all (state from an older agent): the config applies too.
+        let p = run(
+            &cfg,
+            &[None],
+            &installed,
+            &Applied::default(),
+            &BTreeMap::new(),
+        );
+        assert_eq!(p.services[0].weight_bp, 1000);
+    }
+
+    fn rolled_back(name: &str) -> Rollout {
+        let mut r = Rollout::new(name, policy());
+        r.apply(Command::Start, Actor::Operator("t".into()), 0)
+            .unwrap();
+        r.apply(
+            Command::Rollback {
+                reason: "bad".into(),
+            },
+            Actor::Operator("t".into()),
+            10,
+        )
+        .unwrap();
+        r
+    }
+
+    #[test]
+    fn a_removed_policy_drops_the_rollout_and_its_weight() {
+        // The earlier run rolled web back to 0 %; the new config has no policy and
+        // the same weight: the config weight applies, the rollout is gone.
+        let cfg = services(1, "10");
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
+        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
+        let p = run(
+            &cfg,
+            &[None],
+            &installed,
+            &applied(&[("s0", 1000)]),
+            &rollouts,
+        );
+        assert_eq!(p.services[0].weight_bp, 1000);
+        assert_eq!(p.services[0].rollout, None);
+        assert!(p.services[0].rollout_changed);
+    }
+
+    #[test]
+    fn a_finished_rollout_under_the_same_policy_keeps_its_weight() {
+        let cfg = services(1, "10");
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
+        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
+        let p = run(
+            &cfg,
+            &[Some(policy())],
+            &installed,
+            &applied(&[("s0", 1000)]),
+            &rollouts,
+        );
+        assert_eq!(p.services[0].weight_bp, 0);
+        assert_eq!(
+            p.services[0].rollout.as_ref().unwrap().state(),
+            RolloutState::RolledBack
+        );
+        assert!(!p.services[0].rollout_changed);
+    }
+
+    #[test]
+    fn a_changed_policy_replaces_a_finished_rollout() {
+        let cfg = services(1, "10");
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
+        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
+        let other = crate::policy::parse_toml("step = [{ at = 0, weight = 1 }]", "q.toml").unwrap();
+        let p = run(
+            &cfg,
+            &[Some(other.clone())],
+            &installed,
+            &applied(&[("s0", 1000)]),
+            &rollouts,
+        );
+        let r = p.services[0].rollout.as_ref().unwrap();
+        assert_eq!(r.state(), RolloutState::Pending);
+        assert_eq!(r.policy(), &other);
+        assert_eq!(p.services[0].weight_bp, 1000);
+    }
+
+    #[test]
+    fn a_running_rollout_owns_the_weight_and_adopts_a_new_policy() {
+        let cfg = services(1, "10");
+        let mut r = Rollout::new("s0", policy());
+        r.apply(Command::Start, Actor::Operator("t".into()), 0)
+            .unwrap();
+        r.tick(61_000, AnalysisHold::Clear);
+        assert_eq!(r.weight_bp(), 5000);
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 5000))];
+        let rollouts = BTreeMap::from([("s0".to_string(), r)]);
+        // Same policy, config weight changed: the rollout still owns the weight.
+        let p = run(
+            &cfg,
+            &[Some(policy())],
+            &installed,
+            &applied(&[("s0", 2000)]),
+            &rollouts,
+        );
+        assert_eq!(p.services[0].weight_bp, 5000);
+        let other = crate::policy::parse_toml(
+            "step = [{ at = 0, weight = 5 }, { at = \"1m\", weight = 50 }, { at = \"2m\", weight = 100 }]",
+            "q.toml",
+        )
+        .unwrap();
+        let p = run(
+            &cfg,
+            &[Some(other.clone())],
+            &installed,
+            &applied(&[("s0", 1000)]),
+            &rollouts,
+        );
+        let r = p.services[0].rollout.as_ref().unwrap();
+        assert_eq!(r.state(), RolloutState::Progressing);
+        assert_eq!(r.policy(), &other);
+        assert_eq!(p.services[0].weight_bp, 5000);
+    }
+}

@@ -1,0 +1,668 @@
+//! The daemon's hub: owns the datapath and the services, applies the configuration as
+//! desired state (on start and on reload), carries out rollout effects, and answers
+//! control requests. Roles live in submodules with narrow interfaces:
+//! [`desired`] decides what the kernel and disk should hold, [`service`] runs one
+//! service's rollout and analysis (plain Rust), [`state`] persists, [`control`] serves
+//! the socket and [`daemon`] runs the loop.
+
+mod control;
+mod daemon;
+pub mod desired;
+mod prometheus;
+pub mod service;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::Arc,
+};
+
+use anyhow::{anyhow, bail, Result};
+use canary_common::MAX_GROUP_BACKENDS;
+
+pub use self::daemon::run;
+pub use self::state::last_clock_ms;
+use self::{
+    desired::{is_running, Current},
+    service::{Analysis, LiveService},
+    state::{Applied, AppliedService, StateDir},
+};
+use crate::{
+    analysis::MetricName,
+    api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
+    config::{bp_to_percent, Config},
+    controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
+    datapath::{self, encode_service, service_key, Datapath},
+    policy::{load_policy, Policy},
+};
+
+/// A policy's PromQL metric, to be queried for both versions.
+pub struct CustomQueryJob {
+    pub service: String,
+    pub metric: String,
+    pub query: crate::analysis::CustomQuery,
+}
+
+/// A gate webhook the async side must call.
+pub struct GateCall {
+    pub service: String,
+    pub url: String,
+    pub payload: serde_json::Value,
+}
+
+pub struct Agent {
+    datapath: Datapath,
+    services: Vec<LiveService>,
+    clock: Arc<dyn Clock>,
+    /// The configuration in force (the last one applied).
+    config: Config,
+    state: StateDir,
+    applied: Applied,
+    /// Services whose gate webhook is being called (one call at a time each).
+    webhooks_in_flight: HashSet<String>,
+    /// Alerts waiting to be POSTed to `alert_webhook`.
+    alerts: Vec<serde_json::Value>,
+    /// Woken by an uninstall request: the daemon then detaches and exits.
+    uninstall: Arc<tokio::sync::Notify>,
+}
+
+/// Everything in files that can be wrong, checked before the kernel is touched: each
+/// service's policy, and that PromQL metrics have a Prometheus to ask.
+fn load_policies(config: &Config) -> Result<Vec<Option<Policy>>> {
+    config
+        .services
+        .iter()
+        .map(|svc| {
+            let Some(path) = &svc.policy else {
+                return Ok(None);
+            };
+            let policy = load_policy(path).map_err(|e| {
+                anyhow!(
+                    "{}: service {:?}: policy: {e}",
+                    config.path.display(),
+                    svc.name
+                )
+            })?;
+            let custom = policy.metrics.iter().find_map(|m| match &m.name {
+                MetricName::Custom(name) => Some(name.clone()),
+                _ => None,
+            });
+            if let (Some(name), None) = (custom, &config.agent.prometheus_url) {
+                bail!(
+                    "{}: metric {name:?} is a PromQL metric: set [agent] prometheus_url in {}",
+                    path.display(),
+                    config.path.display()
+                );
+            }
+            Ok(Some(policy))
+        })
+        .collect()
+}
+
+/// Detaches the datapath and deletes its pins and the agent's state (`canary uninstall`).
+/// Returns the interfaces detached.
+pub fn uninstall(bpffs_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
+    let detached = datapath::remove_all(bpffs_dir)?;
+    StateDir::remove_all(state_dir)?;
+    Ok(detached)
+}
+
+impl Agent {
+    /// Loads the datapath (reusing what an earlier agent pinned), applies `config` as
+    /// the desired state and attaches to its interfaces. Returns the agent and the
+    /// signal an uninstall request raises.
+    pub fn start(
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, Arc<tokio::sync::Notify>)> {
+        let policies = load_policies(&config)?;
+        let state = StateDir::open(&config.agent.state_dir)?;
+        let applied = state.load_applied()?;
+        let mut rollouts = BTreeMap::new();
+        for svc in &config.services {
+            if let Some(r) = state.load_rollout(&svc.name)? {
+                rollouts.insert(svc.name.clone(), r);
+            }
+        }
+        let datapath = Datapath::load(&config.agent.bpffs_dir)?;
+        let uninstall = Arc::new(tokio::sync::Notify::new());
+        let mut agent = Self {
+            datapath,
+            services: Vec::new(),
+            clock,
+            config: config.clone(),
+            state,
+            applied,
+            webhooks_in_flight: HashSet::new(),
+            alerts: Vec::new(),
+            uninstall: uninstall.clone(),
+        };
+        // Services of the previous config that this one lacks: their rollout state
+        // must not come back if they are configured again later.
+        let previous: Vec<String> = agent.applied.services.keys().cloned().collect();
+        agent.apply(config, policies, rollouts, &previous)?;
+        Ok((agent, uninstall))
+    }
+
+    /// Re-reads the config file and applies it without a restart: weights, services,
+    /// backends, policies and interfaces. A config that fails validation, or that
+    /// changes what only a restart can (sockets, directories), is refused whole and
+    /// the running one stays. Returns what changed.
+    pub fn reload(&mut self) -> Result<Vec<String>> {
+        let config = Config::load(&self.config.path)?;
+        let (old, new) = (&self.config.agent, &config.agent);
+        let fixed = [
+            ("control_socket", old.control_socket != new.control_socket),
+            ("bpffs_dir", old.bpffs_dir != new.bpffs_dir),
+            ("state_dir", old.state_dir != new.state_dir),
+            ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        ];
+        if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            bail!(
+                "{}: [agent] {field} changed: that takes an agent restart (the datapath \
+                 stays attached across it); nothing was applied",
+                config.path.display()
+            );
+        }
+        let policies = load_policies(&config)?;
+        let rollouts = self
+            .services
+            .iter()
+            .filter_map(|s| Some((s.cfg.name.clone(), s.rollout.clone()?)))
+            .collect();
+        let previous: Vec<String> = self.services.iter().map(|s| s.cfg.name.clone()).collect();
+        self.apply(config, policies, rollouts, &previous)
+    }
+
+    /// Makes the kernel, the disk and `self.services` match `config`.
+    fn apply(
+        &mut self,
+        config: Config,
+        policies: Vec<Option<Policy>>,
+        rollouts: BTreeMap<String, Rollout>,
+        previous: &[String],
+    ) -> Result<Vec<String>> {
+        let now_ms = self.clock.now_ms();
+        let installed = self.datapath.installed()?;
+        let current = Current {
+            installed: &installed,
+            applied: &self.applied,
+            rollouts: &rollouts,
+        };
+        let plan = desired::plan(&config.services, &policies, &current, now_ms);
+        let mut changes = Vec::new();
+        let mut old: BTreeMap<String, LiveService> = std::mem::take(&mut self.services)
+            .into_iter()
+            .map(|s| (s.cfg.name.clone(), s))
+            .collect();
+        let mut services = Vec::new();
+        for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
+            if decided.fresh {
+                self.datapath.clear_stats(decided.id)?;
+            }
+            let key = service_key(svc);
+            self.datapath
+                .install(&key, &encode_service(svc, decided.id, decided.weight_bp))?;
+            if decided.rollout_changed {
+                match &decided.rollout {
+                    Some(r) => self.state.save_rollout(&svc.name, r)?,
+                    None => self.state.remove_rollout(&svc.name)?,
+                }
+            }
+            for note in &decided.notes {
+                changes.push(format!("{}: {note}", svc.name));
+            }
+            tracing::info!(
+                service = %svc.name, id = decided.id, weight_bp = decided.weight_bp,
+                rollout = ?decided.rollout.as_ref().map(|r| r.state()), notes = ?decided.notes,
+                "service applied"
+            );
+            // The analysis keeps its windows when the policy did not change, and a
+            // drain in progress goes on.
+            let before = old.remove(&svc.name).filter(|b| b.id == decided.id);
+            let draining = before.as_ref().is_some_and(|b| b.draining);
+            let analysis = match before {
+                Some(b) if b.policy == policy => b.analysis,
+                _ => policy.as_ref().and_then(Analysis::new),
+            };
+            services.push(LiveService {
+                cfg: svc.clone(),
+                id: decided.id,
+                key,
+                weight_bp: decided.weight_bp,
+                policy,
+                rollout: decided.rollout,
+                analysis,
+                custom: BTreeMap::new(),
+                draining,
+            });
+        }
+        for key in plan.stale {
+            self.datapath.uninstall(&key)?;
+            tracing::info!(?key, "removed a service no longer in the config");
+        }
+        for name in previous {
+            if !config.services.iter().any(|s| &s.name == name) {
+                self.state.remove_rollout(name)?;
+                self.state.archive_events(name, now_ms)?;
+                changes.push(format!("{name}: removed"));
+            }
+        }
+        let pinned = datapath::attached_interfaces(&config.agent.bpffs_dir)?;
+        for iface in pinned.iter().filter(|i| !config.agent.interfaces.contains(i)) {
+            datapath::detach(&config.agent.bpffs_dir, iface)?;
+            changes.push(format!("interface {iface}: detached"));
+        }
+        for iface in &config.agent.interfaces {
+            self.datapath.attach(iface)?;
+            if !pinned.contains(iface) {
+                changes.push(format!("interface {iface}: attached"));
+            }
+        }
+        self.applied = Applied {
+            services: config
+                .services
+                .iter()
+                .map(|s| {
+                    let record = AppliedService {
+                        config_weight_bp: s.weight_bp,
+                    };
+                    (s.name.clone(), record)
+                })
+                .collect(),
+        };
+        self.state.save_applied(&self.applied)?;
+        self.services = services;
+        self.config = config;
+        Ok(changes)
+    }
+
+    fn service_mut(&mut self, name: &str) -> Result<&mut LiveService> {
+        self.services
+            .iter_mut()
+            .find(|s| s.cfg.name == name)
+            .ok_or_else(|| anyhow!("no service named {name:?}"))
+    }
+
+    /// Operator weight change: an override of a running rollout (which pauses it), or a
+    /// plain weight change when no rollout is running.
+    pub fn operator_set_weight(&mut self, name: &str, weight_bp: u16, by: &str) -> Result<()> {
+        if self.rollout_running(name)? {
+            return self.rollout_command(
+                name,
+                Command::SetWeight { bp: weight_bp },
+                Actor::Operator(by.into()),
+            );
+        }
+        self.set_weight(name, weight_bp)
+    }
+
+    fn rollout_running(&mut self, name: &str) -> Result<bool> {
+        Ok(self
+            .service_mut(name)?
+            .rollout
+            .as_ref()
+            .is_some_and(|r| is_running(r.state())))
+    }
+
+    /// Changes a service's canary weight with one map write.
+    pub fn set_weight(&mut self, name: &str, weight_bp: u16) -> Result<()> {
+        if weight_bp > canary_common::WEIGHT_SCALE {
+            bail!("weight {weight_bp} bp is above 100 %");
+        }
+        let svc = self.service_mut(name)?;
+        if weight_bp > 0 && svc.cfg.canary.is_empty() {
+            bail!("service {name:?} has no canary backends");
+        }
+        let (key, value) = (svc.key, encode_service(&svc.cfg, svc.id, weight_bp));
+        self.datapath.install(&key, &value)?;
+        let svc = self.service_mut(name)?;
+        tracing::info!(
+            service = name,
+            from = svc.weight_bp,
+            to = weight_bp,
+            "weight changed"
+        );
+        if weight_bp > 0 {
+            svc.draining = false;
+        }
+        svc.weight_bp = weight_bp;
+        Ok(())
+    }
+
+    /// Starts closing the canary's open connections at request boundaries, unless the
+    /// policy keeps them.
+    fn start_drain(&mut self, name: &str) -> Result<()> {
+        let svc = self.service_mut(name)?;
+        let keep = false/*PENDING_ONROLLBACK*/;
+        if !keep && svc.weight_bp == 0 {
+            svc.draining = true;
+            tracing::info!(service = name, "draining canary connections at request boundaries");
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, name: Option<&str>) -> Result<Status> {
+        if let Some(n) = name {
+            if !self.services.iter().any(|s| s.cfg.name == n) {
+                bail!("no service named {n:?}");
+            }
+        }
+        let mut services = Vec::new();
+        for svc in self
+            .services
+            .iter()
+            .filter(|s| name.is_none_or(|n| s.cfg.name == n))
+        {
+            let stats = self.datapath.stats(svc.id)?;
+            let groups = [
+                ("stable", 0, &svc.cfg.stable),
+                ("canary", MAX_GROUP_BACKENDS, &svc.cfg.canary),
+            ];
+            let backends = groups
+                .into_iter()
+                .flat_map(|(group, base, list)| {
+                    list.iter()
+                        .enumerate()
+                        .map(move |(i, addr)| (group, addr, base + i))
+                })
+                .map(|(group, addr, slot)| {
+                    let s = &stats[slot];
+                    BackendStatus {
+                        group: group.into(),
+                        address: addr.to_string(),
+                        connections: s.connections,
+                        packets_in: s.packets_in,
+                        packets_out: s.packets_out,
+                        bytes_in: s.bytes_in,
+                        bytes_out: s.bytes_out,
+                        flow_misses: s.flow_misses,
+                    }
+                })
+                .collect();
+            services.push(ServiceStatus {
+                name: svc.cfg.name.clone(),
+                listen: svc.cfg.listen.to_string(),
+                protocol: serde_json::to_value(svc.cfg.protocol)?
+                    .as_str()
+                    .unwrap_or("")
+                    .into(),
+                weight: bp_to_percent(svc.weight_bp),
+                weight_bp: svc.weight_bp,
+                mode: svc.cfg.mode.to_string(),
+                sticky: serde_json::to_value(svc.cfg.sticky)?
+                    .as_str()
+                    .unwrap_or("")
+                    .into(),
+                backends,
+                rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
+                draining: svc.draining,
+                analysis: svc
+                    .verdicts()
+                    .iter()
+                    .map(serde_json::to_value)
+                    .collect::<Result<_, _>>()?,
+            });
+        }
+        Ok(Status { services })
+    }
+
+
+    pub fn handle(&mut self, request: Request) -> Result<serde_json::Value> {
+        let status = |agent: &Self, service: &str| -> Result<serde_json::Value> {
+            Ok(serde_json::to_value(agent.status(Some(service))?)?)
+        };
+        match request {
+            Request::Status { service } => {
+                Ok(serde_json::to_value(self.status(service.as_deref())?)?)
+            }
+            Request::SetWeight {
+                service,
+                weight_bp,
+                by,
+            } => {
+                self.operator_set_weight(&service, weight_bp, &by)?;
+                status(self, &service)
+            }
+            Request::Rollout {
+                service,
+                action,
+                by,
+            } => {
+                let actor = Actor::Operator(by.clone());
+                let command = match action {
+                    RolloutAction::Start => Command::Start,
+                    RolloutAction::Pause { reason } => Command::Pause { reason },
+                    RolloutAction::Resume { reason } => Command::Resume { reason },
+                    RolloutAction::Approve => Command::Approve { by },
+                    RolloutAction::Promote { full } => Command::Promote { full },
+                    RolloutAction::Rollback { reason } => {
+                        if !self.rollout_running(&service)? {
+                            // Emergency rollback works with or without a rollout.
+                            self.set_weight(&service, 0)?;
+                            self.start_drain(&service)?;
+                            tracing::warn!(%service, %reason, "emergency rollback to stable");
+                            return status(self, &service);
+                        }
+                        Command::Rollback { reason }
+                    }
+                };
+                self.rollout_command(&service, command, actor)?;
+                status(self, &service)
+            }
+            Request::History { service } => {
+                self.service_mut(&service)?;
+                Ok(serde_json::to_value(self.state.events(&service).read()?)?)
+            }
+            Request::Reload => {
+                let changes = self.reload()?;
+                Ok(serde_json::json!({ "changes": changes }))
+            }
+            Request::Uninstall => {
+                self.uninstall.notify_one();
+                Ok(serde_json::json!({ "uninstalling": true }))
+            }
+        }
+    }
+
+    /// Applies an operator or automatic command to a service's rollout.
+    pub fn rollout_command(&mut self, name: &str, command: Command, actor: Actor) -> Result<()> {
+        let now = self.clock.now_ms();
+        let svc = self.service_mut(name)?;
+        let Some(policy) = &svc.policy else {
+            bail!("service {name:?} has no rollout policy (set `policy = \"FILE\"` in its config)");
+        };
+        let starting = command == Command::Start
+            && svc.rollout.as_ref().is_none_or(|r| r.state().is_terminal());
+        if starting {
+            svc.rollout = Some(Rollout::new(name, policy.clone()));
+        }
+        let rollout = svc.rollout.as_mut().ok_or_else(|| {
+            anyhow!("service {name:?} has no rollout yet: `canary rollout start {name}` begins one")
+        })?;
+        let effects = rollout.apply(command, actor, now)?;
+        self.apply_effects(name, effects)
+    }
+
+    fn apply_effects(&mut self, name: &str, effects: Vec<Effect>) -> Result<()> {
+        let mut rolled_back = false;
+        for effect in effects {
+            match effect {
+                Effect::SetWeight(bp) => self.set_weight(name, bp)?,
+                Effect::Transition(event) => {
+                    tracing::info!(
+                        service = name, from = %event.from, to = %event.to,
+                        weight_bp = event.weight_bp, reason = %event.reason, "rollout"
+                    );
+                    rolled_back |= event.to == RolloutState::RolledBack
+                        && event.from != RolloutState::RolledBack;
+                    self.state.events(name).append(&event)?;
+                }
+                Effect::GateWaiting { stage, webhook } => {
+                    tracing::info!(service = name, %stage, ?webhook, "gate waiting for approval");
+                }
+                Effect::Alert { kind, reason } => {
+                    tracing::warn!(service = name, %kind, %reason, "rollout alert");
+                    self.alert(name, &kind, &reason);
+                }
+            }
+        }
+        if rolled_back {
+            self.start_drain(name)?;
+        }
+        let svc = self.services.iter().find(|s| s.cfg.name == name);
+        if let Some(r) = svc.and_then(|s| s.rollout.as_ref()) {
+            self.state.save_rollout(name, r)?;
+        }
+        Ok(())
+    }
+
+    /// The PromQL metrics of every service's policy.
+    pub fn custom_queries(&self) -> Vec<CustomQueryJob> {
+        let mut jobs = Vec::new();
+        for svc in &self.services {
+            for m in svc.policy.iter().flat_map(|p| &p.metrics) {
+                if let (MetricName::Custom(name), Some(query)) = (&m.name, &m.query) {
+                    jobs.push(CustomQueryJob {
+                        service: svc.cfg.name.clone(),
+                        metric: name.clone(),
+                        query: query.clone(),
+                    });
+                }
+            }
+        }
+        jobs
+    }
+
+    /// Records the latest (events, trials) of a PromQL metric for stable and canary.
+    pub fn set_custom(&mut self, service: &str, metric: &str, values: [(u64, u64); 2]) {
+        if let Ok(svc) = self.service_mut(service) {
+            svc.custom.insert(metric.to_string(), values);
+        }
+    }
+
+    /// Queues a JSON alert for the configured alert webhook (if any).
+    fn alert(&mut self, service: &str, kind: &str, reason: &str) {
+        if self.config.agent.alert_webhook.is_some() {
+            self.alerts.push(serde_json::json!({
+                "event": "alert",
+                "kind": kind,
+                "service": service,
+                "at_ms": self.clock.now_ms(),
+                "reason": reason,
+            }));
+        }
+    }
+
+    /// Alerts to send now, with the webhook to send them to.
+    pub fn take_alerts(&mut self) -> Option<(String, Vec<serde_json::Value>)> {
+        let url = self.config.agent.alert_webhook.clone()?;
+        (!self.alerts.is_empty()).then(|| (url, std::mem::take(&mut self.alerts)))
+    }
+
+    /// Advances every rollout on the clock (analysis first, once per second) and
+    /// returns the gate webhooks to call.
+    pub fn tick(&mut self) -> Vec<GateCall> {
+        let now = self.clock.now_ms();
+        if let Err(e) = self.state.record_clock(now) {
+            tracing::warn!(error = %format!("{e:#}"), "recording the controller clock");
+        }
+        let mut calls = Vec::new();
+        for i in 0..self.services.len() {
+            let name = self.services[i].cfg.name.clone();
+            if let Err(e) = self.tick_service(i, now) {
+                tracing::error!(service = %name, error = %format!("{e:#}"), "tick");
+            }
+            let svc = &self.services[i];
+            let Some(status) = svc.rollout.as_ref().map(|r| r.status(now)) else {
+                continue;
+            };
+            let Some(gate) = status.waiting_gate else {
+                continue;
+            };
+            let Some(url) = gate
+                .webhook
+                .filter(|_| status.state == RolloutState::AwaitingApproval)
+            else {
+                continue;
+            };
+            if self.webhooks_in_flight.insert(name.clone()) {
+                calls.push(GateCall {
+                    service: name.clone(),
+                    payload: serde_json::json!({
+                        "event": "confirm-stage",
+                        "service": name,
+                        "stage": gate.stage,
+                        "step": gate.step,
+                        "weight_bp": status.weight_bp,
+                        "waiting_s": gate.waiting_s,
+                    }),
+                    url,
+                });
+            }
+        }
+        calls
+    }
+
+    fn tick_service(&mut self, i: usize, now: u64) -> Result<()> {
+        let name = self.services[i].cfg.name.clone();
+        if self.services[i].wants_observation(now / 1000) {
+            let (stable, canary) = self.read_counters(i)?;
+            let effects = self.services[i].observe(now, &stable, &canary)?;
+            self.apply_effects(&name, effects)?;
+        }
+        let effects = self.services[i].tick(now);
+        if !effects.is_empty() {
+            self.apply_effects(&name, effects)?;
+        }
+        if self.services[i].draining {
+            let id = self.services[i].id;
+            let progress = crate::datapath::DrainProgress{closed:0,remaining:0}; let _ = id;/*PENDING_DRAIN*/
+            if progress.closed > 0 {
+                tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, "closed idle canary connections");
+            }
+            if progress.remaining == 0 {
+                self.services[i].draining = false;
+                tracing::info!(service = %name, "canary drained: no connection left on it");
+            }
+        }
+        Ok(())
+    }
+
+    /// This second's cumulative counters of stable and canary, for the analysis.
+    fn read_counters(
+        &self,
+        i: usize,
+    ) -> Result<(
+        crate::analysis::VersionCounters,
+        crate::analysis::VersionCounters,
+    )> {
+        let svc = &self.services[i];
+        let tcp = svc.cfg.protocol == crate::config::Protocol::Tcp;
+        let signals = self.datapath.signals(svc.id)?;
+        let counters = |version: usize| {
+            let conn_new = signals[version].connections;
+            let t = &signals[version].counters;
+            crate::analysis::VersionCounters {
+                requests: t.requests,
+                responses: t.responses,
+                conn_new,
+                conn_reset: t.resets,
+                // A TCP connection placed but never answered by a SYN-ACK.
+                conn_failed: if tcp {
+                    conn_new.saturating_sub(t.handshakes)
+                } else {
+                    0
+                },
+                latency: signals[version].latency.clone(),
+                custom: svc
+                    .custom
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v[version]))
+                    .collect(),
+            }
+        };
+        Ok((counters(0), counters(1)))
+    }
+}
