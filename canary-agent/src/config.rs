@@ -138,6 +138,55 @@ pub fn percent_to_bp(percent: f64) -> Result<u16, String> {
     Ok(bp as u16)
 }
 
+/// What the kernel accepts as a network device name (`dev_valid_name`): 1 to 15
+/// bytes, not "." or "..", no '/', ':', NUL or byte the kernel's `isspace` matches
+/// (which includes 0xA0, a byte of many UTF-8 characters).
+fn valid_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| matches!(b, b'/' | b':' | 0 | b'\t'..=b'\r' | b' ' | 0xA0))
+}
+
+/// A TOML syntax or type error, located by line (and column), with a reason even
+/// where the TOML parser gives none (a stray control character, an unexpected end).
+fn syntax_error(
+    text: &str,
+    e: &toml::de::Error,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> ConfigError {
+    let Some(span) = e.span() else {
+        return err("(document)".into(), e.message().trim().replace('\n', ": "));
+    };
+    // Byte-wise, so a span that does not fall on a character boundary cannot panic.
+    let start = span.start.min(text.len());
+    let before = &text.as_bytes()[..start];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let column = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    let message = e.message().trim().replace('\n', ": ");
+    let reason = if !message.is_empty() {
+        message
+    } else {
+        match text.get(start..).and_then(|rest| rest.chars().next()) {
+            Some(c) if c.is_control() => format!("control character {c:?} is not allowed here"),
+            Some(c) => format!("unexpected {c:?}"),
+            None if start >= text.len() => "unexpected end of file".into(),
+            None => "invalid TOML".into(),
+        }
+    };
+    err(format!("line {line}"), format!("column {column}: {reason}"))
+}
+
 /// Formats basis points as a percentage, e.g. 1250 -> "12.5".
 pub fn bp_to_percent(bp: u16) -> f64 {
     bp as f64 / (WEIGHT_SCALE as f64 / 100.0)
@@ -160,16 +209,7 @@ impl Config {
             field,
             reason,
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text[..s.start].matches('\n').count() + 1;
-                    format!("line {line}")
-                })
-                .unwrap_or_else(|| "(document)".into());
-            err(at, e.message().to_string())
-        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e, &err))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let agent = match raw.agent {
             Some(a) => AgentConfig {
@@ -218,7 +258,7 @@ impl Config {
             ));
         }
         for (i, name) in agent.interfaces.iter().enumerate() {
-            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            if !valid_interface_name(name) {
                 return Err(err(
                     format!("agent.interface[{i}]"),
                     format!("{name:?} is not a valid interface name"),
