@@ -14,7 +14,10 @@ use canary_agent::{
     config::Config,
     datapath::{encode_service, service_key, test_run, Datapath},
 };
-use canary_common::{PROG_EGRESS, PROG_INGRESS};
+use canary_common::{
+    FlowKey, FlowValue, TcpSeq, DIR_FORWARD, DIR_REPLY, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
+    PROG_EGRESS, PROG_INGRESS, PROTO_TCP,
+};
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
 const XDP_PASS: u32 = 2;
@@ -484,4 +487,435 @@ fn http_and_handshake_telemetry_is_counted_once_per_segment() {
     rst[47] |= 0x04;
     f.egress(&rst);
     assert_eq!(f.dp().signals(0).unwrap()[0].counters.resets, 1);
+}
+
+/// A TCP segment with explicit flags ("S", "SA", "A", "FA", "R"), sequence and
+/// acknowledgment numbers.
+fn seg(
+    src: SocketAddr,
+    dst: SocketAddr,
+    flags: &str,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B);
+    let b = match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s.octets(), d.octets(), 64),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s.octets(), d.octets(), 64),
+        _ => unreachable!(),
+    };
+    let mut b = b.tcp(src.port(), dst.port(), seq, 64_000);
+    for flag in flags.chars() {
+        b = match flag {
+            'S' => b.syn(),
+            'A' => b.ack(ack),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            other => panic!("flag {other}"),
+        };
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// The flow-table key of `src` -> `dst` in direction `dir` (addresses and ports as
+/// the datapath stores them: in packet byte order).
+fn flow_key(src: SocketAddr, dst: SocketAddr, dir: u8) -> FlowKey {
+    let words = |ip: IpAddr| -> [u32; 4] {
+        let mut w = [0u32; 4];
+        let bytes = match ip {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        for (word, chunk) in w.iter_mut().zip(bytes.chunks(4)) {
+            *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+        }
+        w
+    };
+    FlowKey {
+        src: words(src.ip()),
+        dst: words(dst.ip()),
+        sport: u16::from_ne_bytes(src.port().to_be_bytes()),
+        dport: u16::from_ne_bytes(dst.port().to_be_bytes()),
+        proto: PROTO_TCP,
+        family: if src.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+        dir,
+        _pad: 0,
+    }
+}
+
+/// (forward, reply) entries of the connection client -> vip on `backend`.
+fn entries(
+    f: &Fixture,
+    client: SocketAddr,
+    vip: SocketAddr,
+    backend: SocketAddr,
+) -> (FlowValue, FlowValue) {
+    let fwd = f.dp.flow(&flow_key(client, vip, DIR_FORWARD)).unwrap();
+    let reply = f.dp.flow(&flow_key(backend, client, DIR_REPLY)).unwrap();
+    (
+        fwd.expect("forward entry pinned"),
+        reply.expect("reply entry pinned"),
+    )
+}
+
+fn seq(next: u32, ack: u32) -> TcpSeq {
+    TcpSeq { next, ack }
+}
+
+/// Runs a keep-alive HTTP exchange and both FINs through ingress and egress, checking
+/// each direction's tracked sequence state after every segment.
+fn check_sequence_tracking(f: &Fixture, client: SocketAddr, vip: SocketAddr, backend: SocketAddr) {
+    let state = |f: &Fixture| {
+        let (fwd, reply) = entries(f, client, vip, backend);
+        (fwd.tcp, reply.tcp)
+    };
+    f.ingress(&seg(client, vip, "S", 1000, 0, b""));
+    assert_eq!(
+        state(f),
+        (seq(1001, 0), seq(0, 0)),
+        "SYN counts one, no ACK"
+    );
+    f.egress(&seg(backend, client, "SA", 5000, 1001, b""));
+    assert_eq!(state(f).1, seq(5001, 1001), "SYN-ACK");
+    f.ingress(&seg(client, vip, "A", 1001, 5001, b""));
+    assert_eq!(state(f).0, seq(1001, 5001), "handshake ACK");
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let after_request = 1001 + request.len() as u32;
+    f.ingress(&seg(client, vip, "A", 1001, 5001, request));
+    assert_eq!(state(f).0, seq(after_request, 5001), "request");
+    assert_ne!(
+        entries(f, client, vip, backend).1.ts_ns,
+        0,
+        "request pending"
+    );
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let after_response = 5001 + response.len() as u32;
+    f.egress(&seg(backend, client, "A", 5001, after_request, response));
+    assert_eq!(state(f).1, seq(after_response, after_request), "response");
+    assert_eq!(
+        entries(f, client, vip, backend).1.ts_ns,
+        0,
+        "response started"
+    );
+    f.ingress(&seg(client, vip, "A", after_request, after_response, b""));
+    let idle = (
+        seq(after_request, after_response),
+        seq(after_response, after_request),
+    );
+    assert_eq!(state(f), idle, "client ACK of the response");
+    // A retransmitted request, an old ACK and a keep-alive probe (seq - 1) move
+    // nothing back.
+    f.ingress(&seg(client, vip, "A", 1001, 5001, request));
+    f.ingress(&seg(
+        client,
+        vip,
+        "A",
+        after_request - 1,
+        after_response,
+        b"",
+    ));
+    f.egress(&seg(backend, client, "A", 5001, after_request, response));
+    assert_eq!(state(f), idle, "retransmissions and probes");
+    if client.is_ipv4() {
+        // A short frame padded to the Ethernet minimum: the length comes from the IP
+        // header, so the padding is not taken for payload.
+        let mut padded = seg(client, vip, "A", after_request, after_response, b"");
+        padded.resize(60, 0);
+        f.ingress(&padded);
+        assert_eq!(state(f), idle, "Ethernet padding is not payload");
+    }
+    f.ingress(&seg(client, vip, "FA", after_request, after_response, b""));
+    assert_eq!(
+        state(f).0,
+        seq(after_request + 1, after_response),
+        "client FIN"
+    );
+    f.egress(&seg(
+        backend,
+        client,
+        "FA",
+        after_response,
+        after_request + 1,
+        b"",
+    ));
+    assert_eq!(
+        state(f).1,
+        seq(after_response + 1, after_request + 1),
+        "backend FIN"
+    );
+    let (fwd, reply) = entries(f, client, vip, backend);
+    assert_ne!(fwd.flags & FLOW_CLOSING, 0);
+    assert_ne!(reply.flags & FLOW_CLOSING, 0);
+}
+
+#[test]
+fn tcp_sequence_state_is_tracked_in_both_directions() {
+    let f = Fixture::new(WEB);
+    check_sequence_tracking(
+        &f,
+        sa("198.18.1.2:40100"),
+        sa("198.19.0.10:80"),
+        sa("198.18.2.2:8080"),
+    );
+    check_sequence_tracking(
+        &f,
+        sa("[2001:db8:1::2]:40100"),
+        sa("[2001:db8:ffff::10]:80"),
+        sa("[2001:db8:2::2]:8080"),
+    );
+}
+
+#[test]
+fn a_flow_placed_mid_connection_starts_tracking_from_its_first_segment() {
+    // A non-SYN segment with no pinned flow (table eviction) is placed and its state
+    // starts from that segment.
+    let f = Fixture::new(WEB);
+    let (client, vip, backend) = (
+        sa("198.18.1.2:40101"),
+        sa("198.19.0.10:80"),
+        sa("198.18.2.2:8080"),
+    );
+    f.ingress(&seg(client, vip, "A", 7000, 9000, b"hello"));
+    assert_eq!(entries(&f, client, vip, backend).0.tcp, seq(7005, 9000));
+    f.egress(&seg(backend, client, "A", 9000, 7005, b""));
+    assert_eq!(entries(&f, client, vip, backend).1.tcp, seq(9000, 7005));
+}
+
+/// Opens client -> vip (on `backend`) through the programs: handshake, one request
+/// and, unless `answer` is false, its response; the client acks the response when
+/// `ack` is true. Returns the client's and the backend's next sequence numbers.
+fn exchange(
+    f: &Fixture,
+    (client, vip, backend): (SocketAddr, SocketAddr, SocketAddr),
+    answer: bool,
+    ack: bool,
+) -> (u32, u32) {
+    let request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+    let (c, b) = (100_000u32, 700_000u32);
+    f.ingress(&seg(client, vip, "S", c - 1, 0, b""));
+    f.egress(&seg(backend, client, "SA", b - 1, c, b""));
+    f.ingress(&seg(client, vip, "A", c, b, b""));
+    f.ingress(&seg(client, vip, "A", c, b, request));
+    let c = c + request.len() as u32;
+    if !answer {
+        return (c, b);
+    }
+    f.egress(&seg(backend, client, "A", b, c, response));
+    let b = b + response.len() as u32;
+    if ack {
+        f.ingress(&seg(client, vip, "A", c, b, b""));
+    }
+    (c, b)
+}
+
+/// Captures what leaves a device in a private network namespace.
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    /// Every TCP segment sent out so far, as (src, dst, seq, ack, flags), waiting
+    /// up to 200 ms for the next one.
+    fn tcp_segments(&self) -> Vec<(SocketAddr, SocketAddr, u32, u32, u8)> {
+        use std::os::fd::AsRawFd;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: reading into a live buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return out; // SO_RCVTIMEO: nothing more
+            }
+            let Ok(p) = SlicedPacket::from_ip(&buf[..n as usize]) else {
+                continue;
+            };
+            let Some(TransportSlice::Tcp(t)) = &p.transport else {
+                continue; // neighbour discovery, MLD
+            };
+            let (src, dst): (IpAddr, IpAddr) = match p.net.as_ref().unwrap() {
+                NetSlice::Ipv4(v4) => (
+                    v4.header().source_addr().into(),
+                    v4.header().destination_addr().into(),
+                ),
+                NetSlice::Ipv6(v6) => (
+                    v6.header().source_addr().into(),
+                    v6.header().destination_addr().into(),
+                ),
+            };
+            let h = t.to_header();
+            let flags =
+                (h.fin as u8) | (h.syn as u8) << 1 | (h.rst as u8) << 2 | (h.ack as u8) << 4;
+            out.push((
+                SocketAddr::new(src, h.source_port),
+                SocketAddr::new(dst, h.destination_port),
+                h.sequence_number,
+                h.acknowledgment_number,
+                flags,
+            ));
+        }
+    }
+}
+
+/// Runs `test` on a thread moved into a fresh, unnamed network namespace (it goes away
+/// with the thread, on every exit path) where the lab ranges 198.18.0.0/15 and
+/// 2001:db8::/32 route to a veth whose outgoing packets are captured.
+fn in_private_netns(test: impl FnOnce(&Capture) + Send) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: affects only this thread, which ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            for cmd in [
+                "link add d0 type veth peer name d1",
+                // No neighbour resolution: packets leave d0 at once.
+                "link set d0 arp off up",
+                "link set d1 up",
+                "route add 198.18.0.0/15 dev d0",
+                "-6 route add 2001:db8::/32 dev d0",
+            ] {
+                let ok = std::process::Command::new("ip")
+                    .args(cmd.split(' '))
+                    .status()
+                    .unwrap();
+                assert!(ok.success(), "ip {cmd}");
+            }
+            // SAFETY: plain socket calls on values we own.
+            let fd = unsafe {
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0, "AF_PACKET socket");
+                let mut ll: libc::sockaddr_ll = std::mem::zeroed();
+                ll.sll_family = libc::AF_PACKET as u16;
+                ll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+                ll.sll_ifindex = libc::if_nametoindex(c"d0".as_ptr()) as i32;
+                let rc = libc::bind(
+                    fd,
+                    (&ll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of_val(&ll) as u32,
+                );
+                assert_eq!(rc, 0, "bind to d0");
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 200_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of_val(&tv) as u32,
+                );
+                std::os::fd::FromRawFd::from_raw_fd(fd)
+            };
+            let capture = Capture(fd);
+            // Anything sent while the device came up (IPv6 MLD) is not ours.
+            capture.tcp_segments();
+            test(&capture);
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
+}
+
+#[test]
+fn drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments() {
+    in_private_netns(|capture| {
+        let mut f = Fixture::new(WEB);
+        let (vip, vip6) = (sa("198.19.0.10:80"), sa("[2001:db8:ffff::10]:80"));
+        let (stable, canary, canary6) = (
+            sa("198.18.2.2:8080"),
+            sa("198.18.3.2:9090"),
+            sa("[2001:db8:3::2]:9090"),
+        );
+        let idle_stable = (sa("198.18.1.2:41000"), vip, stable);
+        exchange(&f, idle_stable, true, true);
+        f.set_weight(0, 10_000);
+        f.set_weight(1, 10_000);
+        let idle = (sa("198.18.1.2:41001"), vip, canary);
+        let pending = (sa("198.18.1.2:41002"), vip, canary);
+        let unacked = (sa("198.18.1.2:41003"), vip, canary);
+        let idle6 = (sa("[2001:db8:1::2]:41004"), vip6, canary6);
+        let (c, b) = exchange(&f, idle, true, true);
+        exchange(&f, pending, false, false);
+        let (uc, ub) = exchange(&f, unacked, true, false);
+        let (c6, b6) = exchange(&f, idle6, true, true);
+        // Rollback: new connections go to stable, these stay pinned.
+        f.set_weight(0, 0);
+        f.set_weight(1, 0);
+
+        let t0 = std::time::Instant::now();
+        let ms = |n| t0 + std::time::Duration::from_millis(n);
+        let progress = |p: canary_agent::datapath::DrainProgress| (p.closed, p.remaining);
+        assert_eq!(
+            progress(f.dp().drain_idle(0, ms(0)).unwrap()),
+            (0, 3),
+            "first sight"
+        );
+        assert_eq!(
+            progress(f.dp().drain_idle(0, ms(50)).unwrap()),
+            (0, 3),
+            "too soon"
+        );
+        // The unacked flow's client acks now: its state changed, its quiet time restarts.
+        f.ingress(&seg(unacked.0, vip, "A", uc, ub, b""));
+        assert_eq!(progress(f.dp().drain_idle(0, ms(100)).unwrap()), (1, 2));
+        assert_eq!(
+            capture.tcp_segments(),
+            vec![
+                (idle.0, canary, c, b, 0x14), // RST|ACK to the backend, as the client
+                (vip, idle.0, b, c, 0x11),    // FIN|ACK to the client, as the service
+            ]
+        );
+        let closing = |f: &Fixture, flow: (SocketAddr, SocketAddr, SocketAddr)| {
+            let (fwd, reply) = entries(f, flow.0, flow.1, flow.2);
+            (
+                fwd.flags & FLOW_CLOSING != 0,
+                reply.flags & FLOW_CLOSING != 0,
+            )
+        };
+        assert_eq!(closing(&f, idle), (true, true));
+        for other in [pending, unacked, idle6, idle_stable] {
+            assert_eq!(closing(&f, other), (false, false), "{other:?} untouched");
+        }
+        assert_eq!(progress(f.dp().drain_idle(0, ms(200)).unwrap()), (1, 1));
+        assert_eq!(
+            capture.tcp_segments(),
+            vec![
+                (unacked.0, canary, uc, ub, 0x14),
+                (vip, unacked.0, ub, uc, 0x11)
+            ]
+        );
+        // The pending request is never cut.
+        assert_eq!(progress(f.dp().drain_idle(0, ms(900)).unwrap()), (0, 1));
+        // IPv6, another service.
+        assert_eq!(progress(f.dp().drain_idle(1, ms(900)).unwrap()), (0, 1));
+        assert_eq!(progress(f.dp().drain_idle(1, ms(1000)).unwrap()), (1, 0));
+        assert_eq!(
+            capture.tcp_segments(),
+            vec![
+                (idle6.0, canary6, c6, b6, 0x14),
+                (vip6, idle6.0, b6, c6, 0x11)
+            ]
+        );
+        assert_eq!(
+            closing(&f, idle_stable),
+            (false, false),
+            "stable flows are not drained"
+        );
+
+        // What follows on a drained flow: the client's FIN|ACK still reaches the canary
+        // backend, whose reset is not counted as a canary reset (the flow is closing),
+        // and a new connection on the tuple is placed by the current weight.
+        let out = f.ingress(&seg(idle.0, vip, "FA", c, b + 1, b""));
+        assert_eq!(endpoints(&out).1, canary);
+        f.egress(&seg(canary, idle.0, "R", b + 1, 0, b""));
+        assert_eq!(f.dp().signals(0).unwrap()[1].counters.resets, 0);
+        let out = f.ingress(&seg(idle.0, vip, "S", 5, 0, b""));
+        assert_eq!(endpoints(&out).1, stable);
+    });
 }

@@ -39,6 +39,11 @@ pub const FLOW_CLOSING: u8 = 1;
 /// Reply-entry flag: the backend's SYN-ACK was seen (handshake counted once).
 pub const FLOW_ESTABLISHED: u8 = 2;
 
+/// TCP header flags, as in the segment's flags byte.
+pub const TCP_FLAG_FIN: u8 = 0x01;
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
 /// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
 pub const MAP_SERVICES: &str = "CANARY_SERVICES";
 pub const MAP_FLOWS: &str = "CANARY_FLOWS";
@@ -130,6 +135,51 @@ pub struct FlowValue {
     /// so a retransmitted segment is not counted twice.
     pub last_seq: u32,
     pub _pad: u32,
+    /// TCP: the sequence state of this direction's sender (forward: the client's,
+    /// reply: the backend's), enough for the node to close the connection itself at a
+    /// request boundary (drain). Written with one 8-byte store per segment.
+    pub tcp: TcpSeq,
+}
+
+/// One direction's TCP sequence state, in host byte order. Zero means "not seen yet".
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcpSeq {
+    /// The sender's next sequence number: seq + payload length (+1 for SYN, +1 for
+    /// FIN) of the furthest segment it sent.
+    pub next: u32,
+    /// The furthest acknowledgment number the sender sent.
+    pub ack: u32,
+}
+
+impl TcpSeq {
+    /// The state after the sender sent a segment with sequence number `seq`,
+    /// `payload_len` bytes of payload, `flags` and acknowledgment number `ack` (all in
+    /// host byte order). Both numbers only move forward (modulo 2^32), so a
+    /// retransmission, a keep-alive probe or a reordered segment never moves them back.
+    #[inline(always)]
+    pub fn advance(self, seq: u32, payload_len: u32, flags: u8, ack: u32) -> TcpSeq {
+        let syn_fin = (flags & TCP_FLAG_SYN != 0) as u32 + (flags & TCP_FLAG_FIN) as u32;
+        let next = seq.wrapping_add(payload_len).wrapping_add(syn_fin);
+        TcpSeq {
+            next: if self.next == 0 || seq_after(next, self.next) {
+                next
+            } else {
+                self.next
+            },
+            ack: if flags & TCP_FLAG_ACK != 0 && (self.ack == 0 || seq_after(ack, self.ack)) {
+                ack
+            } else {
+                self.ack
+            },
+        }
+    }
+}
+
+/// `a` comes after `b` in TCP sequence space (RFC 9293 modulo-2^32 comparison).
+#[inline(always)]
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
 }
 
 /// Per-backend counters, one copy per CPU; the agent sums them.
@@ -190,4 +240,67 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::VersionTelemetry {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_value_layout_is_padded_and_aligned() {
+        assert_eq!(core::mem::size_of::<FlowValue>(), 48);
+        assert_eq!(core::mem::align_of::<FlowValue>(), 8);
+        // The kernel writes `tcp` with one aligned 8-byte store.
+        assert_eq!(core::mem::offset_of!(FlowValue, tcp), 40);
+        assert_eq!(core::mem::size_of::<TcpSeq>(), 8);
+    }
+
+    #[test]
+    fn sequence_state_follows_syn_data_ack_fin() {
+        let syn = TcpSeq::default().advance(1000, 0, TCP_FLAG_SYN, 0);
+        assert_eq!(
+            syn,
+            TcpSeq { next: 1001, ack: 0 },
+            "SYN counts one, no ACK yet"
+        );
+        let data = syn.advance(1001, 100, TCP_FLAG_ACK, 5001);
+        assert_eq!(
+            data,
+            TcpSeq {
+                next: 1101,
+                ack: 5001
+            }
+        );
+        let fin = data.advance(1101, 0, TCP_FLAG_FIN | TCP_FLAG_ACK, 5050);
+        assert_eq!(
+            fin,
+            TcpSeq {
+                next: 1102,
+                ack: 5050
+            }
+        );
+    }
+
+    #[test]
+    fn sequence_state_never_moves_back() {
+        let s = TcpSeq {
+            next: 2000,
+            ack: 9000,
+        };
+        // A retransmission and a keep-alive probe (seq = next - 1, no payload).
+        assert_eq!(s.advance(1500, 500, TCP_FLAG_ACK, 8000), s);
+        assert_eq!(s.advance(1999, 0, TCP_FLAG_ACK, 9000), s);
+        // A segment without ACK (a SYN retransmission) keeps the ack.
+        assert_eq!(s.advance(2000, 0, 0, 0).ack, 9000);
+        // Across the 2^32 wrap.
+        let w = TcpSeq {
+            next: u32::MAX - 10,
+            ack: u32::MAX,
+        };
+        assert_eq!(
+            w.advance(u32::MAX - 10, 20, TCP_FLAG_ACK, 5),
+            TcpSeq { next: 9, ack: 5 }
+        );
+        assert!(seq_after(9, u32::MAX - 10) && !seq_after(u32::MAX - 10, 9));
+    }
 }

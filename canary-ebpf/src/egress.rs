@@ -29,6 +29,12 @@ pub fn handle(ctx: &TcContext) {
     let Some(pkt) = parse(ctx.data(), ctx.data_end()) else {
         return;
     };
+    // An IP packet that runs past the end of the skb was cut short: not rewritten, and
+    // it must not advance the flow. (`data_end` only ends the linear part; the skb's
+    // length is the whole packet. A length of 0 is BIG TCP, whose length is the skb's.)
+    if pkt.ip_end != 0 && pkt.ip_end > ctx.len() as usize {
+        return;
+    }
     let key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -42,9 +48,19 @@ pub fn handle(ctx: &TcContext) {
     let Some(entry) = FLOWS.get_ptr_mut(&key) else {
         return;
     };
-    // SAFETY: LRU entry valid during the program run; only `flags` is written.
+    // SAFETY: LRU entry valid during the program run; a torn read of a field written
+    // concurrently only makes it stale.
     let flow = unsafe { *entry };
     if pkt.proto == PROTO_TCP {
+        let (data, end) = (ctx.data(), ctx.data_end());
+        if data + pkt.l4_off + 12 <= end {
+            // SAFETY: bounds checked just above.
+            let ack = unsafe { core::ptr::read_unaligned((data + pkt.l4_off + 8) as *const u32) };
+            // The skb's length, not an IP length field: a GSO packet (or a BIG TCP one,
+            // whose length field is 0) carries all its segments' payload.
+            let len = (ctx.len() as usize).saturating_sub(pkt.payload_off) as u32;
+            telemetry::track(entry, flow.tcp, pkt.seq, len, pkt.tcp_flags, ack);
+        }
         observe(ctx, entry, &flow, &pkt);
         if pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
             unsafe { (*entry).flags |= FLOW_CLOSING };

@@ -4,8 +4,8 @@
 use aya_ebpf::programs::XdpContext;
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
-    FlowValue, ServiceKey, ServiceValue, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING, GROUP_CANARY,
-    MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
+    FlowValue, ServiceKey, ServiceValue, TcpSeq, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING,
+    GROUP_CANARY, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
 };
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
@@ -42,10 +42,24 @@ pub fn handle(ctx: &XdpContext) {
         dir: DIR_FORWARD,
         _pad: 0,
     };
-    let flow = match pinned_flow(&key, &pkt) {
-        Some(flow) => flow,
-        None => match place(&key, &pkt, svc) {
-            Some(flow) => flow,
+    // A frame that does not hold its whole IP packet (cut short, or without a length,
+    // which only BIG TCP inside the stack has) is dropped by the kernel: it does not
+    // advance the flow's sequence state.
+    let whole = pkt.ip_end != 0 && data + pkt.ip_end <= end;
+    let tcp = if pkt.proto == PROTO_TCP && whole {
+        tcp_len_ack(data, end, &pkt)
+    } else {
+        None
+    };
+    let (flow, entry) = match pinned_flow(&key, &pkt) {
+        Some((flow, entry)) => {
+            if let Some((len, ack)) = tcp {
+                telemetry::track(entry, flow.tcp, pkt.seq, len, pkt.tcp_flags, ack);
+            }
+            (flow, Some(entry))
+        }
+        None => match place(&key, &pkt, svc, tcp) {
+            Some(flow) => (flow, None),
             None => return,
         },
     };
@@ -54,7 +68,8 @@ pub fn handle(ctx: &XdpContext) {
         let first =
             unsafe { core::ptr::read_unaligned((data + pkt.payload_off) as *const [u8; 4]) };
         if telemetry::is_request(first) {
-            if let Some(forward) = FLOWS.get_ptr_mut(&key) {
+            // A just-placed flow has no entry pointer yet: look it up.
+            if let Some(forward) = entry.or_else(|| FLOWS.get_ptr_mut(&key)) {
                 let reply = FLOWS.get_ptr_mut(&reply_key(&key, &flow));
                 telemetry::request(forward, reply, pkt.seq);
             }
@@ -72,13 +87,27 @@ pub fn handle(ctx: &XdpContext) {
     }
 }
 
-/// The flow's pinned backend, unless this is a SYN that starts a new connection on a
-/// tuple whose previous connection has closed. Also marks client FIN/RST.
+/// A TCP segment's payload length (from the IP length: a short frame may carry
+/// Ethernet padding) and acknowledgment number (as loaded).
 #[inline(always)]
-fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<FlowValue> {
+fn tcp_len_ack(data: usize, end: usize, pkt: &Packet) -> Option<(u32, u32)> {
+    if data + pkt.l4_off + 12 > end {
+        return None;
+    }
+    // SAFETY: bounds checked just above.
+    let ack = unsafe { core::ptr::read_unaligned((data + pkt.l4_off + 8) as *const u32) };
+    Some((pkt.ip_end.saturating_sub(pkt.payload_off) as u32, ack))
+}
+
+/// The flow's pinned backend and its entry, unless this is a SYN that starts a new
+/// connection on a tuple whose previous connection has closed. Also marks client
+/// FIN/RST.
+#[inline(always)]
+fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<(FlowValue, *mut FlowValue)> {
     let entry = FLOWS.get_ptr_mut(key)?;
-    // SAFETY: LRU entries stay valid during the program run; the flags byte is the only
-    // field written after insertion and a torn read of it is harmless.
+    // SAFETY: LRU entries stay valid during the program run; fields written after
+    // insertion are the flags byte, the telemetry fields and the 8-byte `tcp` state,
+    // each of which a torn read only makes stale.
     let flow = unsafe { *entry };
     let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if syn && (flow.flags & FLOW_CLOSING != 0 || reply_closing(key, &flow)) {
@@ -87,7 +116,7 @@ fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<FlowValue> {
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         unsafe { (*entry).flags |= FLOW_CLOSING };
     }
-    Some(flow)
+    Some((flow, entry))
 }
 
 /// Whether the backend side of a pinned flow has sent FIN or RST (marked by egress).
@@ -113,9 +142,15 @@ fn reply_key(key: &FlowKey, flow: &FlowValue) -> FlowKey {
 }
 
 /// Chooses a backend for a new flow from the service's current weight, pins both
-/// directions and counts the connection.
+/// directions and counts the connection. `tcp`: the segment's payload length and
+/// ack, which start the forward entry's sequence state.
 #[inline(always)]
-fn place(key: &FlowKey, pkt: &Packet, svc: &ServiceValue) -> Option<FlowValue> {
+fn place(
+    key: &FlowKey,
+    pkt: &Packet,
+    svc: &ServiceValue,
+    tcp: Option<(u32, u32)>,
+) -> Option<FlowValue> {
     let hash = if svc.sticky == STICKY_CLIENT_IP {
         client_hash(&pkt.src)
     } else {
@@ -155,6 +190,7 @@ fn place(key: &FlowKey, pkt: &Packet, svc: &ServiceValue) -> Option<FlowValue> {
         ts_ns: 0,
         last_seq: 0,
         _pad: 0,
+        tcp: TcpSeq::default(),
     };
     let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let reply = FlowValue {
@@ -171,8 +207,20 @@ fn place(key: &FlowKey, pkt: &Packet, svc: &ServiceValue) -> Option<FlowValue> {
     };
     // If the table is full the LRU evicts the coldest flow; an insert error only means
     // this flow is not pinned and its next packet is placed again.
+    let forward = match tcp {
+        Some((len, ack)) => FlowValue {
+            tcp: TcpSeq::default().advance(
+                u32::from_be(pkt.seq),
+                len,
+                pkt.tcp_flags,
+                u32::from_be(ack),
+            ),
+            ..flow
+        },
+        None => flow,
+    };
     let _ = FLOWS.insert(reply_key(key, &flow), reply, 0);
-    let _ = FLOWS.insert(key, flow, 0);
+    let _ = FLOWS.insert(key, forward, 0);
     if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
         // SAFETY: per-CPU slot.
         unsafe {

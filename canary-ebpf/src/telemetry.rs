@@ -1,11 +1,13 @@
 //! Application signals seen on the wire, with no change to the application: HTTP/1.x
 //! request starts (client segments), response status lines (backend segments), the
 //! request -> response latency, backend resets and handshake times. Counted once per
-//! segment sequence number, so retransmissions do not count twice.
+//! segment sequence number, so retransmissions do not count twice. Also each
+//! direction's TCP sequence state, which lets the agent close an idle connection
+//! itself (drain).
 
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use canary_common::{
-    histogram::latency_bucket, latency_index, telemetry_index, FlowValue, FLOW_ESTABLISHED,
+    histogram::latency_bucket, latency_index, telemetry_index, FlowValue, TcpSeq, FLOW_ESTABLISHED,
 };
 
 use crate::maps::{LATENCY, TELEMETRY};
@@ -108,4 +110,16 @@ pub fn reset(reply: &FlowValue) {
     if let Some(v) = version(reply) {
         v.resets += 1;
     }
+}
+
+/// A TCP segment of a pinned flow: advances its direction's sequence state (`old` is
+/// the entry's state as read at lookup). One 8-byte store into the entry the caller
+/// already holds; `seq` and `ack` as loaded from the packet (network byte order).
+#[inline(always)]
+pub fn track(entry: *mut FlowValue, old: TcpSeq, seq: u32, payload_len: u32, flags: u8, ack: u32) {
+    let new = old.advance(u32::from_be(seq), payload_len, flags, u32::from_be(ack));
+    // SAFETY: LRU entry valid for the program run; an aligned 8-byte field. A racing
+    // writer on another CPU (same flow, rare) can only lose one update, which the
+    // drain's quiet period absorbs.
+    unsafe { (*entry).tcp = new };
 }

@@ -2,7 +2,9 @@
 //! attaches the programs, and is the only code that reads or writes the maps.
 
 mod bpffs;
+mod drain;
 mod encode;
+mod migrate;
 pub mod test_run;
 
 use std::{
@@ -21,13 +23,13 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
+pub use bpffs::ensure as ensure_bpffs;
 use canary_common::{
     histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
     VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
     MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS,
 };
-pub use bpffs::ensure as ensure_bpffs;
-pub struct DrainProgress{pub closed:usize,pub remaining:usize}/*PENDING_DRAIN*/
+pub use drain::{DrainProgress, DRAIN_QUIET};
 pub use encode::{encode_service, service_key};
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -40,6 +42,10 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, BackendStats>,
     telemetry: PerCpuArray<MapData, VersionTelemetry>,
     latency: PerCpuArray<MapData, u64>,
+    /// Maps of an earlier layout, until [`Datapath::finish_upgrade`].
+    upgrading: Vec<migrate::Aside>,
+    /// The flow table and the drain's view of it (drain.rs).
+    drain: drain::Drain,
 }
 
 /// One version's (stable or canary) application signals, summed over CPUs.
@@ -55,8 +61,27 @@ pub struct VersionSignals {
 impl Datapath {
     /// Loads the programs with their maps pinned in `bpffs_dir` (reusing maps already
     /// pinned there by an earlier agent), without attaching anything.
+    ///
+    /// Maps pinned by an earlier version with another layout are upgraded (see
+    /// [`migrate`]): their entries are carried into new maps, and
+    /// [`Datapath::finish_upgrade`] completes the move once the new programs are
+    /// attached.
     pub fn load(bpffs_dir: &Path) -> Result<Self> {
         bpffs::ensure(bpffs_dir)?;
+        let aside = migrate::set_aside(bpffs_dir, &migrate::object_layouts(OBJECT)?)?;
+        match Self::load_object(bpffs_dir, &aside) {
+            Ok(mut dp) => {
+                dp.upgrading = aside;
+                Ok(dp)
+            }
+            Err(e) => {
+                migrate::restore(bpffs_dir, &aside);
+                Err(e)
+            }
+        }
+    }
+
+    fn load_object(bpffs_dir: &Path, aside: &[migrate::Aside]) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(bpffs_dir)
             .load(OBJECT)
@@ -70,18 +95,38 @@ impl Datapath {
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         let telemetry = PerCpuArray::try_from(take(&mut ebpf, MAP_TELEMETRY)?)?;
         let latency = PerCpuArray::try_from(take(&mut ebpf, MAP_LATENCY)?)?;
+        let drain = drain::Drain::new(take(&mut ebpf, canary_common::MAP_FLOWS)?)?;
         let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
         xdp.load().context("loading the XDP program (verifier)")?;
         let tc: &mut SchedClassifier = program(&mut ebpf, PROG_EGRESS)?;
         tc.load().context("loading the TC program (verifier)")?;
+        if !aside.is_empty() {
+            let n = migrate::carry_over(bpffs_dir, aside, migrate::Pass::First)?;
+            tracing::info!(entries = n, "carried map entries over to the new layout");
+        }
         Ok(Self {
+            upgrading: Vec::new(),
             ebpf,
             bpffs_dir: bpffs_dir.to_path_buf(),
             services,
             stats,
             telemetry,
             latency,
+            drain,
         })
+    }
+
+    /// After the new programs are attached: carries over what the old ones added since
+    /// [`Datapath::load`] (flows placed meanwhile) and drops the old maps.
+    pub fn finish_upgrade(&mut self) -> Result<()> {
+        let aside = std::mem::take(&mut self.upgrading);
+        if aside.is_empty() {
+            return Ok(());
+        }
+        let n = migrate::carry_over(&self.bpffs_dir, &aside, migrate::Pass::Missing)?;
+        migrate::remove_aside(&aside)?;
+        tracing::info!(entries = n, "map upgrade finished");
+        Ok(())
     }
 
     fn link_pin(&self, kind: &str, iface: &str) -> PathBuf {
