@@ -273,7 +273,10 @@ fn uninstall(cli: &Cli) -> Result<()> {
         .clone()
         .context("`canary uninstall` needs --config FILE (it names bpffs_dir and state_dir)")?;
     let config = Config::load(&path)?;
-    let socket = cli.socket.clone().unwrap_or(config.agent.control_socket.clone());
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or(config.agent.control_socket.clone());
     if socket.exists() && api::call(&socket, &Request::Uninstall).is_ok() {
         // Bounded wait for the agent to finish detaching and exit.
         for _ in 0..100 {

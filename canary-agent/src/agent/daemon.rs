@@ -87,7 +87,10 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     if uninstalling {
         let detached = super::uninstall(&bpffs_dir, &state_dir)?;
-        tracing::info!(?detached, "uninstalled: programs detached, pins and state removed");
+        tracing::info!(
+            ?detached,
+            "uninstalled: programs detached, pins and state removed"
+        );
     } else {
         tracing::info!(
             "exiting; the datapath stays attached with its weights and flows for the next agent \
@@ -178,4 +181,3 @@ async fn send_alerts(url: String, alerts: Vec<serde_json::Value>) {
         }
     }
 }
-

@@ -79,17 +79,15 @@ pub fn plan(
             let installed = current.installed.iter().find(|(k, _)| k == key);
             let (id, fresh) = match installed {
                 Some((_, v)) => (v.id, false),
-                None => (free.next().expect("config holds at most MAX_SERVICES"), true),
+                None => (
+                    free.next().expect("config holds at most MAX_SERVICES"),
+                    true,
+                ),
             };
             let mut notes = Vec::new();
             let previous = current.rollouts.get(&svc.name);
-            let (rollout, kept_owner) = reconcile_rollout(
-                &svc.name,
-                previous,
-                policy.as_ref(),
-                now_ms,
-                &mut notes,
-            );
+            let (rollout, kept_owner) =
+                reconcile_rollout(&svc.name, previous, policy.as_ref(), now_ms, &mut notes);
             let rollout_changed = rollout.as_ref() != previous;
             let config_changed = current
                 .applied
@@ -269,7 +267,10 @@ mod tests {
             .collect();
         // s1 keeps id 0 and its live 50 % (an operator's set-weight); the others take
         // ids not kept (1 was stale).
-        assert_eq!(got, vec![(1, 1000, true), (0, 5000, false), (2, 1000, true)]);
+        assert_eq!(
+            got,
+            vec![(1, 1000, true), (0, 5000, false), (2, 1000, true)]
+        );
         assert_eq!(p.stale, vec![service_key(&other[4])]);
     }
 

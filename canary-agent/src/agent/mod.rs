@@ -34,7 +34,7 @@ use crate::{
     config::{bp_to_percent, Config},
     controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
     datapath::{self, encode_service, service_key, Datapath},
-    policy::{load_policy, Policy},
+    policy::{load_policy, OnRollback, Policy},
 };
 
 /// A policy's PromQL metric, to be queried for both versions.
@@ -250,7 +250,10 @@ impl Agent {
             }
         }
         let pinned = datapath::attached_interfaces(&config.agent.bpffs_dir)?;
-        for iface in pinned.iter().filter(|i| !config.agent.interfaces.contains(i)) {
+        for iface in pinned
+            .iter()
+            .filter(|i| !config.agent.interfaces.contains(i))
+        {
             datapath::detach(&config.agent.bpffs_dir, iface)?;
             changes.push(format!("interface {iface}: detached"));
         }
@@ -260,6 +263,7 @@ impl Agent {
                 changes.push(format!("interface {iface}: attached"));
             }
         }
+        self.datapath.finish_upgrade()?;
         self.applied = Applied {
             services: config
                 .services
@@ -335,10 +339,16 @@ impl Agent {
     /// policy keeps them.
     fn start_drain(&mut self, name: &str) -> Result<()> {
         let svc = self.service_mut(name)?;
-        let keep = false/*PENDING_ONROLLBACK*/;
+        let keep = svc
+            .policy
+            .as_ref()
+            .is_some_and(|p| p.on_rollback == OnRollback::Keep);
         if !keep && svc.weight_bp == 0 {
             svc.draining = true;
-            tracing::info!(service = name, "draining canary connections at request boundaries");
+            tracing::info!(
+                service = name,
+                "draining canary connections at request boundaries"
+            );
         }
         Ok(())
     }
@@ -407,7 +417,6 @@ impl Agent {
         }
         Ok(Status { services })
     }
-
 
     pub fn handle(&mut self, request: Request) -> Result<serde_json::Value> {
         let status = |agent: &Self, service: &str| -> Result<serde_json::Value> {
@@ -618,7 +627,11 @@ impl Agent {
         }
         if self.services[i].draining {
             let id = self.services[i].id;
-            let progress = crate::datapath::DrainProgress{closed:0,remaining:0}; let _ = id;/*PENDING_DRAIN*/
+            let progress = crate::datapath::DrainProgress {
+                closed: 0,
+                remaining: 0,
+            };
+            let _ = id; /*PENDING_DRAIN*/
             if progress.closed > 0 {
                 tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, "closed idle canary connections");
             }

@@ -47,7 +47,8 @@ impl Analysis {
         if policy.metrics.is_empty() && policy.rules.is_empty() {
             return None;
         }
-        let analyzer = Analyzer::new(policy.metrics.clone(), policy.rules.clone(), DEFAULT_ALPHA)/*PENDING_FLOOR*/;
+        let analyzer = Analyzer::new(policy.metrics.clone(), policy.rules.clone(), DEFAULT_ALPHA)
+            .with_error_floor(policy.analysis.error_floor);
         Some(Self {
             analyzer,
             verdicts: Vec::new(),
@@ -283,12 +284,16 @@ mod tests {
             "{STEPS}[[metric]]\nname = \"error-rate\"\nthreshold = 1.05\nwindow = \"30s\"\n"
         ));
         // Pending: analysis runs (status shows verdicts) but history stays quiet.
-        let fx = svc.observe(1_000, &counters(0, 0), &counters(0, 0)).unwrap();
+        let fx = svc
+            .observe(1_000, &counters(0, 0), &counters(0, 0))
+            .unwrap();
         assert!(fx.is_empty(), "{fx:?}");
         assert_eq!(svc.verdicts().len(), 1);
         start(&mut svc, 1_500);
         // Live now, but the verdict did not change: still no event.
-        let fx = svc.observe(2_000, &counters(0, 0), &counters(0, 0)).unwrap();
+        let fx = svc
+            .observe(2_000, &counters(0, 0), &counters(0, 0))
+            .unwrap();
         assert!(fx.is_empty(), "{fx:?}");
     }
 }

@@ -490,7 +490,7 @@ impl Rollout {
     /// due step back longer than the policy's `max-hold`; the hold continues.
     fn check_max_hold(&mut self, why: &str, now_ms: u64, fx: &mut Vec<Effect>) {
         let since = *self.holding_since_ms.get_or_insert(now_ms);
-        let max_s = 0u64/*PENDING_MAXHOLD*/;
+        let max_s = self.policy.analysis.max_hold_s;
         let held_ms = now_ms.saturating_sub(since);
         if max_s == 0 || self.hold_alerted || held_ms < max_s * 1_000 {
             return;

@@ -73,7 +73,8 @@ pub fn ensure(dir: &Path) -> Result<()> {
     if dir.starts_with(standard) && dir != standard && !dir.exists() && !is_bpffs(standard)? {
         mount_bpffs(standard)?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {} (bpffs_dir)", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating {} (bpffs_dir)", dir.display()))?;
     if !is_bpffs(dir)? {
         mount_bpffs(dir)?;
     }
