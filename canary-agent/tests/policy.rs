@@ -423,6 +423,18 @@ fn toml_errors_are_located() {
             "success-rate threshold 1 is a fraction and must be below 1",
         ],
     );
+    // Syntax errors without a message of their own, and lines without a key.
+    assert_error(
+        bad("[split]\ncanary ="),
+        2,
+        &["bad.toml:2: [split] canary: unexpected end of file"],
+    );
+    assert_error(bad("=\n"), 1, &["bad.toml:1: top level: invalid key"]);
+    assert_error(
+        bad("x = {\n"),
+        1,
+        &["bad.toml:1: x: invalid inline table; expected `}`"],
+    );
 }
 
 #[test]
@@ -631,6 +643,27 @@ fn scheme_errors_are_located() {
         4,
         &["define-stages high", "overlap stage low"],
     );
+}
+
+#[test]
+fn scheme_errors_in_dotted_tails_are_located() {
+    // lexpr gives the tail after a dot no position: the entry's line stands in.
+    assert_error(
+        parse_scheme(
+            "(define-progression\n  '((0 . 1)\n    (300 1 . 5)))\n",
+            "bad.scm",
+        ),
+        3,
+        &[
+            "bad.scm:3: define-progression (300 1 . 5):",
+            "expected a percentage, found (1 . 5)",
+        ],
+    );
+    // Messages quote long data cut short.
+    let long = format!("(define-progression '((0 . ({}))))", "1 ".repeat(200));
+    let err = parse_scheme(&long, "bad.scm").unwrap_err().to_string();
+    assert!(err.contains("found (1 1 1"), "{err}");
+    assert!(err.chars().count() < 200, "{err}");
 }
 
 #[test]

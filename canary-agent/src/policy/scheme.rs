@@ -17,6 +17,8 @@
 //! (define-rollback '((connections . drain)))                  ; or keep
 //! ```
 
+use std::cell::Cell;
+
 use lexpr::datum::Ref;
 use lexpr::Value;
 
@@ -45,7 +47,10 @@ const NOT_BUILT: [(&str, &str); 2] = [
 
 /// Parses a Scheme policy; `origin` names the file in errors.
 pub fn parse_scheme(text: &str, origin: &str) -> Result<Policy, PolicyError> {
-    let reader = Reader { origin };
+    let reader = Reader {
+        origin,
+        line: Cell::new(1),
+    };
     let mut draft = Draft::new(origin);
     let mut seen: Vec<String> = Vec::new();
     let mut parser = lexpr::Parser::from_str(text);
@@ -70,6 +75,9 @@ pub fn parse_scheme(text: &str, origin: &str) -> Result<Policy, PolicyError> {
 
 struct Reader<'o> {
     origin: &'o str,
+    /// Line of the innermost form or entry being read: the line of data whose datum
+    /// has no position of its own (lexpr gives none to the tail after a dot).
+    line: Cell<usize>,
 }
 
 /// `((key . value) ...)` entries, taken by name; leftovers are errors.
@@ -84,6 +92,19 @@ impl<'a> Props<'a> {
     }
 }
 
+/// A datum as written, cut short for messages (a stray datum may be a whole file).
+fn brief(r: Ref<'_>) -> String {
+    const MAX: usize = 60;
+    let text = r.value().to_string();
+    if text.chars().count() <= MAX {
+        return text;
+    }
+    let mut short: String = text.chars().take(MAX - 1).collect();
+    short.push('…');
+    short
+}
+
+/// 1-based line of a datum; 0 when lexpr does not know it.
 fn line(r: Ref<'_>) -> usize {
     r.span().start().line()
 }
@@ -93,15 +114,30 @@ impl Reader<'_> {
         PolicyError {
             kind: PolicyErrorKind::Invalid,
             origin: self.origin.to_string(),
-            line: Some(line(at)),
+            line: Some(self.line_of(at)),
             context: context.to_string(),
             reason: reason.into(),
         }
     }
 
+    /// The datum's line, or the enclosing entry's when it has none.
+    fn line_of(&self, at: Ref<'_>) -> usize {
+        match line(at) {
+            0 => self.line.get(),
+            known => known,
+        }
+    }
+
+    /// Notes that `at` is now being read, for [`Reader::line_of`].
+    fn enter(&self, at: Ref<'_>) {
+        if line(at) > 0 {
+            self.line.set(line(at));
+        }
+    }
+
     fn site(&self, at: Ref<'_>, context: String) -> Site {
         Site {
-            line: Some(line(at)),
+            line: Some(self.line_of(at)),
             context,
         }
     }
@@ -113,6 +149,7 @@ impl Reader<'_> {
         seen: &mut Vec<String>,
     ) -> Result<(), PolicyError> {
         let shape = "expected a (define-... '(...)) form";
+        self.enter(form);
         let items = self.list(form, "top level")?;
         let Some(name) = items.first().and_then(|h| h.as_symbol()) else {
             return Err(self.err(form, "top level", shape));
@@ -182,9 +219,7 @@ impl Reader<'_> {
         let mut props = self.props(data, ctx)?;
         let mut on_rollback = OnRollback::default();
         if let Some(v) = props.take("connections") {
-            let name = v
-                .as_symbol()
-                .map_or_else(|| v.value().to_string(), str::to_string);
+            let name = v.as_symbol().map_or_else(|| brief(v), str::to_string);
             on_rollback = OnRollback::parse(&name)
                 .map_err(|r| self.err(v, &format!("{ctx} connections"), r))?;
         }
@@ -212,7 +247,8 @@ impl Reader<'_> {
         let ctx = "define-progression";
         let mut steps = Vec::new();
         for entry in self.list(data, ctx)? {
-            let here = format!("{ctx} {}", entry.value());
+            self.enter(entry);
+            let here = format!("{ctx} {}", brief(entry));
             let (at, weight) = entry
                 .as_pair()
                 .ok_or_else(|| self.err(entry, &here, "expected (SECONDS . PERCENT)"))?;
@@ -384,7 +420,7 @@ impl Reader<'_> {
     }
 
     fn list<'a>(&self, r: Ref<'a>, ctx: &str) -> Result<Vec<Ref<'a>>, PolicyError> {
-        let not_list = || self.err(r, ctx, format!("expected a list, found {}", r.value()));
+        let not_list = || self.err(r, ctx, format!("expected a list, found {}", brief(r)));
         let mut iter = r.list_iter().ok_or_else(not_list)?;
         let items: Vec<Ref<'a>> = iter.by_ref().collect();
         if !iter.is_empty() {
@@ -395,6 +431,7 @@ impl Reader<'_> {
 
     /// `(name ...)` with a symbol head; returns the name and the tail.
     fn named<'a>(&self, entry: Ref<'a>, ctx: &str) -> Result<(String, Ref<'a>), PolicyError> {
+        self.enter(entry);
         match entry.as_pair() {
             Some((name, rest)) if name.is_symbol() => {
                 Ok((name.as_symbol().unwrap_or_default().to_string(), rest))
@@ -402,7 +439,7 @@ impl Reader<'_> {
             _ => Err(self.err(
                 entry,
                 ctx,
-                format!("expected (NAME ...), found {}", entry.value()),
+                format!("expected (NAME ...), found {}", brief(entry)),
             )),
         }
     }
@@ -432,7 +469,7 @@ impl Reader<'_> {
                 Some(i) => percent_int_to_bp(i),
                 None => percent_float_to_bp(n.as_f64().unwrap_or(f64::NAN)),
             },
-            other => Err(format!("expected a percentage, found {other}")),
+            _ => Err(format!("expected a percentage, found {}", brief(r))),
         };
         converted.map_err(|reason| self.err(r, ctx, reason))
     }
@@ -443,8 +480,9 @@ impl Reader<'_> {
                 .as_u64()
                 .ok_or_else(|| format!("duration {n} must be whole seconds, not negative")),
             Value::String(s) => super::parse_duration(s),
-            other => Err(format!(
-                "expected seconds or a \"5m\" string, found {other}"
+            _ => Err(format!(
+                "expected seconds or a \"5m\" string, found {}",
+                brief(r)
             )),
         };
         converted.map_err(|reason| self.err(r, ctx, reason))
@@ -452,19 +490,17 @@ impl Reader<'_> {
 
     fn number(&self, r: Ref<'_>, ctx: &str) -> Result<f64, PolicyError> {
         r.as_f64()
-            .ok_or_else(|| self.err(r, ctx, format!("expected a number, found {}", r.value())))
+            .ok_or_else(|| self.err(r, ctx, format!("expected a number, found {}", brief(r))))
     }
 
     fn string(&self, r: Ref<'_>, ctx: &str) -> Result<String, PolicyError> {
         r.as_str()
             .map(str::to_string)
-            .ok_or_else(|| self.err(r, ctx, format!("expected a string, found {}", r.value())))
+            .ok_or_else(|| self.err(r, ctx, format!("expected a string, found {}", brief(r))))
     }
 
     fn action(&self, r: Ref<'_>, ctx: &str) -> Result<Action, PolicyError> {
-        let name = r
-            .as_symbol()
-            .map_or_else(|| r.value().to_string(), str::to_string);
+        let name = r.as_symbol().map_or_else(|| brief(r), str::to_string);
         Action::parse(&name).map_err(|reason| self.err(r, ctx, reason))
     }
 }

@@ -214,13 +214,13 @@ impl TryFrom<String> for Condition {
 /// Parses a TOML policy; `origin` names the file in errors.
 pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let raw: RawPolicy = ::toml::from_str(text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
+        let at = char_floor(text, e.span().map_or(0, |s| s.start));
         PolicyError {
             kind: PolicyErrorKind::Invalid,
             origin: origin.to_string(),
-            line: Some(line_of(text, span.start)),
-            context: context_at(text, span.start),
-            reason: e.message().trim().to_string(),
+            line: Some(line_of(text, at)),
+            context: context_at(text, at),
+            reason: syntax_reason(text, at, e.message()),
         }
     })?;
     let site = |span: Range<usize>, what: &str, n: usize| Site {
@@ -328,13 +328,56 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     draft.finish()
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
+/// `offset` clamped to the text and moved back to a character boundary.
+fn char_floor(text: &str, offset: usize) -> usize {
+    let mut at = offset.min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
 }
 
-/// "[[step]] #2 weight": the table (with its index) and key at `offset`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..char_floor(text, offset)].matches('\n').count() + 1
+}
+
+/// The parser's message on one line; some syntax errors come without one.
+fn syntax_reason(text: &str, at: usize, message: &str) -> String {
+    let lines: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if !lines.is_empty() {
+        return lines.join("; ");
+    }
+    match text[at..].chars().next() {
+        None => "unexpected end of file".to_string(),
+        Some(c) => format!("unexpected character {c:?}"),
+    }
+}
+
+/// "[[step]] #2 weight": the table (with its index) and key at `offset`; "top level"
+/// when neither can be told. Control characters are escaped and long text cut short.
 fn context_at(text: &str, offset: usize) -> String {
-    let offset = offset.min(text.len());
+    let context = table_and_key_at(text, offset);
+    let context = context.trim();
+    if context.is_empty() {
+        return "top level".to_string();
+    }
+    let mut short: String = context.chars().take(60).collect();
+    if short.len() < context.len() {
+        short.push('…');
+    }
+    if short.chars().any(char::is_control) {
+        format!("{short:?}")
+    } else {
+        short
+    }
+}
+
+fn table_and_key_at(text: &str, offset: usize) -> String {
+    let offset = char_floor(text, offset);
     let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
     let upto = &text[..line_start + line.len()];
