@@ -627,11 +627,7 @@ impl Agent {
         }
         if self.services[i].draining {
             let id = self.services[i].id;
-            let progress = crate::datapath::DrainProgress {
-                closed: 0,
-                remaining: 0,
-            };
-            let _ = id; /*PENDING_DRAIN*/
+            let progress = self.datapath.drain_idle(id, std::time::Instant::now())?;
             if progress.closed > 0 {
                 tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, "closed idle canary connections");
             }
