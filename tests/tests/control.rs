@@ -43,7 +43,11 @@ fn splits(topo: &Topology) -> Result<()> {
             Duration::from_secs(5),
         )
     })?;
-    ensure!(report.failed() == 0, "datapath failures {:?}", report.failures);
+    ensure!(
+        report.failed() == 0,
+        "datapath failures {:?}",
+        report.failures
+    );
     ensure!(
         report.count("stable") > 0 && report.count("canary") > 0,
         "not split: {:?}",
@@ -66,9 +70,15 @@ fn the_control_socket_survives_abuse() -> Result<()> {
     let answer = exchange(&socket, b"\x00\xffgarbage{{{\n")?;
     ensure!(answer.contains("bad request"), "garbage: {answer:?}");
     let answer = exchange(&socket, b"{\"cmd\":\"frobnicate\"}\n")?;
-    ensure!(answer.contains("bad request") && answer.contains("frobnicate"), "{answer:?}");
+    ensure!(
+        answer.contains("bad request") && answer.contains("frobnicate"),
+        "{answer:?}"
+    );
     let answer = exchange(&socket, b"{\"cmd\":\"status\"")?;
-    ensure!(answer.contains("closed before the end"), "half line: {answer:?}");
+    ensure!(
+        answer.contains("closed before the end"),
+        "half line: {answer:?}"
+    );
     let big = vec![b'x'; 10 << 20];
     let answer = exchange(&socket, &big)?;
     ensure!(answer.contains("longer than"), "10 MB line: {answer:?}");
