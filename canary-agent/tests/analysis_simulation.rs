@@ -1,8 +1,8 @@
 //! Seeded traffic simulations: false alarms (A/A) and detection times.
 //!
 //! The printed numbers are the ones reported in BENCHMARKS.md; reproduce with
-//! `cargo test --release --test simulation -- --nocapture` (and `--ignored` for the
-//! detection-time table).
+//! `cargo test --release -p canary-agent --test analysis_simulation -- --nocapture`
+//! (and `--ignored` for the detection-time table).
 
 mod common;
 
@@ -262,7 +262,7 @@ fn same_p99_with_other_shape_never_fails() {
 }
 
 /// Detection-time table against traffic rate and effect size (slow: ~1 min).
-/// `cargo test --release --test simulation -- --ignored --nocapture detection_table`
+/// `cargo test --release -p canary-agent --test analysis_simulation -- --ignored --nocapture detection_table`
 #[test]
 #[ignore = "slow sweep; run explicitly for BENCHMARKS.md"]
 fn detection_table() {

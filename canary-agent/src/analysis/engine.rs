@@ -15,7 +15,7 @@ pub const DEFAULT_ALPHA: f64 = 0.01;
 /// Rules exist to catch spikes fast, so they look at a short window: 30 s holds ~600
 /// canary requests at 20 req/s — enough to resolve a 1.5× error ratio or a 2× p99 — and a
 /// fault fills a large share of it within seconds. Measured at 200 req/s with 10 %
-/// canary (tests/simulation.rs): a 100 % failing canary is rolled back in ≤ 2 s with
+/// canary (tests/analysis_simulation.rs): a 100 % failing canary is rolled back in ≤ 2 s with
 /// 30 s (a 60 s window dilutes the first seconds of a fault and took 3 s in a few runs
 /// where the canary happened to get few requests), and shorter windows gain nothing
 /// measurable while adding false alarms (every extra window length of history is

@@ -26,8 +26,8 @@
 //! one (the data only grow from the first reading); afterwards every window length of
 //! new data is roughly a fresh test, so false alarms grow with run length divided by
 //! window length. What bounds the practical rate is the A/A simulation in
-//! `tests/simulation.rs` (all seed metrics and rules, every second, 500 runs of 30
-//! minutes at 200 req/s): 0.2 % of runs rolled back, all within the first minute, i.e.
+//! `tests/analysis_simulation.rs` (all seed metrics and rules, every second, 500 runs of
+//! 30 minutes at 200 req/s): 0.2 % of runs rolled back, all within the first minute, i.e.
 //! inside the e-process regime — and it is why rules on sparse business metrics get a
 //! longer window ([`DEFAULT_CUSTOM_RULE_WINDOW_S`]) than spike rules.
 //!

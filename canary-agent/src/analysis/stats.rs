@@ -21,7 +21,7 @@
 //! reaches a larger e-value; the A/A simulation confirms it end to end.
 //!
 //! All special functions are implemented here (no numeric dependency) and checked
-//! against SciPy in `tests/reference.rs`.
+//! against SciPy in `tests/analysis_reference.rs`.
 
 /// ½ ln(2π).
 const HALF_LN_2PI: f64 = 0.918_938_533_204_672_8;
