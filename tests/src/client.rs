@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -510,6 +511,17 @@ pub struct HttpReport {
     pub by_version: BTreeMap<String, u64>,
     /// Requests without a response, per reason.
     pub failures: BTreeMap<String, u64>,
+    /// Requests sent again, once, on a new connection because their reused
+    /// keep-alive connection closed before any byte of the response arrived
+    /// (RFC 9112 §9.3.1; every request here is an idempotent GET), per reason of
+    /// the first attempt. The second attempt is counted like any request: a
+    /// response, or a failure.
+    pub retries: BTreeMap<String, u64>,
+    /// Pooled connections found closed when a request was about to use them
+    /// (the server closed them while idle), or that closed before the request
+    /// was written: discarded and replaced by a new connection, as any HTTP/1.1
+    /// client's pool does. No request was sent on them.
+    pub closed_idle: u64,
     pub latency: Latency,
 }
 
@@ -529,8 +541,17 @@ impl HttpReport {
         self.failures.values().sum()
     }
 
+    /// Requests sent a second time (see [`HttpReport::retries`]).
+    pub fn retried(&self) -> u64 {
+        self.retries.values().sum()
+    }
+
     fn merge(&mut self, other: HttpReport) {
         self.sent += other.sent;
+        self.closed_idle += other.closed_idle;
+        for (k, v) in other.retries {
+            *self.retries.entry(k).or_default() += v;
+        }
         for (k, v) in other.by_status {
             *self.by_status.entry(k).or_default() += v;
         }
@@ -548,6 +569,14 @@ impl HttpReport {
 /// replaced on its next request). Requests are scheduled open-loop; a worker
 /// that falls more than 5 s behind gives up its remaining requests, so the
 /// call returns within `duration` + 10 s.
+///
+/// Each worker behaves like a standard HTTP/1.1 client with a one-connection
+/// pool: a pooled connection the server closed while idle is discarded and a
+/// new one opened ([`HttpReport::closed_idle`]), and a request whose reused
+/// connection closed before any response byte arrived is retried once on a new
+/// connection (RFC 9112 §9.3.1, counted in [`HttpReport::retries`]). A request
+/// on a fresh connection is never retried, so a server that resets every
+/// request still shows as failures.
 pub fn http_load(
     target: SocketAddr,
     path: &str,
@@ -601,7 +630,7 @@ struct LoadPlan {
 async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) {
     let mut report = HttpReport::default();
     let mut samples = Vec::new();
-    let mut conn: Option<SendRequest<Full<Bytes>>> = None;
+    let mut conn: Option<HttpConn> = None;
     let mut slot = first;
     while slot < plan.total {
         if Instant::now() >= plan.give_up {
@@ -615,15 +644,9 @@ async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) 
         sleep_until(plan.start + plan.period.mul_f64(slot as f64)).await;
         report.sent += 1;
         let began = Instant::now();
-        let outcome = timeout(HTTP_TIMEOUT, async {
-            if conn.as_ref().is_none_or(|c| c.is_closed()) {
-                conn = Some(connect_http(plan.target).await?);
-            }
-            let sender = conn.as_mut().expect("connection was just set");
-            send_http(sender, plan.target, Method::GET, &plan.path, None).await
-        })
-        .await
-        .unwrap_or_else(|_| Err("timeout".to_string()));
+        let outcome = timeout(HTTP_TIMEOUT, pooled_request(&mut conn, &mut report, &plan))
+            .await
+            .unwrap_or_else(|_| Err("timeout".to_string()));
         match outcome {
             Ok(resp) => {
                 samples.push(began.elapsed());
@@ -639,6 +662,54 @@ async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) 
         slot += plan.stride;
     }
     (report, samples)
+}
+
+/// How many times in a row a request may find its connection closed before it
+/// was written (each time on a new connection) before it counts as failed.
+const MAX_NOT_SENT: u32 = 3;
+
+/// One request of [`load_worker`] through its one-connection pool.
+async fn pooled_request(
+    conn: &mut Option<HttpConn>,
+    report: &mut HttpReport,
+    plan: &LoadPlan,
+) -> Result<HttpResponse, String> {
+    let mut retried: Option<String> = None;
+    let mut not_sent = 0;
+    loop {
+        if conn.as_ref().is_some_and(|c| c.sender.is_closed()) {
+            *conn = None;
+            report.closed_idle += 1;
+        }
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(connect_http(plan.target).await?),
+        };
+        let reused = c.responses > 0;
+        match send_http(c, plan.target, Method::GET, &plan.path, None).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => {
+                *conn = None;
+                match e {
+                    SendError::NotSent(_) if not_sent < MAX_NOT_SENT => {
+                        not_sent += 1;
+                        report.closed_idle += 1;
+                    }
+                    SendError::NoResponse(reason) if reused && retried.is_none() => {
+                        *report.retries.entry(reason.clone()).or_default() += 1;
+                        retried = Some(reason);
+                    }
+                    e => {
+                        let reason = e.to_string();
+                        return Err(match retried {
+                            Some(first) => format!("{reason} (on retry after: {first})"),
+                            None => reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A complete HTTP response.
@@ -663,8 +734,10 @@ pub fn http_request(
         Method::from_bytes(method.as_bytes()).with_context(|| format!("method {method:?}"))?;
     runtime()?.block_on(async {
         let exchange = async {
-            let mut sender = connect_http(target).await?;
-            send_http(&mut sender, target, method.clone(), path, body).await
+            let mut conn = connect_http(target).await?;
+            send_http(&mut conn, target, method.clone(), path, body)
+                .await
+                .map_err(|e| e.to_string())
         };
         tokio::time::timeout(timeout, exchange)
             .await
@@ -673,31 +746,117 @@ pub fn http_request(
     })
 }
 
-async fn connect_http(target: SocketAddr) -> Result<SendRequest<Full<Bytes>>, String> {
+/// An HTTP/1.1 client connection: its request sender, the bytes read on it so
+/// far (to tell whether any byte of a response arrived) and how many responses
+/// it has completed (whether it is being reused).
+struct HttpConn {
+    sender: SendRequest<Full<Bytes>>,
+    read: Arc<AtomicU64>,
+    responses: u64,
+}
+
+/// A TCP stream that counts the bytes read from it.
+struct CountingStream {
+    inner: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for CountingStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn connect_http(target: SocketAddr) -> Result<HttpConn, String> {
     let stream = TcpStream::connect(target)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     stream
         .set_nodelay(true)
         .map_err(|e| format!("nodelay: {e}"))?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let read = Arc::new(AtomicU64::new(0));
+    let counted = CountingStream {
+        inner: stream,
+        read: read.clone(),
+    };
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(counted))
         .await
         .map_err(|e| format!("handshake: {}", error_chain(&e)))?;
     // Connection errors also fail the request in flight, which reports them.
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok(HttpConn {
+        sender,
+        read,
+        responses: 0,
+    })
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+enum SendError {
+    /// The connection was closed before the request was written: it never left.
+    NotSent(String),
+    /// Written, but the connection closed (or was reset) before any byte of the
+    /// response arrived.
+    NoResponse(String),
+    /// Anything else, e.g. a connection that closed in the middle of a response.
+    Failed(String),
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::NotSent(e) => write!(f, "not sent: {e}"),
+            SendError::NoResponse(e) | SendError::Failed(e) => f.write_str(e),
+        }
+    }
 }
 
 async fn send_http(
-    sender: &mut SendRequest<Full<Bytes>>,
+    conn: &mut HttpConn,
     target: SocketAddr,
     method: Method,
     path: &str,
     body: Option<&str>,
-) -> Result<HttpResponse, String> {
-    sender.ready().await.map_err(|e| error_chain(&e))?;
+) -> Result<HttpResponse, SendError> {
+    conn.sender
+        .ready()
+        .await
+        .map_err(|e| SendError::NotSent(error_chain(&e)))?;
     let mut req = Request::builder()
         .method(method)
         .uri(path)
@@ -707,11 +866,21 @@ async fn send_http(
     }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or("").to_owned())))
-        .map_err(|e| format!("building request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| SendError::Failed(format!("building request: {e}")))?;
+    let read_before = conn.read.load(Ordering::Relaxed);
+    let resp = match conn.sender.try_send_request(req).await {
+        Ok(resp) => resp,
+        Err(mut e) => {
+            let reason = error_chain(e.error());
+            return Err(if e.take_message().is_some() {
+                SendError::NotSent(reason)
+            } else if conn.read.load(Ordering::Relaxed) == read_before {
+                SendError::NoResponse(reason)
+            } else {
+                SendError::Failed(reason)
+            });
+        }
+    };
     let status = resp.status().as_u16();
     let version = resp
         .headers()
@@ -722,8 +891,9 @@ async fn send_http(
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("body: {}", error_chain(&e)))?
+        .map_err(|e| SendError::Failed(format!("body: {}", error_chain(&e))))?
         .to_bytes();
+    conn.responses += 1;
     Ok(HttpResponse {
         status,
         version,

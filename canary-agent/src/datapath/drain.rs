@@ -6,13 +6,28 @@
 //! closes them the way a server closes an idle keep-alive connection, by emitting TCP
 //! segments with exact sequence numbers. The kernel programs keep each direction's
 //! sequence state in the flow entries (`FlowValue::tcp`: the sender's next sequence
-//! number and last ack). A canary flow is idle when
+//! number and last ack). A canary flow is closed at a request boundary:
 //!
 //! * no request is pending (the reply entry's `ts_ns` is 0: no request seen without
-//!   the start of its response),
-//! * nothing is in flight: the client has acked everything the backend sent and the
-//!   backend has acked everything the client sent, and
-//! * that state has not changed for at least [`DRAIN_QUIET`] (across scans).
+//!   the start of its response), the backend has acked everything the client sent,
+//!   and the client has acked everything the backend sent,
+//! * and that state has not changed for at least [`DRAIN_QUIET`] (across scans).
+//!
+//! A keep-alive connection that carries a request every few tens of milliseconds is
+//! never quiet for 100 ms, and its client rarely shows a full ack: an HTTP client's
+//! ACK of a response usually rides on its next request (delayed ACK). Such a
+//! connection is *busy* once it has been draining for [`DRAIN_PATIENCE`] and its
+//! client started new requests between scans at least [`BUSY_TURNOVERS`] times; it is
+//! then closed at a boundary seen by one scan (and again by a re-read just before
+//! closing) even if the client has not acked the latest response yet. Its client
+//! keeps starting new requests, which an HTTP/1.1 client does once the previous
+//! response is complete; what the backend sent has left the node. The quiet period is
+//! what protects a response whose body pauses after its status line, so one long
+//! response (no new requests) is only ever closed by the quiet rule. What a busy close
+//! risks: a response segment lost in flight at that moment is not retransmitted (the
+//! backend is reset), and a request the client sends while the FIN is on its way
+//! fails without a response byte (HTTP clients retry it once if idempotent, RFC 9112
+//! §9.3.1) — the race any server closing a keep-alive connection has.
 //!
 //! For an idle flow both entries are marked `FLOW_CLOSING` first (so the backend's
 //! answer to what follows is not counted as a canary reset, and a SYN on the tuple is
@@ -46,6 +61,12 @@ use super::Datapath;
 
 /// How long a flow's sequence state must stay unchanged before it counts as idle.
 pub const DRAIN_QUIET: Duration = Duration::from_millis(100);
+/// How long a flow may go without a quiet moment before it is closed at any request
+/// boundary, if it is busy with requests (see the module documentation).
+pub const DRAIN_PATIENCE: Duration = Duration::from_secs(1);
+/// New requests (seen between scans) that make a flow busy rather than one long
+/// response.
+pub const BUSY_TURNOVERS: u32 = 2;
 
 /// Entries fetched per BPF_MAP_LOOKUP_BATCH call.
 const BATCH: usize = 4096;
@@ -69,11 +90,49 @@ pub struct DrainProgress {
     pub remaining: usize,
 }
 
-/// A flow's sequence state as last seen, and since when it has been unchanged.
+/// A flow as the drain's scans have seen it.
 struct Seen {
     service: u32,
+    /// The sequence state, and since when it has been unchanged.
     state: [TcpSeq; 2],
     since: Instant,
+    /// When a scan first saw the flow.
+    first: Instant,
+    /// Sequence number of the latest request start (the forward entry's telemetry
+    /// `last_seq`), and how many times it changed between scans.
+    request: u32,
+    turnovers: u32,
+}
+
+/// Why an idle flow may be closed now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Why {
+    Quiet,
+    Busy,
+}
+
+impl Seen {
+    /// Records this scan's view of the flow and says whether it may be closed now if
+    /// it is at a request boundary.
+    fn update(&mut self, state: [TcpSeq; 2], request: u32, now: Instant) -> Option<Why> {
+        if state != self.state {
+            self.state = state;
+            self.since = now;
+        }
+        if request != self.request {
+            self.request = request;
+            self.turnovers += 1;
+        }
+        if now.duration_since(self.since) >= DRAIN_QUIET {
+            Some(Why::Quiet)
+        } else if now.duration_since(self.first) >= DRAIN_PATIENCE
+            && self.turnovers >= BUSY_TURNOVERS
+        {
+            Some(Why::Busy)
+        } else {
+            None
+        }
+    }
 }
 
 /// Drain state kept in the [`Datapath`]: the flow table, the previous scans' view of
@@ -110,8 +169,9 @@ impl Datapath {
     /// documentation) and reports how many were closed and how many remain. Meant to be
     /// called periodically (every ~100 ms) while a rolled-back service drains: a flow is
     /// only closed once its state has been seen unchanged for [`DRAIN_QUIET`], which
-    /// takes at least two scans. Flows of other services and stable flows are never
-    /// touched; UDP flows are not drained (there is no boundary to close them at).
+    /// takes at least two scans, or, if it is busy with requests, at a boundary after
+    /// [`DRAIN_PATIENCE`]. Flows of other services and stable flows are never touched;
+    /// UDP flows are not drained (there is no boundary to close them at).
     pub fn drain_idle(&mut self, service_id: u32, now: Instant) -> Result<DrainProgress> {
         let service = self
             .installed()?
@@ -134,6 +194,7 @@ impl Datapath {
         }
         let drain = &mut self.drain;
         let mut progress = DrainProgress::default();
+        let mut busy = 0;
         let mut scanned = Vec::with_capacity(open.len());
         for (key, fwd) in open {
             let rkey = reply_key(&key, &fwd);
@@ -148,24 +209,24 @@ impl Datapath {
             }
             scanned.push(key);
             let state = [fwd.tcp, reply.tcp];
-            let quiet = match drain.seen.get_mut(&key) {
-                Some(seen) if seen.state == state => now.duration_since(seen.since) >= DRAIN_QUIET,
-                _ => {
-                    drain.seen.insert(
-                        key,
-                        Seen {
-                            service: service_id,
-                            state,
-                            since: now,
-                        },
-                    );
-                    false
-                }
+            let seen = drain.seen.entry(key).or_insert(Seen {
+                service: service_id,
+                state,
+                since: now,
+                first: now,
+                request: fwd.last_seq,
+                turnovers: 0,
+            });
+            let why = seen.update(state, fwd.last_seq, now);
+            let idle = match why {
+                Some(Why::Quiet) => at_request_boundary(&fwd, &reply, false),
+                Some(Why::Busy) => at_request_boundary(&fwd, &reply, true),
+                None => false,
             };
-            let idle = quiet && at_request_boundary(&fwd, &reply);
             if idle && drain.close(&key, &fwd, &rkey, &reply)? {
                 drain.seen.remove(&key);
                 progress.closed += 1;
+                busy += usize::from(why == Some(Why::Busy));
             } else {
                 progress.remaining += 1;
             }
@@ -175,11 +236,12 @@ impl Datapath {
             .seen
             .retain(|k, s| s.service != service_id || scanned.contains(k));
         if progress.closed > 0 {
-            tracing::info!(
+            tracing::debug!(
                 service_id,
                 closed = progress.closed,
+                busy,
                 remaining = progress.remaining,
-                "drained idle canary connections"
+                "closed canary connections at request boundaries (busy: never quiet for 100 ms)"
             );
         }
         Ok(progress)
@@ -207,14 +269,13 @@ fn is_canary_tcp_of(service: &ServiceKey, id: u32, key: &FlowKey, value: &FlowVa
     }
 }
 
-/// No request pending and nothing in flight either way.
-fn at_request_boundary(fwd: &FlowValue, reply: &FlowValue) -> bool {
+/// No request pending and nothing in flight either way; for a busy flow, the client's
+/// ack of what the backend sent may lag (see the module documentation).
+fn at_request_boundary(fwd: &FlowValue, reply: &FlowValue, busy: bool) -> bool {
     let (client, backend) = (fwd.tcp, reply.tcp);
-    reply.ts_ns == 0
-        && client.next != 0
-        && backend.next != 0
-        && client.ack == backend.next
-        && backend.ack == client.next
+    let acked = client.ack == backend.next
+        || (busy && client.ack != 0 && !canary_common::seq_after(client.ack, backend.next));
+    reply.ts_ns == 0 && client.next != 0 && backend.next != 0 && backend.ack == client.next && acked
 }
 
 fn reply_key(key: &FlowKey, fwd: &FlowValue) -> FlowKey {
@@ -648,20 +709,68 @@ mod tests {
     #[test]
     fn idle_only_at_a_request_boundary() {
         let (_, fwd, reply) = flow("198.18.1.2:1", "198.19.0.10:80", "198.18.3.2:8080");
-        assert!(at_request_boundary(&fwd, &reply));
-        let pending = FlowValue { ts_ns: 5, ..reply };
-        assert!(!at_request_boundary(&fwd, &pending), "request pending");
+        for busy in [false, true] {
+            assert!(at_request_boundary(&fwd, &reply, busy));
+            let pending = FlowValue { ts_ns: 5, ..reply };
+            assert!(
+                !at_request_boundary(&fwd, &pending, busy),
+                "request pending"
+            );
+            let mut sent = fwd;
+            sent.tcp.next += 30; // a request the backend has not acked
+            assert!(!at_request_boundary(&sent, &reply, busy));
+            let mut unseen = reply;
+            unseen.tcp = TcpSeq::default(); // no backend segment seen (no SYN-ACK)
+            let mut fwd_unseen = fwd;
+            fwd_unseen.tcp.ack = 0;
+            assert!(!at_request_boundary(&fwd_unseen, &unseen, busy));
+        }
+        // The client has not acked the end of the response (delayed ACK): a boundary
+        // only for a busy flow.
         let mut unacked = fwd;
-        unacked.tcp.ack -= 10; // the client has not acked the response's end
-        assert!(!at_request_boundary(&unacked, &reply));
-        let mut sent = fwd;
-        sent.tcp.next += 30; // a request the backend has not acked
-        assert!(!at_request_boundary(&sent, &reply));
-        let mut unseen = reply;
-        unseen.tcp = TcpSeq::default(); // no backend segment seen (no SYN-ACK)
-        let mut fwd_unseen = fwd;
-        fwd_unseen.tcp.ack = 0;
-        assert!(!at_request_boundary(&fwd_unseen, &unseen));
+        unacked.tcp.ack -= 10;
+        assert!(!at_request_boundary(&unacked, &reply, false));
+        assert!(at_request_boundary(&unacked, &reply, true));
+        let mut beyond = fwd;
+        beyond.tcp.ack += 10; // acks what the backend never sent: inconsistent
+        assert!(!at_request_boundary(&beyond, &reply, true));
+    }
+
+    #[test]
+    fn quiet_flows_and_busy_request_flows_may_close_one_long_response_only_when_quiet() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let state = |n: u32| [TcpSeq { next: n, ack: 1 }, TcpSeq { next: 1, ack: n }];
+        let new = |at| Seen {
+            service: 0,
+            state: state(0),
+            since: at,
+            first: at,
+            request: 0,
+            turnovers: 0,
+        };
+        // Quiet: unchanged for 100 ms, however long it has been drained.
+        let mut s = new(ms(0));
+        assert_eq!(s.update(state(0), 0, ms(50)), None);
+        assert_eq!(s.update(state(0), 0, ms(100)), Some(Why::Quiet));
+        assert_eq!(
+            s.update(state(1), 0, ms(150)),
+            None,
+            "changed: quiet again from 150"
+        );
+        assert_eq!(s.update(state(1), 0, ms(250)), Some(Why::Quiet));
+        // A connection with a new request at every scan is never quiet; after the
+        // patience it is busy.
+        let mut s = new(ms(0));
+        for (i, at) in (100..1000).step_by(100).enumerate() {
+            assert_eq!(s.update(state(i as u32 + 1), i as u32 + 1, ms(at)), None);
+        }
+        assert_eq!(s.update(state(20), 20, ms(1000)), Some(Why::Busy));
+        // One long response: data moves, no new request: never busy.
+        let mut s = new(ms(0));
+        for (i, at) in (100..3000).step_by(100).enumerate() {
+            assert_eq!(s.update(state(i as u32 + 1), 0, ms(at)), None);
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::convert::Infallible;
 use std::future::Future;
@@ -81,6 +82,10 @@ struct State {
     requests: Family<RequestLabels, Counter>,
     checkout_attempts: Family<VersionLabels, Counter>,
     conversions: Family<VersionLabels, Counter>,
+    /// HTTP connections open now (accepted and not yet closed).
+    connections_open: Family<VersionLabels, Gauge>,
+    /// Wall-clock time of the latest HTTP request, seconds since the Unix epoch.
+    last_request: Family<VersionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl State {
@@ -90,6 +95,9 @@ impl State {
         let requests = Family::<RequestLabels, Counter>::default();
         let checkout_attempts = Family::<VersionLabels, Counter>::default();
         let conversions = Family::<VersionLabels, Counter>::default();
+        let connections_open = Family::<VersionLabels, Gauge>::default();
+        let last_request =
+            Family::<VersionLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
         // Zero series exist from the start, so rates are defined before the
         // first checkout.
         let version = VersionLabels {
@@ -97,6 +105,8 @@ impl State {
         };
         let _ = checkout_attempts.get_or_create(&version);
         let _ = conversions.get_or_create(&version);
+        let _ = connections_open.get_or_create(&version);
+        let _ = last_request.get_or_create(&version);
         let mut registry = Registry::default();
         registry.register(
             "lab_requests",
@@ -113,6 +123,16 @@ impl State {
             "Successful /checkout requests that converted",
             conversions.clone(),
         );
+        registry.register(
+            "lab_http_connections_open",
+            "HTTP connections open now",
+            connections_open.clone(),
+        );
+        registry.register(
+            "lab_last_request_timestamp_seconds",
+            "Wall-clock time of the latest HTTP request (0 before the first)",
+            last_request.clone(),
+        );
         Ok(State {
             name,
             name_header,
@@ -121,6 +141,8 @@ impl State {
             requests,
             checkout_attempts,
             conversions,
+            connections_open,
+            last_request,
         })
     }
 
@@ -278,6 +300,13 @@ async fn serve_http(listener: TcpListener, state: Arc<State>) {
     accept_loop(listener, |mut stream| {
         let state = state.clone();
         async move {
+            let open = state
+                .connections_open
+                .get_or_create(&state.version())
+                .clone();
+            open.inc();
+            // Counted down however the connection ends (the task is never aborted).
+            let _closed = DecOnDrop(open);
             let reset = Arc::new(Notify::new());
             let reset_now = {
                 let reset_svc = reset.clone();
@@ -304,11 +333,24 @@ async fn serve_http(listener: TcpListener, state: Arc<State>) {
     .await
 }
 
+/// Decrements a gauge when dropped.
+struct DecOnDrop(Gauge);
+
+impl Drop for DecOnDrop {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn handle_http(
     state: Arc<State>,
     reset: Arc<Notify>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    state.last_request.get_or_create(&state.version()).set(now);
     let faults = state.faults();
     if faults.extra_latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.extra_latency_ms)).await;
