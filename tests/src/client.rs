@@ -570,19 +570,46 @@ impl HttpReport {
 /// that falls more than 5 s behind gives up its remaining requests, so the
 /// call returns within `duration` + 10 s.
 ///
-/// Each worker behaves like a standard HTTP/1.1 client with a one-connection
-/// pool: a pooled connection the server closed while idle is discarded and a
-/// new one opened ([`HttpReport::closed_idle`]), and a request whose reused
-/// connection closed before any response byte arrived is retried once on a new
-/// connection (RFC 9112 §9.3.1, counted in [`HttpReport::retries`]). A request
-/// on a fresh connection is never retried, so a server that resets every
-/// request still shows as failures.
+/// Strict: every request that gets no response is a failure, so a test sees
+/// each connection the datapath breaks. A pooled connection already known to be
+/// closed when a request is due is replaced first (counted in
+/// [`HttpReport::closed_idle`]). [`http_load_with_retries`] behaves like a
+/// standard HTTP/1.1 client instead.
 pub fn http_load(
     target: SocketAddr,
     path: &str,
     rps: u32,
     duration: Duration,
     concurrency: usize,
+) -> Result<HttpReport> {
+    load(target, path, rps, duration, concurrency, false)
+}
+
+/// [`http_load`] with each worker behaving like a standard HTTP/1.1 client with
+/// a one-connection pool: a pooled connection the server closed while idle is
+/// discarded and a new one opened, also when that shows only as the request
+/// not being sent ([`HttpReport::closed_idle`]), and a request whose reused
+/// connection closed before any byte of the response arrived is retried once on
+/// a new connection (RFC 9112 §9.3.1; these are idempotent GETs), counted in
+/// [`HttpReport::retries`]. A request on a fresh connection is never retried, so
+/// a server that resets every request still shows as failures.
+pub fn http_load_with_retries(
+    target: SocketAddr,
+    path: &str,
+    rps: u32,
+    duration: Duration,
+    concurrency: usize,
+) -> Result<HttpReport> {
+    load(target, path, rps, duration, concurrency, true)
+}
+
+fn load(
+    target: SocketAddr,
+    path: &str,
+    rps: u32,
+    duration: Duration,
+    concurrency: usize,
+    retry: bool,
 ) -> Result<HttpReport> {
     if rps == 0 || concurrency == 0 {
         bail!("http_load needs rps > 0 and concurrency > 0");
@@ -599,6 +626,7 @@ pub fn http_load(
             total,
             stride: concurrency as u64,
             give_up: start + duration + HTTP_TIMEOUT,
+            retry,
         };
         let mut workers = JoinSet::new();
         for first in 0..concurrency as u64 {
@@ -625,6 +653,8 @@ struct LoadPlan {
     total: u64,
     stride: u64,
     give_up: Instant,
+    /// Behave like a standard client (see [`http_load_with_retries`]).
+    retry: bool,
 }
 
 async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) {
@@ -668,7 +698,8 @@ async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) 
 /// was written (each time on a new connection) before it counts as failed.
 const MAX_NOT_SENT: u32 = 3;
 
-/// One request of [`load_worker`] through its one-connection pool.
+/// One request of [`load_worker`] through its one-connection pool (retried as
+/// [`http_load_with_retries`] says when `plan.retry`).
 async fn pooled_request(
     conn: &mut Option<HttpConn>,
     report: &mut HttpReport,
@@ -691,11 +722,11 @@ async fn pooled_request(
             Err(e) => {
                 *conn = None;
                 match e {
-                    SendError::NotSent(_) if not_sent < MAX_NOT_SENT => {
+                    SendError::NotSent(_) if plan.retry && not_sent < MAX_NOT_SENT => {
                         not_sent += 1;
                         report.closed_idle += 1;
                     }
-                    SendError::NoResponse(reason) if reused && retried.is_none() => {
+                    SendError::NoResponse(reason) if plan.retry && reused && retried.is_none() => {
                         *report.retries.entry(reason.clone()).or_default() += 1;
                         retried = Some(reason);
                     }

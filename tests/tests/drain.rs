@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use canary_lab::{
     agent::{lab_service, Agent},
     backend::{metric_value, scrape_metrics, ADMIN_PORT, HTTP_PORT},
-    http_load,
+    client::{http_load, http_load_with_retries},
     topology::{CANARY_V4, CANARY_V6, NODE_CLIENT_V4, STABLE_V4, STABLE_V6, VIP_V6},
     HttpReport, Topology, VIP_V4,
 };
@@ -74,8 +74,14 @@ fn rollback_drains_canary_keep_alive_connections_at_request_boundaries() -> Resu
     let (busy, sparse, rolled_back_at, at_rollback) = std::thread::scope(|s| -> Result<_> {
         // 400 req/s over 16 connections: each connection carries a request every
         // 40 ms, never quiet for long. 100 req/s over 16: one every 160 ms.
-        let busy = s.spawn(|| topo.client.enter(|| http_load(vip, "/", 400, LOAD, 16)));
-        let sparse = s.spawn(|| topo.client.enter(|| http_load(vip6, "/", 100, LOAD, 16)));
+        let busy = s.spawn(|| {
+            topo.client
+                .enter(|| http_load_with_retries(vip, "/", 400, LOAD, 16))
+        });
+        let sparse = s.spawn(|| {
+            topo.client
+                .enter(|| http_load_with_retries(vip6, "/", 100, LOAD, 16))
+        });
         std::thread::sleep(BEFORE);
         let at_rollback = scrape(canary_admin)?;
         let rolled_back_at = unix_now();
@@ -270,11 +276,12 @@ fn toy_server(listener: std::net::TcpListener, how: Server) -> ToyServer {
     }
 }
 
-/// The lab's HTTP client behaves like a standard HTTP/1.1 client, and its report
-/// says what it did: a request is retried once only if its *reused* connection closed
-/// before any response byte (RFC 9112 §9.3.1), a pooled connection the server closed
-/// while idle is replaced without a retry, and a request on a fresh connection is
-/// never retried.
+/// The lab's HTTP client with retries behaves like a standard HTTP/1.1 client, and its
+/// report says what it did: a request is retried once only if its *reused* connection
+/// closed before any response byte (RFC 9112 §9.3.1), a pooled connection the server
+/// closed while idle is replaced without a retry, and a request on a fresh connection
+/// is never retried. The strict client (`http_load`, which the other tests use to see
+/// every broken connection) retries nothing.
 #[test]
 fn http_client_retries_only_what_rfc9112_allows() -> Result<()> {
     let ns = canary_lab::NetNs::new("httpretry")?;
@@ -290,32 +297,51 @@ fn http_client_retries_only_what_rfc9112_allows() -> Result<()> {
             let addr = SocketAddr::from(([198, 18, 250, 1], port));
             let _server = toy_server(std::net::TcpListener::bind(addr)?, how);
             // 20 requests, one every 50 ms, over one keep-alive connection.
-            reports.push(http_load(addr, "/", 20, Duration::from_secs(1), 1)?);
+            let second = Duration::from_secs(1);
+            reports.push((
+                http_load_with_retries(addr, "/", 20, second, 1)?,
+                http_load(addr, "/", 20, second, 1)?,
+            ));
         }
         Ok(reports)
     })?;
-    let [drops, idle, never] = &reports[..] else {
+    let [(drops, drops_strict), (idle, idle_strict), (never, never_strict)] = &reports[..] else {
         unreachable!()
     };
-    println!("{}", summary("drops every third request", drops));
-    println!("{}", summary("closes idle connections", idle));
-    println!("{}", summary("never answers", never));
+    for (name, r) in [
+        ("drops every third request", drops),
+        ("drops every third request, strict", drops_strict),
+        ("closes idle connections", idle),
+        ("closes idle connections, strict", idle_strict),
+        ("never answers", never),
+        ("never answers, strict", never_strict),
+    ] {
+        println!("{}", summary(name, r));
+    }
     // Requests 3, 5, 7, ... 19 each meet a closing reused connection and are answered
-    // on the next one.
+    // on the next one; strict, requests 3, 6, ... 18 fail.
     ensure!(
         drops.retried() == 9 && drops.failed() == 0 && drops.status(200) == 20,
         "{drops:?}"
     );
+    ensure!(
+        drops_strict.retried() == 0 && drops_strict.failed() == 6,
+        "{drops_strict:?}"
+    );
     // Every request but the first finds its pooled connection closed: replaced, not
     // retried.
-    ensure!(
-        idle.closed_idle == 19 && idle.retried() == 0 && idle.status(200) == 20,
-        "{idle:?}"
-    );
+    for r in [idle, idle_strict] {
+        ensure!(
+            r.closed_idle == 19 && r.retried() == 0 && r.status(200) == 20,
+            "{r:?}"
+        );
+    }
     // A fresh connection that closes is a failure, not retried.
-    ensure!(
-        never.failed() == 20 && never.retried() == 0 && never.by_status.is_empty(),
-        "{never:?}"
-    );
+    for r in [never, never_strict] {
+        ensure!(
+            r.failed() == 20 && r.retried() == 0 && r.by_status.is_empty(),
+            "{r:?}"
+        );
+    }
     Ok(())
 }
