@@ -277,8 +277,10 @@ fn uninstall(cli: &Cli) -> Result<()> {
         .socket
         .clone()
         .unwrap_or(config.agent.control_socket.clone());
-    if socket.exists() && api::call(&socket, &Request::Uninstall).is_ok() {
-        // Bounded wait for the agent to finish detaching and exit.
+    let mut detached = Vec::new();
+    if let Ok(answer) = api::call(&socket, &Request::Uninstall) {
+        // The running agent detaches these as it exits; a bounded wait for that.
+        detached = serde_json::from_value(answer["interfaces"].clone()).unwrap_or_default();
         for _ in 0..100 {
             if !socket.exists() {
                 break;
@@ -286,7 +288,11 @@ fn uninstall(cli: &Cli) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
-    let detached = crate::agent::uninstall(&config.agent.bpffs_dir, &config.agent.state_dir)?;
+    for iface in crate::agent::uninstall(&config.agent.bpffs_dir, &config.agent.state_dir)? {
+        if !detached.contains(&iface) {
+            detached.push(iface);
+        }
+    }
     println!(
         "uninstalled: datapath detached{}, pins in {} and state in {} removed",
         if detached.is_empty() {

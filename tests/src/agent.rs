@@ -43,7 +43,7 @@ pub struct Agent {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
-    bpffs: PathBuf,
+    pub bpffs: PathBuf,
     node: String,
 }
 

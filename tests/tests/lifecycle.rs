@@ -451,3 +451,45 @@ window = "600s"
     ensure!(report.failed() == 0, "{:?}", report.failures);
     Ok(())
 }
+
+#[test]
+fn uninstall_detaches_and_removes_pins_and_state() -> Result<()> {
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let mut agent = Agent::start(
+        &topo.node,
+        &lab_service("banner", 80, BANNER_PORT, "weight = 50"),
+        &[],
+    )?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    let connect = |n| {
+        topo.client.enter(|| {
+            banner_connections(target, n, n, &[CLIENT_V4.into()], Duration::from_secs(2))
+        })
+    };
+    ensure!(connect(20)?.ok() == 20);
+    // Killed: still attached.
+    agent.signal_and_wait(libc::SIGKILL);
+    ensure!(connect(20)?.ok() == 20, "SIGKILL detached the datapath");
+    let xdp = topo.node.run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
+    ensure!(xdp.contains("prog/xdp"), "no XDP program on cli0: {xdp}");
+    agent.relaunch(&topo.node, &[])?;
+    let config = agent.config.to_string_lossy().into_owned();
+    let out = agent.cli(&["--config", &config, "uninstall"])?;
+    ensure!(out.contains("detached from cli0"), "{out}");
+    wait_until(Duration::from_secs(5), "agent exited", || {
+        Ok(!agent.socket.exists())
+    })?;
+    let xdp = topo.node.run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
+    ensure!(!xdp.contains("prog/xdp"), "XDP still attached: {xdp}");
+    // Only the kernel's own debug files (names with a dot) may remain.
+    let pins: Vec<String> = std::fs::read_dir(&agent.bpffs)?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    ensure!(pins.iter().all(|p| p.contains('.')), "pins left: {pins:?}");
+    let state: Vec<_> = std::fs::read_dir(agent.dir.join("state"))?.collect();
+    ensure!(state.is_empty(), "state left: {state:?}");
+    // Nothing rewrites the VIP any more.
+    ensure!(connect(3)?.ok() == 0, "the service still answers after uninstall");
+    Ok(())
+}

@@ -84,19 +84,18 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             a.config.agent.state_dir.clone(),
         )
     };
-    let _ = std::fs::remove_file(&socket);
     if uninstalling {
+        drop(agent);
         let detached = super::uninstall(&bpffs_dir, &state_dir)?;
-        tracing::info!(
-            ?detached,
-            "uninstalled: programs detached, pins and state removed"
-        );
+        tracing::info!(?detached, "uninstalled: programs detached, pins and state removed");
     } else {
         tracing::info!(
             "exiting; the datapath stays attached with its weights and flows for the next agent \
              (`canary uninstall` detaches it)"
         );
     }
+    // Last: the socket's disappearance tells `canary uninstall` the agent is done.
+    let _ = std::fs::remove_file(&socket);
     Ok(())
 }
 /// Calls a gate webhook once: a 2xx approves; anything else keeps the gate waiting

@@ -142,6 +142,21 @@ impl Agent {
         // must not come back if they are configured again later.
         let previous: Vec<String> = agent.applied.services.keys().cloned().collect();
         agent.apply(config, policies, rollouts, &previous)?;
+        // A drain interrupted by the restart goes on (it stops at once if no canary
+        // connection is left).
+        let rolled_back: Vec<String> = agent
+            .services
+            .iter()
+            .filter(|s| {
+                s.rollout
+                    .as_ref()
+                    .is_some_and(|r| r.state() == RolloutState::RolledBack)
+            })
+            .map(|s| s.cfg.name.clone())
+            .collect();
+        for name in rolled_back {
+            agent.start_drain(&name)?;
+        }
         Ok((agent, uninstall))
     }
 
@@ -469,8 +484,9 @@ impl Agent {
                 Ok(serde_json::json!({ "changes": changes }))
             }
             Request::Uninstall => {
+                let interfaces = datapath::attached_interfaces(&self.config.agent.bpffs_dir)?;
                 self.uninstall.notify_one();
-                Ok(serde_json::json!({ "uninstalling": true }))
+                Ok(serde_json::json!({ "uninstalling": true, "interfaces": interfaces }))
             }
         }
     }

@@ -81,10 +81,15 @@ pub fn ensure(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every pin in the pin directory (none when it does not exist).
+/// Every pin in the pin directory (none when it does not exist). Names with a dot are
+/// the kernel's own (`maps.debug`, `progs.debug` at a bpffs root): pins cannot have one.
 pub fn pins_in(dir: &Path) -> Result<Vec<PathBuf>> {
     match std::fs::read_dir(dir) {
         Ok(entries) => entries
+            .filter(|e| {
+                e.as_ref()
+                    .map_or(true, |e| !e.file_name().to_string_lossy().contains('.'))
+            })
             .map(|e| Ok(e?.path()))
             .collect::<std::io::Result<_>>()
             .with_context(|| format!("reading {}", dir.display())),

@@ -378,7 +378,11 @@ pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
         detach(bpffs_dir, iface)?;
     }
     for pin in bpffs::pins_in(bpffs_dir)? {
-        std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+        match std::fs::remove_file(&pin) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
+        }
     }
     Ok(ifaces)
 }
