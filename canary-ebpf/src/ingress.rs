@@ -43,10 +43,12 @@ pub fn handle(ctx: &XdpContext) {
         _pad: 0,
     };
     // A frame that does not hold its whole IP packet (cut short, or without a length,
-    // which only BIG TCP inside the stack has) is dropped by the kernel: it does not
-    // advance the flow's sequence state.
-    let whole = pkt.ip_end != 0 && data + pkt.ip_end <= end;
-    let tcp = if pkt.proto == PROTO_TCP && whole {
+    // which only BIG TCP inside the stack has) is dropped by the kernel: it places no
+    // flow, counts nothing and does not advance the flow's sequence state.
+    if pkt.ip_end == 0 || data + pkt.ip_end > end {
+        return;
+    }
+    let tcp = if pkt.proto == PROTO_TCP {
         tcp_len_ack(data, end, &pkt)
     } else {
         None
