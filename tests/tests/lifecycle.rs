@@ -463,15 +463,16 @@ fn uninstall_detaches_and_removes_pins_and_state() -> Result<()> {
     )?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
     let connect = |n| {
-        topo.client.enter(|| {
-            banner_connections(target, n, n, &[CLIENT_V4.into()], Duration::from_secs(2))
-        })
+        topo.client
+            .enter(|| banner_connections(target, n, n, &[CLIENT_V4.into()], Duration::from_secs(2)))
     };
     ensure!(connect(20)?.ok() == 20);
     // Killed: still attached.
     agent.signal_and_wait(libc::SIGKILL);
     ensure!(connect(20)?.ok() == 20, "SIGKILL detached the datapath");
-    let xdp = topo.node.run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
+    let xdp = topo
+        .node
+        .run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
     ensure!(xdp.contains("prog/xdp"), "no XDP program on cli0: {xdp}");
     agent.relaunch(&topo.node, &[])?;
     let config = agent.config.to_string_lossy().into_owned();
@@ -480,7 +481,9 @@ fn uninstall_detaches_and_removes_pins_and_state() -> Result<()> {
     wait_until(Duration::from_secs(5), "agent exited", || {
         Ok(!agent.socket.exists())
     })?;
-    let xdp = topo.node.run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
+    let xdp = topo
+        .node
+        .run(&["ip", "-d", "link", "show", "dev", "cli0"])?;
     ensure!(!xdp.contains("prog/xdp"), "XDP still attached: {xdp}");
     // Only the kernel's own debug files (names with a dot) may remain.
     let pins: Vec<String> = std::fs::read_dir(&agent.bpffs)?
@@ -490,6 +493,9 @@ fn uninstall_detaches_and_removes_pins_and_state() -> Result<()> {
     let state: Vec<_> = std::fs::read_dir(agent.dir.join("state"))?.collect();
     ensure!(state.is_empty(), "state left: {state:?}");
     // Nothing rewrites the VIP any more.
-    ensure!(connect(3)?.ok() == 0, "the service still answers after uninstall");
+    ensure!(
+        connect(3)?.ok() == 0,
+        "the service still answers after uninstall"
+    );
     Ok(())
 }

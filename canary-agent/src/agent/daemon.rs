@@ -87,7 +87,10 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     if uninstalling {
         drop(agent);
         let detached = super::uninstall(&bpffs_dir, &state_dir)?;
-        tracing::info!(?detached, "uninstalled: programs detached, pins and state removed");
+        tracing::info!(
+            ?detached,
+            "uninstalled: programs detached, pins and state removed"
+        );
     } else {
         tracing::info!(
             "exiting; the datapath stays attached with its weights and flows for the next agent \
