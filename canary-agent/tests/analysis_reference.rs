@@ -49,10 +49,13 @@ fn ln_gamma_matches_scipy() {
 fn ln_beta_matches_scipy() {
     let fx = fixtures();
     for c in cases(&fx, "ln_beta") {
+        // 2e-11: SciPy's own betaln is off by 6.5e-11 at (0.5, 1e5) (40-digit mpmath:
+        // −5.18409653956041413, which statrs plus the Stirling difference in
+        // `ln_beta` reproduce to 1e-15; SciPy gives −5.184096539625898).
         close(
             ln_beta(f(c, "a"), f(c, "b")),
             f(c, "value"),
-            1e-12,
+            2e-11,
             &c.to_string(),
         );
     }
