@@ -9,6 +9,7 @@ mod control;
 mod daemon;
 pub mod desired;
 mod prometheus;
+pub mod series;
 pub mod service;
 pub mod state;
 
@@ -65,6 +66,8 @@ pub struct Agent {
     alerts: Vec<serde_json::Value>,
     /// Woken by an uninstall request: the daemon then detaches and exits.
     uninstall: Arc<tokio::sync::Notify>,
+    /// Per-second series for the dashboard and reports.
+    series: series::Series,
 }
 
 /// Everything in files that can be wrong, checked before the kernel is touched: each
@@ -127,7 +130,9 @@ impl Agent {
         }
         let datapath = Datapath::load(&config.agent.bpffs_dir)?;
         let uninstall = Arc::new(tokio::sync::Notify::new());
+        let series = series::Series::new(&config.agent.state_dir);
         let mut agent = Self {
+            series,
             datapath,
             services: Vec::new(),
             clock,
@@ -172,6 +177,7 @@ impl Agent {
             ("bpffs_dir", old.bpffs_dir != new.bpffs_dir),
             ("state_dir", old.state_dir != new.state_dir),
             ("metrics_listen", old.metrics_listen != new.metrics_listen),
+            ("ui_listen", old.ui_listen != new.ui_listen),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!(
@@ -445,8 +451,14 @@ impl Agent {
                 service,
                 weight_bp,
                 by,
+                reason,
             } => {
-                self.operator_set_weight(&service, weight_bp, &by)?;
+                if self.rollout_running(&service)? {
+                    let command = Command::SetWeight { bp: weight_bp };
+                    self.noted_command(&service, command, Actor::Operator(by), &reason)?;
+                } else {
+                    self.operator_set_weight(&service, weight_bp, &by)?;
+                }
                 status(self, &service)
             }
             Request::Rollout {
@@ -455,12 +467,19 @@ impl Agent {
                 by,
             } => {
                 let actor = Actor::Operator(by.clone());
+                let mut note = String::new();
                 let command = match action {
                     RolloutAction::Start => Command::Start,
                     RolloutAction::Pause { reason } => Command::Pause { reason },
                     RolloutAction::Resume { reason } => Command::Resume { reason },
-                    RolloutAction::Approve => Command::Approve { by },
-                    RolloutAction::Promote { full } => Command::Promote { full },
+                    RolloutAction::Approve { reason } => {
+                        note = reason;
+                        Command::Approve { by }
+                    }
+                    RolloutAction::Promote { full, reason } => {
+                        note = reason;
+                        Command::Promote { full }
+                    }
                     RolloutAction::Rollback { reason } => {
                         if !self.rollout_running(&service)? {
                             // Emergency rollback works with or without a rollout.
@@ -472,7 +491,7 @@ impl Agent {
                         Command::Rollback { reason }
                     }
                 };
-                self.rollout_command(&service, command, actor)?;
+                self.noted_command(&service, command, actor, &note)?;
                 status(self, &service)
             }
             Request::History { service } => {
@@ -493,6 +512,18 @@ impl Agent {
 
     /// Applies an operator or automatic command to a service's rollout.
     pub fn rollout_command(&mut self, name: &str, command: Command, actor: Actor) -> Result<()> {
+        self.noted_command(name, command, actor, "")
+    }
+
+    /// [`Agent::rollout_command`], adding the operator's `note` (a reason the
+    /// controller's own wording lacks) to the events it records.
+    fn noted_command(
+        &mut self,
+        name: &str,
+        command: Command,
+        actor: Actor,
+        note: &str,
+    ) -> Result<()> {
         let now = self.clock.now_ms();
         let svc = self.service_mut(name)?;
         let Some(policy) = &svc.policy else {
@@ -506,7 +537,15 @@ impl Agent {
         let rollout = svc.rollout.as_mut().ok_or_else(|| {
             anyhow!("service {name:?} has no rollout yet: `canary rollout start {name}` begins one")
         })?;
-        let effects = rollout.apply(command, actor, now)?;
+        let mut effects = rollout.apply(command, actor, now)?;
+        let note = note.trim();
+        for effect in effects.iter_mut() {
+            if let Effect::Transition(event) = effect {
+                if !note.is_empty() && !event.reason.contains(note) {
+                    event.reason = format!("{} (reason: {note})", event.reason);
+                }
+            }
+        }
         self.apply_effects(name, effects)
     }
 
@@ -632,10 +671,25 @@ impl Agent {
 
     fn tick_service(&mut self, i: usize, now: u64) -> Result<()> {
         let name = self.services[i].cfg.name.clone();
+        let mut read = None;
         if self.services[i].wants_observation(now / 1000) {
             let (stable, canary) = self.read_counters(i)?;
             let effects = self.services[i].observe(now, &stable, &canary)?;
             self.apply_effects(&name, effects)?;
+            read = Some((stable, canary));
+        }
+        if self.series.due(&name, now / 1000) {
+            let (stable, canary) = match read {
+                Some(counters) => counters,
+                None => self.read_counters(i)?,
+            };
+            // The series are for people: a failure to store them must not stop a rollout.
+            if let Err(e) = self
+                .series
+                .record(&self.services[i], now, &stable, &canary)
+            {
+                tracing::warn!(service = %name, error = %format!("{e:#}"), "recording the series");
+            }
         }
         let effects = self.services[i].tick(now);
         if !effects.is_empty() {
@@ -643,7 +697,14 @@ impl Agent {
         }
         if self.services[i].draining {
             let id = self.services[i].id;
-            let progress = self.datapath.drain_idle(id, std::time::Instant::now())?;
+            let progress = match self.datapath.drain_idle(id, std::time::Instant::now()) {
+                Ok(progress) => progress,
+                Err(e) => {
+                    // Said once, not every tick: the canary keeps its open connections.
+                    self.services[i].draining = false;
+                    return Err(e.context("draining canary connections (stopped)"));
+                }
+            };
             if progress.closed > 0 {
                 tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, "closed idle canary connections");
             }
