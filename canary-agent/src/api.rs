@@ -21,6 +21,9 @@ pub enum Request {
         service: String,
         weight_bp: u16,
         by: String,
+        /// Why, for the history (added to the override's event while a rollout runs).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
     Rollout {
         service: String,
@@ -36,16 +39,34 @@ pub enum Request {
     Uninstall,
 }
 
+/// Who sends requests from the dashboard: history records its actions as `operator:ui`.
+pub const UI_ACTOR: &str = "ui";
+
 /// Operator commands on a service's rollout.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum RolloutAction {
     Start,
-    Pause { reason: String },
-    Resume { reason: String },
-    Approve,
-    Promote { full: bool },
-    Rollback { reason: String },
+    Pause {
+        reason: String,
+    },
+    Resume {
+        reason: String,
+    },
+    Approve {
+        /// Why, for the history (added to the approval's event).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    Promote {
+        full: bool,
+        /// Why, for the history (added to the promotion's events).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    Rollback {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

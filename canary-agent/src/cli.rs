@@ -54,12 +54,20 @@ pub enum Command {
         reason: String,
     },
     /// Approve the stage gate a rollout is waiting at.
-    Approve { service: String },
+    Approve {
+        service: String,
+        /// Why, for the history.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
     /// Go to the next step now, or with --full straight to 100 %.
     Promote {
         service: String,
         #[arg(long)]
         full: bool,
+        /// Why, for the history.
+        #[arg(long, default_value = "")]
+        reason: String,
     },
     /// Emergency rollback: canary weight 0 in one map write.
     Rollback {
@@ -78,6 +86,21 @@ pub enum Command {
         service: String,
         #[arg(value_parser = parse_percent)]
         percent: u16,
+        /// Why, for the history (while a rollout runs).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Write a self-contained HTML report (inline SVG plots, no script) of a service's
+    /// latest rollout from the event log and per-second series in the agent's
+    /// state_dir (--config's, else /var/lib/canary). Needs no running agent.
+    Report {
+        service: String,
+        /// Output file, e.g. web-report.html.
+        #[arg(long)]
+        out: PathBuf,
+        /// State directory to read instead of the config's.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
     },
     /// Re-read the agent's config file and apply it without a restart (as SIGHUP
     /// does); a bad config is refused whole and the running one stays.
@@ -185,9 +208,39 @@ fn execute(cli: Cli) -> Result<()> {
                 reason: reason.clone(),
             },
         ),
-        Command::Approve { service } => rollout(&cli, service, RolloutAction::Approve),
-        Command::Promote { service, full } => {
-            rollout(&cli, service, RolloutAction::Promote { full: *full })
+        Command::Approve { service, reason } => rollout(
+            &cli,
+            service,
+            RolloutAction::Approve {
+                reason: reason.clone(),
+            },
+        ),
+        Command::Promote {
+            service,
+            full,
+            reason,
+        } => rollout(
+            &cli,
+            service,
+            RolloutAction::Promote {
+                full: *full,
+                reason: reason.clone(),
+            },
+        ),
+        Command::Report {
+            service,
+            out,
+            state_dir,
+        } => {
+            let dir = match (state_dir, &cli.config) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(path)) => Config::load(path)?.agent.state_dir,
+                (None, None) => config::DEFAULT_STATE_DIR.into(),
+            };
+            let html = crate::ui::report::from_state_dir(&dir, service, SystemClock.now_ms())?;
+            std::fs::write(out, html).with_context(|| format!("writing {}", out.display()))?;
+            println!("{service}: report written to {}", out.display());
+            Ok(())
         }
         Command::Rollback { service, reason } => rollout(
             &cli,
@@ -211,13 +264,18 @@ fn execute(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::SetWeight { service, percent } => {
+        Command::SetWeight {
+            service,
+            percent,
+            reason,
+        } => {
             let v = api::call(
                 &cli.socket()?,
                 &Request::SetWeight {
                     service: service.clone(),
                     weight_bp: *percent,
                     by: operator(),
+                    reason: reason.clone(),
                 },
             )?;
             let status: Status = serde_json::from_value(v)?;

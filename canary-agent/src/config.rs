@@ -57,6 +57,11 @@ pub struct AgentConfig {
     pub alert_webhook: Option<String>,
     /// Prometheus server that answers the policies' PromQL (business) metrics.
     pub prometheus_url: Option<String>,
+    /// Where to serve the dashboard (`ui::serve`); none (off) when unset.
+    pub ui_listen: Option<SocketAddr>,
+    /// Root-only file holding the bearer token the dashboard's controls need; without
+    /// it the dashboard is read-only. Resolved relative to the config file.
+    pub ui_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +111,8 @@ struct RawAgent {
     metrics_listen: Option<String>,
     alert_webhook: Option<String>,
     prometheus_url: Option<String>,
+    ui_listen: Option<String>,
+    ui_token_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -238,6 +245,37 @@ impl Config {
                             format!("{l:?} is not addr:port"),
                         )
                     })?),
+                    None => None,
+                },
+                ui_listen: match &a.ui_listen {
+                    Some(l) => {
+                        let addr: SocketAddr = l.parse().map_err(|_| {
+                            err("agent.ui_listen".into(), format!("{l:?} is not addr:port"))
+                        })?;
+                        if addr.port() == 0 {
+                            return Err(err(
+                                "agent.ui_listen".into(),
+                                "port 0: name the port the dashboard listens on".into(),
+                            ));
+                        }
+                        Some(addr)
+                    }
+                    None => None,
+                },
+                ui_token_file: match a.ui_token_file {
+                    Some(p) if a.ui_listen.is_none() => {
+                        return Err(err(
+                            "agent.ui_token_file".into(),
+                            format!(
+                                "{}: the token is for the dashboard's controls: set ui_listen too",
+                                p.display()
+                            ),
+                        ))
+                    }
+                    Some(p) if p.as_os_str().is_empty() => {
+                        return Err(err("agent.ui_token_file".into(), "empty path".into()))
+                    }
+                    Some(p) => Some(base.join(p)),
                     None => None,
                 },
                 interfaces: match a.interface {
@@ -407,6 +445,46 @@ impl Config {
     }
 }
 
+/// Shortest dashboard token accepted (bytes, after trimming whitespace).
+pub const MIN_UI_TOKEN: usize = 16;
+
+/// Reads the dashboard's bearer token from `ui_token_file`: a regular file owned by
+/// root (or by the agent's user) that no one else may read or write (mode 0600 or
+/// stricter), holding one token of at least [`MIN_UI_TOKEN`] printable characters.
+/// Read on every control request, so a rotated token applies at once.
+pub fn load_ui_token(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(format!(
+            "{}: owned by uid {}; it must belong to root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: mode {:04o} lets others read or write it; chmod 600 it",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.len() < MIN_UI_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the token must be one word of at least {MIN_UI_TOKEN} printable ASCII characters",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
 impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -542,6 +620,60 @@ sticky = "client-ip"
             ".weight",
             "needs canary",
         );
+    }
+
+    #[test]
+    fn dashboard_settings_are_validated() {
+        let agent = |extra: &str| format!("[agent]\ninterface = \"cli0\"\n{extra}\n");
+        let c = parse(&agent("")).unwrap();
+        assert_eq!((c.agent.ui_listen, c.agent.ui_token_file), (None, None));
+        let c = parse(&agent(
+            "ui_listen = \"198.18.1.1:9480\"\nui_token_file = \"ui.token\"",
+        ))
+        .unwrap();
+        assert_eq!(c.agent.ui_listen, Some("198.18.1.1:9480".parse().unwrap()));
+        assert_eq!(
+            c.agent.ui_token_file.as_deref(),
+            Some(Path::new("/etc/canary/ui.token"))
+        );
+        expect_err(
+            &agent("ui_listen = \"localhost\""),
+            "agent.ui_listen",
+            "addr:port",
+        );
+        expect_err(
+            &agent("ui_listen = \"127.0.0.1:0\""),
+            "agent.ui_listen",
+            "port 0",
+        );
+        expect_err(
+            &agent("ui_token_file = \"/etc/canary/ui.token\""),
+            "agent.ui_token_file",
+            "set ui_listen",
+        );
+        expect_err(&agent("ui_tokn = 1"), "line 3", "unknown field");
+    }
+
+    #[test]
+    fn dashboard_token_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("canary-ui-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_ui_token(&path).unwrap_err();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(load_ui_token(&path).unwrap(), "0123456789abcdef0123");
+        std::fs::write(&path, "short\n").unwrap();
+        let e = load_ui_token(&path).unwrap_err();
+        assert!(e.contains("at least 16"), "{e}");
+        let e = load_ui_token(&dir.join("missing")).unwrap_err();
+        assert!(e.contains("missing"), "{e}");
+        let e = load_ui_token(&dir).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,4 +10,5 @@ pub mod controller;
 pub mod datapath;
 pub mod metrics;
 pub mod policy;
+pub mod ui;
 pub mod webhook;

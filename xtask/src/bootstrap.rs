@@ -20,6 +20,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "/usr/sbin/iptables"),
     ("wrk", "/usr/bin/wrk"),
     ("prometheus", "/usr/bin/prometheus"),
+    // The dashboard test drives headless Chromium over WebDriver.
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
 ];
 
 fn quiet(cmd: &mut Command) -> Result<bool> {

@@ -1,6 +1,7 @@
-//! The daemon loop: ticks the rollouts, serves the control socket and /metrics, calls
-//! webhooks, reloads on SIGHUP, and exits on SIGTERM/SIGINT with the datapath still
-//! attached (the links are pinned): the next agent takes it over without a gap.
+//! The daemon loop: ticks the rollouts, serves the control socket, /metrics and the
+//! dashboard, calls webhooks, reloads on SIGHUP, and exits on SIGTERM/SIGINT with the
+//! datapath still attached (the links are pinned): the next agent takes it over
+//! without a gap.
 
 use std::{
     sync::{Arc, Mutex},
@@ -28,10 +29,27 @@ fn lock(agent: &Mutex<Agent>) -> Result<std::sync::MutexGuard<'_, Agent>> {
 /// Runs the agent until SIGTERM or SIGINT (or an uninstall request).
 pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let socket = config.agent.control_socket.clone();
+    // The dashboard's token is checked now: a world-readable token file is an error
+    // to fix, not a dashboard to serve.
+    if let Some(path) = &config.agent.ui_token_file {
+        crate::config::load_ui_token(path).map_err(|e| anyhow!("[agent] ui_token_file: {e}"))?;
+    }
+    let ui_listener = match config.agent.ui_listen {
+        Some(listen) => Some(crate::ui::bind(listen).await?),
+        None => None,
+    };
     let listener = control::bind(&socket)?;
     let (agent, uninstall) = Agent::start(config, clock)?;
     let agent = Arc::new(Mutex::new(agent));
     tokio::spawn(control::serve(listener, agent.clone()));
+    if let Some(ui_listener) = ui_listener {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::ui::serve(ui_listener, agent).await {
+                tracing::error!(error = %format!("{e:#}"), "dashboard stopped");
+            }
+        });
+    }
     tokio::spawn(query_prometheus(agent.clone()));
     if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
         let source = agent.clone();

@@ -684,10 +684,7 @@ impl Agent {
                 None => self.read_counters(i)?,
             };
             // The series are for people: a failure to store them must not stop a rollout.
-            if let Err(e) = self
-                .series
-                .record(&self.services[i], now, &stable, &canary)
-            {
+            if let Err(e) = self.series.record(&self.services[i], now, &stable, &canary) {
                 tracing::warn!(service = %name, error = %format!("{e:#}"), "recording the series");
             }
         }
