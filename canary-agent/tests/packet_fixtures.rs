@@ -6,8 +6,6 @@
 use std::{
     net::{IpAddr, SocketAddr},
     os::fd::AsFd,
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
 };
 
 use canary_agent::{
@@ -25,18 +23,8 @@ const TC_ACT_OK: u32 = 0;
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
-/// The private bpffs mount of a fixture, unmounted on drop, even when loading failed
-/// after the mount was made.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
-        // SAFETY: valid path; unmounting our own private bpffs mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod pins;
+use pins::Pins;
 
 /// A loaded datapath with maps pinned in a private bpffs mount. Fields drop in order:
 /// the datapath (closing the maps) before its mount.
@@ -48,12 +36,7 @@ struct Fixture {
 
 impl Fixture {
     fn new(services: &str) -> Fixture {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let pins = Pins(std::env::temp_dir().join(format!(
-            "canary-fixture-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )));
+        let pins = Pins::new("fixture");
         let text = format!("[agent]\ninterface = \"lo\"\n{services}");
         let config = Config::parse(&text, std::path::Path::new("fixture.toml")).unwrap();
         let mut dp = Datapath::load(&pins.0).expect("loading the datapath (run as root)");

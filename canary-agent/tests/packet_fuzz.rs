@@ -22,8 +22,6 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
     time::Instant,
 };
 
@@ -55,16 +53,8 @@ const EPOCH: usize = 25_000;
 // ---------------------------------------------------------------------------------
 // The datapath on a private bpffs mount (as in packet_fixtures.rs).
 
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
-        // SAFETY: valid path; unmounting our own private bpffs mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod pins;
+use pins::Pins;
 
 /// Fields drop in order: program fds and the datapath before the mount.
 struct Fixture {
@@ -83,12 +73,7 @@ enum Outcome {
 
 impl Fixture {
     fn new(config: &Config) -> Fixture {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let pins = Pins(std::env::temp_dir().join(format!(
-            "canary-fuzz-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )));
+        let pins = Pins::new("fuzz");
         let mut dp = Datapath::load(&pins.0).expect("loading the datapath (run as root)");
         for (id, svc) in config.services.iter().enumerate() {
             dp.install(

@@ -8,7 +8,7 @@ use std::{
     ffi::CString,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     os::unix::ffi::OsStrExt,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::maps::{HashMap, Map, MapData};
@@ -20,17 +20,8 @@ const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_OBJ_PIN: i64 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
-/// A private bpffs mount, unmounted on drop.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let c = CString::new(self.0.as_os_str().as_bytes()).unwrap();
-        // SAFETY: valid path; our own private mount.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod pins;
+use pins::Pins;
 
 fn bpf<T>(cmd: i64, attr: &mut T) -> i64 {
     // SAFETY: `attr` is the prefix of `union bpf_attr` that `cmd` reads.
@@ -107,7 +98,7 @@ fn insert(fd: &OwnedFd, key: &FlowKey, value: &[u8]) {
 
 #[test]
 fn pinned_flows_of_a_smaller_layout_are_carried_over() {
-    let pins = Pins(std::env::temp_dir().join(format!("canary-upgrade-{}", std::process::id())));
+    let pins = Pins::new("upgrade");
     std::fs::create_dir_all(&pins.0).unwrap();
     // Everything the earlier version had: its flow table, one entry smaller than now.
     let new_size = std::mem::size_of::<FlowValue>();
