@@ -261,39 +261,156 @@ fn same_p99_with_other_shape_never_fails() {
     assert!(bad.is_empty(), "{bad:?}");
 }
 
-/// Detection-time table against traffic rate and effect size (slow: ~1 min).
+fn success_only() -> Analyzer {
+    let metrics = seed_metrics()
+        .into_iter()
+        .filter(|m| m.name == MetricName::SuccessRate)
+        .collect();
+    Analyzer::new(metrics, vec![], 0.01)
+}
+
+/// A 5× error increase after 10 healthy minutes is caught by the change detector, not
+/// diluted by the windows' healthy history (bounded, seeded; the table has the rest).
+#[test]
+fn late_five_fold_errors_detected_by_the_change_detector() {
+    let sc = Scenario {
+        traffic: SEED_TRAFFIC,
+        before: BASE,
+        after: Model {
+            error: 0.05,
+            ..BASE
+        },
+        fault_at: FAULT_AT,
+        end: FAULT_AT + 120,
+    };
+    let logs = par_map(60, |i| run(80_000 + i as u64, sc, seed_analyzer()));
+    let late: Vec<_> = logs
+        .iter()
+        .filter_map(|l| l.rollback.as_ref())
+        .filter(|(t, _)| *t > FAULT_AT)
+        .collect();
+    let by_change = late
+        .iter()
+        .filter(|(_, fired)| fired.iter().any(|f| f.detail.contains("change detected")))
+        .count();
+    println!(
+        "late 5×: {} of 60 rolled back after the fault, {by_change} by the change detector",
+        late.len()
+    );
+    assert!(late.len() >= 55, "{}", late.len());
+    assert!(by_change * 2 >= late.len(), "{by_change} of {}", late.len());
+}
+
+/// Detection-time table against traffic rate, effect size and fault onset, plus the A/A
+/// false-rollback rate and the CPU cost (slow: several minutes in --release).
 /// `cargo test --release -p canary-agent --test analysis_simulation -- --ignored --nocapture detection_table`
 #[test]
 #[ignore = "slow sweep; run explicitly for BENCHMARKS.md"]
 fn detection_table() {
     const RUNS: usize = 100;
+    const AFTER: u64 = 900;
+    let q = |v: Option<u64>| v.map_or("-".to_string(), |s| format!("{s} s"));
+    let row = |what: &str, rate: f64, onset: u64, after: Model, make: fn() -> Analyzer| {
+        let sc = Scenario {
+            traffic: Traffic {
+                rate,
+                canary_share: 0.1,
+            },
+            before: BASE,
+            after,
+            fault_at: onset,
+            end: onset + AFTER,
+        };
+        let d = Detection::measure(RUNS, 70_000, sc, make);
+        println!(
+            "| {rate} | {what} | {} | {}/{RUNS} | {} | {} | {} | {} | {} |",
+            if onset == 0 { "start" } else { "after 10 min" },
+            d.delays.len(),
+            d.missed,
+            d.early,
+            q(d.quantile(0.5)),
+            q(d.quantile(0.9)),
+            q(d.delays.last().copied()),
+        );
+    };
     println!(
-        "| req/s | canary errors 1 % → | rolled back after fault | missed (900 s) | false rollback before fault | median | p90 | max |"
+        "| req/s | canary fault | onset | rolled back after fault | missed ({AFTER} s) | false rollback before fault | median | p90 | max |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|---:|");
     for rate in [50.0, 200.0, 1000.0] {
-        for (label, error) in [("2 %", 0.02), ("5 %", 0.05), ("100 %", 1.0)] {
-            let sc = Scenario {
-                traffic: Traffic {
-                    rate,
-                    canary_share: 0.1,
-                },
-                before: BASE,
-                after: Model { error, ..BASE },
-                fault_at: FAULT_AT,
-                end: FAULT_AT + 900,
-            };
-            let d = Detection::measure(RUNS, 70_000, sc, seed_analyzer);
-            let q = |v: Option<u64>| v.map_or("-".to_string(), |s| format!("{s} s"));
-            println!(
-                "| {rate} | {label} | {}/{RUNS} | {} | {} | {} | {} | {} |",
-                d.delays.len(),
-                d.missed,
-                d.early,
-                q(d.quantile(0.5)),
-                q(d.quantile(0.9)),
-                q(d.delays.last().copied()),
-            );
+        for (label, error) in [
+            ("errors 2×", 0.02),
+            ("errors 5×", 0.05),
+            ("errors 100 %", 1.0),
+        ] {
+            for onset in [0, FAULT_AT] {
+                row(label, rate, onset, Model { error, ..BASE }, seed_analyzer);
+            }
         }
+    }
+    for rate in [200.0] {
+        for (label, slower) in [
+            ("latency 1.2× (latency only)", 1.2),
+            ("latency 2× (latency only)", 2.0),
+            ("latency 5× (latency only)", 5.0),
+        ] {
+            for onset in [0, FAULT_AT] {
+                let after = Model {
+                    median_ms: BASE.median_ms * slower,
+                    ..BASE
+                };
+                row(label, rate, onset, after, latency_only);
+            }
+        }
+        for (label, error) in [
+            ("success 90 % (success-rate only)", 0.10),
+            ("success 0 % (success-rate only)", 1.0),
+        ] {
+            for onset in [0, FAULT_AT] {
+                row(label, rate, onset, Model { error, ..BASE }, success_only);
+            }
+        }
+    }
+    // A/A with everything, as in aa_false_rollbacks_at_most_one_percent.
+    const AA_RUNS: usize = 500;
+    let sc = Scenario {
+        traffic: SEED_TRAFFIC,
+        before: BASE,
+        after: BASE,
+        fault_at: u64::MAX,
+        end: 1800,
+    };
+    let logs = par_map(AA_RUNS, |i| run(10_000 + i as u64, sc, seed_analyzer()));
+    let rollbacks = logs.iter().filter(|l| l.rollback.is_some()).count();
+    let alarms = logs.iter().filter(|l| l.alarm.is_some()).count();
+    println!(
+        "A/A {AA_RUNS} × 30 min, all seed metrics and rules: rollback in {rollbacks} ({:.1} %), any alarm in {alarms} ({:.1} %)",
+        rollbacks as f64 * 100.0 / AA_RUNS as f64,
+        alarms as f64 * 100.0 / AA_RUNS as f64
+    );
+    // CPU: one observe + evaluate per second with the seed policy, one thread.
+    for rate in [200.0, 1000.0] {
+        let traffic = Traffic {
+            rate,
+            canary_share: 0.1,
+        };
+        let mut sim = Sim::new(1);
+        let readings: Vec<_> = (1..=1800u64)
+            .map(|_| {
+                sim.step(traffic, BASE, BASE);
+                (sim.stable.clone(), sim.canary.clone())
+            })
+            .collect();
+        let mut a = seed_analyzer();
+        let start = std::time::Instant::now();
+        for (t, (s, c)) in readings.iter().enumerate() {
+            a.observe(t as u64 + 1, s, c);
+            std::hint::black_box(a.evaluate(t as u64 + 1));
+        }
+        let per_s = start.elapsed().as_secs_f64() / readings.len() as f64;
+        println!(
+            "CPU at {rate} req/s: {:.1} µs per service per second (observe + evaluate, 6 tests)",
+            per_s * 1e6
+        );
     }
 }

@@ -41,6 +41,7 @@
 //!   it passes even when the event minimum is not met. Inconclusive never causes a
 //!   rollback and never lets progression continue.
 
+use super::detector::{ChangeEvidence, CHANGE_PREMIUM};
 use super::stats::{ln_mixture_lr, Tail};
 
 /// Which direction of the canary's value is bad.
@@ -181,6 +182,19 @@ fn confidence(ln_e: f64) -> f64 {
 
 /// Runs the fail test and the mirror (pass) tests for `q`.
 pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u64) -> Decision {
+    decide_with(q, worse, level, needs, span_s, None)
+}
+
+/// [`decide`] with the evidence of the change detector ([`super::detector`]) as a
+/// second way to Fail, once the window has the data the windowed test needs.
+pub fn decide_with(
+    q: &Question,
+    worse: Worse,
+    level: Level,
+    needs: Needs,
+    span_s: u64,
+    change: Option<ChangeEvidence>,
+) -> Decision {
     let inconclusive = |reason: String| Decision {
         outcome: Outcome::Inconclusive,
         confidence: 0.0,
@@ -254,6 +268,25 @@ pub fn decide(q: &Question, worse: Worse, level: Level, needs: Needs, span_s: u6
                 1.0 / level.alpha
             ),
         };
+    }
+    if let Some(c) = change {
+        let (ln_e, over, what) = if c.ln_total >= threshold {
+            (c.ln_total, c.ln_total, "since the start".to_string())
+        } else {
+            let over = c.ln_change - CHANGE_PREMIUM;
+            (c.ln_change, over, format!("since {} s", c.since_s))
+        };
+        if over >= threshold {
+            return Decision {
+                outcome: Outcome::Fail,
+                confidence: confidence(over),
+                reason: format!(
+                    "change detected: canary beyond the bound {what} (e-detector {:.3e} ≥ {:.0})",
+                    ln_e.exp(),
+                    (threshold + ln_e - over).exp()
+                ),
+            };
+        }
     }
     let ln_strict = ln_mixture_lr(k, n, p0, worse.pass_tail());
     if ln_strict >= threshold {

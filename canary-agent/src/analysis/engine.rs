@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-use super::check::{decide, Decision, Level, Needs, Outcome, Question, Rate, Worse};
+use super::check::{decide_with, Decision, Level, Needs, Outcome, Question, Rate, Worse};
+use super::detector::{ChangeEvidence, Detector};
 use super::latency::{count_at_or_above, count_possibly_above, quantile_bucket, quantile_ns};
 use super::spec::{Action, Cmp, MetricName, MetricSpec, RollbackRule};
 use super::window::{History, VersionCounters, Window};
@@ -164,6 +165,8 @@ pub struct Analyzer {
     custom_rule_window_s: u64,
     error_floor: f64,
     history: History,
+    /// One change detector per metric, then one per rule (see [`super::detector`]).
+    detectors: Vec<Detector>,
 }
 
 impl Analyzer {
@@ -186,8 +189,9 @@ impl Analyzer {
             custom_rule_window_s: DEFAULT_CUSTOM_RULE_WINDOW_S,
             error_floor: DEFAULT_ERROR_FLOOR,
             history: History::new(1),
+            detectors: Vec::new(),
         };
-        a.history = History::new(a.longest_window());
+        a.reset();
         a
     }
 
@@ -196,7 +200,7 @@ impl Analyzer {
     pub fn with_rule_windows_s(mut self, kernel_s: u64, custom_s: u64) -> Self {
         self.rule_window_s = kernel_s.max(1);
         self.custom_rule_window_s = custom_s.max(1);
-        self.history = History::new(self.longest_window());
+        self.reset();
         self
     }
 
@@ -218,6 +222,40 @@ impl Analyzer {
         self
     }
 
+    /// Empty history and fresh detectors.
+    fn reset(&mut self) {
+        self.history = History::new(self.longest_window());
+        self.detectors = self
+            .tests()
+            .iter()
+            .map(|t| Detector::new(t.worse()))
+            .collect();
+    }
+
+    /// Every test: the metrics in configuration order, then the rules.
+    fn tests(&self) -> Vec<Test> {
+        let metrics = self.metrics.iter().map(|m| Test {
+            metric: m.name.clone(),
+            bound: metric_bound(m),
+            window_s: m.window_s.max(1),
+        });
+        let rules = self.rules.iter().map(|r| Test {
+            metric: r.metric.clone(),
+            bound: Bound::Relative {
+                factor: r.factor,
+                worse: match r.cmp {
+                    Cmp::Gt => Worse::Higher,
+                    Cmp::Lt => Worse::Lower,
+                },
+            },
+            window_s: match r.metric {
+                MetricName::Custom(_) => self.custom_rule_window_s,
+                _ => self.rule_window_s,
+            },
+        });
+        metrics.chain(rules).collect()
+    }
+
     fn longest_window(&self) -> u64 {
         self.metrics
             .iter()
@@ -229,8 +267,37 @@ impl Analyzer {
 
     /// Records the cumulative counters of both versions read at `t_s` (seconds, any
     /// monotonic epoch). Counter resets are handled (see [`History`]).
+    ///
+    /// Also feeds what the reading added to every test's change detector. A latency test
+    /// compares against the stable p99 of its window *before* this reading, so each
+    /// second's e-value is built from a cut fixed in advance.
     pub fn observe(&mut self, t_s: u64, stable: &VersionCounters, canary: &VersionCounters) {
-        self.history.push(t_s, stable, canary);
+        let tests = self.tests();
+        let cuts: Vec<Option<u64>> = tests
+            .iter()
+            .map(|t| {
+                let newest = self.history.newest_s()?;
+                (t.metric == MetricName::LatencyP99)
+                    .then(|| stable_p99_cut(&self.history.window(newest, t.window_s)?))
+                    .flatten()
+            })
+            .collect();
+        let questions: Vec<Option<Question>> = {
+            self.history.push(t_s, stable, canary);
+            match self.history.take_step() {
+                Some(step) => tests
+                    .iter()
+                    .zip(&cuts)
+                    .map(|(t, &cut)| step_question(t, &step, cut))
+                    .collect(),
+                None => vec![None; tests.len()],
+            }
+        };
+        for (d, q) in self.detectors.iter_mut().zip(&questions) {
+            if let Some(q) = q {
+                d.update(t_s, q);
+            }
+        }
     }
 
     /// Evaluates every metric over its own window and every rule over the rule window,
@@ -247,18 +314,10 @@ impl Analyzer {
             win
         };
         let mut eval = Evaluation::default();
+        let mut detectors = self.detectors.iter().map(|d| d.evidence(MIN_EVENTS));
         for m in &self.metrics {
-            let bound = match m.name {
-                MetricName::SuccessRate => Bound::SuccessFloor(m.threshold),
-                MetricName::Custom(_) if m.threshold < 1.0 => Bound::Relative {
-                    factor: m.threshold,
-                    worse: Worse::Lower,
-                },
-                _ => Bound::Relative {
-                    factor: m.threshold,
-                    worse: Worse::Higher,
-                },
-            };
+            let bound = metric_bound(m);
+            let change = detectors.next();
             let name = metric_name(&m.name);
             let floor = (m.name == MetricName::ErrorRate
                 && matches!(
@@ -270,7 +329,7 @@ impl Analyzer {
                 ))
             .then_some(self.error_floor);
             let win = window_for(m.window_s);
-            let a = self.assess(&m.name, bound, floor, None, win.as_ref());
+            let a = self.assess(&m.name, bound, floor, None, win.as_ref(), change);
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: name.to_string(),
@@ -302,7 +361,8 @@ impl Analyzer {
             };
             let subject = Some(metric_name(&r.metric));
             let win = window_for(window_s);
-            let a = self.assess(&r.metric, bound, None, subject, win.as_ref());
+            let change = detectors.next();
+            let a = self.assess(&r.metric, bound, None, subject, win.as_ref(), change);
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: r.name.clone(),
@@ -323,6 +383,7 @@ impl Analyzer {
         floor: Option<f64>,
         subject: Option<&str>,
         window: Option<&Window>,
+        change: Option<ChangeEvidence>,
     ) -> Assessment {
         let Some(w) = window else {
             return unavailable("no observations yet".to_string());
@@ -347,11 +408,11 @@ impl Analyzer {
         };
         let span = w.span_s;
         let (factor, worse) = match bound {
-            Bound::SuccessFloor(t) => return self.success_floor(w, t, &limit),
+            Bound::SuccessFloor(t) => return self.success_floor(w, t, &limit, change),
             Bound::Relative { factor, worse } => (factor, worse),
         };
         match metric {
-            MetricName::LatencyP99 => self.latency(w, factor, worse, &limit),
+            MetricName::LatencyP99 => self.latency(w, factor, worse, &limit, change),
             MetricName::Custom(name) => {
                 let (Some(&c), Some(&s)) = (w.canary.custom.get(name), w.stable.custom.get(name))
                 else {
@@ -364,7 +425,7 @@ impl Analyzer {
                     factor,
                     floor: None,
                 };
-                self.ratio(q, worse, needs, span, &limit)
+                self.ratio(q, worse, needs, span, &limit, change)
             }
             MetricName::ErrorRate => {
                 let (canary, stable, needs) = errors(w);
@@ -374,7 +435,7 @@ impl Analyzer {
                     factor,
                     floor,
                 };
-                self.ratio(q, worse, needs, span, &limit)
+                self.ratio(q, worse, needs, span, &limit, change)
             }
             MetricName::SuccessRate => {
                 let (c, s, needs) = errors(w);
@@ -392,21 +453,27 @@ impl Analyzer {
                     factor,
                     floor: None,
                 };
-                self.ratio(q, worse, needs, span, &limit)
+                self.ratio(q, worse, needs, span, &limit, change)
             }
         }
     }
 
     /// Absolute floor on the canary success fraction, tested as a ceiling on its failure
     /// fraction (one-sample test).
-    fn success_floor(&self, w: &Window, floor: f64, limit: &str) -> Assessment {
+    fn success_floor(
+        &self,
+        w: &Window,
+        floor: f64,
+        limit: &str,
+        change: Option<ChangeEvidence>,
+    ) -> Assessment {
         let (c, s, needs) = errors(w);
         let q = Question::Absolute {
             canary: c,
             p0: 1.0 - floor,
         };
         Assessment {
-            decision: decide(&q, Worse::Higher, self.level, needs, w.span_s),
+            decision: decide_with(&q, Worse::Higher, self.level, needs, w.span_s, change),
             canary: 1.0 - c.value(),
             stable: 1.0 - s.value(),
             evidence: format!(
@@ -423,13 +490,21 @@ impl Analyzer {
 
     /// Two-sample rate comparison of canary against `factor` × stable (`q` is a
     /// [`Question::Ratio`]).
-    fn ratio(&self, q: Question, worse: Worse, needs: Needs, span: u64, limit: &str) -> Assessment {
+    fn ratio(
+        &self,
+        q: Question,
+        worse: Worse,
+        needs: Needs,
+        span: u64,
+        limit: &str,
+        change: Option<ChangeEvidence>,
+    ) -> Assessment {
         let (c, s) = match q {
             Question::Ratio { canary, stable, .. } => (canary, stable),
             Question::Absolute { canary, .. } => (canary, Rate::default()),
         };
         Assessment {
-            decision: decide(&q, worse, self.level, needs, span),
+            decision: decide_with(&q, worse, self.level, needs, span, change),
             canary: c.value(),
             stable: s.value(),
             evidence: format!(
@@ -454,7 +529,14 @@ impl Analyzer {
     /// at ratio 1. This uses every response in the tail (not just two noisy quantile
     /// estimates), catches a fattening tail even when the median is unchanged, and a
     /// single outlier is one event among dozens, so it cannot fail a canary.
-    fn latency(&self, w: &Window, factor: f64, worse: Worse, limit: &str) -> Assessment {
+    fn latency(
+        &self,
+        w: &Window,
+        factor: f64,
+        worse: Worse,
+        limit: &str,
+        change: Option<ChangeEvidence>,
+    ) -> Assessment {
         let (hc, hs) = (&w.canary.latency, &w.stable.latency);
         let (nc, ns): (u64, u64) = (hc.iter().sum(), hs.iter().sum());
         let ms = |v: Option<f64>| v.map_or(f64::NAN, |ns| ns / 1e6);
@@ -503,10 +585,122 @@ impl Analyzer {
             cut as f64 / 1e6,
         );
         Assessment {
-            decision: decide(&q, worse, self.level, needs, w.span_s),
+            decision: decide_with(&q, worse, self.level, needs, w.span_s, change),
             canary: p99c,
             stable: p99s,
             evidence: why,
+        }
+    }
+}
+
+/// One metric or rule: what it compares and over which window.
+struct Test {
+    metric: MetricName,
+    bound: Bound,
+    window_s: u64,
+}
+
+impl Test {
+    fn worse(&self) -> Worse {
+        match self.bound {
+            Bound::Relative { worse, .. } => worse,
+            Bound::SuccessFloor(_) => Worse::Higher,
+        }
+    }
+}
+
+fn metric_bound(m: &MetricSpec) -> Bound {
+    match m.name {
+        MetricName::SuccessRate => Bound::SuccessFloor(m.threshold),
+        MetricName::Custom(_) if m.threshold < 1.0 => Bound::Relative {
+            factor: m.threshold,
+            worse: Worse::Lower,
+        },
+        _ => Bound::Relative {
+            factor: m.threshold,
+            worse: Worse::Higher,
+        },
+    }
+}
+
+/// Upper edge (ns) of the bucket holding the stable p99 of `w`, when `w` has enough
+/// stable responses and the p99 is inside the histogram.
+fn stable_p99_cut(w: &Window) -> Option<u64> {
+    let hs = &w.stable.latency;
+    if hs.iter().sum::<u64>() < MIN_STABLE_LATENCY {
+        return None;
+    }
+    let b = quantile_bucket(hs, P99).filter(|&b| b + 1 < LATENCY_BUCKETS)?;
+    Some(bucket_upper_ns(b as u32))
+}
+
+/// The binomial question of `test` over one step's counts (the detector's increment);
+/// `None` when the test is invalid or has nothing to compare in this step. Mirrors
+/// [`Analyzer::assess`].
+fn step_question(test: &Test, step: &Window, latency_cut: Option<u64>) -> Option<Question> {
+    let factor = match test.bound {
+        Bound::Relative { factor, .. } => factor,
+        Bound::SuccessFloor(t) => {
+            if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+                return None;
+            }
+            let (c, _, _) = errors(step);
+            return Some(Question::Absolute {
+                canary: c,
+                p0: 1.0 - t,
+            });
+        }
+    };
+    if !(factor.is_finite() && factor > 0.0) {
+        return None;
+    }
+    let ratio = |canary, stable, factor| {
+        Some(Question::Ratio {
+            canary,
+            stable,
+            factor,
+            floor: None,
+        })
+    };
+    match &test.metric {
+        MetricName::ErrorRate => {
+            let (c, s, _) = errors(step);
+            ratio(c, s, factor)
+        }
+        MetricName::SuccessRate => {
+            let (c, s, _) = errors(step);
+            let ok = |r: Rate| Rate {
+                events: r.trials - r.events,
+                trials: r.trials,
+            };
+            ratio(ok(c), ok(s), factor)
+        }
+        MetricName::Custom(name) => {
+            let (Some(&c), Some(&s)) = (step.canary.custom.get(name), step.stable.custom.get(name))
+            else {
+                return None;
+            };
+            ratio(rate(c), rate(s), factor)
+        }
+        MetricName::LatencyP99 => {
+            let cut = latency_cut?;
+            let (hc, hs) = (&step.canary.latency, &step.stable.latency);
+            let canary_cut = (cut as f64 * factor).ceil().min(u64::MAX as f64) as u64;
+            let slow_c = match test.worse() {
+                Worse::Higher => count_at_or_above(hc, canary_cut),
+                Worse::Lower => count_possibly_above(hc, canary_cut),
+            };
+            ratio(
+                Rate {
+                    events: slow_c,
+                    trials: hc.iter().sum(),
+                },
+                Rate {
+                    events: count_at_or_above(hs, cut),
+                    trials: hs.iter().sum(),
+                },
+                1.0,
+            )
         }
     }
 }

@@ -34,6 +34,7 @@
 //! Pass / Fail / Inconclusive and the data-sufficiency rules are defined in [`check`].
 
 pub mod check;
+pub mod detector;
 pub mod engine;
 pub mod latency;
 pub mod spec;

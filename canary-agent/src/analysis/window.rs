@@ -157,6 +157,8 @@ pub struct History {
     retain_s: u64,
     snaps: VecDeque<Snapshot>,
     last_raw: Option<(VersionCounters, VersionCounters)>,
+    /// Newest snapshot already handed out by [`History::take_step`].
+    stepped: Option<Snapshot>,
 }
 
 impl History {
@@ -166,6 +168,7 @@ impl History {
             retain_s: retain_s.max(1),
             snaps: VecDeque::new(),
             last_raw: None,
+            stepped: None,
         }
     }
 
@@ -209,6 +212,28 @@ impl History {
         while self.snaps.len() > 1 && self.snaps[1].t_s <= horizon {
             self.snaps.pop_front();
         }
+    }
+
+    /// Time of the newest reading.
+    pub fn newest_s(&self) -> Option<u64> {
+        self.snaps.back().map(|s| s.t_s)
+    }
+
+    /// What was added since the previous call (the first call: since the first
+    /// reading), as a window ending at the newest snapshot; `None` before any reading.
+    /// A duplicate tick that updated the newest snapshot yields only its new counts.
+    pub fn take_step(&mut self) -> Option<Window> {
+        let newest = self.snaps.back()?.clone();
+        let base = self.stepped.replace(newest.clone()).unwrap_or(Snapshot {
+            t_s: newest.t_s,
+            stable: VersionCounters::zero(),
+            canary: VersionCounters::zero(),
+        });
+        Some(Window {
+            span_s: newest.t_s.saturating_sub(base.t_s),
+            stable: newest.stable.minus(&base.stable),
+            canary: newest.canary.minus(&base.canary),
+        })
     }
 
     /// Delta between the newest snapshot at or before `now_s` and the newest one at or
