@@ -40,7 +40,7 @@ pub fn ln_gamma(x: f64) -> f64 {
 /// from the Stirling series term by term, with `ln_1p` for the leading part.
 pub fn ln_beta(a: f64, b: f64) -> f64 {
     let (s, l) = if a < b { (a, b) } else { (b, a) };
-    if !(s > 0.0) {
+    if s.is_nan() || s <= 0.0 {
         return f64::NAN;
     }
     if l < 1000.0 {
