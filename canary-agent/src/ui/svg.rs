@@ -190,11 +190,20 @@ pub fn render(chart: &Chart) -> String {
         );
     }
     // Markers.
+    // Labels of nearby markers go on staggered rows so they do not overprint.
+    let mut row = 0usize;
+    let mut last_px = f64::NEG_INFINITY;
     for m in &chart.markers {
         if m.x < x0 || m.x > x1 {
             continue;
         }
         let px = sx(m.x);
+        row = if px - last_px < 120.0 {
+            (row + 1) % 4
+        } else {
+            0
+        };
+        last_px = px;
         let _ = write!(
             s,
             r#"<line class="marker" x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{:.1}" stroke="{}" stroke-dasharray="2 2"><title>{}</title></line><text x="{:.1}" y="{:.1}" fill="{}" font-size="10">{}</text>"#,
@@ -202,7 +211,7 @@ pub fn render(chart: &Chart) -> String {
             m.color,
             esc(&m.label),
             px + 3.0,
-            TOP + 10.0,
+            TOP + 10.0 + 11.0 * row as f64,
             m.color,
             esc(&short(&m.label, 24))
         );
