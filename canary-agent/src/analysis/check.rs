@@ -274,7 +274,7 @@ pub fn decide_with(
             (c.ln_total, c.ln_total, "since the start".to_string())
         } else {
             let over = c.ln_change - CHANGE_PREMIUM;
-            (c.ln_change, over, format!("since {} s", c.since_s))
+            (c.ln_change, over, format!("over the last {} s", c.age_s))
         };
         if over >= threshold {
             return Decision {

@@ -78,6 +78,8 @@ pub struct Detector {
     since: [u64; BETS.len()],
     /// Events (both kinds) in each CUSUM's current run.
     run_events: [u64; BETS.len()],
+    /// Time of the latest reading with data.
+    last_s: u64,
 }
 
 /// What the detector has found, for the decision.
@@ -89,6 +91,8 @@ pub struct ChangeEvidence {
     pub ln_change: f64,
     /// Start of the run of the bet that dominates the change statistic.
     pub since_s: u64,
+    /// Seconds from that start to the latest reading: how long ago the change began.
+    pub age_s: u64,
 }
 
 impl Detector {
@@ -99,6 +103,7 @@ impl Detector {
             cusum: [0.0; BETS.len()],
             since: [0; BETS.len()],
             run_events: [0; BETS.len()],
+            last_s: 0,
         }
     }
 
@@ -126,6 +131,7 @@ impl Detector {
         if k + j == 0 || !(p0 > 0.0 && p0 < 1.0) {
             return;
         }
+        self.last_s = t_s;
         let (kf, nf) = (k as f64, (k + j) as f64);
         for (i, &bet) in BETS.iter().enumerate() {
             let m = match self.worse {
@@ -164,6 +170,7 @@ impl Detector {
             ln_total: ln_mix(&self.total),
             ln_change: ln_mix(&change),
             since_s: self.since[best],
+            age_s: self.last_s.saturating_sub(self.since[best]),
         }
     }
 }
