@@ -274,28 +274,34 @@ mod tests {
         assert_eq!(p.stale, vec![service_key(&other[4])]);
     }
 
+    /// Plans the one service `s0` (config weight 10 %), installed at `live_bp`, whose
+    /// last applied config weight was `applied_bp` (`None`: no record).
+    fn plan_one(
+        policy: Option<Policy>,
+        live_bp: WeightBp,
+        applied_bp: Option<WeightBp>,
+        rollout: Option<Rollout>,
+    ) -> ServicePlan {
+        let cfg = services(1, "10");
+        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, live_bp))];
+        let applied = applied(
+            &applied_bp
+                .map(|w| ("s0", w))
+                .into_iter()
+                .collect::<Vec<_>>(),
+        );
+        let rollouts = rollout.map(|r| ("s0".to_string(), r)).into_iter().collect();
+        run(&cfg, &[policy], &installed, &applied, &rollouts)
+            .services
+            .remove(0)
+    }
+
     #[test]
     fn a_changed_config_weight_applies_over_the_live_one() {
-        let cfg = services(1, "10");
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
         // Last applied config said 20 %: the config now says 10 %, so 10 % applies.
-        let p = run(
-            &cfg,
-            &[None],
-            &installed,
-            &applied(&[("s0", 2000)]),
-            &BTreeMap::new(),
-        );
-        assert_eq!(p.services[0].weight_bp, 1000);
+        assert_eq!(plan_one(None, 0, Some(2000), None).weight_bp, 1000);
         // No record at all (state from an older agent): the config applies too.
-        let p = run(
-            &cfg,
-            &[None],
-            &installed,
-            &Applied::default(),
-            &BTreeMap::new(),
-        );
-        assert_eq!(p.services[0].weight_bp, 1000);
+        assert_eq!(plan_one(None, 0, None, None).weight_bp, 1000);
     }
 
     fn rolled_back(name: &str) -> Rollout {
@@ -317,94 +323,52 @@ mod tests {
     fn a_removed_policy_drops_the_rollout_and_its_weight() {
         // The earlier run rolled web back to 0 %; the new config has no policy and
         // the same weight: the config weight applies, the rollout is gone.
-        let cfg = services(1, "10");
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
-        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
-        let p = run(
-            &cfg,
-            &[None],
-            &installed,
-            &applied(&[("s0", 1000)]),
-            &rollouts,
-        );
-        assert_eq!(p.services[0].weight_bp, 1000);
-        assert_eq!(p.services[0].rollout, None);
-        assert!(p.services[0].rollout_changed);
+        let p = plan_one(None, 0, Some(1000), Some(rolled_back("s0")));
+        assert_eq!(p.weight_bp, 1000);
+        assert_eq!(p.rollout, None);
+        assert!(p.rollout_changed);
     }
 
     #[test]
     fn a_finished_rollout_under_the_same_policy_keeps_its_weight() {
-        let cfg = services(1, "10");
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
-        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
-        let p = run(
-            &cfg,
-            &[Some(policy())],
-            &installed,
-            &applied(&[("s0", 1000)]),
-            &rollouts,
-        );
-        assert_eq!(p.services[0].weight_bp, 0);
+        let p = plan_one(Some(policy()), 0, Some(1000), Some(rolled_back("s0")));
+        assert_eq!(p.weight_bp, 0);
         assert_eq!(
-            p.services[0].rollout.as_ref().unwrap().state(),
+            p.rollout.as_ref().unwrap().state(),
             RolloutState::RolledBack
         );
-        assert!(!p.services[0].rollout_changed);
+        assert!(!p.rollout_changed);
     }
 
     #[test]
     fn a_changed_policy_replaces_a_finished_rollout() {
-        let cfg = services(1, "10");
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 0))];
-        let rollouts = BTreeMap::from([("s0".to_string(), rolled_back("s0"))]);
         let other = crate::policy::parse_toml("step = [{ at = 0, weight = 1 }]", "q.toml").unwrap();
-        let p = run(
-            &cfg,
-            &[Some(other.clone())],
-            &installed,
-            &applied(&[("s0", 1000)]),
-            &rollouts,
-        );
-        let r = p.services[0].rollout.as_ref().unwrap();
+        let p = plan_one(Some(other.clone()), 0, Some(1000), Some(rolled_back("s0")));
+        let r = p.rollout.as_ref().unwrap();
         assert_eq!(r.state(), RolloutState::Pending);
         assert_eq!(r.policy(), &other);
-        assert_eq!(p.services[0].weight_bp, 1000);
+        assert_eq!(p.weight_bp, 1000);
     }
 
     #[test]
     fn a_running_rollout_owns_the_weight_and_adopts_a_new_policy() {
-        let cfg = services(1, "10");
         let mut r = Rollout::new("s0", policy());
         r.apply(Command::Start, Actor::Operator("t".into()), 0)
             .unwrap();
         r.tick(61_000, AnalysisHold::Clear);
         assert_eq!(r.weight_bp(), 5000);
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, 5000))];
-        let rollouts = BTreeMap::from([("s0".to_string(), r)]);
         // Same policy, config weight changed: the rollout still owns the weight.
-        let p = run(
-            &cfg,
-            &[Some(policy())],
-            &installed,
-            &applied(&[("s0", 2000)]),
-            &rollouts,
-        );
-        assert_eq!(p.services[0].weight_bp, 5000);
+        let p = plan_one(Some(policy()), 5000, Some(2000), Some(r.clone()));
+        assert_eq!(p.weight_bp, 5000);
         let other = crate::policy::parse_toml(
             "step = [{ at = 0, weight = 5 }, { at = \"1m\", weight = 50 }, { at = \"2m\", weight = 100 }]",
             "q.toml",
         )
         .unwrap();
-        let p = run(
-            &cfg,
-            &[Some(other.clone())],
-            &installed,
-            &applied(&[("s0", 1000)]),
-            &rollouts,
-        );
-        let r = p.services[0].rollout.as_ref().unwrap();
+        let p = plan_one(Some(other.clone()), 5000, Some(1000), Some(r));
+        let r = p.rollout.as_ref().unwrap();
         assert_eq!(r.state(), RolloutState::Progressing);
         assert_eq!(r.policy(), &other);
-        assert_eq!(p.services[0].weight_bp, 5000);
+        assert_eq!(p.weight_bp, 5000);
     }
 }
