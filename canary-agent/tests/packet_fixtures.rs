@@ -39,14 +39,7 @@ impl Fixture {
         let pins = Pins::new("fixture");
         let text = format!("[agent]\ninterface = \"lo\"\n{services}");
         let config = Config::parse(&text, std::path::Path::new("fixture.toml")).unwrap();
-        let mut dp = Datapath::load(&pins.0).expect("loading the datapath (run as root)");
-        for (id, svc) in config.services.iter().enumerate() {
-            dp.install(
-                &service_key(svc),
-                &encode_service(svc, id as u32, svc.weight_bp),
-            )
-            .unwrap();
-        }
+        let dp = pins.load_with_services(&config);
         Fixture {
             dp,
             config,

@@ -27,7 +27,7 @@ use std::{
 
 use canary_agent::{
     config::{Config, Mode, Protocol, Sticky},
-    datapath::{encode_service, service_key, test_run, Datapath},
+    datapath::{test_run, Datapath},
 };
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, GROUP_CANARY, PROG_EGRESS,
@@ -74,14 +74,7 @@ enum Outcome {
 impl Fixture {
     fn new(config: &Config) -> Fixture {
         let pins = Pins::new("fuzz");
-        let mut dp = Datapath::load(&pins.0).expect("loading the datapath (run as root)");
-        for (id, svc) in config.services.iter().enumerate() {
-            dp.install(
-                &service_key(svc),
-                &encode_service(svc, id as u32, svc.weight_bp),
-            )
-            .unwrap();
-        }
+        let dp = pins.load_with_services(config);
         Fixture {
             ingress: dp.program_fd(PROG_INGRESS).unwrap(),
             egress: dp.program_fd(PROG_EGRESS).unwrap(),

@@ -19,6 +19,25 @@ impl Pins {
             N.fetch_add(1, Ordering::Relaxed)
         )))
     }
+
+    /// Loads the datapath on these pins and installs the config's services, service
+    /// `i` with id `i` at its configured weight.
+    #[allow(dead_code)] // not every test binary installs services
+    pub fn load_with_services(
+        &self,
+        config: &canary_agent::config::Config,
+    ) -> canary_agent::datapath::Datapath {
+        use canary_agent::datapath::{encode_service, service_key, Datapath};
+        let mut dp = Datapath::load(&self.0).expect("loading the datapath (run as root)");
+        for (id, svc) in config.services.iter().enumerate() {
+            dp.install(
+                &service_key(svc),
+                &encode_service(svc, id as u32, svc.weight_bp),
+            )
+            .unwrap();
+        }
+        dp
+    }
 }
 
 impl Drop for Pins {
