@@ -213,6 +213,19 @@ impl Agent {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Polls the first service's rollout every 50 ms until it is in `state`; returns
+    /// how long that took, or `None` after `limit`.
+    pub fn wait_for_rollout(&self, state: &str, limit: Duration) -> Result<Option<Duration>> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if self.status()?["services"][0]["rollout"]["state"] == state {
+                return Ok(Some(started.elapsed()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(None)
+    }
+
     /// `canary status --json`, parsed.
     pub fn status(&self) -> Result<serde_json::Value> {
         Ok(serde_json::from_str(&self.cli(&["status", "--json"])?)?)

@@ -304,15 +304,7 @@ fn dashboard_in_a_browser_and_the_canary_report() -> Result<()> {
                 },
             )
         })?;
-        let injected = Instant::now();
-        let mut after = None;
-        while injected.elapsed() < Duration::from_secs(8) {
-            if agent.status()?["services"][0]["rollout"]["state"] == "rolled-back" {
-                after = Some(injected.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let after = agent.wait_for_rollout("rolled-back", Duration::from_secs(8))?;
         load.join().expect("load thread")?;
         after.ok_or_else(|| anyhow!("no rollback: {}", agent.status().unwrap_or_default()))
     })?;

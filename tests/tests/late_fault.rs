@@ -92,16 +92,7 @@ fn late_fault(canary_error_rate: f64, bound: Duration) -> Result<()> {
         }
         topo.client
             .enter(|| set_faults(canary_admin, &faults(canary_error_rate)))?;
-        let injected = Instant::now();
-        let mut after = None;
-        while injected.elapsed() < bound {
-            let r = &agent.status()?["services"][0];
-            if r["rollout"]["state"] == "rolled-back" {
-                after = Some(injected.elapsed());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let after = agent.wait_for_rollout("rolled-back", bound)?;
         Ok((load.join().expect("load thread")?, after))
     })?;
     let status = agent.status()?;

@@ -3,11 +3,7 @@
 //! the agent rolls back in one map write. Stable never fails a request and no
 //! connection is broken by the rollback itself.
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{ensure, Result};
 use canary_lab::{
@@ -66,20 +62,11 @@ fn canary_fault_is_rolled_back_automatically() -> Result<()> {
                 },
             )
         })?;
-        let injected = Instant::now();
-        let mut after = None;
-        while injected.elapsed() < Duration::from_secs(8) {
-            let r = &agent.status()?["services"][0];
-            if r["rollout"]["state"] == "rolled-back" {
-                after = Some(injected.elapsed());
-                ensure!(r["weight_bp"] == 0, "{r}");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let after = agent.wait_for_rollout("rolled-back", Duration::from_secs(8))?;
         Ok((load.join().expect("load thread")?, after))
     })?;
     let status = agent.status()?;
+    ensure!(status["services"][0]["weight_bp"] == 0, "{status}");
     let rollout = &status["services"][0]["rollout"];
     let after = rolled_back_after.ok_or_else(|| anyhow::anyhow!("no rollback: {status}"))?;
     println!(
