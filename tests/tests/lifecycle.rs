@@ -309,6 +309,21 @@ fn the_config_is_the_desired_state() -> Result<()> {
         "{err}"
     );
     ensure!(weight_bp(&agent, "web")? == 3000, "half-applied");
+    // A reload that fails in the kernel (an interface that does not exist) is
+    // reported, and the agent keeps running its services.
+    agent.write_services(&plain.replace("weight = 10", "weight = 30"))?;
+    let good = std::fs::read_to_string(&agent.config)?;
+    std::fs::write(
+        &agent.config,
+        good.replace(
+            "interface = \"cli0\"",
+            "interface = [\"cli0\", \"nosuch0\"]",
+        ),
+    )?;
+    let err = agent.cli(&["reload"]).unwrap_err().to_string();
+    ensure!(err.contains("nosuch0"), "{err}");
+    ensure!(weight_bp(&agent, "web")? == 3000 && weight_bp(&agent, "other")? == 5000);
+    std::fs::write(&agent.config, good)?;
 
     // A removed service leaves the maps; changed backends apply to new connections
     // (the canary group now points at the stable backend), and SIGHUP reloads too.

@@ -143,10 +143,7 @@ impl Agent {
             alerts: Vec::new(),
             uninstall: uninstall.clone(),
         };
-        // Services of the previous config that this one lacks: their rollout state
-        // must not come back if they are configured again later.
-        let previous: Vec<String> = agent.applied.services.keys().cloned().collect();
-        agent.apply(config, policies, rollouts, &previous)?;
+        agent.apply(config, policies, rollouts)?;
         // A drain interrupted by the restart goes on (it stops at once if no canary
         // connection is left).
         let rolled_back: Vec<String> = agent
@@ -192,8 +189,7 @@ impl Agent {
             .iter()
             .filter_map(|s| Some((s.cfg.name.clone(), s.rollout.clone()?)))
             .collect();
-        let previous: Vec<String> = self.services.iter().map(|s| s.cfg.name.clone()).collect();
-        self.apply(config, policies, rollouts, &previous)
+        self.apply(config, policies, rollouts)
     }
 
     /// Makes the kernel, the disk and `self.services` match `config`.
@@ -202,9 +198,11 @@ impl Agent {
         config: Config,
         policies: Vec<Option<Policy>>,
         rollouts: BTreeMap<String, Rollout>,
-        previous: &[String],
     ) -> Result<Vec<String>> {
         let now_ms = self.clock.now_ms();
+        // The services of the config applied last: those this one lacks are removed,
+        // and their rollout state must not come back if they are configured again.
+        let previous: Vec<String> = self.applied.services.keys().cloned().collect();
         let installed = self.datapath.installed()?;
         let current = Current {
             installed: &installed,
@@ -213,11 +211,9 @@ impl Agent {
         };
         let plan = desired::plan(&config.services, &policies, &current, now_ms);
         let mut changes = Vec::new();
-        let mut old: BTreeMap<String, LiveService> = std::mem::take(&mut self.services)
-            .into_iter()
-            .map(|s| (s.cfg.name.clone(), s))
-            .collect();
-        let mut services = Vec::new();
+        // Kernel and disk first: if any of it fails, `self` still describes the running
+        // services (nothing in memory has been replaced yet).
+        let mut applied = Vec::new();
         for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
             if decided.fresh {
                 self.datapath.clear_stats(decided.id)?;
@@ -239,31 +235,13 @@ impl Agent {
                 rollout = ?decided.rollout.as_ref().map(|r| r.state()), notes = ?decided.notes,
                 "service applied"
             );
-            // The analysis keeps its windows when the policy did not change, and a
-            // drain in progress goes on.
-            let before = old.remove(&svc.name).filter(|b| b.id == decided.id);
-            let draining = before.as_ref().is_some_and(|b| b.draining);
-            let analysis = match before {
-                Some(b) if b.policy == policy => b.analysis,
-                _ => policy.as_ref().and_then(Analysis::new),
-            };
-            services.push(LiveService {
-                cfg: svc.clone(),
-                id: decided.id,
-                key,
-                weight_bp: decided.weight_bp,
-                policy,
-                rollout: decided.rollout,
-                analysis,
-                custom: BTreeMap::new(),
-                draining,
-            });
+            applied.push((svc.clone(), decided, policy, key));
         }
         for key in plan.stale {
             self.datapath.uninstall(&key)?;
             tracing::info!(?key, "removed a service no longer in the config");
         }
-        for name in previous {
+        for name in &previous {
             if !config.services.iter().any(|s| &s.name == name) {
                 self.state.remove_rollout(name)?;
                 self.state.archive_events(name, now_ms)?;
@@ -298,7 +276,31 @@ impl Agent {
                 .collect(),
         };
         self.state.save_applied(&self.applied)?;
-        self.services = services;
+        let mut old: BTreeMap<String, LiveService> = std::mem::take(&mut self.services)
+            .into_iter()
+            .map(|s| (s.cfg.name.clone(), s))
+            .collect();
+        for (cfg, decided, policy, key) in applied {
+            // The analysis keeps its windows when the policy did not change, and a
+            // drain in progress goes on.
+            let before = old.remove(&cfg.name).filter(|b| b.id == decided.id);
+            let draining = before.as_ref().is_some_and(|b| b.draining);
+            let analysis = match before {
+                Some(b) if b.policy == policy => b.analysis,
+                _ => policy.as_ref().and_then(Analysis::new),
+            };
+            self.services.push(LiveService {
+                cfg,
+                id: decided.id,
+                key,
+                weight_bp: decided.weight_bp,
+                policy,
+                rollout: decided.rollout,
+                analysis,
+                custom: BTreeMap::new(),
+                draining,
+            });
+        }
         self.config = config;
         Ok(changes)
     }
