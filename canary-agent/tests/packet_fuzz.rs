@@ -1309,7 +1309,7 @@ fn seeded_fuzz_of_both_programs() {
 /// The full run: `CANARY_FUZZ_FRAMES` frames (default 1 000 000), seed from
 /// `CANARY_FUZZ_SEED` (default 1).
 #[test]
-#[ignore = "long (about 30 s): CANARY_FUZZ_FRAMES=1000000 cargo test -p canary-agent --test packet_fuzz -- --ignored --nocapture"]
+#[ignore = "long (about 15 s): CANARY_FUZZ_FRAMES=1000000 cargo test -p canary-agent --test packet_fuzz -- --ignored --nocapture"]
 fn full_fuzz_of_both_programs() {
     let frames = std::env::var("CANARY_FUZZ_FRAMES")
         .ok()

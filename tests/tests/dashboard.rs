@@ -471,6 +471,7 @@ async fn browse(
     // The console: no errors, but for the two refusals the test provoked (Chromium
     // logs a fetch answered 401 as a network error).
     let log = browser.issue_cmd(BrowserLog).await?;
+    ensure!(log.is_array(), "the browser log is not a list: {log}");
     let entries = log.as_array().cloned().unwrap_or_default();
     let errors: Vec<_> = entries
         .iter()

@@ -36,7 +36,7 @@ action = "immediate-rollback"
 "#;
 
 /// A canary that turns 20× worse (20 % 503s against stable's 1 %) after two healthy
-/// minutes: the change detector must roll it back within 20 s. Fast and certain
+/// minutes: the analysis (change detector or windowed rules) must roll it back within 20 s. Fast and certain
 /// enough for every `make test` (simulated p90 at 5× is 28 s, at 20× a few seconds).
 #[test]
 fn late_twenty_fold_fault_is_rolled_back() -> Result<()> {

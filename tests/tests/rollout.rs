@@ -102,7 +102,7 @@ gate = {{ webhook = "http://{NODE_CLIENT_V4}:{WEBHOOK_PORT}/approve" }}
     agent.restart(&topo.node, &[])?;
     ensure!(
         agent.log().contains("took over"),
-        "no hand-over:\n{}",
+        "no take-over:\n{}",
         agent.log()
     );
     let r = rollout(&agent)?;

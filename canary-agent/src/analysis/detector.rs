@@ -62,7 +62,8 @@ pub const BETS: [f64; 6] = [1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
 /// and rules, 500 runs × 30 min at 200 req/s: premium ln 4 rolled back 21.8 % of runs
 /// (without the run-length minimum below), 4.5 nats 1.2 %, 6 nats 0.6 %; a 5× error
 /// increase after 10 healthy minutes was rolled back after a median 15 s at 4.5 and
-/// 18 s at 6 (the windowed test alone: 20 s). The Doob bound of the module docs at
+/// 16–18 s at 6, depending on the seeded run set (BENCHMARKS.md's table: 16 s; the
+/// windowed test alone: 20 s). The Doob bound of the module docs at
 /// this premium is `T · 0.01 · e⁻⁶ = T / 40 000` per test, T in seconds with events.
 pub const CHANGE_PREMIUM: f64 = 6.0;
 
