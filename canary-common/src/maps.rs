@@ -42,6 +42,7 @@ pub const FLOW_ESTABLISHED: u8 = 2;
 /// TCP header flags, as in the segment's flags byte.
 pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
@@ -116,6 +117,24 @@ pub struct FlowKey {
     pub family: u8,
     pub dir: u8,
     pub _pad: u8,
+}
+
+impl FlowKey {
+    /// The key of the reply direction of the forward flow `self`, pinned to `fwd`'s
+    /// backend: backend -> client.
+    #[inline(always)]
+    pub fn reply(&self, fwd: &FlowValue) -> FlowKey {
+        FlowKey {
+            src: fwd.addr,
+            dst: self.src,
+            sport: fwd.port,
+            dport: self.sport,
+            proto: self.proto,
+            family: self.family,
+            dir: DIR_REPLY,
+            _pad: 0,
+        }
+    }
 }
 
 /// What to rewrite for a pinned flow: the backend for the forward direction, the

@@ -15,7 +15,8 @@ fn field<T>(data: usize, end: usize, off: usize) -> Option<*mut T> {
 }
 
 /// Rewrites destination address and port of `pkt` to `addr:port`; `None` if the
-/// packet is shorter than its headers claimed (nothing has been written then).
+/// packet is shorter than its headers claimed (nothing has been written then). The
+/// caller (ingress) has already refused frames that do not hold their whole IP packet.
 #[inline(always)]
 pub fn rewrite_destination(
     data: usize,
@@ -24,12 +25,6 @@ pub fn rewrite_destination(
     addr: &[u32; 4],
     port: u16,
 ) -> Option<()> {
-    // XDP sees the whole frame: an IP packet that runs past its end was cut short, and
-    // one without a length is malformed on the wire (BIG TCP exists only inside the
-    // stack). The kernel drops both; they pass as they came.
-    if pkt.ip_end == 0 || data + pkt.ip_end > end {
-        return None;
-    }
     let l4_check = field::<u16>(data, end, pkt.l4_check_off())?;
     let dport = field::<u16>(data, end, pkt.l4_off + 2)?;
     // SAFETY: every pointer was bounds-checked above or below before it is written.

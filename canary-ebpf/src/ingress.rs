@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
-    FlowValue, ServiceKey, ServiceValue, TcpSeq, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING,
+    FlowValue, ServiceKey, ServiceValue, TcpSeq, DIR_FORWARD, FLOW_CLOSING,
     GROUP_CANARY, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
 };
 
@@ -21,6 +21,13 @@ use crate::{
 pub fn handle(ctx: &XdpContext) {
     let (data, end) = (ctx.data(), ctx.data_end());
     let Some(pkt) = parse(data, end) else { return };
+    // XDP sees the whole frame: an IP packet that runs past its end was cut short, and
+    // one without a length is malformed on the wire (BIG TCP exists only inside the
+    // stack). The kernel drops both, so they pass as they came: no flow placed,
+    // nothing counted, no sequence state advanced, nothing rewritten.
+    if pkt.ip_end == 0 || data + pkt.ip_end > end {
+        return;
+    }
     let svc_key = ServiceKey {
         addr: pkt.dst,
         port: pkt.dport,
@@ -42,12 +49,6 @@ pub fn handle(ctx: &XdpContext) {
         dir: DIR_FORWARD,
         _pad: 0,
     };
-    // A frame that does not hold its whole IP packet (cut short, or without a length,
-    // which only BIG TCP inside the stack has) is dropped by the kernel: it places no
-    // flow, counts nothing and does not advance the flow's sequence state.
-    if pkt.ip_end == 0 || data + pkt.ip_end > end {
-        return;
-    }
     let tcp = if pkt.proto == PROTO_TCP {
         tcp_len_ack(data, end, &pkt)
     } else {
@@ -72,7 +73,7 @@ pub fn handle(ctx: &XdpContext) {
         if telemetry::is_request(first) {
             // A just-placed flow has no entry pointer yet: look it up.
             if let Some(forward) = entry.or_else(|| FLOWS.get_ptr_mut(&key)) {
-                let reply = FLOWS.get_ptr_mut(&reply_key(&key, &flow));
+                let reply = FLOWS.get_ptr_mut(&key.reply(&flow));
                 telemetry::request(forward, reply, pkt.seq);
             }
         }
@@ -124,23 +125,9 @@ fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<(FlowValue, *mut FlowValue
 /// Whether the backend side of a pinned flow has sent FIN or RST (marked by egress).
 #[inline(always)]
 fn reply_closing(key: &FlowKey, flow: &FlowValue) -> bool {
-    let reply = reply_key(key, flow);
+    let reply = key.reply(flow);
     // SAFETY: read-only copy of one byte of an LRU entry.
     unsafe { FLOWS.get(&reply) }.is_some_and(|r| r.flags & FLOW_CLOSING != 0)
-}
-
-#[inline(always)]
-fn reply_key(key: &FlowKey, flow: &FlowValue) -> FlowKey {
-    FlowKey {
-        src: flow.addr,
-        dst: key.src,
-        sport: flow.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        dir: DIR_REPLY,
-        _pad: 0,
-    }
 }
 
 /// Chooses a backend for a new flow from the service's current weight, pins both
@@ -221,7 +208,7 @@ fn place(
         },
         None => flow,
     };
-    let _ = FLOWS.insert(reply_key(key, &flow), reply, 0);
+    let _ = FLOWS.insert(key.reply(&flow), reply, 0);
     let _ = FLOWS.insert(key, forward, 0);
     if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
         // SAFETY: per-CPU slot.

@@ -18,10 +18,10 @@ const IPV6_LEN: usize = 40;
 const TCP_MIN_LEN: usize = 20;
 const UDP_LEN: usize = 8;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
+pub use canary_common::{
+    TCP_FLAG_ACK as TCP_ACK, TCP_FLAG_FIN as TCP_FIN, TCP_FLAG_RST as TCP_RST,
+    TCP_FLAG_SYN as TCP_SYN,
+};
 
 /// The parts of a packet the datapath decides on, plus where to rewrite them.
 pub struct Packet {

@@ -76,9 +76,7 @@ const BPF_EXIST: u64 = 2;
 /// any non-zero window lets the client send its own FIN.
 const FIN_WINDOW: u16 = 0xFFFF;
 const TTL: u8 = 64;
-const TCP_FIN: u8 = 0x01;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use canary_common::{TCP_FLAG_ACK as TCP_ACK, TCP_FLAG_FIN as TCP_FIN, TCP_FLAG_RST as TCP_RST};
 
 /// Outcome of one [`Datapath::drain_idle`] scan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -197,7 +195,7 @@ impl Datapath {
         let mut busy = 0;
         let mut scanned = Vec::with_capacity(open.len());
         for (key, fwd) in open {
-            let rkey = reply_key(&key, &fwd);
+            let rkey = key.reply(&fwd);
             let Some(reply) = replies.get(&rkey).copied() else {
                 // No reply entry (evicted): the flow cannot be closed exactly.
                 progress.remaining += 1;
@@ -276,19 +274,6 @@ fn at_request_boundary(fwd: &FlowValue, reply: &FlowValue, busy: bool) -> bool {
     let acked = client.ack == backend.next
         || (busy && client.ack != 0 && !canary_common::seq_after(client.ack, backend.next));
     reply.ts_ns == 0 && client.next != 0 && backend.next != 0 && backend.ack == client.next && acked
-}
-
-fn reply_key(key: &FlowKey, fwd: &FlowValue) -> FlowKey {
-    FlowKey {
-        src: fwd.addr,
-        dst: key.src,
-        sport: fwd.port,
-        dport: key.sport,
-        proto: key.proto,
-        family: key.family,
-        dir: DIR_REPLY,
-        _pad: 0,
-    }
 }
 
 impl Drain {
@@ -782,7 +767,7 @@ mod tests {
             proto: PROTO_TCP,
             family: FAMILY_V4,
         };
-        let rkey = reply_key(&key, &fwd);
+        let rkey = key.reply(&fwd);
         assert!(is_canary_tcp_of(&svc, 3, &key, &fwd));
         assert!(is_canary_tcp_of(&svc, 3, &rkey, &reply));
         assert!(!is_canary_tcp_of(&svc, 4, &key, &fwd), "other service id");
