@@ -11,7 +11,7 @@ use std::{
 use anyhow::{anyhow, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{control, Agent, GateCall};
+use super::{control, lock, Agent, GateCall};
 use crate::{
     config::Config,
     controller::{Actor, Clock, Command},
@@ -21,10 +21,6 @@ use crate::{
 const TICK: Duration = Duration::from_millis(100);
 /// Pause between two calls of a gate webhook that did not approve.
 const WEBHOOK_RETRY: Duration = Duration::from_secs(2);
-
-fn lock(agent: &Mutex<Agent>) -> Result<std::sync::MutexGuard<'_, Agent>> {
-    agent.lock().map_err(|_| anyhow!("agent state poisoned"))
-}
 
 /// Runs the agent until SIGTERM or SIGINT (or an uninstall request).
 pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
@@ -53,12 +49,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     tokio::spawn(query_prometheus(agent.clone()));
     if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
         let source = agent.clone();
-        let render: crate::metrics::Render = Arc::new(move || {
-            source
-                .lock()
-                .map_err(|_| anyhow!("agent state poisoned"))?
-                .metrics()
-        });
+        let render: crate::metrics::Render = Arc::new(move || lock(&source)?.metrics());
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(listen, render).await {
                 tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");

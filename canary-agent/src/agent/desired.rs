@@ -18,7 +18,7 @@ use canary_common::{ServiceKey, ServiceValue, MAX_SERVICES};
 
 use super::state::Applied;
 use crate::config::ServiceConfig;
-use crate::controller::{Rollout, RolloutState};
+use crate::controller::Rollout;
 use crate::datapath::service_key;
 use crate::policy::{Policy, WeightBp};
 
@@ -94,7 +94,7 @@ pub fn plan(
                 .services
                 .get(&svc.name)
                 .is_none_or(|a| a.config_weight_bp != svc.weight_bp);
-            let running = rollout.as_ref().filter(|r| is_running(r.state()));
+            let running = rollout.as_ref().filter(|r| r.state().is_running());
             let weight_bp = match (running, installed) {
                 (Some(r), _) => r.weight_bp(),
                 (None, Some((_, v))) if !config_changed && kept_owner => v.weight_bp,
@@ -126,11 +126,6 @@ pub fn plan(
     Plan { services, stale }
 }
 
-/// Progressing, paused or at a gate: the rollout, not the config, sets the weight.
-pub fn is_running(state: RolloutState) -> bool {
-    !state.is_terminal() && state != RolloutState::Pending
-}
-
 /// The rollout a service has under `policy`, and whether whatever set the live weight
 /// (the previous rollout, or none) is still in place.
 fn reconcile_rollout(
@@ -148,7 +143,7 @@ fn reconcile_rollout(
         }
         (None, Some(p)) => (Some(Rollout::new(service, p.clone())), true),
         (Some(r), Some(p)) if r.policy() == p => (Some(r.clone()), true),
-        (Some(r), Some(p)) if is_running(r.state()) => {
+        (Some(r), Some(p)) if r.state().is_running() => {
             let mut r = r.clone();
             r.adopt_policy(p.clone(), now_ms);
             notes.push(format!(
@@ -172,7 +167,7 @@ mod tests {
     use super::*;
     use crate::agent::state::AppliedService;
     use crate::config::Config;
-    use crate::controller::{Actor, AnalysisHold, Command};
+    use crate::controller::{Actor, AnalysisHold, Command, RolloutState};
     use crate::datapath::encode_service;
     use std::path::Path;
 

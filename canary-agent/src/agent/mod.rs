@@ -25,7 +25,7 @@ use canary_common::MAX_GROUP_BACKENDS;
 pub use self::daemon::run;
 pub use self::state::last_clock_ms;
 use self::{
-    desired::{is_running, Current},
+    desired::Current,
     service::{Analysis, LiveService},
     state::{Applied, AppliedService, StateDir},
 };
@@ -68,6 +68,11 @@ pub struct Agent {
     uninstall: Arc<tokio::sync::Notify>,
     /// Per-second series for the dashboard and reports.
     series: series::Series,
+}
+
+/// The agent behind the daemon's mutex; a panic while it was held is an error here.
+pub(crate) fn lock(agent: &std::sync::Mutex<Agent>) -> Result<std::sync::MutexGuard<'_, Agent>> {
+    agent.lock().map_err(|_| anyhow!("agent state poisoned"))
 }
 
 /// Everything in files that can be wrong, checked before the kernel is touched: each
@@ -330,7 +335,7 @@ impl Agent {
             .service_mut(name)?
             .rollout
             .as_ref()
-            .is_some_and(|r| is_running(r.state())))
+            .is_some_and(|r| r.state().is_running()))
     }
 
     /// Changes a service's canary weight with one map write.

@@ -66,15 +66,6 @@ impl LiveService {
             .is_some_and(|a| a.last_observed_s.is_none_or(|last| now_s > last))
     }
 
-    fn rollout_is_live(&self) -> bool {
-        self.rollout.as_ref().is_some_and(|r| {
-            matches!(
-                r.state(),
-                RolloutState::Progressing | RolloutState::Paused | RolloutState::AwaitingApproval
-            )
-        })
-    }
-
     /// Feeds one second's cumulative counters to the analysis. Returns the effects to
     /// carry out: verdict changes as history events (only while a rollout is live), a
     /// fired rule's rollback or pause, and its alert.
@@ -84,7 +75,10 @@ impl LiveService {
         stable: &VersionCounters,
         canary: &VersionCounters,
     ) -> Result<Vec<Effect>, ControlError> {
-        let live = self.rollout_is_live();
+        let live = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.state().is_running());
         let name = self.cfg.name.clone();
         let Some(analysis) = self.analysis.as_mut() else {
             return Ok(Vec::new());

@@ -64,13 +64,13 @@ impl StateDir {
     }
 
     pub fn events(&self, service: &str) -> EventLog {
-        EventLog::new(self.dir.join(format!("{service}.events.jsonl")))
+        events_log(&self.dir, service)
     }
 
     /// Moves a removed service's history aside, so a later service of the same name
     /// starts with an empty one (the old file is kept for audits).
     pub fn archive_events(&self, service: &str, now_ms: u64) -> Result<()> {
-        let from = self.dir.join(format!("{service}.events.jsonl"));
+        let from = events_log(&self.dir, service).path().to_path_buf();
         let to = self
             .dir
             .join(format!("{service}.events.removed-{now_ms}.jsonl"));
@@ -114,6 +114,11 @@ impl StateDir {
         }
         Ok(())
     }
+}
+
+/// A service's rollout history in `state_dir` (also read by the dashboard and reports).
+pub fn events_log(state_dir: &Path, service: &str) -> EventLog {
+    EventLog::new(state_dir.join(format!("{service}.events.jsonl")))
 }
 
 fn clock_path(state_dir: &Path) -> PathBuf {

@@ -56,6 +56,11 @@ impl RolloutState {
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Promoted | Self::RolledBack)
     }
+
+    /// Progressing, paused or at a gate: the rollout, not the config, sets the weight.
+    pub fn is_running(self) -> bool {
+        !self.is_terminal() && self != Self::Pending
+    }
 }
 
 impl fmt::Display for RolloutState {

@@ -40,9 +40,8 @@ use axum::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
-use crate::agent::Agent;
+use crate::agent::{lock, Agent};
 use crate::api::{Request, RolloutAction, Status, UI_ACTOR};
-use crate::controller::EventLog;
 
 /// How often a snapshot is pushed to the watching pages.
 pub const PUSH_EVERY: Duration = Duration::from_millis(500);
@@ -63,10 +62,6 @@ struct Ui {
     agent: Arc<Mutex<Agent>>,
     snapshots: watch::Receiver<Arc<String>>,
     watchers: Arc<Semaphore>,
-}
-
-fn lock(agent: &Mutex<Agent>) -> Result<std::sync::MutexGuard<'_, Agent>> {
-    agent.lock().map_err(|_| anyhow!("agent state poisoned"))
 }
 
 /// One service as the page shows it.
@@ -99,7 +94,7 @@ fn snapshot(agent: &Mutex<Agent>) -> Result<String> {
     };
     let mut services = Vec::new();
     for (s, samples) in status.services.iter().zip(samples) {
-        let events = EventLog::new(state_dir.join(format!("{}.events.jsonl", s.name)))
+        let events = crate::agent::state::events_log(&state_dir, &s.name)
             .read()
             .unwrap_or_default();
         services.push(ServiceSnapshot {

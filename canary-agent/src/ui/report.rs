@@ -46,7 +46,7 @@ fn thin(samples: &[Sample]) -> Vec<Sample> {
 
 /// Reads the service's event log and series from `state_dir` and renders the report.
 pub fn from_state_dir(state_dir: &Path, service: &str, generated_ms: u64) -> Result<String> {
-    let log = crate::controller::EventLog::new(state_dir.join(format!("{service}.events.jsonl")));
+    let log = crate::agent::state::events_log(state_dir, service);
     let events = log.read()?;
     let samples = series::read_all(state_dir, service)?;
     if events.is_empty() && samples.is_empty() {
