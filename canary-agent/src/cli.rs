@@ -446,7 +446,7 @@ pub fn render_history(events: &[Event]) -> String {
 }
 
 /// UTC time of day with milliseconds.
-fn format_ms(ms: u64) -> String {
+pub(crate) fn format_ms(ms: u64) -> String {
     let s = ms / 1000;
     format!(
         "{:02}:{:02}:{:02}.{:03}Z",
@@ -458,7 +458,7 @@ fn format_ms(ms: u64) -> String {
 }
 
 /// A verdict number for people: four significant digits, `-` when there is none.
-fn round(v: &serde_json::Value) -> String {
+pub(crate) fn round(v: &serde_json::Value) -> String {
     match v.as_f64() {
         None => "-".into(),
         Some(x) if x == 0.0 || !x.is_finite() => format!("{x}"),

@@ -1,6 +1,8 @@
 //! HTML pieces shared by the live dashboard and `canary report`: the charts of a
 //! service's per-second series, its history table and its live summary.
 
+use crate::cli::{format_ms, round};
+use crate::config::bp_to_percent;
 use std::fmt::Write;
 
 use super::svg::{self, esc, Chart, Line, Marker};
@@ -48,18 +50,14 @@ pub fn markers(events: &[Event]) -> Vec<Marker> {
         .collect()
 }
 
-fn weight_pct(bp: u16) -> f64 {
-    bp as f64 / 100.0
-}
-
 pub fn weight_chart(samples: &[Sample], events: &[Event], x_range: (f64, f64)) -> String {
     let mut points: Vec<(f64, Option<f64>)> = samples
         .iter()
-        .map(|s| (s.t_ms as f64, Some(weight_pct(s.weight_bp))))
+        .map(|s| (s.t_ms as f64, Some(bp_to_percent(s.weight_bp))))
         .chain(
             events
                 .iter()
-                .map(|e| (e.at_ms as f64, Some(weight_pct(e.weight_bp)))),
+                .map(|e| (e.at_ms as f64, Some(bp_to_percent(e.weight_bp)))),
         )
         .collect();
     points.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -239,11 +237,6 @@ pub fn traffic_charts(samples: &[Sample], events: &[Event], x_range: (f64, f64))
     [traffic, latency]
 }
 
-/// UTC time of day with milliseconds, as `canary history` prints it.
-pub fn time_ms(ms: u64) -> String {
-    format!("{}.{:03}Z", svg::clock_label(ms as f64), ms % 1000)
-}
-
 /// The events as a table (newest first when `newest_first`), at most `limit` rows.
 pub fn history_table(events: &[Event], newest_first: bool, limit: usize) -> String {
     let mut out = String::from(
@@ -266,7 +259,7 @@ pub fn history_table(events: &[Event], newest_first: bool, limit: usize) -> Stri
         let _ = write!(
             out,
             "<tr class=\"{class}\"><td>{}</td><td>{} → {}</td><td>{}</td><td>{}</td><td class=\"actor\">{}</td><td class=\"reason\">{}</td></tr>",
-            time_ms(e.at_ms),
+            format_ms(e.at_ms),
             e.from,
             e.to,
             percent(e.weight_bp),
@@ -277,20 +270,6 @@ pub fn history_table(events: &[Event], newest_first: bool, limit: usize) -> Stri
     }
     out.push_str("</tbody></table>");
     out
-}
-
-fn number(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        Some(x) if x.is_finite() => {
-            let digits = if x == 0.0 {
-                0
-            } else {
-                (3 - x.abs().log10().floor() as i32).clamp(0, 6) as usize
-            };
-            format!("{x:.digits$}")
-        }
-        _ => "-".into(),
-    }
 }
 
 /// The live part of a service's panel: summary, analysis, charts, backends, history.
@@ -371,9 +350,9 @@ pub fn live_panel(
                 esc(v["metric"].as_str().unwrap_or("?")),
                 esc(verdict),
                 esc(verdict),
-                number(&v["canary"]),
-                number(&v["stable"]),
-                number(&v["confidence"]),
+                round(&v["canary"]),
+                round(&v["stable"]),
+                round(&v["confidence"]),
                 esc(v["reason"].as_str().unwrap_or(""))
             );
         }
