@@ -17,14 +17,12 @@
 //! on the same backend by its next packet.
 
 use std::{
-    ffi::CString,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    os::unix::ffi::OsStrExt,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
     path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, Context, Result};
-use aya::maps::MapInfo;
+use aya::maps::{MapData, MapInfo};
 
 /// A map's shape as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +116,8 @@ pub fn carry_over(dir: &Path, aside: &[Aside], pass: Pass) -> Result<usize> {
             tracing::warn!(map = %old.name, "key or type changed: entries not carried over");
             continue;
         }
-        let (from, to) = (obj_get(&old.pin)?, obj_get(&new_pin)?);
-        copied += copy_entries(&from, old.layout, &to, new, pass)
+        let (from, to) = (open(&old.pin)?, open(&new_pin)?);
+        copied += copy_entries(from.fd().as_fd(), old.layout, to.fd().as_fd(), new, pass)
             .with_context(|| format!("carrying {} over", old.name))?;
     }
     Ok(copied)
@@ -149,8 +147,6 @@ pub fn remove_aside(aside: &[Aside]) -> Result<()> {
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_MAP_GET_NEXT_KEY: i64 = 4;
-const BPF_OBJ_PIN: i64 = 6;
-const BPF_OBJ_GET: i64 = 7;
 const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_PERCPU_HASH: u32 = 10;
@@ -164,15 +160,6 @@ struct ElemAttr {
     key: u64,
     value_or_next_key: u64,
     flags: u64,
-}
-
-/// The object-get member of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct ObjAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
 }
 
 fn bpf<T>(cmd: i64, attr: &mut T) -> std::io::Result<i64> {
@@ -192,27 +179,15 @@ fn bpf<T>(cmd: i64, attr: &mut T) -> std::io::Result<i64> {
     }
 }
 
-fn obj_get(pin: &Path) -> Result<OwnedFd> {
-    let path = CString::new(pin.as_os_str().as_bytes())?;
-    let mut attr = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        ..Default::default()
-    };
-    let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening {}", pin.display()))?;
-    // SAFETY: the kernel just returned this new descriptor to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+fn open(pin: &Path) -> Result<MapData> {
+    MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))
 }
 
-/// Re-pins the object at `from` as `to` (bpffs has no rename).
+/// Re-pins the map at `from` as `to` (bpffs has no rename).
 fn move_pin(from: &Path, to: &Path) -> Result<()> {
-    let fd = obj_get(from)?;
-    let path = CString::new(to.as_os_str().as_bytes())?;
-    let mut attr = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    bpf(BPF_OBJ_PIN, &mut attr).with_context(|| format!("pinning {}", to.display()))?;
+    open(from)?
+        .pin(to)
+        .with_context(|| format!("pinning {}", to.display()))?;
     std::fs::remove_file(from).with_context(|| format!("removing {}", from.display()))
 }
 
@@ -227,9 +202,9 @@ const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 fn copy_entries(
-    from: &OwnedFd,
+    from: BorrowedFd<'_>,
     old: Layout,
-    to: &OwnedFd,
+    to: BorrowedFd<'_>,
     new: Layout,
     pass: Pass,
 ) -> Result<usize> {
