@@ -15,6 +15,7 @@
 //! - **absolute oracle**: one CUSUM that also knows the stable rate is exactly 1 % and
 //!   tests canary requests against 1.05 % directly (Lorden/Moustakides: optimal for known
 //!   pre- and post-change rates).
+//!
 //! For each `h`: the share of 30-minute A/A runs in which the statistic ever reached `h`
 //! (false alarms), and the median delay after a fault that starts at 600 s.
 
