@@ -135,6 +135,11 @@ impl Agent {
         Ok(())
     }
 
+    /// The running agent's pid (for CPU and memory readings from /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
+    }
+
     /// SIGTERM, as an orchestrator would send, then wait for the exit. The datapath
     /// stays attached (its links are pinned).
     pub fn stop(&mut self) -> Result<()> {

@@ -20,6 +20,13 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "/usr/sbin/iptables"),
     ("wrk", "/usr/bin/wrk"),
     ("prometheus", "/usr/bin/prometheus"),
+    // `make bench` compares the splitter with nginx and HAProxy, on nginx backends.
+    ("nginx", "/usr/sbin/nginx"),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+    ),
+    ("haproxy", "/usr/sbin/haproxy"),
     // The dashboard test drives headless Chromium over WebDriver.
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),

@@ -24,8 +24,12 @@ enum Task {
     BuildEbpf,
     /// The local lab: `deploy`, `traffic-split`, `simulate-failures`, `verify-rollback`.
     Lab { scenario: String },
-    /// Direct vs XDP splitter vs iptables, and ns/packet of the XDP program.
-    Bench,
+    /// The splitter against direct, iptables, nginx and HAProxy; its per-packet cost.
+    Bench {
+        /// Interleaved rounds per path (each on a fresh lab).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -39,7 +43,7 @@ fn main() -> Result<()> {
             "verify-rollback" => lab::failures(true),
             other => bail!("unknown lab scenario {other:?}"),
         },
-        Task::Bench => bench::run(),
+        Task::Bench { rounds } => bench::run(rounds),
     }
 }
 

@@ -1,0 +1,110 @@
+//! What the splitter costs while it carries the load: each BPF program's kernel-measured
+//! run time per packet (`kernel.bpf_stats_enabled`, read from the agent's program fds in
+//! /proc/PID/fdinfo), and the agent's CPU time and peak RSS.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+
+/// Turns `kernel.bpf_stats_enabled` on for its lifetime (it is off by default because it
+/// costs two clock reads per program run) and restores the previous value.
+pub struct BpfStats {
+    previous: String,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> Result<BpfStats> {
+        let previous = std::fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("reading {BPF_STATS}"))?
+            .trim()
+            .to_string();
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("writing {BPF_STATS}"))?;
+        Ok(BpfStats { previous })
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.previous);
+    }
+}
+
+/// Cumulative run time and run count of each program the process holds, by program
+/// type (`xdp` is the client-to-service direction, `sched_cls` the replies).
+pub type ProgramRuns = BTreeMap<&'static str, (u64, u64)>;
+
+pub fn program_runs(pid: u32) -> Result<ProgramRuns> {
+    let mut out = ProgramRuns::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        let (Some(kind), Some(ns), Some(runs)) = (
+            field("prog_type:"),
+            field("run_time_ns:"),
+            field("run_cnt:"),
+        ) else {
+            continue;
+        };
+        let name = match kind {
+            6 => "xdp",
+            3 => "sched_cls",
+            _ => "other",
+        };
+        let e = out.entry(name).or_default();
+        e.0 += ns;
+        e.1 += runs;
+    }
+    Ok(out)
+}
+
+/// One program's mean ns per run, and its number of runs, over an interval.
+pub type ProgramCost = (&'static str, f64, u64);
+
+/// ns per run of each program between two readings.
+pub fn ns_per_run(before: &ProgramRuns, after: &ProgramRuns) -> Vec<ProgramCost> {
+    after
+        .iter()
+        .map(|(name, &(ns, runs))| {
+            let (ns0, runs0) = before.get(name).copied().unwrap_or_default();
+            let n = runs.saturating_sub(runs0);
+            (*name, ns.saturating_sub(ns0) as f64 / n.max(1) as f64, n)
+        })
+        .collect()
+}
+
+/// User + system CPU time of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').context("malformed stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// Peak resident set size (VmHWM) of a process, in MiB.
+pub fn peak_rss_mib(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .context("no VmHWM")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kib / 1024.0)
+}

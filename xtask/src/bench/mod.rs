@@ -1,0 +1,226 @@
+//! `cargo xtask bench`: the splitter against the direct path and the usual ways to do
+//! the same split (iptables `statistic` DNAT, nginx `stream` `split_clients`, HAProxy
+//! TCP), on a fresh lab per path and round, with nginx backends; keep-alive requests,
+//! a new connection per request, and 1 MiB transfers. Rounds are interleaved so drift on
+//! the machine hits every path alike. While the splitter carries the load it also reads
+//! each BPF program's run time per packet and the agent's CPU time and peak RSS. Then
+//! ns/packet from BPF_PROG_TEST_RUN, including the placement path over distinct tuples.
+
+mod kernel;
+mod peers;
+mod wrk;
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use canary_lab::{
+    agent::{lab_service, Agent},
+    ChildGuard, Topology, VIP_V4,
+};
+
+use crate::lab::release_bins;
+use peers::{BACKEND_PORT, BULK_BYTES, HAPROXY_VIP, IPTABLES_VIP, NGINX_VIP};
+use wrk::{Load, WrkResult};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Direct,
+    Splitter,
+    Iptables,
+    NginxStream,
+    Haproxy,
+}
+
+const PATHS: [Path; 5] = [
+    Path::Direct,
+    Path::Splitter,
+    Path::Iptables,
+    Path::NginxStream,
+    Path::Haproxy,
+];
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct (through the node, no split)",
+            Path::Splitter => "canary splitter (XDP + TC)",
+            Path::Iptables => "iptables statistic DNAT",
+            Path::NginxStream => "nginx stream split_clients",
+            Path::Haproxy => "HAProxy tcp",
+        }
+    }
+
+    fn target(self) -> String {
+        match self {
+            Path::Direct => format!("{}:{BACKEND_PORT}", canary_lab::topology::STABLE_V4),
+            Path::Splitter => format!("{VIP_V4}:80"),
+            Path::Iptables => format!("{IPTABLES_VIP}:80"),
+            Path::NginxStream => format!("{NGINX_VIP}:80"),
+            Path::Haproxy => format!("{HAPROXY_VIP}:80"),
+        }
+    }
+}
+
+/// What the splitter itself cost during one round's loads.
+#[derive(Default)]
+struct SplitterCost {
+    /// (program, ns per run, runs) per load.
+    programs: Vec<(Load, Vec<kernel::ProgramCost>)>,
+    agent_cpu_s: f64,
+    wall_s: f64,
+    peak_rss_mib: f64,
+}
+
+pub fn run(rounds: usize) -> Result<()> {
+    let (_, _) = release_bins()?;
+    let scratch = peers::Scratch::new()?;
+    let _stats = kernel::BpfStats::enable()?;
+    // results[path][load] = one WrkResult per round
+    let mut results: Vec<Vec<Vec<WrkResult>>> =
+        vec![vec![Vec::new(); Load::ALL.len()]; PATHS.len()];
+    let mut costs = Vec::new();
+    for round in 0..rounds {
+        for (p, &path) in PATHS.iter().enumerate() {
+            eprintln!("round {}/{rounds}: {}", round + 1, path.name());
+            let topo = Topology::build()?;
+            let _backends = peers::start_backends(&topo, &scratch.0)?;
+            let mut _guards: Vec<ChildGuard> = Vec::new();
+            let mut agent = None;
+            match path {
+                Path::Direct => {}
+                Path::Splitter => {
+                    let service = lab_service("web", 80, BACKEND_PORT, "weight = 10");
+                    agent = Some(Agent::start(&topo.node, &service, &[])?);
+                }
+                Path::Iptables => peers::iptables_split(&topo)?,
+                Path::NginxStream => _guards.push(peers::nginx_split(&topo, &scratch.0)?),
+                Path::Haproxy => _guards.push(peers::haproxy_split(&topo, &scratch.0)?),
+            }
+            let pid = agent.as_ref().and_then(Agent::pid);
+            let mut cost = SplitterCost::default();
+            let cpu0 = pid.map(kernel::cpu_seconds).transpose()?;
+            let started = std::time::Instant::now();
+            for (l, &load) in Load::ALL.iter().enumerate() {
+                let before = pid.map(kernel::program_runs).transpose()?;
+                results[p][l].push(wrk::run(&topo, load, &path.target())?);
+                if let (Some(pid), Some(before)) = (pid, before) {
+                    let after = kernel::program_runs(pid)?;
+                    cost.programs
+                        .push((load, kernel::ns_per_run(&before, &after)));
+                }
+            }
+            if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
+                cost.agent_cpu_s = kernel::cpu_seconds(pid)? - cpu0;
+                cost.wall_s = started.elapsed().as_secs_f64();
+                cost.peak_rss_mib = kernel::peak_rss_mib(pid)?;
+                costs.push(cost);
+            }
+        }
+    }
+    print_table(&results, rounds);
+    print_costs(&costs);
+    per_packet()
+}
+
+fn mean(v: impl Iterator<Item = f64>) -> f64 {
+    let v: Vec<f64> = v.collect();
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
+    println!(
+        "\n{} rounds, interleaved, a fresh lab per path and round; wrk from the client \
+         namespace, nginx backends; splits send 10 % of connections to canary",
+        rounds
+    );
+    println!("\n| load | path | requests/s | vs direct | p50 ms | p99 ms | p99 vs direct |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for (l, load) in Load::ALL.iter().enumerate() {
+        let direct_rps = mean(results[0][l].iter().map(|r| r.rps));
+        let direct_p99 = mean(results[0][l].iter().map(|r| r.p99_ms));
+        for (p, path) in PATHS.iter().enumerate() {
+            let rps = mean(results[p][l].iter().map(|r| r.rps));
+            let p50 = mean(results[p][l].iter().map(|r| r.p50_ms));
+            let p99 = mean(results[p][l].iter().map(|r| r.p99_ms));
+            let shown = match load {
+                Load::Bulk => format!(
+                    "{rps:.0} ({:.0} MiB/s)",
+                    rps * BULK_BYTES as f64 / (1 << 20) as f64
+                ),
+                _ => format!("{rps:.0}"),
+            };
+            println!(
+                "| {} | {} | {shown} | {:.2} | {p50:.2} | {p99:.2} | {:.2} |",
+                load.name(),
+                path.name(),
+                rps / direct_rps,
+                p99 / direct_p99
+            );
+        }
+    }
+    for (l, load) in Load::ALL.iter().enumerate() {
+        let rps = |p: usize| mean(results[p][l].iter().map(|r| r.rps));
+        println!(
+            "{}: splitter / iptables {:.2}×, / nginx {:.2}×, / HAProxy {:.2}×",
+            load.name(),
+            rps(1) / rps(2),
+            rps(1) / rps(3),
+            rps(1) / rps(4)
+        );
+    }
+}
+
+fn print_costs(costs: &[SplitterCost]) {
+    println!("\nSplitter cost under that load (kernel.bpf_stats_enabled; mean over rounds)");
+    println!("| load | program | ns/run | runs/round |");
+    println!("|---|---|---:|---:|");
+    for load in Load::ALL {
+        let mut by_prog: std::collections::BTreeMap<&str, (f64, u64, usize)> = Default::default();
+        for c in costs {
+            for (l, progs) in &c.programs {
+                if *l != load {
+                    continue;
+                }
+                for &(name, ns, runs) in progs {
+                    let e = by_prog.entry(name).or_default();
+                    e.0 += ns;
+                    e.1 += runs;
+                    e.2 += 1;
+                }
+            }
+        }
+        for (name, (ns, runs, n)) in by_prog {
+            let n = n.max(1);
+            println!(
+                "| {} | {name} | {:.0} | {} |",
+                load.name(),
+                ns / n as f64,
+                runs / n as u64
+            );
+        }
+    }
+    let cpu = mean(costs.iter().map(|c| 100.0 * c.agent_cpu_s / c.wall_s));
+    let rss = costs.iter().map(|c| c.peak_rss_mib).fold(0.0, f64::max);
+    println!("Agent during the splitter's loads: {cpu:.2} % of one core, peak RSS {rss:.1} MiB");
+}
+
+/// ns/packet of the XDP program: the agent crate's `xdp_cost` example (it needs the
+/// embedded kernel object, which xtask itself must build without).
+fn per_packet() -> Result<()> {
+    let status = Command::new("cargo")
+        .current_dir(crate::workspace_root())
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "canary-agent",
+            "--example",
+            "xdp_cost",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("xdp_cost failed ({status})");
+    }
+    Ok(())
+}
