@@ -27,6 +27,8 @@ const PACKAGES: &[(&str, &str)] = &[
         "/usr/lib/nginx/modules/ngx_stream_module.so",
     ),
     ("haproxy", "/usr/sbin/haproxy"),
+    // `make bench`'s profile of where the datapath's time goes.
+    ("linux-perf", "/usr/bin/perf"),
     // The dashboard test drives headless Chromium over WebDriver.
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),

@@ -29,6 +29,10 @@ enum Task {
         /// Interleaved rounds per path (each on a fresh lab).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Also sample the whole machine with `perf record` during each path's
+        /// keep-alive load and print where the CPU time went.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -43,7 +47,7 @@ fn main() -> Result<()> {
             "verify-rollback" => lab::failures(true),
             other => bail!("unknown lab scenario {other:?}"),
         },
-        Task::Bench { rounds } => bench::run(rounds),
+        Task::Bench { rounds, profile } => bench::run(rounds, profile),
     }
 }
 

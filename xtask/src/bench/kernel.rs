@@ -108,3 +108,89 @@ pub fn peak_rss_mib(pid: u32) -> Result<f64> {
         .parse()?;
     Ok(kib / 1024.0)
 }
+
+/// `perf record` of every CPU (software clock: this machine kind has no hardware
+/// counters) while a load runs; the report is where kernel and user time went,
+/// including the JIT-ed BPF programs (`bpf_prog_*`).
+pub struct Profile {
+    child: std::process::Child,
+    data: std::path::PathBuf,
+    what: String,
+}
+
+impl Profile {
+    pub fn start(dir: &std::path::Path, what: &str) -> Result<Profile> {
+        let data = dir.join("perf.data");
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-a",
+                "-g",
+                "-e",
+                "cpu-clock",
+                "-F",
+                "4999",
+                "-q",
+                "-o",
+            ])
+            .arg(&data)
+            .args(["--", "sleep", "5"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("starting perf record (Debian package linux-perf)")?;
+        Ok(Profile {
+            child,
+            data,
+            what: what.to_string(),
+        })
+    }
+
+    pub fn report(mut self) -> Result<()> {
+        self.child.wait()?;
+        let out = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--no-children",
+                "--sort",
+                "sym",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&self.data)
+            .output()?;
+        println!(
+            "\nperf: where the CPU time went during keep-alive via {}",
+            self.what
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect();
+        for line in lines.iter().take(25) {
+            println!("{line}");
+        }
+        // Below the top: the datapath's own symbols (BPF programs, veth's XDP path,
+        // skb copies and unclones), wherever they rank.
+        println!("  … datapath symbols:");
+        for line in lines.iter().skip(25).filter(|l| {
+            [
+                "bpf",
+                "xdp",
+                "veth",
+                "pskb",
+                "skb_copy",
+                "page_pool",
+                "csum",
+                "lru",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            println!("{line}");
+        }
+        Ok(())
+    }
+}

@@ -71,7 +71,7 @@ struct SplitterCost {
     peak_rss_mib: f64,
 }
 
-pub fn run(rounds: usize) -> Result<()> {
+pub fn run(rounds: usize, profile: bool) -> Result<()> {
     let (_, _) = release_bins()?;
     let scratch = peers::Scratch::new()?;
     let _stats = kernel::BpfStats::enable()?;
@@ -102,7 +102,15 @@ pub fn run(rounds: usize) -> Result<()> {
             let started = std::time::Instant::now();
             for (l, &load) in Load::ALL.iter().enumerate() {
                 let before = pid.map(kernel::program_runs).transpose()?;
+                let perf = (profile
+                    && load == Load::KeepAlive
+                    && matches!(path, Path::Direct | Path::Splitter))
+                .then(|| kernel::Profile::start(&scratch.0, path.name()))
+                .transpose()?;
                 results[p][l].push(wrk::run(&topo, load, &path.target())?);
+                if let Some(perf) = perf {
+                    perf.report()?;
+                }
                 if let (Some(pid), Some(before)) = (pid, before) {
                     let after = kernel::program_runs(pid)?;
                     cost.programs
