@@ -22,8 +22,10 @@ use crate::{
 #[inline(always)]
 pub fn handle(ctx: &TcContext) {
     // Headers must be in the linear part for direct reads (IPv6 + TCP = 74 bytes).
+    // They almost always are; pulling anyway would make every packet writable, which
+    // copies the head of each cloned skb (TCP transmits clones), ours or not.
     let want = if ctx.len() < 74 { ctx.len() } else { 74 };
-    if ctx.pull_data(want).is_err() {
+    if ctx.data_end() - ctx.data() < want as usize && ctx.pull_data(want).is_err() {
         return;
     }
     let Some(pkt) = parse(ctx.data(), ctx.data_end()) else {
