@@ -45,9 +45,22 @@ pub enum Sticky {
     ClientIp,
 }
 
+/// Where the client -> service program runs. XDP (native) is the cheapest hook on a
+/// physical NIC; on a veth it makes the driver copy every packet into a new page and
+/// takes GSO away from the peer, while TC ingress works on the skb as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IngressHook {
+    /// XDP on interfaces backed by a device, TC on virtual ones (veth, bridges, lo).
+    Auto,
+    Xdp,
+    Tc,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub interfaces: Vec<String>,
+    pub ingress_hook: IngressHook,
     pub control_socket: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -105,6 +118,7 @@ enum OneOrMany {
 #[serde(deny_unknown_fields)]
 struct RawAgent {
     interface: Option<OneOrMany>,
+    ingress_hook: Option<String>,
     control_socket: Option<PathBuf>,
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -277,6 +291,17 @@ impl Config {
                     }
                     Some(p) => Some(base.join(p)),
                     None => None,
+                },
+                ingress_hook: match a.ingress_hook.as_deref() {
+                    None | Some("auto") => IngressHook::Auto,
+                    Some("xdp") => IngressHook::Xdp,
+                    Some("tc") => IngressHook::Tc,
+                    Some(other) => {
+                        return Err(err(
+                            "agent.ingress_hook".into(),
+                            format!("{other:?}: use \"auto\", \"xdp\" or \"tc\""),
+                        ))
+                    }
                 },
                 interfaces: match a.interface {
                     Some(OneOrMany::One(i)) => vec![i],
@@ -652,6 +677,28 @@ sticky = "client-ip"
             "set ui_listen",
         );
         expect_err(&agent("ui_tokn = 1"), "line 3", "unknown field");
+    }
+
+    #[test]
+    fn ingress_hook_is_auto_xdp_or_tc() {
+        let agent = |extra: &str| format!("[agent]\ninterface = \"cli0\"\n{extra}\n");
+        assert_eq!(
+            parse(&agent("")).unwrap().agent.ingress_hook,
+            IngressHook::Auto
+        );
+        for (text, hook) in [
+            ("auto", IngressHook::Auto),
+            ("xdp", IngressHook::Xdp),
+            ("tc", IngressHook::Tc),
+        ] {
+            let c = parse(&agent(&format!("ingress_hook = \"{text}\""))).unwrap();
+            assert_eq!(c.agent.ingress_hook, hook);
+        }
+        expect_err(
+            &agent("ingress_hook = \"XDP\""),
+            "agent.ingress_hook",
+            "use \"auto\"",
+        );
     }
 
     #[test]

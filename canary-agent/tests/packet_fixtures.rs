@@ -14,7 +14,7 @@ use canary_agent::{
 };
 use canary_common::{
     FlowKey, FlowValue, TcpSeq, DIR_FORWARD, DIR_REPLY, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
-    PROG_EGRESS, PROG_INGRESS, PROTO_TCP,
+    PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC, PROTO_TCP,
 };
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -30,18 +30,43 @@ use pins::Pins;
 /// the datapath (closing the maps) before its mount.
 struct Fixture {
     dp: Datapath,
+    hook: Hook,
     config: Config,
     _pins: Pins,
 }
 
+/// The hook the ingress program runs at: every ingress case runs at both.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+/// Runs a fixture case once per ingress hook, as `NAME::xdp` and `NAME::tc`.
+macro_rules! at_both_hooks {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn xdp() {
+                super::$name(super::Hook::Xdp)
+            }
+            #[test]
+            fn tc() {
+                super::$name(super::Hook::Tc)
+            }
+        }
+    };
+}
+
 impl Fixture {
-    fn new(services: &str) -> Fixture {
+    fn new(hook: Hook, services: &str) -> Fixture {
         let pins = Pins::new("fixture");
         let text = format!("[agent]\ninterface = \"lo\"\n{services}");
         let config = Config::parse(&text, std::path::Path::new("fixture.toml")).unwrap();
         let dp = pins.load_with_services(&config);
         Fixture {
             dp,
+            hook,
             config,
             _pins: pins,
         }
@@ -65,8 +90,12 @@ impl Fixture {
     }
 
     fn ingress(&self, packet: &[u8]) -> Vec<u8> {
-        let (verdict, out) = self.run(PROG_INGRESS, packet);
-        assert_eq!(verdict, XDP_PASS, "XDP must never drop");
+        let (prog, pass) = match self.hook {
+            Hook::Xdp => (PROG_INGRESS, XDP_PASS),
+            Hook::Tc => (PROG_INGRESS_TC, TC_ACT_OK),
+        };
+        let (verdict, out) = self.run(prog, packet);
+        assert_eq!(verdict, pass, "ingress at {:?} must never drop", self.hook);
         out
     }
 
@@ -186,9 +215,8 @@ fn endpoints(packet: &[u8]) -> (SocketAddr, SocketAddr) {
     )
 }
 
-#[test]
-fn syn_to_service_is_rewritten_to_stable_with_valid_checksums() {
-    let f = Fixture::new(WEB);
+fn syn_to_service_is_rewritten_to_stable_with_valid_checksums(hook: Hook) {
+    let f = Fixture::new(hook, WEB);
     let out = f.ingress(&tcp(
         sa("198.18.1.2:40000"),
         sa("198.19.0.10:80"),
@@ -200,10 +228,10 @@ fn syn_to_service_is_rewritten_to_stable_with_valid_checksums() {
         (sa("198.18.1.2:40000"), sa("198.18.2.2:8080"))
     );
 }
+at_both_hooks!(syn_to_service_is_rewritten_to_stable_with_valid_checksums);
 
-#[test]
-fn at_weight_100_new_connections_go_to_canary() {
-    let mut f = Fixture::new(WEB);
+fn at_weight_100_new_connections_go_to_canary(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
     f.set_weight(0, 10_000);
     for port in 40000..40020 {
         let out = f.ingress(&tcp(
@@ -215,10 +243,10 @@ fn at_weight_100_new_connections_go_to_canary() {
         assert_eq!(endpoints(&out).1, sa("198.18.3.2:9090"));
     }
 }
+at_both_hooks!(at_weight_100_new_connections_go_to_canary);
 
-#[test]
-fn reply_gets_the_service_address_back_as_source() {
-    let f = Fixture::new(WEB);
+fn reply_gets_the_service_address_back_as_source(hook: Hook) {
+    let f = Fixture::new(hook, WEB);
     f.ingress(&tcp(
         sa("198.18.1.2:40001"),
         sa("198.19.0.10:80"),
@@ -240,10 +268,10 @@ fn reply_gets_the_service_address_back_as_source() {
     assert_eq!(out.len(), reply.len());
     assert_eq!(out[54..], reply[54..]);
 }
+at_both_hooks!(reply_gets_the_service_address_back_as_source);
 
-#[test]
-fn ipv6_is_rewritten_both_ways() {
-    let mut f = Fixture::new(WEB);
+fn ipv6_is_rewritten_both_ways(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
     f.set_weight(1, 10_000);
     let out = f.ingress(&tcp(
         sa("[2001:db8:1::2]:40002"),
@@ -267,10 +295,10 @@ fn ipv6_is_rewritten_both_ways() {
         (sa("[2001:db8:ffff::10]:80"), sa("[2001:db8:1::2]:40002"))
     );
 }
+at_both_hooks!(ipv6_is_rewritten_both_ways);
 
-#[test]
-fn udp_with_and_without_checksum() {
-    let f = Fixture::new(WEB);
+fn udp_with_and_without_checksum(hook: Hook) {
+    let f = Fixture::new(hook, WEB);
     let pkt = udp(sa("198.18.1.2:5000"), sa("198.19.0.53:53"), b"query");
     let out = f.ingress(&pkt);
     assert_eq!(
@@ -287,10 +315,10 @@ fn udp_with_and_without_checksum() {
     let reply = udp(sa("198.18.2.2:5353"), sa("198.18.1.2:5000"), b"answer");
     assert_eq!(endpoints(&f.egress(&reply)).0, sa("198.19.0.53:53"));
 }
+at_both_hooks!(udp_with_and_without_checksum);
 
-#[test]
-fn established_flow_keeps_its_backend_across_weight_changes() {
-    let mut f = Fixture::new(WEB);
+fn established_flow_keeps_its_backend_across_weight_changes(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
     let client = sa("198.18.1.2:40003");
     f.ingress(&tcp(client, sa("198.19.0.10:80"), true, b""));
     f.set_weight(0, 10_000);
@@ -314,10 +342,10 @@ fn established_flow_keeps_its_backend_across_weight_changes() {
     ));
     assert_eq!(endpoints(&out).1, sa("198.18.3.2:9090"));
 }
+at_both_hooks!(established_flow_keeps_its_backend_across_weight_changes);
 
-#[test]
-fn traffic_that_is_not_ours_passes_untouched() {
-    let f = Fixture::new(WEB);
+fn traffic_that_is_not_ours_passes_untouched(hook: Hook) {
+    let f = Fixture::new(hook, WEB);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         (
             "other address",
@@ -368,10 +396,13 @@ fn traffic_that_is_not_ours_passes_untouched() {
         }),
     ];
     for (name, pkt) in cases {
-        assert_eq!(f.ingress(&pkt), pkt, "ingress changed: {name}");
         // The kernel refuses to build an skb whose IPv4 header is cut short (the stack
         // never hands one to TC), so that case exists only at XDP.
-        if name != "truncated ip header" {
+        let at_tc = name != "truncated ip header";
+        if matches!(hook, Hook::Xdp) || at_tc {
+            assert_eq!(f.ingress(&pkt), pkt, "ingress changed: {name}");
+        }
+        if at_tc {
             assert_eq!(f.egress(&pkt), pkt, "egress changed: {name}");
         }
     }
@@ -379,10 +410,10 @@ fn traffic_that_is_not_ours_passes_untouched() {
     let stray = tcp(sa("198.18.2.2:8080"), sa("198.18.1.2:49999"), false, b"x");
     assert_eq!(f.egress(&stray), stray);
 }
+at_both_hooks!(traffic_that_is_not_ours_passes_untouched);
 
-#[test]
-fn counters_count_connections_packets_and_bytes() {
-    let mut f = Fixture::new(WEB);
+fn counters_count_connections_packets_and_bytes(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
     let syn = tcp(sa("198.18.1.2:40005"), sa("198.19.0.10:80"), true, b"");
     let data = tcp(
         sa("198.18.1.2:40005"),
@@ -406,10 +437,10 @@ fn counters_count_connections_packets_and_bytes() {
     assert_eq!(stats[0].packets_out, 1);
     assert_eq!(stats[16].connections, 0);
 }
+at_both_hooks!(counters_count_connections_packets_and_bytes);
 
-#[test]
-fn http_and_handshake_telemetry_is_counted_once_per_segment() {
-    let mut f = Fixture::new(WEB);
+fn http_and_handshake_telemetry_is_counted_once_per_segment(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
     let (client, vip, backend) = (
         sa("198.18.1.2:40006"),
         sa("198.19.0.10:80"),
@@ -464,6 +495,7 @@ fn http_and_handshake_telemetry_is_counted_once_per_segment() {
     f.egress(&rst);
     assert_eq!(f.dp().signals(0).unwrap()[0].counters.resets, 1);
 }
+at_both_hooks!(http_and_handshake_telemetry_is_counted_once_per_segment);
 
 /// A TCP segment with explicit flags ("S", "SA", "A", "FA", "R"), sequence and
 /// acknowledgment numbers.
@@ -627,9 +659,8 @@ fn check_sequence_tracking(f: &Fixture, client: SocketAddr, vip: SocketAddr, bac
     assert_ne!(reply.flags & FLOW_CLOSING, 0);
 }
 
-#[test]
-fn tcp_sequence_state_is_tracked_in_both_directions() {
-    let f = Fixture::new(WEB);
+fn tcp_sequence_state_is_tracked_in_both_directions(hook: Hook) {
+    let f = Fixture::new(hook, WEB);
     check_sequence_tracking(
         &f,
         sa("198.18.1.2:40100"),
@@ -643,12 +674,12 @@ fn tcp_sequence_state_is_tracked_in_both_directions() {
         sa("[2001:db8:2::2]:8080"),
     );
 }
+at_both_hooks!(tcp_sequence_state_is_tracked_in_both_directions);
 
-#[test]
-fn a_flow_placed_mid_connection_starts_tracking_from_its_first_segment() {
+fn a_flow_placed_mid_connection_starts_tracking_from_its_first_segment(hook: Hook) {
     // A non-SYN segment with no pinned flow (table eviction) is placed and its state
     // starts from that segment.
-    let f = Fixture::new(WEB);
+    let f = Fixture::new(hook, WEB);
     let (client, vip, backend) = (
         sa("198.18.1.2:40101"),
         sa("198.19.0.10:80"),
@@ -659,6 +690,7 @@ fn a_flow_placed_mid_connection_starts_tracking_from_its_first_segment() {
     f.egress(&seg(backend, client, "A", 9000, 7005, b""));
     assert_eq!(entries(&f, client, vip, backend).1.tcp, seq(9000, 7005));
 }
+at_both_hooks!(a_flow_placed_mid_connection_starts_tracking_from_its_first_segment);
 
 /// Opens client -> vip (on `backend`) through the programs: handshake, one request
 /// and, unless `answer` is false, its response; the client acks the response when
@@ -798,10 +830,9 @@ fn in_private_netns(test: impl FnOnce(&Capture) + Send) {
     });
 }
 
-#[test]
-fn drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments() {
+fn drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments(hook: Hook) {
     in_private_netns(|capture| {
-        let mut f = Fixture::new(WEB);
+        let mut f = Fixture::new(hook, WEB);
         let (vip, vip6) = (sa("198.19.0.10:80"), sa("[2001:db8:ffff::10]:80"));
         let (stable, canary, canary6) = (
             sa("198.18.2.2:8080"),
@@ -895,3 +926,4 @@ fn drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments() {
         assert_eq!(endpoints(&out).1, stable);
     });
 }
+at_both_hooks!(drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments);

@@ -53,6 +53,8 @@ pub const MAP_EXACT: &str = "CANARY_EXACT";
 pub const MAP_TELEMETRY: &str = "CANARY_TELEMETRY";
 pub const MAP_LATENCY: &str = "CANARY_LATENCY";
 pub const PROG_INGRESS: &str = "canary_ingress";
+/// The ingress program for TC (virtual interfaces, where XDP costs a copy per packet).
+pub const PROG_INGRESS_TC: &str = "canary_ingress_tc";
 pub const PROG_EGRESS: &str = "canary_egress";
 
 /// A service's virtual address: the lookup key for every packet entering the node.

@@ -1,10 +1,63 @@
-//! Destination rewrite for XDP with incremental checksum updates. XDP sees frames as
-//! they came off the wire, so the L4 checksum is complete and RFC 1624 arithmetic
-//! (from canary-common, unit-tested in userspace) applies directly.
+//! Address and port rewrites with their checksum updates. XDP sees frames as they came
+//! off the wire, so the L4 checksum is complete and RFC 1624 arithmetic (from
+//! canary-common, unit-tested in userspace) applies directly. At TC a packet may carry
+//! CHECKSUM_PARTIAL (sent by a local stack through a veth), so rewrites there go
+//! through the kernel's csum helpers, which handle partial and complete checksums.
 
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use canary_common::{csum, FAMILY_V4, PROTO_UDP};
 
-use crate::parse::{Packet, IP_CHECK_OFF_V4, IP_DST_OFF_V4, IP_DST_OFF_V6};
+use crate::parse::{
+    Packet, IP_CHECK_OFF_V4, IP_DST_OFF_V4, IP_DST_OFF_V6, IP_SRC_OFF_V4, IP_SRC_OFF_V6,
+};
+
+/// Which end of the packet a TC rewrite changes.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Side {
+    /// Client -> service: the destination becomes the backend.
+    Destination,
+    /// Backend -> client: the source becomes the service address again.
+    Source,
+}
+
+/// Rewrites `side`'s address and port of `pkt` to `addr:port` at TC.
+#[inline(always)]
+pub fn tc_rewrite(
+    ctx: &TcContext,
+    pkt: &Packet,
+    side: Side,
+    addr: &[u32; 4],
+    port: u16,
+) -> Result<(), i64> {
+    let (old_addr, old_port, port_off, (off_v4, off_v6)) = match side {
+        Side::Destination => (&pkt.dst, pkt.dport, pkt.l4_off + 2, (IP_DST_OFF_V4, IP_DST_OFF_V6)),
+        Side::Source => (&pkt.src, pkt.sport, pkt.l4_off, (IP_SRC_OFF_V4, IP_SRC_OFF_V6)),
+    };
+    let check_off = pkt.l4_check_off();
+    // UDP over IPv4 may carry no checksum: the helper keeps a zero one zero.
+    let mangled = if pkt.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
+    let pseudo = BPF_F_PSEUDO_HDR as u64 | mangled | 4;
+    if pkt.family == FAMILY_V4 {
+        ctx.l4_csum_replace(check_off, old_addr[0] as u64, addr[0] as u64, pseudo)?;
+        ctx.l3_csum_replace(IP_CHECK_OFF_V4, old_addr[0] as u64, addr[0] as u64, 4)?;
+        ctx.store(off_v4, &addr[0], 0)?;
+    } else {
+        for i in 0..4 {
+            ctx.l4_csum_replace(check_off, old_addr[i] as u64, addr[i] as u64, pseudo)?;
+        }
+        ctx.store(off_v6, addr, 0)?;
+    }
+    ctx.l4_csum_replace(check_off, old_port as u64, port as u64, mangled | 2)?;
+    ctx.store(port_off, &port, 0)?;
+    Ok(())
+}
 
 #[inline(always)]
 fn field<T>(data: usize, end: usize, off: usize) -> Option<*mut T> {

@@ -1,7 +1,7 @@
 //! Client -> service: find the service, pin or look up the flow, rewrite the
-//! destination to the chosen backend, count.
+//! destination to the chosen backend, count. The same logic runs at XDP or at TC
+//! ingress (see [`crate::frame`] for which and why).
 
-use aya_ebpf::programs::XdpContext;
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
     FlowValue, ServiceKey, ServiceValue, TcpSeq, DIR_FORWARD, FLOW_CLOSING,
@@ -11,21 +11,19 @@ use canary_common::{
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 
 use crate::{
-    checksum::rewrite_destination,
+    frame::Frame,
     maps::{EXACT, FLOWS, SERVICES, STATS},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry,
 };
 
 #[inline(always)]
-pub fn handle(ctx: &XdpContext) {
+pub fn handle<F: Frame>(ctx: &F) {
     let (data, end) = (ctx.data(), ctx.data_end());
     let Some(pkt) = parse(data, end) else { return };
-    // XDP sees the whole frame: an IP packet that runs past its end was cut short, and
-    // one without a length is malformed on the wire (BIG TCP exists only inside the
-    // stack). The kernel drops both, so they pass as they came: no flow placed,
-    // nothing counted, no sequence state advanced, nothing rewritten.
-    if pkt.ip_end == 0 || data + pkt.ip_end > end {
+    // A packet the hook does not hold whole passes as it came: no flow placed, nothing
+    // counted, no sequence state advanced, nothing rewritten.
+    if ctx.cut_short(&pkt) {
         return;
     }
     let svc_key = ServiceKey {
@@ -50,7 +48,7 @@ pub fn handle(ctx: &XdpContext) {
         _pad: 0,
     };
     let tcp = if pkt.proto == PROTO_TCP {
-        tcp_len_ack(data, end, &pkt)
+        tcp_ack(data, end, &pkt).map(|ack| (ctx.payload_len(&pkt), ack))
     } else {
         None
     };
@@ -66,10 +64,12 @@ pub fn handle(ctx: &XdpContext) {
             None => return,
         },
     };
-    if pkt.proto == PROTO_TCP && data + pkt.payload_off + 4 <= end {
-        // SAFETY: bounds checked just above.
-        let first =
-            unsafe { core::ptr::read_unaligned((data + pkt.payload_off) as *const [u8; 4]) };
+    let first = if pkt.proto == PROTO_TCP {
+        ctx.load4(pkt.payload_off)
+    } else {
+        None
+    };
+    if let Some(first) = first {
         if telemetry::is_request(first) {
             // A just-placed flow has no entry pointer yet: look it up.
             if let Some(forward) = entry.or_else(|| FLOWS.get_ptr_mut(&key)) {
@@ -78,28 +78,26 @@ pub fn handle(ctx: &XdpContext) {
             }
         }
     }
-    if rewrite_destination(data, end, &pkt, &flow.addr, flow.port).is_none() {
+    if ctx.rewrite_destination(&pkt, &flow.addr, flow.port).is_none() {
         return;
     }
     if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
         // SAFETY: per-CPU slot, no other writer on this CPU during the program run.
         unsafe {
             (*stats).packets_in += 1;
-            (*stats).bytes_in += (end - data) as u64;
+            (*stats).bytes_in += ctx.len() as u64;
         }
     }
 }
 
-/// A TCP segment's payload length (from the IP length: a short frame may carry
-/// Ethernet padding) and acknowledgment number (as loaded).
+/// A TCP segment's acknowledgment number (as loaded).
 #[inline(always)]
-fn tcp_len_ack(data: usize, end: usize, pkt: &Packet) -> Option<(u32, u32)> {
+fn tcp_ack(data: usize, end: usize, pkt: &Packet) -> Option<u32> {
     if data + pkt.l4_off + 12 > end {
         return None;
     }
     // SAFETY: bounds checked just above.
-    let ack = unsafe { core::ptr::read_unaligned((data + pkt.l4_off + 8) as *const u32) };
-    Some((pkt.ip_end.saturating_sub(pkt.payload_off) as u32, ack))
+    Some(unsafe { core::ptr::read_unaligned((data + pkt.l4_off + 8) as *const u32) })
 }
 
 /// The flow's pinned backend and its entry, unless this is a SYN that starts a new

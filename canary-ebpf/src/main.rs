@@ -1,11 +1,13 @@
-//! Kernel side of canary: an XDP program that places each new connection to a service
-//! on a stable or canary backend and rewrites its destination, and a TC egress program
-//! that restores the service address as the source of the replies.
+//! Kernel side of canary: an ingress program (XDP, or TC on virtual interfaces, see
+//! `frame`) that places each new connection to a service on a stable or canary backend
+//! and rewrites its destination, and a TC egress program that restores the service
+//! address as the source of the replies.
 #![no_std]
 #![no_main]
 
 mod checksum;
 mod egress;
+mod frame;
 mod ingress;
 mod maps;
 mod parse;
@@ -22,6 +24,15 @@ use aya_ebpf::{
 pub fn canary_ingress(ctx: XdpContext) -> u32 {
     ingress::handle(&ctx);
     xdp_action::XDP_PASS
+}
+
+/// Client -> service direction at TC ingress: the same logic on the skb. Never drops.
+#[classifier]
+pub fn canary_ingress_tc(ctx: TcContext) -> i32 {
+    if frame::tc_headers_linear(&ctx) {
+        ingress::handle(&ctx);
+    }
+    TC_ACT_OK as i32
 }
 
 /// Backend -> client direction. Never drops.

@@ -514,3 +514,61 @@ fn uninstall_detaches_and_removes_pins_and_state() -> Result<()> {
     );
     Ok(())
 }
+
+/// Moving the ingress program between XDP and TC ingress on reload (the `ingress_hook`
+/// setting) keeps every live connection on its backend: the new hook is attached before
+/// the old one goes, and a packet both see is rewritten once.
+#[test]
+fn switching_the_ingress_hook_keeps_live_connections() -> Result<()> {
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    // Lines before the first [[service]] table belong to the [agent] table.
+    let services = |hook: &str| {
+        format!(
+            "ingress_hook = \"{hook}\"\n{}",
+            lab_service("web", 80, ECHO_PORT, "weight = 30")
+        )
+    };
+    let agent = Agent::start(&topo.node, &services("xdp"), &[])?;
+    let pins = |kind: &str| agent.bpffs.join(format!("link-{kind}-cli0")).exists();
+    ensure!(pins("xdp") && !pins("tcin"), "XDP ingress not pinned");
+    let vip = SocketAddr::new(VIP_V4.into(), 80);
+    let long_lived = topo
+        .client
+        .enter(|| LongLived::open(vip, 40, &[CLIENT_V4.into()]))?;
+    let placed = long_lived.report().by_backend();
+    for (hook, kind, gone) in [("tc", "tcin", "xdp"), ("xdp", "xdp", "tcin")] {
+        agent.write_services(&services(hook))?;
+        agent.cli(&["reload"])?;
+        ensure!(
+            pins(kind) && !pins(gone) && pins("tc"),
+            "after switching to {hook}: pins {:?}",
+            std::fs::read_dir(&agent.bpffs)?.collect::<Vec<_>>()
+        );
+        let fresh = topo
+            .client
+            .enter(|| LongLived::open(vip, 20, &[CLIENT_V4.into()]))?
+            .stop();
+        ensure!(
+            fresh.resets() == 0 && fresh.by_backend().values().sum::<usize>() == 20,
+            "new connections at {hook}: {fresh:?}"
+        );
+    }
+    // Every live connection still echoes through the hook it now crosses.
+    let before = long_lived.report().min_messages_ok();
+    std::thread::sleep(Duration::from_millis(500));
+    let report = long_lived.stop();
+    ensure!(
+        report.min_messages_ok() > before,
+        "a live connection stopped echoing after the switch: {report:?}"
+    );
+    ensure!(
+        report.resets() == 0 && report.ended() == 0,
+        "broken by switching hooks: {report:?}"
+    );
+    ensure!(
+        report.by_backend() == placed,
+        "switching hooks moved live connections"
+    );
+    Ok(())
+}

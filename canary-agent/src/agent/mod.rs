@@ -262,7 +262,7 @@ impl Agent {
             changes.push(format!("interface {iface}: detached"));
         }
         for iface in &config.agent.interfaces {
-            self.datapath.attach(iface)?;
+            self.datapath.attach(iface, config.agent.ingress_hook)?;
             if !pinned.contains(iface) {
                 changes.push(format!("interface {iface}: attached"));
             }

@@ -27,8 +27,10 @@ pub use bpffs::ensure as ensure_bpffs;
 use canary_common::{
     histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
     VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
-    MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS,
+    MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
 };
+
+use crate::config::IngressHook;
 pub use drain::{DrainProgress, DRAIN_QUIET};
 pub use encode::{encode_service, service_key};
 
@@ -98,8 +100,11 @@ impl Datapath {
         let drain = drain::Drain::new(take(&mut ebpf, canary_common::MAP_FLOWS)?)?;
         let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
         xdp.load().context("loading the XDP program (verifier)")?;
-        let tc: &mut SchedClassifier = program(&mut ebpf, PROG_EGRESS)?;
-        tc.load().context("loading the TC program (verifier)")?;
+        for name in [PROG_INGRESS_TC, PROG_EGRESS] {
+            let tc: &mut SchedClassifier = program(&mut ebpf, name)?;
+            tc.load()
+                .with_context(|| format!("loading the TC program {name} (verifier)"))?;
+        }
         if !aside.is_empty() {
             let n = migrate::carry_over(bpffs_dir, aside, migrate::Pass::First)?;
             tracing::info!(entries = n, "carried map entries over to the new layout");
@@ -133,56 +138,85 @@ impl Datapath {
         link_pin(&self.bpffs_dir, kind, iface)
     }
 
-    /// Attaches ingress (XDP, native mode when the driver supports it) and egress (TC)
-    /// to `iface`, and pins both links under `bpffs_dir` at once: the attachment then
-    /// belongs to the pin, not to this process, so SIGTERM, SIGKILL, a panic or an OOM
-    /// kill leave the programs attached and splitting with the last weights. Links an
-    /// earlier agent pinned are taken over: the kernel swaps this agent's program into
-    /// the existing link atomically (`bpf_link_update`), so no packet goes unprocessed.
-    /// Only [`detach`] (an explicit uninstall or an interface removed from the config)
-    /// removes an attachment.
-    pub fn attach(&mut self, iface: &str) -> Result<()> {
-        let xdp_pin = self.link_pin("xdp", iface);
+    /// Attaches ingress (at `hook`, see [`IngressHook`]) and egress (TC) to `iface`, and
+    /// pins the links under `bpffs_dir` at once: the attachment then belongs to the pin,
+    /// not to this process, so SIGTERM, SIGKILL, a panic or an OOM kill leave the
+    /// programs attached and splitting with the last weights. Links an earlier agent
+    /// pinned are taken over: the kernel swaps this agent's program into the existing
+    /// link atomically (`bpf_link_update`), so no packet goes unprocessed. When the
+    /// ingress hook changed, the new one is attached before the old one is removed
+    /// (a packet both see is rewritten once: after the first, its destination is a
+    /// backend, not a service). Only [`detach`] (an explicit uninstall or an interface
+    /// removed from the config) removes an attachment.
+    pub fn attach(&mut self, iface: &str, hook: IngressHook) -> Result<()> {
+        let tc_ingress = match hook {
+            IngressHook::Xdp => false,
+            IngressHook::Tc => true,
+            IngressHook::Auto => is_virtual(iface),
+        };
+        let (kind, other) = if tc_ingress {
+            ("tcin", "xdp")
+        } else {
+            ("xdp", "tcin")
+        };
+        let pin = self.link_pin(kind, iface);
+        if tc_ingress {
+            self.attach_tc(PROG_INGRESS_TC, TcAttachType::Ingress, &pin, iface)?;
+        } else {
+            self.attach_xdp(&pin, iface)?;
+        }
+        remove_pin(&self.link_pin(other, iface))?;
+        let pin = self.link_pin("tc", iface);
+        self.attach_tc(PROG_EGRESS, TcAttachType::Egress, &pin, iface)
+    }
+
+    /// XDP, native mode when the driver supports it.
+    fn attach_xdp(&mut self, pin: &Path, iface: &str) -> Result<()> {
         let xdp: &mut Xdp = program(&mut self.ebpf, PROG_INGRESS)?;
-        match take_over(&xdp_pin, iface, "XDP", |link| {
+        let taken = take_over(pin, iface, "XDP", |link| {
             // Taking the link back out of the program closes this process's fd on
             // drop, so only the pin holds the attachment.
             let id = xdp.attach_to_link(XdpLink::try_from(link)?)?;
             xdp.take_link(id)?;
             Ok(())
-        })? {
-            true => tracing::info!(%iface, "took over the attached XDP program"),
-            false => {
-                let id = match xdp.attach(iface, XdpMode::Driver) {
-                    Ok(id) => id,
-                    Err(native) => {
-                        tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
-                        xdp.attach(iface, XdpMode::Skb)
-                            .with_context(|| format!("attaching XDP to {iface}"))?
-                    }
-                };
-                let link: FdLink = xdp.take_link(id)?.try_into()?;
-                link.pin(&xdp_pin)
-                    .with_context(|| format!("pinning the XDP link at {}", xdp_pin.display()))?;
-            }
+        })?;
+        if taken {
+            tracing::info!(%iface, "took over the attached XDP program");
+            return Ok(());
         }
-        let tc_pin = self.link_pin("tc", iface);
-        let tc: &mut SchedClassifier = program(&mut self.ebpf, PROG_EGRESS)?;
-        match take_over(&tc_pin, iface, "TC", |link| {
+        let id = match xdp.attach(iface, XdpMode::Driver) {
+            Ok(id) => id,
+            Err(native) => {
+                tracing::warn!(%iface, error = %native, "native XDP unavailable, using generic mode");
+                xdp.attach(iface, XdpMode::Skb)
+                    .with_context(|| format!("attaching XDP to {iface}"))?
+            }
+        };
+        let link: FdLink = xdp.take_link(id)?.try_into()?;
+        link.pin(pin)
+            .with_context(|| format!("pinning the XDP link at {}", pin.display()))?;
+        tracing::info!(%iface, "attached ingress at XDP");
+        Ok(())
+    }
+
+    fn attach_tc(&mut self, name: &str, at: TcAttachType, pin: &Path, iface: &str) -> Result<()> {
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let taken = take_over(pin, iface, "TC", |link| {
             let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
             tc.take_link(id)?;
             Ok(())
-        })? {
-            true => tracing::info!(%iface, "took over the attached TC program"),
-            false => {
-                let id = tc
-                    .attach(iface, TcAttachType::Egress)
-                    .with_context(|| format!("attaching TC egress to {iface}"))?;
-                let link: FdLink = tc.take_link(id)?.try_into()?;
-                link.pin(&tc_pin)
-                    .with_context(|| format!("pinning the TC link at {}", tc_pin.display()))?;
-            }
+        })?;
+        if taken {
+            tracing::info!(%iface, program = name, "took over the attached TC program");
+            return Ok(());
         }
+        let id = tc
+            .attach(iface, at)
+            .with_context(|| format!("attaching {name} to {iface} at TC {at:?}"))?;
+        let link: FdLink = tc.take_link(id)?.try_into()?;
+        link.pin(pin)
+            .with_context(|| format!("pinning the TC link at {}", pin.display()))?;
+        tracing::info!(%iface, program = name, "attached at TC {at:?}");
         Ok(())
     }
 
@@ -305,6 +339,27 @@ fn link_pin(bpffs_dir: &Path, kind: &str, iface: &str) -> PathBuf {
     bpffs_dir.join(format!("link-{kind}-{iface}"))
 }
 
+/// Link pin kinds: ingress at XDP or at TC, egress at TC.
+const LINK_KINDS: [&str; 3] = ["xdp", "tcin", "tc"];
+
+/// Whether `iface` is a virtual interface (veth, bridge, lo, …): one without a device
+/// behind it in sysfs, where XDP would run in the driver's copy path.
+fn is_virtual(iface: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(iface)
+        .join("device")
+        .exists()
+}
+
+/// Removes a pin if it is there (which detaches its link once no one holds it).
+fn remove_pin(pin: &Path) -> Result<()> {
+    match std::fs::remove_file(pin) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", pin.display())),
+    }
+}
+
 /// Swaps this agent's program into the link pinned at `pin`, if there is one. A pin
 /// whose link no longer works (its interface was deleted) is removed so that a fresh
 /// attachment can take its place. Returns whether a link was taken over.
@@ -341,8 +396,8 @@ pub fn attached_interfaces(bpffs_dir: &Path) -> Result<Vec<String>> {
     };
     for entry in entries {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        for prefix in ["link-xdp-", "link-tc-"] {
-            if let Some(iface) = name.strip_prefix(prefix) {
+        for kind in LINK_KINDS {
+            if let Some(iface) = name.strip_prefix(&format!("link-{kind}-")) {
                 if !out.iter().any(|i| i == iface) {
                     out.push(iface.to_string());
                 }
@@ -357,13 +412,8 @@ pub fn attached_interfaces(bpffs_dir: &Path) -> Result<Vec<String>> {
 /// holds the links open, the kernel destroys them. An explicit act (uninstall, or an
 /// interface removed from the config): no signal or crash of the agent does this.
 pub fn detach(bpffs_dir: &Path, iface: &str) -> Result<()> {
-    for kind in ["xdp", "tc"] {
-        let pin = link_pin(bpffs_dir, kind, iface);
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-        }
+    for kind in LINK_KINDS {
+        remove_pin(&link_pin(bpffs_dir, kind, iface))?;
     }
     Ok(())
 }
@@ -378,11 +428,7 @@ pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
         detach(bpffs_dir, iface)?;
     }
     for pin in bpffs::pins_in(bpffs_dir)? {
-        match std::fs::remove_file(&pin) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-        }
+        remove_pin(&pin)?;
     }
     Ok(ifaces)
 }

@@ -25,15 +25,21 @@ use wrk::{Load, WrkResult};
 #[derive(Clone, Copy, PartialEq)]
 enum Path {
     Direct,
-    Splitter,
+    /// Straight to a backend through the node, with the agent's XDP program attached
+    /// to the client-facing veth: what the hook costs traffic that is not ours.
+    DirectXdpAttached,
+    /// The splitter with its ingress program at XDP or at TC (`ingress_hook`).
+    Splitter(&'static str),
     Iptables,
     NginxStream,
     Haproxy,
 }
 
-const PATHS: [Path; 5] = [
+const PATHS: [Path; 7] = [
     Path::Direct,
-    Path::Splitter,
+    Path::DirectXdpAttached,
+    Path::Splitter("tc"),
+    Path::Splitter("xdp"),
     Path::Iptables,
     Path::NginxStream,
     Path::Haproxy,
@@ -43,7 +49,9 @@ impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct (through the node, no split)",
-            Path::Splitter => "canary splitter (XDP + TC)",
+            Path::DirectXdpAttached => "direct, agent's XDP attached",
+            Path::Splitter("tc") => "canary splitter (TC ingress + TC egress)",
+            Path::Splitter(_) => "canary splitter (XDP ingress + TC egress)",
             Path::Iptables => "iptables statistic DNAT",
             Path::NginxStream => "nginx stream split_clients",
             Path::Haproxy => "HAProxy tcp",
@@ -52,18 +60,32 @@ impl Path {
 
     fn target(self) -> String {
         match self {
-            Path::Direct => format!("{}:{BACKEND_PORT}", canary_lab::topology::STABLE_V4),
-            Path::Splitter => format!("{VIP_V4}:80"),
+            Path::Direct | Path::DirectXdpAttached => {
+                format!("{}:{BACKEND_PORT}", canary_lab::topology::STABLE_V4)
+            }
+            Path::Splitter(_) => format!("{VIP_V4}:80"),
             Path::Iptables => format!("{IPTABLES_VIP}:80"),
             Path::NginxStream => format!("{NGINX_VIP}:80"),
             Path::Haproxy => format!("{HAPROXY_VIP}:80"),
         }
     }
+
+    /// The agent's config for the paths that run one: lines before the first
+    /// [[service]] table belong to its [agent] table.
+    fn agent_config(self) -> Option<String> {
+        let service = lab_service("web", 80, BACKEND_PORT, "weight = 10");
+        match self {
+            Path::DirectXdpAttached => Some(format!("ingress_hook = \"xdp\"\n{service}")),
+            Path::Splitter(hook) => Some(format!("ingress_hook = \"{hook}\"\n{service}")),
+            _ => None,
+        }
+    }
 }
 
-/// What the splitter itself cost during one round's loads.
+/// What the agent and its programs cost during one round's loads of one path.
 #[derive(Default)]
 struct SplitterCost {
+    path: usize,
     /// (program, ns per run, runs) per load.
     programs: Vec<(Load, Vec<kernel::ProgramCost>)>,
     agent_cpu_s: f64,
@@ -85,26 +107,28 @@ pub fn run(rounds: usize, profile: bool) -> Result<()> {
             let topo = Topology::build()?;
             let _backends = peers::start_backends(&topo, &scratch.0)?;
             let mut _guards: Vec<ChildGuard> = Vec::new();
-            let mut agent = None;
+            let agent = match path.agent_config() {
+                Some(config) => Some(Agent::start(&topo.node, &config, &[])?),
+                None => None,
+            };
             match path {
-                Path::Direct => {}
-                Path::Splitter => {
-                    let service = lab_service("web", 80, BACKEND_PORT, "weight = 10");
-                    agent = Some(Agent::start(&topo.node, &service, &[])?);
-                }
                 Path::Iptables => peers::iptables_split(&topo)?,
                 Path::NginxStream => _guards.push(peers::nginx_split(&topo, &scratch.0)?),
                 Path::Haproxy => _guards.push(peers::haproxy_split(&topo, &scratch.0)?),
+                _ => {}
             }
             let pid = agent.as_ref().and_then(Agent::pid);
-            let mut cost = SplitterCost::default();
+            let mut cost = SplitterCost {
+                path: p,
+                ..Default::default()
+            };
             let cpu0 = pid.map(kernel::cpu_seconds).transpose()?;
             let started = std::time::Instant::now();
             for (l, &load) in Load::ALL.iter().enumerate() {
                 let before = pid.map(kernel::program_runs).transpose()?;
                 let perf = (profile
                     && load == Load::KeepAlive
-                    && matches!(path, Path::Direct | Path::Splitter))
+                    && matches!(path, Path::Direct | Path::Splitter(_)))
                 .then(|| kernel::Profile::start(&scratch.0, path.name()))
                 .transpose()?;
                 results[p][l].push(wrk::run(&topo, load, &path.target())?);
@@ -166,29 +190,42 @@ fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
             );
         }
     }
+    let at = |path: Path| PATHS.iter().position(|&p| p == path).unwrap_or(0);
+    let (splitter, iptables, nginx, haproxy) = (
+        at(Path::Splitter("tc")),
+        at(Path::Iptables),
+        at(Path::NginxStream),
+        at(Path::Haproxy),
+    );
     for (l, load) in Load::ALL.iter().enumerate() {
         let rps = |p: usize| mean(results[p][l].iter().map(|r| r.rps));
         println!(
-            "{}: splitter / iptables {:.2}×, / nginx {:.2}×, / HAProxy {:.2}×",
+            "{}: splitter (TC ingress) / iptables {:.2}×, / nginx {:.2}×, / HAProxy {:.2}×",
             load.name(),
-            rps(1) / rps(2),
-            rps(1) / rps(3),
-            rps(1) / rps(4)
+            rps(splitter) / rps(iptables),
+            rps(splitter) / rps(nginx),
+            rps(splitter) / rps(haproxy)
         );
     }
 }
 
 fn print_costs(costs: &[SplitterCost]) {
-    println!("\nSplitter cost under that load (kernel.bpf_stats_enabled; mean over rounds)");
-    println!("| load | program | ns/run | runs/round |");
-    println!("|---|---|---:|---:|");
-    for load in Load::ALL {
-        let mut by_prog: std::collections::BTreeMap<&str, (f64, u64, usize)> = Default::default();
-        for c in costs {
-            for (l, progs) in &c.programs {
-                if *l != load {
-                    continue;
-                }
+    println!("\nAgent and programs under that load (kernel.bpf_stats_enabled; mean over rounds)");
+    println!("| path | load | program | ns/run | runs/round |");
+    println!("|---|---|---|---:|---:|");
+    for (p, path) in PATHS.iter().enumerate() {
+        let of_path: Vec<&SplitterCost> = costs.iter().filter(|c| c.path == p).collect();
+        if of_path.is_empty() {
+            continue;
+        }
+        for load in Load::ALL {
+            let mut by_prog: std::collections::BTreeMap<&str, (f64, u64, usize)> =
+                Default::default();
+            for (_, progs) in of_path
+                .iter()
+                .flat_map(|c| &c.programs)
+                .filter(|(l, _)| *l == load)
+            {
                 for &(name, ns, runs) in progs {
                     let e = by_prog.entry(name).or_default();
                     e.0 += ns;
@@ -196,23 +233,27 @@ fn print_costs(costs: &[SplitterCost]) {
                     e.2 += 1;
                 }
             }
+            for (name, (ns, runs, n)) in by_prog {
+                let n = n.max(1);
+                println!(
+                    "| {} | {} | {name} | {:.0} | {} |",
+                    path.name(),
+                    load.name(),
+                    ns / n as f64,
+                    runs / n as u64
+                );
+            }
         }
-        for (name, (ns, runs, n)) in by_prog {
-            let n = n.max(1);
-            println!(
-                "| {} | {name} | {:.0} | {} |",
-                load.name(),
-                ns / n as f64,
-                runs / n as u64
-            );
-        }
+        let cpu = mean(of_path.iter().map(|c| 100.0 * c.agent_cpu_s / c.wall_s));
+        let rss = of_path.iter().map(|c| c.peak_rss_mib).fold(0.0, f64::max);
+        println!(
+            "Agent during {}: {cpu:.2} % of one core, peak RSS {rss:.1} MiB",
+            path.name()
+        );
     }
-    let cpu = mean(costs.iter().map(|c| 100.0 * c.agent_cpu_s / c.wall_s));
-    let rss = costs.iter().map(|c| c.peak_rss_mib).fold(0.0, f64::max);
-    println!("Agent during the splitter's loads: {cpu:.2} % of one core, peak RSS {rss:.1} MiB");
 }
 
-/// ns/packet of the XDP program: the agent crate's `xdp_cost` example (it needs the
+/// ns/packet of the ingress program at both hooks: the agent crate's `program_cost` example (it needs the
 /// embedded kernel object, which xtask itself must build without).
 fn per_packet() -> Result<()> {
     let status = Command::new("cargo")
@@ -224,11 +265,11 @@ fn per_packet() -> Result<()> {
             "-p",
             "canary-agent",
             "--example",
-            "xdp_cost",
+            "program_cost",
         ])
         .status()?;
     if !status.success() {
-        bail!("xdp_cost failed ({status})");
+        bail!("program_cost failed ({status})");
     }
     Ok(())
 }

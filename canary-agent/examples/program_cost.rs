@@ -1,0 +1,126 @@
+//! ns/packet of the ingress program at XDP and at TC, measured by the kernel with
+//! BPF_PROG_TEST_RUN (run by `make bench`). Needs root.
+//!
+//! Repeats of one frame time the steady paths (not ours, pinned flow). The placement
+//! path (first SYN of a new tuple: hash, weight, two flow inserts) is timed over
+//! distinct tuples, one run each, against the same loop over distinct frames that are
+//! not ours, which carries the same per-run set-up; once with room in the flow table
+//! and once with the table full, where every insert makes the LRU evict.
+
+use std::{net::Ipv4Addr, os::fd::AsFd, process::Command};
+
+use anyhow::Result;
+use canary_agent::{
+    config::Config,
+    datapath::{encode_service, service_key, test_run, Datapath},
+};
+use canary_common::{FLOW_TABLE_SIZE, PROG_INGRESS, PROG_INGRESS_TC};
+use etherparse::PacketBuilder;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
+const REPEAT: u32 = 1_000_000;
+/// Distinct tuples per timed placement run (two flow entries each).
+const TUPLES: u32 = 20_000;
+
+fn main() -> Result<()> {
+    let pins = std::env::temp_dir().join(format!("canary-bench-{}", std::process::id()));
+    let result = run(&pins);
+    let _ = std::fs::remove_dir_all(&pins);
+    result
+}
+
+fn packet(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, syn: bool) -> Result<Vec<u8>> {
+    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src.octets(), dst.octets(), 64)
+        .tcp(sport, 80, 1, 64000);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::new();
+    b.write(&mut out, &[0u8; 64])?;
+    Ok(out)
+}
+
+/// The i-th distinct client tuple: addresses in 198.18.128.0/17, ports from 1024.
+fn tuple(i: u32) -> (Ipv4Addr, u16) {
+    let host = i / 60_000;
+    let addr = Ipv4Addr::new(198, 18, 128 + (host / 256) as u8, (host % 256) as u8);
+    (addr, 1024 + (i % 60_000) as u16)
+}
+
+fn run(pins: &std::path::Path) -> Result<()> {
+    let mut rows: Vec<(String, [u64; 2])> = Vec::new();
+    for (i, prog) in [PROG_INGRESS, PROG_INGRESS_TC].into_iter().enumerate() {
+        // A fresh datapath (and flow table) per program.
+        let dir = pins.join(prog);
+        for (r, (name, ns)) in measure(&dir, prog)?.into_iter().enumerate() {
+            if rows.len() <= r {
+                rows.push((name, [0; 2]));
+            }
+            rows[r].1[i] = ns;
+        }
+        let _ = Command::new("umount").arg("-l").arg(&dir).status();
+    }
+    println!("\nIngress program, BPF_PROG_TEST_RUN (kernel-measured mean ns/packet)");
+    println!("| path | XDP | TC |");
+    println!("|---|---:|---:|");
+    for (name, [xdp, tc]) in rows {
+        println!("| {name} | {xdp} | {tc} |");
+    }
+    Ok(())
+}
+
+fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
+    let text = "[agent]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n";
+    let config = Config::parse(text, std::path::Path::new("bench.toml"))?;
+    let mut dp = Datapath::load(pins)?;
+    let svc = &config.services[0];
+    dp.install(&service_key(svc), &encode_service(svc, 0, svc.weight_bp))?;
+    let fd = dp.program_fd(prog)?;
+    let client = Ipv4Addr::new(198, 18, 1, 2);
+    let mut rows = Vec::new();
+    for (name, pkt) in [
+        (
+            "not ours (other address), × 10⁶",
+            packet(client, 40000, OTHER, false)?,
+        ),
+        (
+            "pinned flow, SYN repeated, × 10⁶",
+            packet(client, 40000, VIP, true)?,
+        ),
+        (
+            "pinned flow, data packet, × 10⁶",
+            packet(client, 40000, VIP, false)?,
+        ),
+    ] {
+        let ns = test_run::run(fd.as_fd(), &pkt, REPEAT)?.duration_ns as u64;
+        rows.push((name.to_string(), ns));
+    }
+    // Distinct tuples, one run each: mean ns over `range`.
+    let each = |range: std::ops::Range<u32>, dst: Ipv4Addr| -> Result<u64> {
+        let n = range.len() as u64;
+        let mut total = 0u64;
+        for i in range {
+            let (src, sport) = tuple(i);
+            total +=
+                test_run::run(fd.as_fd(), &packet(src, sport, dst, true)?, 1)?.duration_ns as u64;
+        }
+        Ok(total / n)
+    };
+    rows.push((
+        format!("not ours, {TUPLES} distinct tuples × 1"),
+        each(0..TUPLES, OTHER)?,
+    ));
+    rows.push((
+        format!("placement, {TUPLES} new tuples × 1, table with room"),
+        each(0..TUPLES, VIP)?,
+    ));
+    // Fill the table past its size (two entries per flow), then time placement while
+    // the LRU evicts, as on a busy node whose table has filled.
+    let full = FLOW_TABLE_SIZE / 2;
+    each(TUPLES..full, VIP)?;
+    rows.push((
+        format!("placement, {TUPLES} new tuples × 1, full table (LRU evicts)"),
+        each(full..full + TUPLES, VIP)?,
+    ));
+    Ok(rows)
+}
