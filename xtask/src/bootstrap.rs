@@ -29,6 +29,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "/usr/sbin/haproxy"),
     // `make bench`'s profile of where the datapath's time goes.
     ("linux-perf", "/usr/bin/perf"),
+    ("bpftool", "/usr/sbin/bpftool"),
     // The dashboard test drives headless Chromium over WebDriver.
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),

@@ -1,6 +1,7 @@
 //! What the splitter costs while it carries the load: each BPF program's kernel-measured
 //! run time per packet (`kernel.bpf_stats_enabled`, read from the agent's program fds in
-//! /proc/PID/fdinfo), and the agent's CPU time and peak RSS.
+//! /proc/PID/fdinfo, named by bpftool), the agent's CPU time and peak RSS, and a
+//! `perf` profile of the whole machine.
 
 use std::collections::BTreeMap;
 
@@ -32,10 +33,12 @@ impl Drop for BpfStats {
 }
 
 /// Cumulative run time and run count of each program the process holds, by program
-/// type (`xdp` is the client-to-service direction, `sched_cls` the replies).
-pub type ProgramRuns = BTreeMap<&'static str, (u64, u64)>;
+/// name (from `bpftool`; the kernel keeps 15 characters of a name, so the TC ingress
+/// program shows as `canary_ingress_`).
+pub type ProgramRuns = BTreeMap<String, (u64, u64)>;
 
 pub fn program_runs(pid: u32) -> Result<ProgramRuns> {
+    let names = program_names()?;
     let mut out = ProgramRuns::new();
     let dir = format!("/proc/{pid}/fdinfo");
     for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
@@ -47,18 +50,15 @@ pub fn program_runs(pid: u32) -> Result<ProgramRuns> {
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        let (Some(kind), Some(ns), Some(runs)) = (
-            field("prog_type:"),
-            field("run_time_ns:"),
-            field("run_cnt:"),
-        ) else {
+        let (Some(id), Some(ns), Some(runs)) =
+            (field("prog_id:"), field("run_time_ns:"), field("run_cnt:"))
+        else {
             continue;
         };
-        let name = match kind {
-            6 => "xdp",
-            3 => "sched_cls",
-            _ => "other",
-        };
+        let name = names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("id {id}"));
         let e = out.entry(name).or_default();
         e.0 += ns;
         e.1 += runs;
@@ -66,8 +66,22 @@ pub fn program_runs(pid: u32) -> Result<ProgramRuns> {
     Ok(out)
 }
 
+/// Program id -> name of every loaded program.
+fn program_names() -> Result<BTreeMap<u64, String>> {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .context("running bpftool (Debian package bpftool)")?;
+    let progs: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("parsing bpftool -j prog show")?;
+    Ok(progs
+        .iter()
+        .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+        .collect())
+}
+
 /// One program's mean ns per run, and its number of runs, over an interval.
-pub type ProgramCost = (&'static str, f64, u64);
+pub type ProgramCost = (String, f64, u64);
 
 /// ns per run of each program between two readings.
 pub fn ns_per_run(before: &ProgramRuns, after: &ProgramRuns) -> Vec<ProgramCost> {
@@ -76,7 +90,11 @@ pub fn ns_per_run(before: &ProgramRuns, after: &ProgramRuns) -> Vec<ProgramCost>
         .map(|(name, &(ns, runs))| {
             let (ns0, runs0) = before.get(name).copied().unwrap_or_default();
             let n = runs.saturating_sub(runs0);
-            (*name, ns.saturating_sub(ns0) as f64 / n.max(1) as f64, n)
+            (
+                name.clone(),
+                ns.saturating_sub(ns0) as f64 / n.max(1) as f64,
+                n,
+            )
         })
         .collect()
 }

@@ -226,14 +226,16 @@ fn print_costs(costs: &[SplitterCost]) {
                 .flat_map(|c| &c.programs)
                 .filter(|(l, _)| *l == load)
             {
-                for &(name, ns, runs) in progs {
-                    let e = by_prog.entry(name).or_default();
+                for (name, ns, runs) in progs {
+                    let (ns, runs) = (*ns, *runs);
+                    let e = by_prog.entry(name.as_str()).or_default();
                     e.0 += ns;
                     e.1 += runs;
                     e.2 += 1;
                 }
             }
-            for (name, (ns, runs, n)) in by_prog {
+            // Programs loaded but not attached on this path never run.
+            for (name, (ns, runs, n)) in by_prog.into_iter().filter(|(_, (_, runs, _))| *runs > 0) {
                 let n = n.max(1);
                 println!(
                     "| {} | {} | {name} | {:.0} | {} |",
