@@ -29,6 +29,8 @@ pub struct ConfigError {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// HTTP/1.x over TCP, routed per request head by `crate::router`.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -341,10 +343,11 @@ impl Config {
             let protocol = match s.protocol.as_deref().unwrap_or("tcp") {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
+                "http" => Protocol::Http,
                 other => {
                     return Err(err(
                         at("protocol"),
-                        format!("{other:?}: expected tcp or udp"),
+                        format!("{other:?}: expected tcp, udp or http"),
                     ))
                 }
             };
@@ -578,7 +581,7 @@ sticky = "client-ip"
         expect_err(
             &svc("protocol = \"sctp\""),
             ".protocol",
-            "expected tcp or udp",
+            "expected tcp, udp or http",
         );
         expect_err(&svc("colour = 1"), "line 8", "unknown field `colour`");
         expect_err(

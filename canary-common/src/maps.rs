@@ -28,6 +28,10 @@ pub const FAMILY_V6: u8 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// Key protocol of an `http` service: no packet carries it, so the XDP program never
+/// matches the service and its connections reach the local stack, where the
+/// `sk_lookup` program hands them to the agent's router.
+pub const PROTO_HTTP: u8 = 0xFE;
 
 /// Flow-table entry direction: client -> service, and backend -> client.
 pub const DIR_FORWARD: u8 = 0;

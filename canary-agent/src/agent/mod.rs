@@ -92,6 +92,8 @@ fn load_policies(config: &Config) -> Result<Vec<Option<Policy>>> {
                     svc.name
                 )
             })?;
+            crate::router::check_service(svc, &policy)
+                .map_err(|e| anyhow!("{}: {e}", config.path.display()))?;
             let custom = policy.metrics.iter().find_map(|m| match &m.name {
                 MetricName::Custom(name) => Some(name.clone()),
                 _ => None,
@@ -729,7 +731,7 @@ impl Agent {
         crate::analysis::VersionCounters,
     )> {
         let svc = &self.services[i];
-        let tcp = svc.cfg.protocol == crate::config::Protocol::Tcp;
+        let tcp = svc.cfg.protocol != crate::config::Protocol::Udp;
         let signals = self.datapath.signals(svc.id)?;
         let counters = |version: usize| {
             let conn_new = signals[version].connections;

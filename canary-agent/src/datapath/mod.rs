@@ -3,7 +3,7 @@
 
 mod bpffs;
 mod drain;
-mod encode;
+pub(crate) mod encode;
 mod migrate;
 pub mod test_run;
 
