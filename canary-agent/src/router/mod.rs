@@ -3,9 +3,116 @@
 //! policy's rules (`decide`), and the client spliced to a backend of that version.
 
 pub mod decide;
+mod serve;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::json;
+
+pub use serve::{HeadLimits, RoutedService};
 
 use crate::config::{Protocol, ServiceConfig};
+use crate::datapath::Splicer;
 use crate::policy::Policy;
+
+/// The running router: one listener per `http` service, one task per connection
+/// until its splice is set up, then one idle watcher per spliced connection.
+pub struct Router {
+    shared: Arc<serve::Shared>,
+}
+
+/// What the router adds to a version's signals (the kernel counts the rest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterSignals {
+    /// Connections the router opened or tried to open to the version's backends.
+    pub connections: u64,
+    /// Of those, the ones that connected.
+    pub connected: u64,
+    /// First requests (their head went through the agent).
+    pub requests: u64,
+    /// Requests answered 502 because the backend refused or timed out.
+    pub failed: u64,
+}
+
+impl Router {
+    /// Binds the listeners and starts serving; call inside the tokio runtime.
+    pub fn start(splicer: Splicer, services: Vec<RoutedService>) -> Result<Self> {
+        Ok(Self {
+            shared: serve::start(splicer, services)?,
+        })
+    }
+
+    fn service(&self, id: u32) -> Option<&serve::Service> {
+        self.shared.services.iter().find(|s| s.routed.id == id)
+    }
+
+    /// Stable and canary signals for service `id`; none if it is not routed.
+    pub fn signals(&self, id: u32) -> Option<[RouterSignals; 2]> {
+        let svc = self.service(id)?;
+        Some(std::array::from_fn(|v| {
+            let c = &svc.counts.versions[v];
+            RouterSignals {
+                connections: c.connections.load(Ordering::Relaxed),
+                connected: c.connected.load(Ordering::Relaxed),
+                requests: c.requests.load(Ordering::Relaxed),
+                failed: c.failed.load(Ordering::Relaxed),
+            }
+        }))
+    }
+
+    /// `(rule label, version, count)` for `canary_routing_decisions_total`.
+    pub fn decisions(&self, id: u32) -> Vec<(String, &'static str, u64)> {
+        let Some(svc) = self.service(id) else {
+            return Vec::new();
+        };
+        let d = svc
+            .counts
+            .decisions
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        d.into_iter().map(|((rule, v), n)| (rule, v, n)).collect()
+    }
+
+    /// The `"routing"` object of `status --json`: decisions by rule (`header`, `flag`,
+    /// `cohort` by name, `split`), bytes copied by the agent vs carried by the kernel,
+    /// bad heads, and the splice maps' sizes.
+    pub fn status(&self, id: u32) -> Option<serde_json::Value> {
+        let svc = self.service(id)?;
+        let (mut header, mut flag, mut split) = (0u64, 0u64, 0u64);
+        let mut cohort: BTreeMap<String, u64> = BTreeMap::new();
+        for (rule, _, n) in self.decisions(id) {
+            match rule.as_str() {
+                "header" => header += n,
+                "flag" => flag += n,
+                "split" => split += n,
+                other => {
+                    let name = other.trim_start_matches("cohort:").to_string();
+                    *cohort.entry(name).or_default() += n;
+                }
+            }
+        }
+        let c = &svc.counts;
+        let splicer = self.shared.splicer.lock().ok()?;
+        let (socks, peers, state) = splicer.entries();
+        Some(json!({
+            "header": header,
+            "flag": flag,
+            "cohort": cohort,
+            "split": split,
+            "userspace_bytes": c.userspace_bytes.load(Ordering::Relaxed),
+            "kernel_bytes": splicer.bytes(id),
+            "bad_requests": c.bad_requests.load(Ordering::Relaxed),
+            "too_large": c.too_large.load(Ordering::Relaxed),
+            "head_timeouts": c.timeouts.load(Ordering::Relaxed),
+            "open_connections": c.open.load(Ordering::Relaxed),
+            "splice_entries": {"sockets": socks, "peers": peers, "state": state},
+        }))
+    }
+}
 
 /// Request rules need the request head, so they are only for `http` services.
 pub fn check_service(svc: &ServiceConfig, policy: &Policy) -> Result<(), String> {
