@@ -657,6 +657,13 @@ impl Agent {
                 tracing::error!(service = %name, error = %format!("{e:#}"), "tick");
             }
             let svc = &self.services[i];
+            if let Some(router) = &self.router {
+                let rolled_back = svc
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.state() == RolloutState::RolledBack);
+                router.set_rolled_back(svc.id, rolled_back);
+            }
             let Some(status) = svc.rollout.as_ref().map(|r| r.status(now)) else {
                 continue;
             };
@@ -796,7 +803,10 @@ impl Agent {
                     id: live.id,
                     cfg: cfg.clone(),
                     routing,
-                    limits: crate::router::HeadLimits::default(),
+                    limits: crate::router::HeadLimits {
+                        max_bytes: cfg.head_limit,
+                        timeout: std::time::Duration::from_secs(cfg.head_timeout_s),
+                    },
                 })
             })
             .collect();

@@ -45,6 +45,14 @@ impl Router {
         })
     }
 
+    /// A rolled-back canary gets no routed connections, whatever the rules say
+    /// (header, flag and cohort decisions for canary go to stable instead).
+    pub fn set_rolled_back(&self, id: u32, rolled_back: bool) {
+        if let Some(svc) = self.service(id) {
+            svc.rolled_back.store(rolled_back, Ordering::Relaxed);
+        }
+    }
+
     fn service(&self, id: u32) -> Option<&serve::Service> {
         self.shared.services.iter().find(|s| s.routed.id == id)
     }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,15 +34,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct HeadLimits {
     pub max_bytes: usize,
     pub timeout: Duration,
-}
-
-impl Default for HeadLimits {
-    fn default() -> Self {
-        Self {
-            max_bytes: 16 * 1024,
-            timeout: Duration::from_secs(10),
-        }
-    }
 }
 
 /// A routed service as the router sees it.
@@ -81,6 +72,8 @@ pub(super) struct Service {
     pub routed: RoutedService,
     pub counts: Counts,
     exact: Mutex<u32>,
+    /// Set by the agent each tick from the rollout state.
+    pub rolled_back: AtomicBool,
 }
 
 pub(super) struct Shared {
@@ -105,6 +98,7 @@ pub(super) fn start(maps: Splicer, routed: Vec<RoutedService>) -> Result<Arc<Sha
                 routed,
                 counts: Counts::default(),
                 exact: Mutex::new(0),
+                rolled_back: AtomicBool::new(false),
             })
             .collect(),
     });
@@ -226,6 +220,34 @@ fn socket_addr(b: &Backend, v6: bool) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
+/// Reads exactly the bytes queued on the socket now (a body sent with the head).
+/// The kernel's verdict path takes whole segments from the receive queue and would
+/// deliver a segment the head read consumed only in part a second time; reading all
+/// that is queued leaves only whole segments behind.
+fn take_queued(sock: &TcpStream, into: &mut Vec<u8>) -> Result<()> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: valid fd, FIONREAD writes one int.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("FIONREAD");
+    }
+    let mut want = queued.max(0) as usize;
+    let mut buf = vec![0u8; want];
+    let mut got = 0;
+    while want > 0 {
+        match sock.try_read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                want -= n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    into.extend_from_slice(&buf[..got]);
+    Ok(())
+}
+
 fn cookie(sock: &impl AsRawFd) -> Result<u64> {
     let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
@@ -301,7 +323,7 @@ async fn connection(
             }
             Ok(r) => r?,
         };
-    let head = match head {
+    let mut head = match head {
         HeadRead::Complete(h) => h,
         HeadRead::Invalid => {
             counts.bad_requests.fetch_add(1, Ordering::Relaxed);
@@ -315,6 +337,7 @@ async fn connection(
         }
         HeadRead::Closed => return Ok(()),
     };
+    take_queued(&client, &mut head)?;
     counts
         .userspace_bytes
         .fetch_add(head.len() as u64, Ordering::Relaxed);
@@ -333,7 +356,7 @@ async fn connection(
             PROTO_TCP,
         )
     };
-    let decision = {
+    let mut decision = {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut headers);
         req.parse(&head)?;
@@ -358,6 +381,9 @@ async fn connection(
             )
         }
     };
+    if svc.rolled_back.load(Ordering::Relaxed) {
+        decision.version = Version::Stable;
+    }
     if let Ok(mut d) = counts.decisions.lock() {
         *d.entry((decision.rule.label(), decision.version.as_str()))
             .or_default() += 1;
