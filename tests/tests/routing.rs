@@ -410,3 +410,104 @@ fn cohorts_users_flags_bulk_and_failing_backends() -> Result<()> {
     ensure!(metrics.contains("\"routing\""));
     Ok(())
 }
+
+const ROLLBACK_POLICY: &str = r#"step = [ { at = 0, weight = 0 }, { at = "10m", weight = 100 } ]
+[routing.header]
+header = "X-Canary"
+values = ["true"]
+[[metric]]
+name = "error-rate"
+threshold = 1.05
+window = "60s"
+[[rule]]
+name = "error-spike"
+when = "error-rate > baseline * 1.5"
+action = "immediate-rollback"
+"#;
+
+#[test]
+fn a_failing_header_routed_canary_is_rolled_back() -> Result<()> {
+    use canary_lab::backend::{set_faults, ADMIN_PORT};
+    use canary_lab::{topology::NODE_CLIENT_V4, Faults};
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = format!("metrics_listen = \"{NODE_CLIENT_V4}:9464\"\n")
+        + &lab_service(
+            "web",
+            80,
+            HTTP_PORT,
+            "protocol = \"http\"\npolicy = \"policy.toml\"",
+        );
+    let agent = Agent::start_with_files(
+        &topo.node,
+        &services,
+        &[("policy.toml", ROLLBACK_POLICY)],
+        &[],
+    )?;
+    agent.cli(&["rollout", "start", "web"])?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let after = std::thread::scope(|scope| -> Result<_> {
+        for header in ["X-Canary: true\r\n", "X-Canary: true\r\n", "", ""] {
+            let (topo, stop) = (&topo, &stop);
+            scope.spawn(move || {
+                topo.client.enter(|| -> Result<()> {
+                    let mut conn = connect(target)?;
+                    request(&mut conn, header)?;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        request(&mut conn, "")?;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(())
+                })
+            });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        topo.client.enter(|| {
+            set_faults(
+                SocketAddr::new(CANARY_V4.into(), ADMIN_PORT),
+                &Faults {
+                    error_rate: 1.0,
+                    ..Default::default()
+                },
+            )
+        })?;
+        let after = agent.wait_for_rollout("rolled-back", Duration::from_secs(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        after
+    })?;
+    let status = agent.status()?;
+    let after = after.ok_or_else(|| anyhow::anyhow!("no rollback: {status}"))?;
+    println!(
+        "header-routed canary rolled back {after:?} after the fault: {}",
+        status["services"][0]["rollout"]["reason"]
+    );
+    // After the rollback the header no longer reaches the canary.
+    topo.client.enter(|| -> Result<()> {
+        let (status, version) = request(&mut connect(target)?, "X-Canary: true\r\n")?;
+        ensure!(status == 200 && version == "stable", "{status} {version}");
+        Ok(())
+    })?;
+    let metrics = topo.client.enter(|| {
+        let mut conn = TcpStream::connect((NODE_CLIENT_V4, 9464))?;
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    ensure!(
+        metrics.contains(
+            "canary_routing_decisions_total{service=\"web\",rule=\"header\",version=\"canary\"} 2"
+        ),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("routing"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
