@@ -112,6 +112,9 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         conn.write_all(b"\x16\x03\x01\x02\x00 not http\r\n\r\n")?;
         ensure!(read_response(&mut conn)?.0 == 400, "non-HTTP bytes");
         let mut conn = connect(target)?;
+        conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")?;
+        ensure!(read_response(&mut conn)?.0 == 400, "HTTP/2 preface");
+        let mut conn = connect(target)?;
         let big = format!("X-Big: {}\r\n", "a".repeat(17 * 1024));
         let _ = conn.write_all(format!("GET / HTTP/1.1\r\nHost: web\r\n{big}\r\n").as_bytes());
         ensure!(read_response(&mut conn)?.0 == 431, "oversized head");
@@ -124,7 +127,7 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         routing["header"].as_u64() == Some(7),
         "header decisions: {routing}"
     );
-    ensure!(routing["bad_requests"].as_u64() == Some(1), "{routing}");
+    ensure!(routing["bad_requests"].as_u64() == Some(2), "{routing}");
     ensure!(routing["too_large"].as_u64() == Some(1), "{routing}");
     let (user, kernel) = (
         routing["userspace_bytes"].as_u64().unwrap_or(0),
