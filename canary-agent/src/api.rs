@@ -97,6 +97,10 @@ pub struct ServiceStatus {
     /// Canary connections are being closed at request boundaries (after a rollback).
     #[serde(default)]
     pub draining: bool,
+    /// `http` services: `{"header", "flag", "cohort": {NAME: n}, "split"}` decisions,
+    /// bytes copied by the agent vs carried in the kernel, bad heads, splice map sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<serde_json::Value>,
     /// Latest verdict per analysis metric (empty without metrics in the policy).
     /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
     /// are not numbers yet are null.

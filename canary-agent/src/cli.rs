@@ -419,6 +419,7 @@ pub fn check(file: &std::path::Path) -> Result<String> {
         if let Some(path) = &svc.policy {
             let policy = policy::load_policy(path)
                 .map_err(|e| anyhow::anyhow!("service {:?}: policy: {e}", svc.name))?;
+            crate::router::check_service(svc, &policy).map_err(|e| anyhow::anyhow!(e))?;
             out += &policy.render_plan();
         }
     }

@@ -29,6 +29,8 @@ pub struct ConfigError {
 pub enum Protocol {
     Tcp,
     Udp,
+    /// HTTP/1.x over TCP, routed per request head by `crate::router`.
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -90,7 +92,14 @@ pub struct ServiceConfig {
     pub sticky: Sticky,
     /// Rollout policy file, resolved relative to the config file.
     pub policy: Option<PathBuf>,
+    /// `http` services: limits of the first request head the router reads.
+    pub head_limit: usize,
+    pub head_timeout_s: u64,
 }
+
+/// Defaults of `head_limit` (bytes) and `head_timeout` (seconds).
+pub const DEFAULT_HEAD_LIMIT: usize = 16 * 1024;
+pub const DEFAULT_HEAD_TIMEOUT_S: u64 = 10;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -143,6 +152,8 @@ struct RawService {
     mode: Option<String>,
     sticky: Option<String>,
     policy: Option<PathBuf>,
+    head_limit: Option<usize>,
+    head_timeout: Option<u64>,
 }
 
 /// Converts a percentage with at most two decimals (0.01 % steps) to basis points.
@@ -366,10 +377,11 @@ impl Config {
             let protocol = match s.protocol.as_deref().unwrap_or("tcp") {
                 "tcp" => Protocol::Tcp,
                 "udp" => Protocol::Udp,
+                "http" => Protocol::Http,
                 other => {
                     return Err(err(
                         at("protocol"),
-                        format!("{other:?}: expected tcp or udp"),
+                        format!("{other:?}: expected tcp, udp or http"),
                     ))
                 }
             };
@@ -450,6 +462,34 @@ impl Config {
                         .into(),
                 ));
             }
+            if protocol != Protocol::Http {
+                for (field, given) in [
+                    ("head_limit", s.head_limit.is_some()),
+                    ("head_timeout", s.head_timeout.is_some()),
+                ] {
+                    if given {
+                        return Err(err(
+                            at(field),
+                            "only for protocol = \"http\" services (the router reads their heads)"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            let head_limit = s.head_limit.unwrap_or(DEFAULT_HEAD_LIMIT);
+            if !(1024..=1024 * 1024).contains(&head_limit) {
+                return Err(err(
+                    at("head_limit"),
+                    format!("{head_limit} bytes: use 1024 to 1048576"),
+                ));
+            }
+            let head_timeout_s = s.head_timeout.unwrap_or(DEFAULT_HEAD_TIMEOUT_S);
+            if !(1..=3600).contains(&head_timeout_s) {
+                return Err(err(
+                    at("head_timeout"),
+                    format!("{head_timeout_s} s: use 1 to 3600 seconds"),
+                ));
+            }
             services.push(ServiceConfig {
                 name: s.name,
                 listen,
@@ -460,6 +500,8 @@ impl Config {
                 mode,
                 sticky,
                 policy: s.policy.map(|p| base.join(p)),
+                head_limit,
+                head_timeout_s,
             });
         }
         Ok(Config {
@@ -569,6 +611,43 @@ sticky = "client-ip"
         assert_eq!(dns.weight_bp, 0);
     }
 
+    #[test]
+    fn http_services_have_head_limits() {
+        let http = |extra: &str| {
+            format!(
+                "[agent]\ninterface = \"eth0\"\n[[service]]\nname = \"web\"\n\
+                 listen = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\n{extra}\n"
+            )
+        };
+        let c = parse(&http("protocol = \"http\"")).unwrap();
+        assert_eq!(c.services[0].protocol, Protocol::Http);
+        assert_eq!(c.services[0].head_limit, DEFAULT_HEAD_LIMIT);
+        assert_eq!(c.services[0].head_timeout_s, DEFAULT_HEAD_TIMEOUT_S);
+        let c = parse(&http(
+            "protocol = \"http\"\nhead_limit = 4096\nhead_timeout = 2",
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.services[0].head_limit, c.services[0].head_timeout_s),
+            (4096, 2)
+        );
+        expect_err(
+            &http("head_limit = 4096"),
+            ".head_limit",
+            "only for protocol = \"http\"",
+        );
+        expect_err(
+            &http("protocol = \"http\"\nhead_limit = 10"),
+            ".head_limit",
+            "use 1024 to 1048576",
+        );
+        expect_err(
+            &http("protocol = \"http\"\nhead_timeout = 0"),
+            ".head_timeout",
+            "use 1 to 3600",
+        );
+    }
+
     fn expect_err(text: &str, field: &str, reason: &str) {
         let e = parse(text).expect_err("config should be rejected");
         let msg = e.to_string();
@@ -603,7 +682,7 @@ sticky = "client-ip"
         expect_err(
             &svc("protocol = \"sctp\""),
             ".protocol",
-            "expected tcp or udp",
+            "expected tcp, udp or http",
         );
         expect_err(&svc("colour = 1"), "line 8", "unknown field `colour`");
         expect_err(

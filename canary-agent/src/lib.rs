@@ -10,5 +10,6 @@ pub mod controller;
 pub mod datapath;
 pub mod metrics;
 pub mod policy;
+pub mod router;
 pub mod ui;
 pub mod webhook;

@@ -42,6 +42,13 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoutingLabels {
+    pub service: String,
+    pub rule: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabels {
     pub service: String,
     pub metric: String,
@@ -91,6 +98,7 @@ pub struct Families {
     pub weight: Family<ServiceLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub state: Family<StateLabels, Gauge>,
     pub verdict: Family<VerdictLabels, Gauge>,
+    pub routing: Family<RoutingLabels, Counter>,
 }
 
 impl Families {
@@ -131,6 +139,12 @@ impl Families {
             "analysis_verdict",
             "1 for each metric's latest verdict",
             self.verdict,
+        );
+        r.register(
+            "routing_decisions",
+            "Connections of http services routed, by the rule that decided (header, flag, \
+             cohort:NAME, split) and version",
+            self.routing,
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;

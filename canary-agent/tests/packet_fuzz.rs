@@ -454,6 +454,7 @@ impl Model {
                 proto: match s.protocol {
                     Protocol::Tcp => TCP,
                     Protocol::Udp => UDP,
+                    Protocol::Http => unreachable!("the fuzz configs have no http service"),
                 },
                 exact: s.mode == Mode::Exact,
                 client_ip: s.sticky == Sticky::ClientIp,

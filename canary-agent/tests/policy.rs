@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use canary_agent::analysis::DEFAULT_ERROR_FLOOR;
+use canary_agent::policy::routing::{Membership, Target, UserKey, Version};
 use canary_agent::policy::{
     load_policy, parse_scheme, parse_toml, Action, AnalysisSettings, Cmp, CustomQuery, Gate,
     MetricName, OnRollback, Policy, PolicyError, PolicyErrorKind, Step, DEFAULT_MAX_HOLD_S,
@@ -290,25 +291,119 @@ fn split_alone_is_a_single_step() {
 }
 
 #[test]
-fn unbuilt_forms_are_refused_with_their_location() {
-    let err = load_policy(&fixture("header-routing.scm")).unwrap_err();
-    assert_eq!(err.kind, PolicyErrorKind::NotBuilt);
-    assert_eq!(err.line, Some(4));
-    let text = err.to_string();
-    assert!(
-        text.contains("header-routing.scm:4: define-header-routing:"),
-        "{text}"
+fn routing_forms_scheme_and_toml_are_equal() {
+    let scm = load("routing.scm");
+    let toml = load("routing.toml");
+    assert_eq!(scm, toml);
+    let r = &scm.routing;
+    let header = r.header.as_ref().unwrap();
+    assert_eq!(header.header, "X-Canary");
+    assert_eq!(header.values, ["true", "test", "qa"]);
+    assert_eq!(header.default, Some(Version::Stable));
+    let names: Vec<&str> = r.cohorts.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "beta-users",
+            "internal-users",
+            "premium-users",
+            "staff",
+            "regular-users"
+        ]
     );
-    assert!(text.contains("not built yet"), "{text}");
+    assert!(matches!(
+        &r.cohorts[1].member,
+        Membership::ClientCidr(nets) if nets.len() == 2 && nets[1].to_string() == "fd00::/8"
+    ));
+    assert_eq!(
+        r.cohorts[3].member,
+        Membership::Suffix {
+            header: "X-User-Email".into(),
+            suffix: "@example.com".into()
+        }
+    );
+    assert_eq!(r.cohorts[4].member, Membership::Default);
+    assert_eq!(r.user_key, Some(UserKey::Header("X-User-Id".into())));
+    assert_eq!(
+        r.assignment("beta-users"),
+        Some(Target::Version(Version::Canary))
+    );
+    assert_eq!(r.assignment("regular-users"), Some(Target::Percent(1_000)));
+    assert_eq!(r.assignment("staff"), None);
+    let flags = &r.flags.as_ref().unwrap().flags;
+    assert_eq!(
+        flags,
+        &[
+            ("legacy-cart".to_string(), Version::Stable),
+            ("new-checkout".to_string(), Version::Canary)
+        ]
+    );
+    let plan = scm.render_plan();
+    for needle in [
+        "Routing",
+        "header X-Canary: \"true\" | \"test\" | \"qa\" -> canary",
+        "new-checkout -> canary",
+        "internal-users   client address in 10.0.0.0/8, fd00::/8 -> canary",
+        "regular-users    everyone else (default) -> 10% of its users",
+        "header rule default -> stable",
+        "User key: header X-User-Id",
+    ] {
+        assert!(plan.contains(needle), "{needle:?} not in\n{plan}");
+    }
+    // The seed's header form alone is a complete routing policy.
+    assert!(load("header-routing.scm").routing.header.is_some());
+}
 
+#[test]
+fn routing_errors_name_the_form_and_reason() {
     let err = load_policy(&fixture("user-cohorts.scm")).unwrap_err();
-    assert_eq!(err.kind, PolicyErrorKind::NotBuilt);
     let text = err.to_string();
     assert!(
-        text.contains("user-cohorts.scm:2: define-user-cohorts:"),
+        text.contains("user-cohorts.scm:2: define-user-cohorts: unknown cohort `beta-users`"),
         "{text}"
     );
-    assert!(text.contains("not built yet"), "{text}");
+    let base = "(define-canary-split '((canary . 5)))\n";
+    for (form, needle) in [
+        (
+            "(define-cohorts '((a (client-cidr . (\"10.0.0.1/8\")))))",
+            "has host bits set",
+        ),
+        ("(define-cohorts '((a (default . #t)) (b (default . #t))))", "only one cohort"),
+        ("(define-cohorts '((a (header . \"X-A\"))))", "missing (values"),
+        ("(define-header-routing '((header . \"X A\") (values . (\"1\"))))", "not a valid name"),
+        ("(define-header-routing '((header . \"X-A\") (values . ())))", "at least one value"),
+        ("(define-user-key 'cookie)", "expected (header . NAME)"),
+        (
+            "(define-feature-routing '((header . \"X-F\") (flags . ((a . beta)))))",
+            "unknown version `beta`",
+        ),
+        (
+            "(define-cohorts '((a (default . #t))))\n(define-user-cohorts '((percentage . ((a . 101)))))",
+            "above 100",
+        ),
+    ] {
+        let err = parse_scheme(&format!("{base}{form}"), "r.scm").unwrap_err();
+        assert!(err.to_string().contains(needle), "{form}: {err}");
+    }
+    let toml_base = "[split]\ncanary = 5\n";
+    for (table, needle) in [
+        (
+            "[[routing.cohort]]\nname = \"a\"\nheader = \"X\"\ncookie = \"c\"\n",
+            "give one of",
+        ),
+        (
+            "[routing.user_cohorts]\nghost = \"canary\"\n",
+            "unknown cohort `ghost`",
+        ),
+        ("[routing]\nuser_key = \"ip\"\n", "user_key"),
+        (
+            "[routing.header]\nheader = \"X\"\nvalues = [\"1\"]\nextra = 1\n",
+            "unknown field",
+        ),
+    ] {
+        let err = parse_toml(&format!("{toml_base}{table}"), "r.toml").unwrap_err();
+        assert!(err.to_string().contains(needle), "{table}: {err}");
+    }
 }
 
 #[test]
@@ -609,7 +704,7 @@ fn scheme_errors_are_located() {
     assert_error(
         bad(&format!("{STEPS_SCM}(define-stages '((all (weights 0 100))))\n(define-user-cohorts '((beta-users . canary)))\n")),
         3,
-        &["bad.scm:3: define-user-cohorts:", "user-cohort routing is not built yet"],
+        &["bad.scm:3: define-user-cohorts:", "unknown cohort `beta-users`"],
     );
     assert_error(
         bad(&format!("{STEPS_SCM}\n(define-canary-routes '())\n")),

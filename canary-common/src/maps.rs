@@ -28,6 +28,10 @@ pub const FAMILY_V6: u8 = 6;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// Key protocol of an `http` service: no packet carries it, so the XDP program never
+/// matches the service and its connections reach the local stack, where the
+/// `sk_lookup` program hands them to the agent's router.
+pub const PROTO_HTTP: u8 = 0xFE;
 
 /// Flow-table entry direction: client -> service, and backend -> client.
 pub const DIR_FORWARD: u8 = 0;
@@ -52,6 +56,13 @@ pub const MAP_STATS: &str = "CANARY_STATS";
 pub const MAP_EXACT: &str = "CANARY_EXACT";
 pub const MAP_TELEMETRY: &str = "CANARY_TELEMETRY";
 pub const MAP_LATENCY: &str = "CANARY_LATENCY";
+pub const MAP_ROUTE_LISTENERS: &str = "ROUTE_LISTENERS";
+pub const MAP_ROUTE_SOCKS: &str = "ROUTE_SOCKS";
+pub const MAP_ROUTE_PEERS: &str = "ROUTE_PEERS";
+pub const MAP_ROUTE_STATE: &str = "ROUTE_STATE";
+pub const MAP_ROUTE_BYTES: &str = "ROUTE_BYTES";
+pub const PROG_ROUTE_LOOKUP: &str = "canary_route_lookup";
+pub const PROG_ROUTE_VERDICT: &str = "canary_route_verdict";
 pub const PROG_INGRESS: &str = "canary_ingress";
 /// The ingress program for TC (virtual interfaces, where XDP costs a copy per packet).
 pub const PROG_INGRESS_TC: &str = "canary_ingress_tc";
@@ -234,6 +245,41 @@ pub struct VersionTelemetry {
     pub handshake_ns: u64,
 }
 
+/// Spliced connections (router): sockets are keyed by their socket cookie.
+pub const MAX_SPLICED: u32 = 65_536;
+/// [`SplicePeer::consumed`] while the agent is still forwarding the client's bytes itself.
+pub const SPLICE_NOT_READY: u64 = u64::MAX;
+/// [`SplicePeer::dir`]: bytes from the client (requests) or from the backend (responses).
+pub const SPLICE_REQUESTS: u8 = 0;
+pub const SPLICE_RESPONSES: u8 = 1;
+
+/// One socket of a spliced pair, written by the agent: where its bytes go.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SplicePeer {
+    /// Socket cookie of the other socket.
+    pub peer: u64,
+    /// The verdict program redirects a segment only while the bytes it passed up to
+    /// the agent equal this count (every passed byte was forwarded, in order);
+    /// [`SPLICE_NOT_READY`] until the agent has written the buffered request head.
+    pub consumed: u64,
+    pub service: u32,
+    /// 0 stable, 1 canary (index `service * 2 + version` into the telemetry).
+    pub version: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// One socket's kernel-owned state (the agent only deletes it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpliceState {
+    /// Bytes passed up to the agent instead of redirected.
+    pub passed: u64,
+    /// When the pending request started (client sockets), for the latency histogram.
+    pub request_ns: u64,
+}
+
 /// Index of a version's telemetry: the group of a backend slot.
 #[inline(always)]
 pub fn telemetry_index(service: u32, slot: u8) -> u32 {
@@ -256,6 +302,8 @@ pub fn stats_index(service: u32, slot: u8) -> u32 {
 mod pod {
     // SAFETY: all types are repr(C), Copy, and contain only integers with explicit padding.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::SplicePeer {}
+    unsafe impl aya::Pod for super::SpliceState {}
     unsafe impl aya::Pod for super::ServiceValue {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}

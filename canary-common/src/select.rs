@@ -44,6 +44,18 @@ pub fn client_hash(src: &[u32; 4]) -> u64 {
     finish(absorb_addr(K2, src))
 }
 
+/// Hash of a user key (a header or cookie value) for routing that is sticky per
+/// user: the same key lands in the same [`bucket`] on every node and connection.
+pub fn key_hash(key: &[u8]) -> u64 {
+    let mut h = absorb(K1, key.len() as u64);
+    for chunk in key.chunks(8) {
+        let mut word = [0u8; 8];
+        word[..chunk.len()].copy_from_slice(chunk);
+        h = absorb(h, u64::from_le_bytes(word));
+    }
+    finish(h)
+}
+
 /// One of `WEIGHT_SCALE` buckets. A hash lands on canary when its bucket is below the
 /// weight, so raising the weight only ever adds canary buckets: a sticky client that
 /// reached canary at 5 % still reaches it at 20 %.
@@ -131,6 +143,22 @@ mod tests {
             assert_eq!(hash_group(h, 0), GROUP_STABLE);
             assert_eq!(hash_group(h, WEIGHT_SCALE), GROUP_CANARY);
         }
+    }
+
+    #[test]
+    fn user_keys_spread_over_buckets() {
+        let mut per_decile = [0u32; 10];
+        for i in 0..20_000u32 {
+            let mut key = *b"user-0000";
+            key[5..].copy_from_slice(&i.to_be_bytes());
+            let h = key_hash(&key);
+            per_decile[(bucket(h) / 1000) as usize] += 1;
+        }
+        for n in per_decile {
+            assert!((1_850..2_150).contains(&n), "decile count {n}");
+        }
+        assert_ne!(key_hash(b"a"), key_hash(b"a\0"));
+        assert_eq!(key_hash(b"user-1"), key_hash(b"user-1"));
     }
 
     #[test]

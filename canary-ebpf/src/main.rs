@@ -1,7 +1,8 @@
 //! Kernel side of canary: an ingress program (XDP, or TC on virtual interfaces, see
 //! `frame`) that places each new connection to a service on a stable or canary backend
 //! and rewrites its destination, and a TC egress program that restores the service
-//! address as the source of the replies.
+//! address as the source of the replies; for `http` services an `sk_lookup` program and
+//! an `sk_skb` verdict that splice routed connections.
 #![no_std]
 #![no_main]
 
@@ -11,12 +12,14 @@ mod frame;
 mod ingress;
 mod maps;
 mod parse;
+mod route;
+mod splice;
 mod telemetry;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    bindings::{sk_action::SK_PASS, xdp_action, TC_ACT_OK},
+    macros::{classifier, sk_lookup, stream_verdict, xdp},
+    programs::{SkBuffContext, SkLookupContext, TcContext, XdpContext},
 };
 
 /// Client -> service direction. Never drops: anything that is not ours passes untouched.
@@ -40,6 +43,19 @@ pub fn canary_ingress_tc(ctx: TcContext) -> i32 {
 pub fn canary_egress(ctx: TcContext) -> i32 {
     egress::handle(&ctx);
     TC_ACT_OK as i32
+}
+
+/// New connections to an `http` service go to the agent's router listener.
+#[sk_lookup]
+pub fn canary_route_lookup(ctx: SkLookupContext) -> u32 {
+    route::handle(&ctx);
+    SK_PASS
+}
+
+/// Bytes of a spliced connection go straight to the other socket.
+#[stream_verdict]
+pub fn canary_route_verdict(ctx: SkBuffContext) -> u32 {
+    splice::verdict(&ctx)
 }
 
 #[cfg(not(test))]

@@ -68,6 +68,8 @@ pub struct Agent {
     uninstall: Arc<tokio::sync::Notify>,
     /// Per-second series for the dashboard and reports.
     series: series::Series,
+    /// Request routing of `http` services (none when the config has none).
+    router: Option<crate::router::Router>,
 }
 
 /// The agent behind the daemon's mutex; a panic while it was held is an error here.
@@ -92,6 +94,8 @@ fn load_policies(config: &Config) -> Result<Vec<Option<Policy>>> {
                     svc.name
                 )
             })?;
+            crate::router::check_service(svc, &policy)
+                .map_err(|e| anyhow!("{}: {e}", config.path.display()))?;
             let custom = policy.metrics.iter().find_map(|m| match &m.name {
                 MetricName::Custom(name) => Some(name.clone()),
                 _ => None,
@@ -147,8 +151,14 @@ impl Agent {
             webhooks_in_flight: HashSet::new(),
             alerts: Vec::new(),
             uninstall: uninstall.clone(),
+            router: None,
         };
+        let routings: Vec<_> = policies
+            .iter()
+            .map(|p| p.as_ref().map(|p| p.routing.clone()).unwrap_or_default())
+            .collect();
         agent.apply(config, policies, rollouts)?;
+        agent.start_router(routings)?;
         // A drain interrupted by the restart goes on (it stops at once if no canary
         // connection is left).
         let rolled_back: Vec<String> = agent
@@ -436,6 +446,7 @@ impl Agent {
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
+                routing: self.router.as_ref().and_then(|r| r.status(svc.id)),
                 analysis: svc
                     .verdicts()
                     .iter()
@@ -646,6 +657,13 @@ impl Agent {
                 tracing::error!(service = %name, error = %format!("{e:#}"), "tick");
             }
             let svc = &self.services[i];
+            if let Some(router) = &self.router {
+                let rolled_back = svc
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.state() == RolloutState::RolledBack);
+                router.set_rolled_back(svc.id, rolled_back);
+            }
             let Some(status) = svc.rollout.as_ref().map(|r| r.status(now)) else {
                 continue;
             };
@@ -729,8 +747,9 @@ impl Agent {
         crate::analysis::VersionCounters,
     )> {
         let svc = &self.services[i];
-        let tcp = svc.cfg.protocol == crate::config::Protocol::Tcp;
+        let tcp = svc.cfg.protocol != crate::config::Protocol::Udp;
         let signals = self.datapath.signals(svc.id)?;
+        let routed = self.router.as_ref().and_then(|r| r.signals(svc.id));
         let counters = |version: usize| {
             let conn_new = signals[version].connections;
             let t = &signals[version].counters;
@@ -753,6 +772,49 @@ impl Agent {
                     .collect(),
             }
         };
-        Ok((counters(0), counters(1)))
+        // A routed connection is placed by the router, not the XDP program: its
+        // connections, first requests and 502s (backend refused or timed out) are
+        // counted there.
+        let with_router = |version: usize| {
+            let mut c = counters(version);
+            if let Some(r) = routed.map(|r| r[version]) {
+                c.requests += r.requests;
+                c.responses[4] += r.failed;
+                c.conn_new = r.connections;
+                c.conn_failed = r.connections.saturating_sub(r.connected);
+            }
+            c
+        };
+        Ok((with_router(0), with_router(1)))
+    }
+
+    /// Starts the router when the config has `http` services (the set is fixed until
+    /// the agent restarts; weights and backends are read live from the services map).
+    fn start_router(&mut self, routings: Vec<crate::policy::Routing>) -> Result<()> {
+        let routed: Vec<crate::router::RoutedService> = self
+            .config
+            .services
+            .iter()
+            .zip(routings)
+            .filter(|(cfg, _)| cfg.protocol == crate::config::Protocol::Http)
+            .filter_map(|(cfg, routing)| {
+                let live = self.services.iter().find(|s| s.cfg.name == cfg.name)?;
+                Some(crate::router::RoutedService {
+                    id: live.id,
+                    cfg: cfg.clone(),
+                    routing,
+                    limits: crate::router::HeadLimits {
+                        max_bytes: cfg.head_limit,
+                        timeout: std::time::Duration::from_secs(cfg.head_timeout_s),
+                    },
+                })
+            })
+            .collect();
+        if routed.is_empty() {
+            return Ok(());
+        }
+        let splicer = self.datapath.splicer()?;
+        self.router = Some(crate::router::Router::start(splicer, routed)?);
+        Ok(())
     }
 }

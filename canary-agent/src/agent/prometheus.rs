@@ -16,16 +16,22 @@ impl Agent {
         for svc in &self.services {
             let service = svc.cfg.name.clone();
             let signals = self.datapath.signals(svc.id)?;
+            let routed = self.router.as_ref().and_then(|r| r.signals(svc.id));
             for (v, version) in ["stable", "canary"].into_iter().enumerate() {
                 let labels = VersionLabels {
                     service: service.clone(),
                     version: version.into(),
                 };
+                // Routed connections: placed by the router, first request read by it,
+                // 502s (backend refused or timed out) answered by it.
+                let r = routed.map(|r| r[v]).unwrap_or_default();
                 f.connections
                     .get_or_create(&labels)
-                    .inc_by(signals[v].connections);
+                    .inc_by(signals[v].connections + r.connections);
                 let t = &signals[v].counters;
-                f.requests.get_or_create(&labels).inc_by(t.requests);
+                f.requests
+                    .get_or_create(&labels)
+                    .inc_by(t.requests + r.requests);
                 f.resets.get_or_create(&labels).inc_by(t.resets);
                 f.handshakes.get_or_create(&labels).inc_by(t.handshakes);
                 f.handshake_seconds
@@ -37,7 +43,8 @@ impl Agent {
                         version: version.into(),
                         class: format!("{}xx", i + 1),
                     };
-                    f.responses.get_or_create(&class).inc_by(*n);
+                    let failed = if i == 4 { r.failed } else { 0 };
+                    f.responses.get_or_create(&class).inc_by(*n + failed);
                 }
                 // Fold the kernel's log-linear buckets into the exported bounds; a kernel
                 // bucket counts under the first bound at or above its upper edge.
@@ -85,6 +92,17 @@ impl Agent {
                     state: r.state().to_string(),
                 };
                 f.state.get_or_create(&state).set(1);
+            }
+            if let Some(router) = &self.router {
+                for (rule, version, n) in router.decisions(svc.id) {
+                    f.routing
+                        .get_or_create(&RoutingLabels {
+                            service: service.clone(),
+                            rule,
+                            version: version.into(),
+                        })
+                        .inc_by(n);
+                }
             }
             for v in svc.verdicts() {
                 let verdict = serde_json::to_value(v.verdict)?;

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use canary_common::{
     Backend, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6, MAX_GROUP_BACKENDS, MODE_EXACT,
-    MODE_HASH, PROTO_TCP, PROTO_UDP, STICKY_CLIENT_IP, STICKY_CONNECTION,
+    MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, STICKY_CLIENT_IP, STICKY_CONNECTION,
 };
 
 use crate::config::{Mode, Protocol, ServiceConfig, Sticky};
@@ -41,6 +41,7 @@ pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
         proto: match svc.protocol {
             Protocol::Tcp => PROTO_TCP,
             Protocol::Udp => PROTO_UDP,
+            Protocol::Http => PROTO_HTTP,
         },
         family: family(&svc.listen),
     }

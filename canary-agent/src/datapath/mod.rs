@@ -3,8 +3,9 @@
 
 mod bpffs;
 mod drain;
-mod encode;
+pub(crate) mod encode;
 mod migrate;
+mod route;
 pub mod test_run;
 
 use std::{
@@ -33,6 +34,7 @@ use canary_common::{
 use crate::config::IngressHook;
 pub use drain::{DrainProgress, DRAIN_QUIET};
 pub use encode::{encode_service, service_key};
+pub use route::Splicer;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/canary.bpf.o"));

@@ -6,6 +6,7 @@
 //! so they cannot drift apart in meaning.
 
 mod plan;
+pub mod routing;
 mod scheme;
 mod toml;
 
@@ -15,6 +16,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use self::plan::percent;
+pub use self::routing::Routing;
 pub use self::scheme::parse_scheme;
 pub use self::toml::parse_toml;
 
@@ -44,6 +46,10 @@ pub struct Policy {
     /// `[rollback] connections` / `define-rollback`; defaulted like `analysis`.
     #[serde(default)]
     pub on_rollback: OnRollback,
+    /// Request routing rules (`[routing]` / `define-header-routing` and friends);
+    /// empty for a weight-only policy.
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 /// Default of [`AnalysisSettings::max_hold_s`]: 30 minutes, longer than any
@@ -341,8 +347,6 @@ pub enum PolicyErrorKind {
     Io,
     /// Unreadable syntax or a value the policy does not allow.
     Invalid,
-    /// The file asks for a capability this build does not have.
-    NotBuilt,
 }
 
 impl PolicyError {
@@ -404,6 +408,9 @@ pub(crate) struct Draft {
     pub rules: Vec<Sourced<RollbackRule>>,
     pub analysis: AnalysisSettings,
     pub on_rollback: OnRollback,
+    pub routing: Routing,
+    /// Where the cohorts and the cohort assignments were written.
+    pub routing_sites: (Option<Site>, Option<Site>),
 }
 
 impl Draft {
@@ -417,6 +424,8 @@ impl Draft {
             rules: Vec::new(),
             analysis: AnalysisSettings::default(),
             on_rollback: OnRollback::default(),
+            routing: Routing::default(),
+            routing_sites: (None, None),
         }
     }
 
@@ -431,7 +440,19 @@ impl Draft {
     }
 
     /// Applies the checks and defaults common to both formats.
-    pub fn finish(self) -> Result<Policy, PolicyError> {
+    pub fn finish(mut self) -> Result<Policy, PolicyError> {
+        if let Err((assignments, reason)) = self.routing.check() {
+            let site = if assignments {
+                &self.routing_sites.1
+            } else {
+                &self.routing_sites.0
+            };
+            let site = site.clone().unwrap_or(Site {
+                line: None,
+                context: "routing".into(),
+            });
+            return Err(self.error(&site, reason));
+        }
         let steps = self.checked_steps()?;
         let stages = self.checked_stages()?;
         let policy = Policy {
@@ -442,6 +463,7 @@ impl Draft {
             initial_split: self.split,
             analysis: self.analysis,
             on_rollback: self.on_rollback,
+            routing: self.routing.clone(),
         };
         for (i, step) in self.steps.iter().enumerate() {
             if policy.stage_index(step.item.weight_bp).is_none() {

@@ -152,6 +152,9 @@ impl Policy {
                 OnRollback::Keep => "keep the canary's open connections until they close (only new ones go to stable)",
             }
         );
+        if !self.routing.is_empty() {
+            out += &self.routing.render();
+        }
         out
     }
 }

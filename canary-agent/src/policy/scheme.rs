@@ -22,13 +22,16 @@ use std::cell::Cell;
 use lexpr::datum::Ref;
 use lexpr::Value;
 
+use super::routing::{
+    self, Assignment, Cohort, FlagRule, HeaderRule, Membership, Target, UserKey, Version,
+};
 use super::{
     check_error_floor, percent_float_to_bp, percent_int_to_bp, Action, AnalysisSettings, Cmp,
     CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
     PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step, WeightBp, FULL_BP,
 };
 
-const FORMS: [&str; 7] = [
+const FORMS: [&str; 12] = [
     "define-canary-split",
     "define-progression",
     "define-stages",
@@ -36,13 +39,11 @@ const FORMS: [&str; 7] = [
     "define-rollback-rules",
     "define-analysis",
     "define-rollback",
-];
-
-/// Forms from the design that describe capabilities not built yet: they are
-/// refused loudly rather than ignored, so nobody believes they are in effect.
-const NOT_BUILT: [(&str, &str); 2] = [
-    ("define-header-routing", "header-based routing"),
-    ("define-user-cohorts", "user-cohort routing"),
+    "define-header-routing",
+    "define-cohorts",
+    "define-user-key",
+    "define-user-cohorts",
+    "define-feature-routing",
 ];
 
 /// Parses a Scheme policy; `origin` names the file in errors.
@@ -154,19 +155,6 @@ impl Reader<'_> {
         let Some(name) = items.first().and_then(|h| h.as_symbol()) else {
             return Err(self.err(form, "top level", shape));
         };
-        if let Some((_, what)) = NOT_BUILT.iter().find(|(n, _)| *n == name) {
-            return Err(PolicyError {
-                kind: PolicyErrorKind::NotBuilt,
-                ..self.err(
-                    form,
-                    name,
-                    format!(
-                        "{what} is not built yet (this build splits traffic by weight only); \
-                         remove the form"
-                    ),
-                )
-            });
-        }
         if !FORMS.contains(&name) {
             return Err(self.err(
                 form,
@@ -193,9 +181,180 @@ impl Reader<'_> {
             "define-canary-metrics" => draft.metrics = self.metrics(data)?,
             "define-rollback-rules" => draft.rules = self.rules(data)?,
             "define-analysis" => draft.analysis = self.analysis(data)?,
-            _ => draft.on_rollback = self.on_rollback(data)?,
+            "define-rollback" => draft.on_rollback = self.on_rollback(data)?,
+            "define-header-routing" => draft.routing.header = Some(self.header_routing(data)?),
+            "define-cohorts" => {
+                draft.routing.cohorts = self.cohorts(data)?;
+                draft.routing_sites.0 = Some(self.site(form, name.into()));
+            }
+            "define-user-key" => draft.routing.user_key = Some(self.user_key(data)?),
+            "define-user-cohorts" => {
+                draft.routing.assignments = self.user_cohorts(data)?;
+                draft.routing_sites.1 = Some(self.site(form, name.into()));
+            }
+            _ => draft.routing.flags = Some(self.feature_routing(data)?),
         }
         Ok(())
+    }
+
+    fn header_routing(&self, data: Ref<'_>) -> Result<HeaderRule, PolicyError> {
+        let ctx = "define-header-routing";
+        let mut props = self.props(data, ctx)?;
+        let header = self.required(&mut props, data, ctx, "header")?;
+        let header = self.name(header, ctx, "header")?;
+        let values = self.required(&mut props, data, ctx, "values")?;
+        let values = self.strings(values, ctx)?;
+        let values = routing::check_values(ctx, values).map_err(|r| self.err(data, ctx, r))?;
+        let default = props
+            .take("default")
+            .map(|v| self.version(v, ctx))
+            .transpose()?;
+        self.done(props, ctx)?;
+        Ok(HeaderRule {
+            header,
+            values,
+            default,
+        })
+    }
+
+    fn cohorts(&self, data: Ref<'_>) -> Result<Vec<Cohort>, PolicyError> {
+        let mut cohorts = Vec::new();
+        for entry in self.list(data, "define-cohorts")? {
+            let (name, rest) = self.named(entry, "define-cohorts")?;
+            let here = format!("define-cohorts {name}");
+            let mut props = self.props(rest, &here)?;
+            let member = if let Some(v) = props.take("default") {
+                if v.as_bool() != Some(true) {
+                    return Err(self.err(v, &here, "default must be #t"));
+                }
+                Membership::Default
+            } else if let Some(v) = props.take("client-cidr") {
+                let nets = self.strings(v, &here)?;
+                let nets = routing::check_values(&here, nets)
+                    .and_then(|n| n.iter().map(|t| routing::parse_cidr(t)).collect())
+                    .map_err(|r| self.err(v, &here, r))?;
+                Membership::ClientCidr(nets)
+            } else if let Some(v) = props.take("cookie") {
+                let cookie = self.name(v, &here, "cookie")?;
+                let values = self.required(&mut props, entry, &here, "values")?;
+                let values = routing::check_values(&here, self.strings(values, &here)?)
+                    .map_err(|r| self.err(entry, &here, r))?;
+                Membership::Cookie { cookie, values }
+            } else if let Some(v) = props.take("header") {
+                let header = self.name(v, &here, "header")?;
+                if let Some(suffix) = props.take("suffix") {
+                    let suffix = self.string(suffix, &here)?;
+                    Membership::Suffix { header, suffix }
+                } else {
+                    let values = self.required(&mut props, entry, &here, "values")?;
+                    let values = routing::check_values(&here, self.strings(values, &here)?)
+                        .map_err(|r| self.err(entry, &here, r))?;
+                    Membership::Header { header, values }
+                }
+            } else {
+                return Err(self.err(
+                    entry,
+                    &here,
+                    "expected (header . NAME) with (values ...) or (suffix . S), \
+                     (cookie . NAME) with (values ...), (client-cidr ...) or (default . #t)",
+                ));
+            };
+            self.done(props, &here)?;
+            cohorts.push(Cohort { name, member });
+        }
+        Ok(cohorts)
+    }
+
+    /// `'(header . "X-User-Id")`, `'(cookie . "uid")` or `'client-ip`.
+    fn user_key(&self, data: Ref<'_>) -> Result<UserKey, PolicyError> {
+        let ctx = "define-user-key";
+        if data.as_symbol() == Some("client-ip") {
+            return Ok(UserKey::ClientIp);
+        }
+        match data.as_pair() {
+            Some((kind, name)) if kind.as_symbol() == Some("header") => {
+                Ok(UserKey::Header(self.name(name, ctx, "header")?))
+            }
+            Some((kind, name)) if kind.as_symbol() == Some("cookie") => {
+                Ok(UserKey::Cookie(self.name(name, ctx, "cookie")?))
+            }
+            _ => Err(self.err(
+                data,
+                ctx,
+                format!(
+                    "expected (header . NAME), (cookie . NAME) or client-ip, found {}",
+                    brief(data)
+                ),
+            )),
+        }
+    }
+
+    fn user_cohorts(&self, data: Ref<'_>) -> Result<Vec<Assignment>, PolicyError> {
+        let ctx = "define-user-cohorts";
+        let mut out = Vec::new();
+        for entry in self.list(data, ctx)? {
+            let (cohort, value) = self.named(entry, ctx)?;
+            if cohort == "percentage" {
+                let here = format!("{ctx} percentage");
+                for share in self.list(value, &here)? {
+                    let (cohort, pct) = self.named(share, &here)?;
+                    let weight = self.weight(pct, &format!("{here} {cohort}"))?;
+                    out.push(Assignment {
+                        cohort,
+                        target: Target::Percent(weight),
+                    });
+                }
+            } else {
+                let target = Target::Version(self.version(value, &format!("{ctx} {cohort}"))?);
+                out.push(Assignment { cohort, target });
+            }
+        }
+        Ok(out)
+    }
+
+    fn feature_routing(&self, data: Ref<'_>) -> Result<FlagRule, PolicyError> {
+        let ctx = "define-feature-routing";
+        let mut props = self.props(data, ctx)?;
+        let header = self.required(&mut props, data, ctx, "header")?;
+        let header = self.name(header, ctx, "header")?;
+        let flags_at = self.required(&mut props, data, ctx, "flags")?;
+        let mut flags = Vec::new();
+        for entry in self.list(flags_at, ctx)? {
+            let (flag, version) = self.named(entry, ctx)?;
+            flags.push((flag, self.version(version, &format!("{ctx} flags"))?));
+        }
+        let flags = routing::check_flags(flags).map_err(|r| self.err(flags_at, ctx, r))?;
+        self.done(props, ctx)?;
+        Ok(FlagRule { header, flags })
+    }
+
+    fn required<'a>(
+        &self,
+        props: &mut Props<'a>,
+        at: Ref<'_>,
+        ctx: &str,
+        key: &str,
+    ) -> Result<Ref<'a>, PolicyError> {
+        props
+            .take(key)
+            .ok_or_else(|| self.err(at, ctx, format!("missing ({key} . ...)")))
+    }
+
+    fn name(&self, r: Ref<'_>, ctx: &str, what: &str) -> Result<String, PolicyError> {
+        let text = self.string(r, ctx)?;
+        routing::check_name(what, &text).map_err(|reason| self.err(r, ctx, reason))
+    }
+
+    fn strings(&self, r: Ref<'_>, ctx: &str) -> Result<Vec<String>, PolicyError> {
+        self.list(r, ctx)?
+            .into_iter()
+            .map(|v| self.string(v, ctx))
+            .collect()
+    }
+
+    fn version(&self, r: Ref<'_>, ctx: &str) -> Result<Version, PolicyError> {
+        let name = r.as_symbol().map_or_else(|| brief(r), str::to_string);
+        Version::parse(&name).map_err(|reason| self.err(r, ctx, reason))
     }
 
     fn analysis(&self, data: Ref<'_>) -> Result<AnalysisSettings, PolicyError> {

@@ -38,8 +38,30 @@
 //!
 //! [rollback]
 //! connections = "drain"         # or "keep"; default drain
+//!
+//! [routing.header]              # define-header-routing
+//! header = "X-Canary"
+//! values = ["true", "test", "qa"]
+//! default = "stable"            # optional
+//!
+//! [[routing.cohort]]            # define-cohorts, in order; one of:
+//! name = "beta-users"           #   header + values | header + suffix |
+//! header = "X-User-Group"       #   cookie + values | client_cidr | default = true
+//! values = ["beta"]
+//!
+//! [routing]
+//! user_key = { header = "X-User-Id" }   # or { cookie = "uid" } or "client-ip"
+//!
+//! [routing.user_cohorts]        # define-user-cohorts: a version or a percent
+//! beta-users = "canary"
+//! regular-users = 10
+//!
+//! [routing.flags]               # define-feature-routing
+//! header = "X-Features"
+//! flags = { new-checkout = "canary", legacy-cart = "stable" }
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
@@ -47,6 +69,9 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::routing::{
+    self, Assignment, Cohort, FlagRule, HeaderRule, Membership, Target, UserKey, Version,
+};
 use super::{
     check_error_floor, parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp,
     Action, CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
@@ -66,6 +91,90 @@ struct RawPolicy {
     rule: Vec<Spanned<RawRule>>,
     analysis: Option<RawAnalysis>,
     rollback: Option<RawRollback>,
+    routing: Option<RawRouting>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    header: Option<RawHeaderRule>,
+    #[serde(default)]
+    cohort: Vec<Spanned<RawCohort>>,
+    user_key: Option<RawUserKey>,
+    user_cohorts: Option<BTreeMap<String, RawTarget>>,
+    flags: Option<RawFlags>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderRule {
+    header: String,
+    values: Vec<String>,
+    default: Option<Version>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCohort {
+    name: String,
+    header: Option<String>,
+    values: Option<Vec<String>>,
+    suffix: Option<String>,
+    cookie: Option<String>,
+    client_cidr: Option<Vec<String>>,
+    default: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUserKey {
+    Named(String),
+    Table(RawUserKeyTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUserKeyTable {
+    header: Option<String>,
+    cookie: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlags {
+    header: String,
+    flags: BTreeMap<String, Version>,
+}
+
+/// A cohort's assignment: `"canary"` / `"stable"` or a percentage.
+struct RawTarget(Target);
+
+impl<'de> Deserialize<'de> for RawTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawTarget;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"canary\", \"stable\" or a percentage of the cohort's users")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTarget, E> {
+                Version::parse(v)
+                    .map(|v| RawTarget(Target::Version(v)))
+                    .map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawTarget, E> {
+                percent_int_to_bp(v)
+                    .map(|bp| RawTarget(Target::Percent(bp)))
+                    .map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawTarget, E> {
+                percent_float_to_bp(v)
+                    .map(|bp| RawTarget(Target::Percent(bp)))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -310,6 +419,9 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             site,
         });
     }
+    if let Some(r) = raw.routing {
+        routing_from_toml(&mut draft, r, |span| line_of(text, span.start))?;
+    }
     for (i, rule) in raw.rule.into_iter().enumerate() {
         let site = site(rule.span(), "rule", i + 1);
         let r = rule.into_inner();
@@ -326,6 +438,131 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         });
     }
     draft.finish()
+}
+
+fn routing_from_toml(
+    draft: &mut Draft,
+    raw: RawRouting,
+    line: impl Fn(Range<usize>) -> usize,
+) -> Result<(), PolicyError> {
+    // The routing tables are usually implicit (only sub-tables written), so they
+    // have no position of their own; errors name the table instead.
+    let fail = |draft: &Draft, context: &str, reason: String| {
+        draft.error(
+            &Site {
+                line: None,
+                context: context.into(),
+            },
+            reason,
+        )
+    };
+    if let Some(h) = raw.header {
+        let ctx = "[routing.header]";
+        draft.routing.header = Some(HeaderRule {
+            header: routing::check_name("header", &h.header).map_err(|r| fail(draft, ctx, r))?,
+            values: routing::check_values(ctx, h.values).map_err(|r| fail(draft, ctx, r))?,
+            default: h.default,
+        });
+    }
+    if !raw.cohort.is_empty() {
+        draft.routing_sites.0 = Some(Site {
+            line: Some(line(raw.cohort[0].span())),
+            context: "[[routing.cohort]]".into(),
+        });
+    }
+    for (i, c) in raw.cohort.into_iter().enumerate() {
+        let site = Site {
+            line: Some(line(c.span())),
+            context: format!("[[routing.cohort]] #{}", i + 1),
+        };
+        let c = c.into_inner();
+        let bad = |reason: String| draft.error(&site, format!("{}: {reason}", c.name));
+        let member = match (
+            c.header,
+            c.values,
+            c.suffix,
+            c.cookie,
+            c.client_cidr,
+            c.default,
+        ) {
+            (None, None, None, None, None, Some(true)) => Membership::Default,
+            (None, None, None, None, Some(nets), None) => Membership::ClientCidr(
+                routing::check_values("client_cidr", nets)
+                    .and_then(|n| n.iter().map(|t| routing::parse_cidr(t)).collect())
+                    .map_err(bad)?,
+            ),
+            (None, Some(values), None, Some(cookie), None, None) => Membership::Cookie {
+                cookie: routing::check_name("cookie", &cookie).map_err(bad)?,
+                values: routing::check_values("values", values).map_err(bad)?,
+            },
+            (Some(header), Some(values), None, None, None, None) => Membership::Header {
+                header: routing::check_name("header", &header).map_err(bad)?,
+                values: routing::check_values("values", values).map_err(bad)?,
+            },
+            (Some(header), None, Some(suffix), None, None, None) => Membership::Suffix {
+                header: routing::check_name("header", &header).map_err(bad)?,
+                suffix,
+            },
+            _ => {
+                return Err(bad(
+                    "give one of: header + values, header + suffix, cookie + values, \
+                     client_cidr, or default = true"
+                        .into(),
+                ))
+            }
+        };
+        draft.routing.cohorts.push(Cohort {
+            name: c.name,
+            member,
+        });
+    }
+    if let Some(key) = raw.user_key {
+        let ctx = "[routing] user_key";
+        draft.routing.user_key = Some(match key {
+            RawUserKey::Named(n) if n == "client-ip" => UserKey::ClientIp,
+            RawUserKey::Table(RawUserKeyTable {
+                header: Some(h),
+                cookie: None,
+            }) => {
+                UserKey::Header(routing::check_name("header", &h).map_err(|r| fail(draft, ctx, r))?)
+            }
+            RawUserKey::Table(RawUserKeyTable {
+                header: None,
+                cookie: Some(c),
+            }) => {
+                UserKey::Cookie(routing::check_name("cookie", &c).map_err(|r| fail(draft, ctx, r))?)
+            }
+            _ => {
+                return Err(fail(
+                    draft,
+                    ctx,
+                    "expected { header = \"NAME\" }, { cookie = \"NAME\" } or \"client-ip\"".into(),
+                ))
+            }
+        });
+    }
+    if let Some(assignments) = raw.user_cohorts {
+        draft.routing_sites.1 = Some(Site {
+            line: None,
+            context: "[routing.user_cohorts]".into(),
+        });
+        draft.routing.assignments = assignments
+            .into_iter()
+            .map(|(cohort, t)| Assignment {
+                cohort,
+                target: t.0,
+            })
+            .collect();
+    }
+    if let Some(f) = raw.flags {
+        let ctx = "[routing.flags]";
+        draft.routing.flags = Some(FlagRule {
+            header: routing::check_name("header", &f.header).map_err(|r| fail(draft, ctx, r))?,
+            flags: routing::check_flags(f.flags.into_iter().collect())
+                .map_err(|r| fail(draft, ctx, r))?,
+        });
+    }
+    Ok(())
 }
 
 /// `offset` clamped to the text and moved back to a character boundary.

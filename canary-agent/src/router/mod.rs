@@ -1,0 +1,190 @@
+//! Request-aware routing for `protocol = "http"` services: the connection is accepted
+//! on the node, its first request head read (bounded), a version decided by the
+//! policy's rules (`decide`), and the client spliced to a backend of that version.
+
+pub mod decide;
+mod serve;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Result;
+use serde_json::json;
+
+pub use serve::{HeadLimits, RoutedService};
+
+use crate::config::{Protocol, ServiceConfig};
+use crate::datapath::Splicer;
+use crate::policy::Policy;
+
+/// The running router: one listener per `http` service, one task per connection
+/// until its splice is set up, then one idle watcher per spliced connection.
+pub struct Router {
+    shared: Arc<serve::Shared>,
+}
+
+/// What the router adds to a version's signals (the kernel counts the rest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterSignals {
+    /// Connections the router opened or tried to open to the version's backends.
+    pub connections: u64,
+    /// Of those, the ones that connected.
+    pub connected: u64,
+    /// First requests (their head went through the agent).
+    pub requests: u64,
+    /// Requests answered 502 because the backend refused or timed out.
+    pub failed: u64,
+}
+
+impl Router {
+    /// Binds the listeners and starts serving; call inside the tokio runtime.
+    pub fn start(splicer: Splicer, services: Vec<RoutedService>) -> Result<Self> {
+        Ok(Self {
+            shared: serve::start(splicer, services)?,
+        })
+    }
+
+    /// A rolled-back canary gets no routed connections, whatever the rules say
+    /// (header, flag and cohort decisions for canary go to stable instead).
+    pub fn set_rolled_back(&self, id: u32, rolled_back: bool) {
+        if let Some(svc) = self.service(id) {
+            svc.rolled_back.store(rolled_back, Ordering::Relaxed);
+        }
+    }
+
+    fn service(&self, id: u32) -> Option<&serve::Service> {
+        self.shared.services.iter().find(|s| s.routed.id == id)
+    }
+
+    /// Stable and canary signals for service `id`; none if it is not routed.
+    pub fn signals(&self, id: u32) -> Option<[RouterSignals; 2]> {
+        let svc = self.service(id)?;
+        Some(std::array::from_fn(|v| {
+            let c = &svc.counts.versions[v];
+            RouterSignals {
+                connections: c.connections.load(Ordering::Relaxed),
+                connected: c.connected.load(Ordering::Relaxed),
+                requests: c.requests.load(Ordering::Relaxed),
+                failed: c.failed.load(Ordering::Relaxed),
+            }
+        }))
+    }
+
+    /// `(rule label, version, count)` for `canary_routing_decisions_total`.
+    pub fn decisions(&self, id: u32) -> Vec<(String, &'static str, u64)> {
+        let Some(svc) = self.service(id) else {
+            return Vec::new();
+        };
+        let d = svc
+            .counts
+            .decisions
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        d.into_iter().map(|((rule, v), n)| (rule, v, n)).collect()
+    }
+
+    /// The `"routing"` object of `status --json`: decisions by rule (`header`, `flag`,
+    /// `cohort` by name, `split`), bytes copied by the agent vs carried by the kernel,
+    /// bad heads, and the splice maps' sizes.
+    pub fn status(&self, id: u32) -> Option<serde_json::Value> {
+        let svc = self.service(id)?;
+        let (mut header, mut flag, mut split) = (0u64, 0u64, 0u64);
+        let mut cohort: BTreeMap<String, u64> = BTreeMap::new();
+        for (rule, _, n) in self.decisions(id) {
+            match rule.as_str() {
+                "header" => header += n,
+                "flag" => flag += n,
+                "split" => split += n,
+                other => {
+                    let name = other.trim_start_matches("cohort:").to_string();
+                    *cohort.entry(name).or_default() += n;
+                }
+            }
+        }
+        let c = &svc.counts;
+        let splicer = self.shared.splicer.lock().ok()?;
+        let (socks, peers, state) = splicer.entries();
+        Some(json!({
+            "header": header,
+            "flag": flag,
+            "cohort": cohort,
+            "split": split,
+            "userspace_bytes": c.userspace_bytes.load(Ordering::Relaxed),
+            "kernel_bytes": splicer.bytes(id),
+            "bad_requests": c.bad_requests.load(Ordering::Relaxed),
+            "too_large": c.too_large.load(Ordering::Relaxed),
+            "head_timeouts": c.timeouts.load(Ordering::Relaxed),
+            "open_connections": c.open.load(Ordering::Relaxed),
+            "splice_entries": {"sockets": socks, "peers": peers, "state": state},
+        }))
+    }
+}
+
+/// Request rules need the request head, so they are only for `http` services.
+pub fn check_service(svc: &ServiceConfig, policy: &Policy) -> Result<(), String> {
+    if policy.routing.is_empty() || svc.protocol == Protocol::Http {
+        return Ok(());
+    }
+    let protocol = match svc.protocol {
+        Protocol::Tcp => "tcp",
+        _ => "udp",
+    };
+    Err(format!(
+        "service {:?} is protocol = \"{protocol}\" but its policy {} has request routing rules: \
+         set protocol = \"http\" (HTTP/1.x) on the service or remove the rules",
+        svc.name,
+        svc.policy
+            .as_ref()
+            .map_or("-".into(), |p| p.display().to_string())
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    fn agent_config(dir: &Path, protocol: &str) -> std::path::PathBuf {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/routing.scm");
+        let path = dir.join(format!("agent-{protocol}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[agent]\ninterface = \"eth0\"\n[[service]]\nname = \"web\"\n\
+                 listen = \"198.19.0.10:80\"\nprotocol = \"{protocol}\"\n\
+                 stable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\n\
+                 policy = {:?}\n",
+                fixture.display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn request_rules_need_an_http_service_and_check_prints_the_plan() {
+        let dir = std::env::temp_dir().join(format!("canary-router-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for protocol in ["tcp", "udp"] {
+            let err = crate::cli::check(&agent_config(&dir, protocol))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("service \"web\" is protocol = \"{protocol}\""))
+                    && err.contains("routing.scm has request routing rules"),
+                "{err}"
+            );
+        }
+        let plan = crate::cli::check(&agent_config(&dir, "http")).unwrap();
+        assert!(
+            plan.contains("Routing (decided once per connection"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("beta-users       header X-User-Group is \"beta\" -> canary"),
+            "{plan}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,516 @@
+//! End-to-end request routing: a `protocol = "http"` service whose policy routes by
+//! header, through the node's sk_lookup program to the agent's router and then spliced
+//! in the kernel (sk_skb verdict) to the chosen version. Real connections from the
+//! client namespace to the lab backends. Run as root.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use canary_lab::{
+    agent::{lab_service, Agent},
+    backend::{HTTP_PORT, VERSION_HEADER},
+    topology::{CANARY_V4, STABLE_V4},
+    Topology, Version, VIP_V4,
+};
+
+const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
+const POLICY: &str = "(define-canary-split '((canary . 0)))\n\
+(define-header-routing '((header . \"X-Canary\") (values . (\"true\" \"test\" \"qa\")) (default . stable)))\n";
+
+/// One response: status code and the backend version header.
+fn read_response(conn: &mut TcpStream) -> Result<(u16, String)> {
+    read_full(conn).map(|(status, version, _)| (status, version))
+}
+
+/// One response: status code, the backend version header and the body.
+fn read_full(conn: &mut TcpStream) -> Result<(u16, String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            bail!("connection closed in a response head ({} bytes)", buf.len());
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status: u16 = head
+        .get(9..12)
+        .context("short status line")?
+        .parse()
+        .with_context(|| format!("status in {head:?}"))?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let len: usize = header("content-length").map_or(Ok(0), |v| v.parse())?;
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)?;
+    Ok((status, header(VERSION_HEADER).unwrap_or_default(), body))
+}
+
+fn request(conn: &mut TcpStream, extra: &str) -> Result<(u16, String)> {
+    write!(conn, "GET / HTTP/1.1\r\nHost: web\r\n{extra}\r\n")?;
+    read_response(conn)
+}
+
+fn connect(target: SocketAddr) -> Result<TcpStream> {
+    let conn = TcpStream::connect_timeout(&target, Duration::from_secs(5))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(conn)
+}
+
+#[test]
+fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Result<()> {
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = lab_service(
+        "web",
+        80,
+        HTTP_PORT,
+        "protocol = \"http\"\npolicy = \"route.scm\"",
+    );
+    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    topo.client.enter(|| -> Result<()> {
+        for (header, want) in [
+            ("X-Canary: true\r\n", "canary"),
+            ("X-Canary: test\r\n", "canary"),
+            ("x-canary: qa\r\n", "canary"),
+            ("X-Canary: TRUE\r\n", "stable"),
+            ("X-Canary: no\r\n", "stable"),
+            ("", "stable"),
+        ] {
+            let mut conn = connect(target)?;
+            let (status, version) = request(&mut conn, header)?;
+            ensure!(
+                status == 200 && version == want,
+                "{header:?}: {status} {version}"
+            );
+        }
+        // Keep-alive: the connection stays on the version its first head chose; the
+        // later requests go through the kernel splice (and carry no header at all).
+        let mut conn = connect(target)?;
+        let (_, first) = request(&mut conn, "X-Canary: qa\r\n")?;
+        ensure!(first == "canary");
+        for i in 0..200 {
+            let (status, version) = request(&mut conn, "")?;
+            ensure!(
+                status == 200 && version == "canary",
+                "request {i}: {status} {version}"
+            );
+        }
+        drop(conn);
+        // Bad input: not HTTP, and a head over the 16 KiB limit.
+        let mut conn = connect(target)?;
+        conn.write_all(b"\x16\x03\x01\x02\x00 not http\r\n\r\n")?;
+        ensure!(read_response(&mut conn)?.0 == 400, "non-HTTP bytes");
+        let mut conn = connect(target)?;
+        conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")?;
+        ensure!(read_response(&mut conn)?.0 == 400, "HTTP/2 preface");
+        let mut conn = connect(target)?;
+        let big = format!("X-Big: {}\r\n", "a".repeat(17 * 1024));
+        let _ = conn.write_all(format!("GET / HTTP/1.1\r\nHost: web\r\n{big}\r\n").as_bytes());
+        ensure!(read_response(&mut conn)?.0 == 431, "oversized head");
+        Ok(())
+    })?;
+    let status = agent.status()?;
+    let routing = &status["services"][0]["routing"];
+    println!("routing: {routing}");
+    ensure!(
+        routing["header"].as_u64() == Some(7),
+        "header decisions: {routing}"
+    );
+    ensure!(routing["bad_requests"].as_u64() == Some(2), "{routing}");
+    ensure!(routing["too_large"].as_u64() == Some(1), "{routing}");
+    let (user, kernel) = (
+        routing["userspace_bytes"].as_u64().unwrap_or(0),
+        routing["kernel_bytes"].as_u64().unwrap_or(0),
+    );
+    ensure!(
+        kernel > 10 * user,
+        "kernel carried {kernel} bytes, agent copied {user}"
+    );
+    // Every connection above is closed: no socket or map entry is left behind.
+    let wait = std::time::Instant::now();
+    loop {
+        let routing = &agent.status()?["services"][0]["routing"];
+        let entries = &routing["splice_entries"];
+        let left = ["sockets", "peers", "state"]
+            .iter()
+            .map(|k| entries[k].as_u64().unwrap_or(u64::MAX))
+            .sum::<u64>();
+        if left == 0 && routing["open_connections"].as_u64() == Some(0) {
+            break;
+        }
+        ensure!(
+            wait.elapsed() < Duration::from_secs(5),
+            "left behind: {routing}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// FNV-1a over a byte stream: both ends compare what they saw.
+fn fnv(data: &[u8], mut h: u64) -> u64 {
+    for b in data {
+        h = (h ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+const FNV0: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The bulk payload: `n` bytes of a fixed pattern that shifts every 251 bytes.
+fn payload(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+}
+
+/// A test-owned HTTP/1.1 backend on a listener made in a backend namespace:
+/// `GET /big` answers 1 MiB of `payload`, `POST /up` reads the body and answers its
+/// hash; the `x-canary-version` header names the version. Serves until the test ends.
+fn bulk_backend(listener: std::net::TcpListener, version: &'static str) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || serve_bulk(conn, version));
+        }
+    });
+}
+
+fn serve_bulk(mut conn: TcpStream, version: &str) -> Result<()> {
+    loop {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if conn.read(&mut byte)? == 0 {
+                return Ok(());
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .map_or(Ok(0), |v| v.parse())?;
+        let body = if head.starts_with("POST /up") {
+            let mut hash = FNV0;
+            let mut left = len;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = conn.read(&mut buf[..left.min(64 * 1024)])?;
+                ensure!(n > 0, "upload cut short");
+                hash = fnv(&buf[..n], hash);
+                left -= n;
+            }
+            format!("{hash:016x}").into_bytes()
+        } else {
+            payload(1 << 20)
+        };
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{VERSION_HEADER}: {version}\r\n\r\n",
+            body.len()
+        )?;
+        conn.write_all(&body)?;
+    }
+}
+
+/// A connection from a given source address of the client namespace.
+fn connect_from(source: std::net::IpAddr, target: SocketAddr) -> Result<TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let conn = rt.block_on(async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(source, 0))?;
+        sock.connect(target).await
+    })?;
+    let conn = conn.into_std()?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    Ok(conn)
+}
+
+#[test]
+fn cohorts_users_flags_bulk_and_failing_backends() -> Result<()> {
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let inside = topo.add_client_addrs(1)?[0];
+    const BULK_PORT: u16 = 8090;
+    for (version, addr, name) in [
+        (Version::Stable, STABLE_V4, "stable"),
+        (Version::Canary, CANARY_V4, "canary"),
+    ] {
+        let listener = topo
+            .backend(version)
+            .enter(|| Ok(std::net::TcpListener::bind((addr, BULK_PORT))?))?;
+        bulk_backend(listener, name);
+    }
+    let users = format!(
+        "(define-canary-split '((canary . 0)))\n\
+         (define-cohorts '((beta-users (header . \"X-User-Group\") (values . (\"beta\")))\n\
+                           (internal-users (client-cidr . (\"{inside}/32\")))\n\
+                           (regular-users (default . #t))))\n\
+         (define-user-key '(header . \"X-User-Id\"))\n\
+         (define-user-cohorts '((beta-users . canary) (internal-users . canary) (percentage . ((regular-users . 10)))))\n\
+         (define-feature-routing '((header . \"X-Features\") (flags . ((new-checkout . canary) (legacy-cart . stable)))))\n"
+    );
+    let services = lab_service("users", 81, HTTP_PORT, "protocol = \"http\"\npolicy = \"users.scm\"")
+        + &lab_service("bulk", 82, BULK_PORT, "protocol = \"http\"\npolicy = \"route.scm\"")
+        // Nothing listens on the canary's port 9: connections are refused.
+        + &format!(
+            "[[service]]\nname = \"refused\"\nlisten = \"{VIP_V4}:83\"\nprotocol = \"http\"\n\
+             stable = [\"{STABLE_V4}:{HTTP_PORT}\"]\ncanary = [\"{CANARY_V4}:9\"]\n\
+             policy = \"route.scm\"\nhead_timeout = 1\n"
+        );
+    let agent = Agent::start_with_files(
+        &topo.node,
+        &services,
+        &[("users.scm", &users), ("route.scm", POLICY)],
+        &[],
+    )?;
+    let at = |port| SocketAddr::new(VIP_V4.into(), port);
+    topo.client.enter(|| -> Result<()> {
+        // Cohorts and flags.
+        for (headers, want) in [
+            ("X-User-Group: beta\r\n", "canary"),
+            (
+                "X-Features: a, new-checkout\r\nX-User-Group: beta\r\n",
+                "canary",
+            ),
+            (
+                "X-Features: legacy-cart\r\nX-User-Group: beta\r\n",
+                "stable",
+            ),
+        ] {
+            let (status, version) = request(&mut connect(at(81))?, headers)?;
+            ensure!(
+                status == 200 && version == want,
+                "{headers:?}: {status} {version}"
+            );
+        }
+        for _ in 0..5 {
+            let (_, version) = request(&mut connect_from(inside, at(81))?, "X-User-Id: u1\r\n")?;
+            ensure!(version == "canary", "client-cidr cohort went to {version}");
+        }
+        // 2000 users at 10 %: sticky per user id, on every connection.
+        let mut on_canary = Vec::new();
+        for i in 0..2000 {
+            let (status, version) =
+                request(&mut connect(at(81))?, &format!("X-User-Id: user-{i}\r\n"))?;
+            ensure!(status == 200, "user {i}: {status}");
+            on_canary.push(version == "canary");
+        }
+        let share = 100.0 * on_canary.iter().filter(|c| **c).count() as f64 / 2000.0;
+        println!("2000 users at 10 %: {share:.2} % on canary");
+        ensure!((share - 10.0).abs() <= 1.5, "user share {share:.2} %");
+        for (i, was) in on_canary.iter().enumerate().take(300) {
+            let (_, version) = request(&mut connect(at(81))?, &format!("X-User-Id: user-{i}\r\n"))?;
+            ensure!((version == "canary") == *was, "user-{i} moved to {version}");
+        }
+        // Bulk, spliced: 1 MiB responses and a 10 MiB upload arrive intact.
+        for header in ["X-Canary: true\r\n", ""] {
+            let mut conn = connect(at(82))?;
+            write!(conn, "GET /big HTTP/1.1\r\nHost: b\r\n{header}\r\n")?;
+            let (status, _, body) = read_full(&mut conn)?;
+            ensure!(
+                status == 200 && body == payload(1 << 20),
+                "1 MiB response differs"
+            );
+            let (_, _, body) = {
+                write!(conn, "GET /big HTTP/1.1\r\nHost: b\r\n\r\n")?;
+                read_full(&mut conn)?
+            };
+            ensure!(body == payload(1 << 20), "second 1 MiB response differs");
+            let up = payload(10 << 20);
+            write!(
+                conn,
+                "POST /up HTTP/1.1\r\nHost: b\r\ncontent-length: {}\r\n\r\n",
+                up.len()
+            )?;
+            conn.write_all(&up)?;
+            let (status, _, body) = read_full(&mut conn)?;
+            ensure!(
+                status == 200 && body == format!("{:016x}", fnv(&up, FNV0)).into_bytes(),
+                "10 MiB upload hash differs"
+            );
+        }
+        // An upload whose body follows its head at once (before the splice is ready).
+        let mut conn = connect(at(82))?;
+        let up = payload(4 << 20);
+        let mut req = format!(
+            "POST /up HTTP/1.1\r\nHost: b\r\ncontent-length: {}\r\n\r\n",
+            up.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(&up);
+        conn.write_all(&req)?;
+        let (_, _, body) = read_full(&mut conn)?;
+        ensure!(
+            body == format!("{:016x}", fnv(&up, FNV0)).into_bytes(),
+            "eager upload differs"
+        );
+        // A canary that refuses connections: 502, and stable still serves.
+        let (status, _) = request(&mut connect(at(83))?, "X-Canary: true\r\n")?;
+        ensure!(status == 502, "refused canary gave {status}");
+        let (status, version) = request(&mut connect(at(83))?, "")?;
+        ensure!(status == 200 && version == "stable");
+        // A client that sends nothing is closed after head_timeout (1 s); other
+        // clients are served meanwhile.
+        let idle: Vec<TcpStream> = (0..200).map(|_| connect(at(83))).collect::<Result<_>>()?;
+        let (status, _) = request(&mut connect(at(83))?, "")?;
+        ensure!(status == 200, "served while 200 clients idle");
+        std::thread::sleep(Duration::from_millis(1500));
+        for mut c in idle {
+            let mut b = [0u8; 1];
+            ensure!(matches!(c.read(&mut b), Ok(0)), "idle client not closed");
+        }
+        Ok(())
+    })?;
+    let status = agent.status()?;
+    let svc = |name: &str| {
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["routing"]
+            .clone()
+    };
+    let users = svc("users");
+    println!("users routing: {users}");
+    ensure!(users["flag"].as_u64() == Some(2), "{users}");
+    ensure!(users["cohort"]["beta-users"].as_u64() == Some(1), "{users}");
+    ensure!(
+        users["cohort"]["internal-users"].as_u64() == Some(5),
+        "{users}"
+    );
+    ensure!(
+        users["cohort"]["regular-users"].as_u64() == Some(2300),
+        "{users}"
+    );
+    let bulk = svc("bulk");
+    println!("bulk routing: {bulk}");
+    let (user, kernel) = (
+        bulk["userspace_bytes"].as_u64().unwrap_or(0),
+        bulk["kernel_bytes"].as_u64().unwrap_or(0),
+    );
+    ensure!(kernel > 20 << 20, "kernel carried {kernel} bytes");
+    println!("bulk: agent copied {user} bytes, kernel carried {kernel}");
+    let refused = svc("refused");
+    ensure!(refused["head_timeouts"].as_u64() == Some(200), "{refused}");
+    let metrics = agent.cli(&["status", "--json"])?;
+    ensure!(metrics.contains("\"routing\""));
+    Ok(())
+}
+
+const ROLLBACK_POLICY: &str = r#"step = [ { at = 0, weight = 0 }, { at = "10m", weight = 100 } ]
+[routing.header]
+header = "X-Canary"
+values = ["true"]
+[[metric]]
+name = "error-rate"
+threshold = 1.05
+window = "60s"
+[[rule]]
+name = "error-spike"
+when = "error-rate > baseline * 1.5"
+action = "immediate-rollback"
+"#;
+
+#[test]
+fn a_failing_header_routed_canary_is_rolled_back() -> Result<()> {
+    use canary_lab::backend::{set_faults, ADMIN_PORT};
+    use canary_lab::{topology::NODE_CLIENT_V4, Faults};
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = format!("metrics_listen = \"{NODE_CLIENT_V4}:9464\"\n")
+        + &lab_service(
+            "web",
+            80,
+            HTTP_PORT,
+            "protocol = \"http\"\npolicy = \"policy.toml\"",
+        );
+    let agent = Agent::start_with_files(
+        &topo.node,
+        &services,
+        &[("policy.toml", ROLLBACK_POLICY)],
+        &[],
+    )?;
+    agent.cli(&["rollout", "start", "web"])?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let after = std::thread::scope(|scope| -> Result<_> {
+        for header in ["X-Canary: true\r\n", "X-Canary: true\r\n", "", ""] {
+            let (topo, stop) = (&topo, &stop);
+            scope.spawn(move || {
+                topo.client.enter(|| -> Result<()> {
+                    let mut conn = connect(target)?;
+                    request(&mut conn, header)?;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        request(&mut conn, "")?;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Ok(())
+                })
+            });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        topo.client.enter(|| {
+            set_faults(
+                SocketAddr::new(CANARY_V4.into(), ADMIN_PORT),
+                &Faults {
+                    error_rate: 1.0,
+                    ..Default::default()
+                },
+            )
+        })?;
+        let after = agent.wait_for_rollout("rolled-back", Duration::from_secs(20));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        after
+    })?;
+    let status = agent.status()?;
+    let after = after.ok_or_else(|| anyhow::anyhow!("no rollback: {status}"))?;
+    println!(
+        "header-routed canary rolled back {after:?} after the fault: {}",
+        status["services"][0]["rollout"]["reason"]
+    );
+    // After the rollback the header no longer reaches the canary.
+    topo.client.enter(|| -> Result<()> {
+        let (status, version) = request(&mut connect(target)?, "X-Canary: true\r\n")?;
+        ensure!(status == 200 && version == "stable", "{status} {version}");
+        Ok(())
+    })?;
+    let metrics = topo.client.enter(|| {
+        let mut conn = TcpStream::connect((NODE_CLIENT_V4, 9464))?;
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok(text)
+    })?;
+    ensure!(
+        metrics.contains(
+            "canary_routing_decisions_total{service=\"web\",rule=\"header\",version=\"canary\"} 2"
+        ),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("routing"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
