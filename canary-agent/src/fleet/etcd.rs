@@ -1,0 +1,596 @@
+//! The etcd side of a fleet member: lease, leader election, the leader's writes and
+//! telemetry sums, forwarded commands, and the watch that applies desired weights.
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+
+use super::{
+    add_counters, wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write,
+    ETCD_PAUSE,
+};
+use crate::{
+    agent::{lock, Agent},
+    api::Request,
+    config::FleetConfig,
+    controller::Clock,
+};
+
+/// Longest wait for one etcd request: past it etcd counts as unreachable.
+pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the member loop runs (a queued write wakes it earlier).
+const LOOP: Duration = Duration::from_millis(100);
+/// How often a follower tries to take the leader key.
+const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
+/// Node reports and the leader's sums.
+const PUBLISH_EVERY: Duration = Duration::from_secs(1);
+/// The leader pauses running rollouts after etcd has failed for this long.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// Most operations in one transaction (etcd's default limit is 128).
+const TXN_OPS: usize = 100;
+
+/// The key layout under the fleet's prefix.
+#[derive(Clone)]
+pub(super) struct Keys(String);
+
+impl Keys {
+    pub(super) fn new(prefix: &str) -> Self {
+        Self(prefix.to_string())
+    }
+    pub(super) fn leader(&self) -> String {
+        format!("{}/leader", self.0)
+    }
+    pub(super) fn nodes(&self) -> String {
+        format!("{}/nodes/", self.0)
+    }
+    pub(super) fn weights(&self) -> String {
+        format!("{}/weights/", self.0)
+    }
+    pub(super) fn rollouts(&self) -> String {
+        format!("{}/rollouts/", self.0)
+    }
+    pub(super) fn history(&self, service: &str) -> String {
+        format!("{}/history/{service}/", self.0)
+    }
+    pub(super) fn commands(&self) -> String {
+        format!("{}/commands/", self.0)
+    }
+    pub(super) fn result(&self, id: &str) -> String {
+        format!("{}/results/{id}", self.0)
+    }
+}
+
+/// Runs one etcd request with [`OP_TIMEOUT`].
+pub(super) async fn op<T>(
+    what: &str,
+    f: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match tokio::time::timeout(OP_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(anyhow!("{ETCD_PAUSE}: {what}: {e}")),
+        Err(_) => Err(anyhow!(
+            "{ETCD_PAUSE}: {what}: no answer in {} ms",
+            OP_TIMEOUT.as_millis()
+        )),
+    }
+}
+
+/// Connects to the configured endpoints (lazily: etcd may be down right now).
+pub(super) async fn connect(cfg: &FleetConfig) -> Result<Client> {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(OP_TIMEOUT)
+        .with_keep_alive(Duration::from_secs(1), OP_TIMEOUT)
+        .with_keep_alive_while_idle(true);
+    if let Some(ca) = &cfg.ca {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("[fleet] TLS file {}", p.display()))
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(tls);
+    }
+    let endpoints = cfg.etcd.clone();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match tokio::time::timeout(
+            OP_TIMEOUT,
+            Client::connect(endpoints.clone(), Some(options.clone())),
+        )
+        .await
+        {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => tracing::warn!(error = %e, "{ETCD_PAUSE}: connecting"),
+            Err(_) => tracing::warn!("{ETCD_PAUSE}: connecting: no answer"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs this agent's fleet membership until the process exits.
+pub async fn run(
+    cfg: FleetConfig,
+    link: Link,
+    agent: Arc<Mutex<Agent>>,
+    clock: Arc<FleetClock>,
+) -> Result<()> {
+    let client = connect(&cfg).await?;
+    link.set_client(client.clone(), Keys::new(&cfg.prefix));
+    tokio::spawn(watch_weights(
+        client.clone(),
+        Keys::new(&cfg.prefix),
+        link.clone(),
+        agent.clone(),
+    ));
+    let mut member = Member {
+        keys: Keys::new(&cfg.prefix),
+        lease_ttl: cfg.lease_s,
+        client,
+        link,
+        agent,
+        clock,
+        lease: None,
+        last_keepalive: Instant::now(),
+        last_campaign: None,
+        last_publish: None,
+        unreachable_since: None,
+        paused: false,
+        seen: BTreeMap::new(),
+        history_seq: 0,
+    };
+    loop {
+        let outcome = member.step().await;
+        member.outcome(outcome);
+        let wake = member.link.shared.wake.notified();
+        let _ = tokio::time::timeout(LOOP, wake).await;
+    }
+}
+
+struct Member {
+    keys: Keys,
+    lease_ttl: u64,
+    client: Client,
+    link: Link,
+    agent: Arc<Mutex<Agent>>,
+    clock: Arc<FleetClock>,
+    lease: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    last_keepalive: Instant,
+    last_campaign: Option<Instant>,
+    last_publish: Option<Instant>,
+    unreachable_since: Option<Instant>,
+    /// The leader paused running rollouts because etcd failed.
+    paused: bool,
+    /// Every node's latest counters, kept after a node's report vanishes so the sums
+    /// (cumulative) never go backwards.
+    seen: BTreeMap<String, NodeReport>,
+    history_seq: u64,
+}
+
+impl Member {
+    fn node(&self) -> String {
+        self.link.node().to_string()
+    }
+
+    async fn step(&mut self) -> Result<()> {
+        let lease = self.ensure_lease().await?;
+        if !self.link.leading()
+            && self
+                .last_campaign
+                .is_none_or(|t| t.elapsed() >= CAMPAIGN_EVERY)
+        {
+            self.last_campaign = Some(Instant::now());
+            self.campaign(lease).await?;
+        }
+        if self.link.leading() {
+            self.flush().await?;
+            self.commands(lease).await?;
+        }
+        if self
+            .last_publish
+            .is_none_or(|t| t.elapsed() >= PUBLISH_EVERY)
+        {
+            self.last_publish = Some(Instant::now());
+            self.publish(lease).await?;
+            if self.link.leading() {
+                self.sum_counters().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pauses (leader) after etcd failed for a while; resumes once it answers again.
+    fn outcome(&mut self, outcome: Result<()>) {
+        match outcome {
+            Ok(()) => {
+                if let Some(since) = self.unreachable_since.take() {
+                    tracing::info!(
+                        after_ms = since.elapsed().as_millis() as u64,
+                        "etcd reachable again"
+                    );
+                }
+                if self.paused && self.link.leading() {
+                    self.paused = false;
+                    match lock(&self.agent).map(|mut a| a.fleet_resume()) {
+                        Ok(resumed) => tracing::info!(?resumed, "rollouts resumed: etcd is back"),
+                        Err(e) => tracing::error!(error = %e, "resuming after etcd"),
+                    }
+                }
+            }
+            Err(e) => {
+                let since = *self.unreachable_since.get_or_insert_with(|| {
+                    tracing::warn!(error = %format!("{e:#}"), "fleet: weights stay as they are");
+                    Instant::now()
+                });
+                if self.link.leading() && !self.paused && since.elapsed() >= PAUSE_AFTER {
+                    self.paused = true;
+                    let reason = format!("{e:#}");
+                    match lock(&self.agent).map(|mut a| a.fleet_pause(&reason)) {
+                        Ok(paused) => tracing::warn!(?paused, %reason, "rollouts paused"),
+                        Err(e) => tracing::error!(error = %e, "pausing for etcd"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// This node's lease (granted if missing, kept alive every third of its TTL).
+    async fn ensure_lease(&mut self) -> Result<i64> {
+        let every = Duration::from_millis(self.lease_ttl * 1000 / 3);
+        if let Some((id, keeper, stream)) = self.lease.as_mut() {
+            if self.last_keepalive.elapsed() < every {
+                return Ok(*id);
+            }
+            let id = *id;
+            let answer = op("lease keep-alive", async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+            match answer {
+                Ok(Some(r)) if r.ttl() > 0 => {
+                    self.last_keepalive = Instant::now();
+                    return Ok(id);
+                }
+                Ok(_) => {
+                    tracing::warn!(lease = id, "lease expired");
+                    self.lease = None;
+                    self.step_down("its lease expired");
+                }
+                Err(e) => {
+                    // The stream may be broken: open a new one on the same lease next time.
+                    self.lease = None;
+                    let mut client = self.client.clone();
+                    if let Ok(Ok((keeper, stream))) =
+                        tokio::time::timeout(OP_TIMEOUT, client.lease_keep_alive(id)).await
+                    {
+                        self.lease = Some((id, keeper, stream));
+                    } else {
+                        self.step_down("etcd did not renew its lease");
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut client = self.client.clone();
+        let ttl = self.lease_ttl as i64;
+        let granted = op("lease grant", client.lease_grant(ttl, None)).await?;
+        let (keeper, stream) =
+            op("lease keep-alive", client.lease_keep_alive(granted.id())).await?;
+        self.lease = Some((granted.id(), keeper, stream));
+        self.last_keepalive = Instant::now();
+        Ok(granted.id())
+    }
+
+    fn step_down(&mut self, why: &str) {
+        if self.link.leading() {
+            tracing::warn!(why, "no longer the fleet's leader");
+            self.link.set_leading(false);
+            self.link.take_outbox();
+            self.paused = false;
+        }
+    }
+
+    /// Takes the leader key if nobody holds it.
+    async fn campaign(&mut self, lease: i64) -> Result<()> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                self.node(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut client = self.client.clone();
+        if !op("campaign", client.txn(txn)).await?.succeeded() {
+            return Ok(());
+        }
+        self.take_over().await
+    }
+
+    /// Loads the fleet's rollouts as they were stored and starts leading from them.
+    async fn take_over(&mut self) -> Result<()> {
+        let mut client = self.client.clone();
+        let prefix = self.keys.rollouts();
+        let got = op(
+            "reading rollouts",
+            client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await;
+        let got = match got {
+            Ok(got) => got,
+            Err(e) => {
+                // Give the key up rather than lead without the stored state.
+                let _ = op("resigning", client.delete(self.keys.leader(), None)).await;
+                return Err(e);
+            }
+        };
+        let mut stored = BTreeMap::new();
+        for kv in got.kvs() {
+            let service = kv.key_str()?.trim_start_matches(&prefix).to_string();
+            match serde_json::from_slice::<StoredRollout>(kv.value()) {
+                Ok(s) => {
+                    self.clock.catch_up(s.clock_ms);
+                    stored.insert(service, s.rollout);
+                }
+                Err(e) => tracing::error!(%service, error = %e, "unreadable stored rollout"),
+            }
+        }
+        let mut agent = lock(&self.agent)?;
+        self.link.take_outbox();
+        agent.fleet_adopt(stored);
+        self.link.set_leading(true);
+        tracing::info!(node = %self.node(), "this agent is the fleet's leader now");
+        Ok(())
+    }
+
+    /// Writes the agent's queued rollout state, history and weights, guarded by the
+    /// leader key still being ours.
+    async fn flush(&mut self) -> Result<()> {
+        let writes = self.link.take_outbox();
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        let now = self.clock.now_ms();
+        for write in &writes {
+            let (key, value) = match write {
+                Write::Weight { service, weight_bp } => (
+                    format!("{}{service}", self.keys.weights()),
+                    serde_json::to_vec(&DesiredWeight {
+                        weight_bp: *weight_bp,
+                        at_ms: wall_ms(),
+                    })?,
+                ),
+                Write::Rollout { service, rollout } => (
+                    format!("{}{service}", self.keys.rollouts()),
+                    serde_json::to_vec(&StoredRollout {
+                        clock_ms: now,
+                        rollout: (**rollout).clone(),
+                    })?,
+                ),
+                Write::Event(event) => {
+                    self.history_seq += 1;
+                    let key = format!(
+                        "{}{:013}-{}-{:06}",
+                        self.keys.history(&event.service),
+                        event.at_ms,
+                        self.node(),
+                        self.history_seq
+                    );
+                    (key, serde_json::to_vec(event)?)
+                }
+            };
+            ops.push(TxnOp::put(key, value, None));
+        }
+        for chunk in ops.chunks(TXN_OPS) {
+            let txn = Txn::new()
+                .when([Compare::value(
+                    self.keys.leader(),
+                    CompareOp::Equal,
+                    self.node(),
+                )])
+                .and_then(chunk.to_vec());
+            let mut client = self.client.clone();
+            match op("writing rollout state", client.txn(txn)).await {
+                Ok(r) if r.succeeded() => {}
+                Ok(_) => {
+                    self.step_down("another node holds the leader key");
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.link.requeue(writes);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out rollout commands other nodes forwarded, and answers them.
+    async fn commands(&mut self, lease: i64) -> Result<()> {
+        let prefix = self.keys.commands();
+        let mut client = self.client.clone();
+        let got = op(
+            "reading commands",
+            client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        for kv in got.kvs() {
+            let id = kv.key_str()?.trim_start_matches(&prefix).to_string();
+            let answer = match serde_json::from_slice::<Request>(kv.value()) {
+                Ok(request) => {
+                    tracing::info!(%id, ?request, "forwarded command");
+                    match lock(&self.agent)?.handle(request) {
+                        Ok(v) => serde_json::json!({ "ok": v }),
+                        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+                    }
+                }
+                Err(e) => serde_json::json!({ "error": format!("bad forwarded request: {e}") }),
+            };
+            // The command's effects are in etcd before the requester hears back.
+            self.flush().await?;
+            let txn = Txn::new()
+                .when([Compare::value(
+                    self.keys.leader(),
+                    CompareOp::Equal,
+                    self.node(),
+                )])
+                .and_then([
+                    TxnOp::put(
+                        self.keys.result(&id),
+                        serde_json::to_vec(&answer)?,
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
+                    TxnOp::delete(kv.key(), None),
+                ]);
+            op("answering a command", client.txn(txn)).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes this node's applied weights and counters on its lease.
+    async fn publish(&mut self, lease: i64) -> Result<()> {
+        let mut report = lock(&self.agent)?.fleet_report();
+        report.at_ms = wall_ms();
+        (report.weights_revision, report.apply_lag_ms) = self.link.applied();
+        let key = format!("{}{}", self.keys.nodes(), self.node());
+        let mut client = self.client.clone();
+        op(
+            "publishing counters",
+            client.put(
+                key,
+                serde_json::to_vec(&report)?,
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Sums every node's counters for the leader's analysis.
+    async fn sum_counters(&mut self) -> Result<()> {
+        let prefix = self.keys.nodes();
+        let mut client = self.client.clone();
+        let got = op(
+            "reading node counters",
+            client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        for kv in got.kvs() {
+            let node = kv.key_str()?.trim_start_matches(&prefix).to_string();
+            match serde_json::from_slice::<NodeReport>(kv.value()) {
+                Ok(report) => {
+                    self.seen.insert(node, report);
+                }
+                Err(e) => tracing::warn!(%node, error = %e, "unreadable node report"),
+            }
+        }
+        self.link.set_sums(sum(self.seen.values()));
+        Ok(())
+    }
+}
+
+/// Fleet totals per service from node reports.
+pub(super) fn sum<'a>(
+    reports: impl Iterator<Item = &'a NodeReport>,
+) -> BTreeMap<String, [crate::analysis::VersionCounters; 2]> {
+    let mut sums: BTreeMap<String, [crate::analysis::VersionCounters; 2]> = BTreeMap::new();
+    for report in reports {
+        for (service, [stable, canary]) in &report.counters {
+            let total = sums.entry(service.clone()).or_default();
+            add_counters(&mut total[0], stable);
+            add_counters(&mut total[1], canary);
+        }
+    }
+    sums
+}
+
+/// Applies desired weights as the leader writes them, and mirrors the stored rollouts
+/// on followers (for status, and so a new leader has them). Re-reads everything after
+/// an error: a watch that missed events while etcd was away starts from the state.
+async fn watch_weights(client: Client, keys: Keys, link: Link, agent: Arc<Mutex<Agent>>) {
+    loop {
+        if let Err(e) = watch_once(client.clone(), &keys, &link, &agent).await {
+            tracing::debug!(error = %format!("{e:#}"), "weight watch restarts");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+async fn watch_once(
+    mut client: Client,
+    keys: &Keys,
+    link: &Link,
+    agent: &Arc<Mutex<Agent>>,
+) -> Result<()> {
+    let mut revision = 0;
+    for prefix in [keys.weights(), keys.rollouts()] {
+        let got = op(
+            "reading weights",
+            client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
+        )
+        .await?;
+        revision = got.header().map_or(0, |h| h.revision());
+        for kv in got.kvs() {
+            apply(keys, link, agent, kv)?;
+        }
+    }
+    let options = |rev: i64| {
+        Some(
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(rev + 1),
+        )
+    };
+    let mut stream = op(
+        "watching weights",
+        client.watch(keys.weights(), options(revision)),
+    )
+    .await?;
+    stream.watch(keys.rollouts(), options(revision)).await?;
+    loop {
+        let Some(response) = stream.message().await? else {
+            bail!("watch closed");
+        };
+        if response.canceled() {
+            bail!("watch cancelled: {}", response.cancel_reason());
+        }
+        for event in response.events() {
+            if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
+                apply(keys, link, agent, kv)?;
+            }
+        }
+    }
+}
+
+fn apply(
+    keys: &Keys,
+    link: &Link,
+    agent: &Arc<Mutex<Agent>>,
+    kv: &etcd_client::KeyValue,
+) -> Result<()> {
+    let key = kv.key_str()?;
+    if let Some(service) = key.strip_prefix(&keys.weights()) {
+        let desired: DesiredWeight = serde_json::from_slice(kv.value())?;
+        lock(agent)?.fleet_apply_weight(service, desired.weight_bp)?;
+        let lag = wall_ms().saturating_sub(desired.at_ms);
+        link.set_applied(kv.mod_revision(), lag);
+    } else if let Some(service) = key.strip_prefix(&keys.rollouts()) {
+        if !link.leading() {
+            let stored: StoredRollout = serde_json::from_slice(kv.value())?;
+            lock(agent)?.fleet_mirror(service, stored.rollout)?;
+        }
+    }
+    Ok(())
+}
