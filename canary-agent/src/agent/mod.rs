@@ -350,15 +350,25 @@ impl Agent {
             .is_some_and(|r| r.state().is_running()))
     }
 
-    /// Changes a service's canary weight with one map write (in a fleet, every node's).
+    /// Changes a service's canary weight with one map write. In a fleet the weight
+    /// goes to etcd instead, and every node (this one too) writes its map when the
+    /// watch brings it: no node changes a weight that etcd has not recorded.
     pub fn set_weight(&mut self, name: &str, weight_bp: u16) -> Result<()> {
-        self.write_weight(name, weight_bp)?;
-        if let Some(link) = &self.fleet {
-            link.push(crate::fleet::Write::Weight {
-                service: name.into(),
-                weight_bp,
-            });
+        let Some(link) = &self.fleet else {
+            return self.write_weight(name, weight_bp);
+        };
+        let svc = self.services.iter().find(|s| s.cfg.name == name);
+        let svc = svc.ok_or_else(|| anyhow!("no service named {name:?}"))?;
+        if weight_bp > canary_common::WEIGHT_SCALE {
+            bail!("weight {weight_bp} bp is above 100 %");
         }
+        if weight_bp > 0 && svc.cfg.canary.is_empty() {
+            bail!("service {name:?} has no canary backends");
+        }
+        link.push(crate::fleet::Write::Weight {
+            service: name.into(),
+            weight_bp,
+        });
         Ok(())
     }
 

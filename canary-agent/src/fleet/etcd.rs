@@ -148,6 +148,7 @@ pub async fn run(
         paused: false,
         seen: BTreeMap::new(),
         history_seq: 0,
+        published_revision: 0,
     };
     loop {
         let outcome = member.step().await;
@@ -157,6 +158,12 @@ pub async fn run(
     }
 }
 
+struct Lease {
+    id: i64,
+    /// The keep-alive stream, reopened after an error.
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
 struct Member {
     keys: Keys,
     lease_ttl: u64,
@@ -164,7 +171,7 @@ struct Member {
     link: Link,
     agent: Arc<Mutex<Agent>>,
     clock: Arc<FleetClock>,
-    lease: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    lease: Option<Lease>,
     last_keepalive: Instant,
     last_campaign: Option<Instant>,
     last_publish: Option<Instant>,
@@ -175,6 +182,8 @@ struct Member {
     /// (cumulative) never go backwards.
     seen: BTreeMap<String, NodeReport>,
     history_seq: u64,
+    /// The weight revision in the last report published.
+    published_revision: i64,
 }
 
 impl Member {
@@ -182,8 +191,10 @@ impl Member {
         self.link.node().to_string()
     }
 
-    async fn step(&mut self) -> Result<()> {
+    /// One round; `Ok(true)` when etcd answered something in it.
+    async fn step(&mut self) -> Result<bool> {
         let lease = self.ensure_lease().await?;
+        let mut answered = false;
         if !self.link.leading()
             && self
                 .last_campaign
@@ -191,28 +202,36 @@ impl Member {
         {
             self.last_campaign = Some(Instant::now());
             self.campaign(lease).await?;
+            answered = true;
         }
         if self.link.leading() {
             self.flush().await?;
             self.commands(lease).await?;
+            answered = true;
         }
-        if self
-            .last_publish
-            .is_none_or(|t| t.elapsed() >= PUBLISH_EVERY)
+        // Also at once after a new weight was applied, so the fleet sees it.
+        let applied = self.link.applied().0;
+        if applied != self.published_revision
+            || self
+                .last_publish
+                .is_none_or(|t| t.elapsed() >= PUBLISH_EVERY)
         {
             self.last_publish = Some(Instant::now());
+            self.published_revision = applied;
             self.publish(lease).await?;
             if self.link.leading() {
                 self.sum_counters().await?;
             }
+            answered = true;
         }
-        Ok(())
+        Ok(answered)
     }
 
     /// Pauses (leader) after etcd failed for a while; resumes once it answers again.
-    fn outcome(&mut self, outcome: Result<()>) {
+    fn outcome(&mut self, outcome: Result<bool>) {
         match outcome {
-            Ok(()) => {
+            Ok(false) => {}
+            Ok(true) => {
                 if let Some(since) = self.unreachable_since.take() {
                     tracing::info!(
                         after_ms = since.elapsed().as_millis() as u64,
@@ -244,15 +263,22 @@ impl Member {
         }
     }
 
-    /// This node's lease (granted if missing, kept alive every third of its TTL).
+    /// This node's lease (granted if missing, kept alive every third of its TTL). A
+    /// failed keep-alive keeps the lease: a restarted etcd restores it, and only etcd
+    /// saying it expired (or another node holding the leader key) ends leadership.
     async fn ensure_lease(&mut self) -> Result<i64> {
         let every = Duration::from_millis(self.lease_ttl * 1000 / 3);
-        if let Some((id, keeper, stream)) = self.lease.as_mut() {
+        if let Some(lease) = self.lease.as_mut() {
             if self.last_keepalive.elapsed() < every {
-                return Ok(*id);
+                return Ok(lease.id);
             }
-            let id = *id;
+            let id = lease.id;
+            let mut client = self.client.clone();
             let answer = op("lease keep-alive", async {
+                if lease.stream.is_none() {
+                    lease.stream = Some(client.lease_keep_alive(id).await?);
+                }
+                let (keeper, stream) = lease.stream.as_mut().expect("just opened");
                 keeper.keep_alive().await?;
                 stream.message().await
             })
@@ -268,16 +294,7 @@ impl Member {
                     self.step_down("its lease expired");
                 }
                 Err(e) => {
-                    // The stream may be broken: open a new one on the same lease next time.
-                    self.lease = None;
-                    let mut client = self.client.clone();
-                    if let Ok(Ok((keeper, stream))) =
-                        tokio::time::timeout(OP_TIMEOUT, client.lease_keep_alive(id)).await
-                    {
-                        self.lease = Some((id, keeper, stream));
-                    } else {
-                        self.step_down("etcd did not renew its lease");
-                    }
+                    lease.stream = None;
                     return Err(e);
                 }
             }
@@ -285,9 +302,10 @@ impl Member {
         let mut client = self.client.clone();
         let ttl = self.lease_ttl as i64;
         let granted = op("lease grant", client.lease_grant(ttl, None)).await?;
-        let (keeper, stream) =
-            op("lease keep-alive", client.lease_keep_alive(granted.id())).await?;
-        self.lease = Some((granted.id(), keeper, stream));
+        self.lease = Some(Lease {
+            id: granted.id(),
+            stream: None,
+        });
         self.last_keepalive = Instant::now();
         Ok(granted.id())
     }
@@ -586,6 +604,7 @@ fn apply(
         lock(agent)?.fleet_apply_weight(service, desired.weight_bp)?;
         let lag = wall_ms().saturating_sub(desired.at_ms);
         link.set_applied(kv.mod_revision(), lag);
+        link.shared.wake.notify_one();
     } else if let Some(service) = key.strip_prefix(&keys.rollouts()) {
         if !link.leading() {
             let stored: StoredRollout = serde_json::from_slice(kv.value())?;
