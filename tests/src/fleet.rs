@@ -232,11 +232,17 @@ impl FleetLab {
         extra_args: &[&str],
     ) -> Result<Agent> {
         let text = format!(
-            "node_name = \"n{}\"\n[fleet]\netcd = [\"http://{ETCD_V4}:2379\"]\nlease = {lease_s}\n{services}",
-            i + 1
+            "node_name = \"n{}\"\nmetrics_listen = \"{}\"\n[fleet]\netcd = [\"http://{ETCD_V4}:2379\"]\nlease = {lease_s}\n{services}",
+            i + 1,
+            probe_addr(i),
         );
         Agent::start_with_files(&self.nodes[i], &text, files, extra_args)
     }
+}
+
+/// Node `i`'s agent's /metrics, /healthz and /readyz (reached from its client).
+pub fn probe_addr(i: usize) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(node_client_v4(i).into(), 9464)
 }
 
 /// `[[service]]` "web" for the fleet lab: VIP_V4:80 over both backends' HTTP port.

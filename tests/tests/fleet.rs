@@ -12,8 +12,8 @@ use anyhow::{anyhow, ensure, Result};
 use canary_lab::{
     agent::Agent,
     backend::{set_faults, ADMIN_PORT},
-    fleet::{fleet_service, Etcd, FleetLab, NODES},
-    http_load,
+    fleet::{fleet_service, probe_addr, Etcd, FleetLab, NODES},
+    http_load, http_request,
     topology::CANARY_V4,
     Faults, HttpReport, VIP_V4,
 };
@@ -413,6 +413,19 @@ fn leader_killed_mid_rollout_is_replaced_and_the_rollout_promotes() -> Result<()
             "did not rejoin: {s}"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+    for probe in ["/healthz", "/readyz"] {
+        let r = fleet.lab.clients[killed].enter(|| {
+            http_request(
+                probe_addr(killed),
+                "GET",
+                probe,
+                None,
+                Duration::from_secs(3),
+            )
+        })?;
+        println!("{probe}: {} {}", r.status, r.body.trim());
+        ensure!(r.status == 200, "{probe}: {r:?}");
     }
     Ok(())
 }

@@ -71,8 +71,19 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
         let source = agent.clone();
         let render: crate::metrics::Render = Arc::new(move || lock(&source)?.metrics());
+        let (live, ready) = (agent.clone(), agent.clone());
+        let probes = crate::metrics::Probes {
+            // Alive while the agent's state can be taken (a wedged agent makes the probe
+            // time out).
+            live: Arc::new(move || {
+                lock(&live)
+                    .map(|_| "ok".to_string())
+                    .map_err(|e| e.to_string())
+            }),
+            ready: Arc::new(move || lock(&ready).map_err(|e| e.to_string())?.readiness()),
+        };
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listen, render).await {
+            if let Err(e) = crate::metrics::serve(listen, render, probes).await {
                 tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
             }
         });

@@ -23,6 +23,19 @@ impl Agent {
         self.fleet.clone()
     }
 
+    /// `/readyz`: the datapath is attached (the agent started), and in a fleet the node
+    /// has applied the fleet's current weights once, so it splits as the others do.
+    pub fn readiness(&self) -> Result<String, String> {
+        match &self.fleet {
+            None => Ok("ready".into()),
+            Some(link) if link.synced() => Ok(format!(
+                "ready: fleet weights applied ({})",
+                if link.leading() { "leader" } else { "follower" }
+            )),
+            Some(_) => Err("waiting for the fleet's weights from etcd".into()),
+        }
+    }
+
     /// Whether this agent runs rollouts: always on its own, only as leader in a fleet.
     pub(super) fn fleet_leading(&self) -> bool {
         self.fleet.as_ref().is_none_or(Link::leading)

@@ -564,6 +564,7 @@ async fn watch_once(
             apply(keys, link, agent, kv)?;
         }
     }
+    link.set_synced();
     let options = |rev: i64| {
         Some(
             WatchOptions::new()

@@ -98,6 +98,8 @@ pub struct Link {
 struct Shared {
     node: String,
     leading: AtomicBool,
+    /// The fleet's weights were read and applied at least once.
+    synced: AtomicBool,
     outbox: Mutex<Vec<Write>>,
     sums: Mutex<BTreeMap<String, [VersionCounters; 2]>>,
     wake: tokio::sync::Notify,
@@ -113,6 +115,7 @@ impl Link {
             shared: Arc::new(Shared {
                 node: node.into(),
                 leading: AtomicBool::new(false),
+                synced: AtomicBool::new(false),
                 outbox: Mutex::new(Vec::new()),
                 sums: Mutex::new(BTreeMap::new()),
                 wake: tokio::sync::Notify::new(),
@@ -133,6 +136,15 @@ impl Link {
 
     fn set_leading(&self, leading: bool) {
         self.shared.leading.store(leading, Ordering::SeqCst);
+    }
+
+    /// Whether this node has applied the fleet's weights since it started.
+    pub fn synced(&self) -> bool {
+        self.shared.synced.load(Ordering::SeqCst)
+    }
+
+    fn set_synced(&self) {
+        self.shared.synced.store(true, Ordering::SeqCst);
     }
 
     /// Queues a write for etcd (only the leader's are flushed).
