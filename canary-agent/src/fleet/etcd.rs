@@ -15,8 +15,7 @@ use etcd_client::{
 };
 
 use super::{
-    add_counters, wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write,
-    ETCD_PAUSE,
+    wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write, ETCD_PAUSE,
 };
 use crate::{
     agent::{lock, Agent},
@@ -514,24 +513,9 @@ impl Member {
                 Err(e) => tracing::warn!(%node, error = %e, "unreadable node report"),
             }
         }
-        self.link.set_sums(sum(self.seen.values()));
+        self.link.set_sums(super::sum_reports(self.seen.values()));
         Ok(())
     }
-}
-
-/// Fleet totals per service from node reports.
-pub(super) fn sum<'a>(
-    reports: impl Iterator<Item = &'a NodeReport>,
-) -> BTreeMap<String, [crate::analysis::VersionCounters; 2]> {
-    let mut sums: BTreeMap<String, [crate::analysis::VersionCounters; 2]> = BTreeMap::new();
-    for report in reports {
-        for (service, [stable, canary]) in &report.counters {
-            let total = sums.entry(service.clone()).or_default();
-            add_counters(&mut total[0], stable);
-            add_counters(&mut total[1], canary);
-        }
-    }
-    sums
 }
 
 /// Applies desired weights as the leader writes them, and mirrors the stored rollouts

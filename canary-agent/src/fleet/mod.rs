@@ -206,6 +206,22 @@ impl Link {
     }
 }
 
+/// Fleet totals per service, [stable, canary], from node reports (the leader's
+/// aggregation each second).
+pub fn sum_reports<'a>(
+    reports: impl Iterator<Item = &'a NodeReport>,
+) -> BTreeMap<String, [VersionCounters; 2]> {
+    let mut sums: BTreeMap<String, [VersionCounters; 2]> = BTreeMap::new();
+    for report in reports {
+        for (service, [stable, canary]) in &report.counters {
+            let total = sums.entry(service.clone()).or_default();
+            add_counters(&mut total[0], stable);
+            add_counters(&mut total[1], canary);
+        }
+    }
+    sums
+}
+
 /// Adds `b` into `a`: counters and latency buckets are sums over nodes.
 pub fn add_counters(a: &mut VersionCounters, b: &VersionCounters) {
     a.requests += b.requests;
