@@ -292,6 +292,19 @@ impl Etcd {
         self.child.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
+    /// SIGSTOP or SIGCONT: a stopped etcd accepts connections but answers nothing.
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = self
+            .child
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.pid() as i32, signal) };
+        }
+    }
+
     /// Starts it again on the same data directory.
     pub fn restart(&self, fabric: &NetNs) -> Result<()> {
         self.kill();

@@ -496,3 +496,56 @@ fn etcd_down_for_10_s_keeps_weights_pauses_and_resumes() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_slow_or_flapping_etcd_never_changes_a_weight() -> Result<()> {
+    let fleet = Fleet::start(STEPS, &[])?;
+    fleet.agents[1].cli(&["set-weight", "web", "25"])?;
+    let weights = |fleet: &Fleet| -> Result<Vec<u64>> {
+        Ok(fleet.observe()?.iter().flatten().map(|(w, _)| *w).collect())
+    };
+    let settled = Instant::now();
+    while weights(&fleet)? != vec![2500; NODES] {
+        ensure!(
+            settled.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            weights(&fleet)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let watch = |fleet: &Fleet, secs: u64| -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < until {
+            let now = weights(fleet)?;
+            ensure!(now == vec![2500; NODES], "a weight changed: {now:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    // Slow: etcd accepts connections but answers nothing for longer than the lease.
+    fleet.etcd.signal(libc::SIGSTOP);
+    watch(&fleet, LEASE_S + 2)?;
+    fleet.etcd.signal(libc::SIGCONT);
+    watch(&fleet, 2)?;
+    // Dropping connections: killed and restarted three times.
+    for _ in 0..3 {
+        fleet.etcd.kill();
+        watch(&fleet, 1)?;
+        fleet.etcd.restart(&fleet.lab.fabric)?;
+        watch(&fleet, 1)?;
+    }
+    // The fleet works again: a new weight reaches every node.
+    let leader = fleet.wait_for_leader(None, Duration::from_secs(LEASE_S + 5))?;
+    println!("leader after the flaps: {leader}");
+    fleet.agents[2].cli(&["set-weight", "web", "30"])?;
+    let changed = Instant::now();
+    while weights(&fleet)? != vec![3000; NODES] {
+        ensure!(
+            changed.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            weights(&fleet)?
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -34,6 +34,8 @@ const CAMPAIGN_EVERY: Duration = Duration::from_millis(500);
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 /// The leader pauses running rollouts after etcd has failed for this long.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
+/// A new connection is made after etcd has failed this long (and again as often).
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 /// Most operations in one transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 
@@ -83,8 +85,8 @@ pub(super) async fn op<T>(
     }
 }
 
-/// Connects to the configured endpoints (lazily: etcd may be down right now).
-pub(super) async fn connect(cfg: &FleetConfig) -> Result<Client> {
+/// How the agent connects to the configured endpoints.
+fn options(cfg: &FleetConfig) -> Result<ConnectOptions> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(OP_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), OP_TIMEOUT)
@@ -99,18 +101,30 @@ pub(super) async fn connect(cfg: &FleetConfig) -> Result<Client> {
         }
         options = options.with_tls(tls);
     }
-    let endpoints = cfg.etcd.clone();
+    Ok(options)
+}
+
+/// One connection attempt, bounded by [`OP_TIMEOUT`].
+async fn connect_once(cfg: &FleetConfig, options: &ConnectOptions) -> Result<Client> {
+    match tokio::time::timeout(
+        OP_TIMEOUT,
+        Client::connect(cfg.etcd.clone(), Some(options.clone())),
+    )
+    .await
+    {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(anyhow!("{ETCD_PAUSE}: connecting: {e}")),
+        Err(_) => Err(anyhow!("{ETCD_PAUSE}: connecting: no answer")),
+    }
+}
+
+/// Connects, retrying until etcd answers.
+async fn connect(cfg: &FleetConfig, options: &ConnectOptions) -> Client {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match tokio::time::timeout(
-            OP_TIMEOUT,
-            Client::connect(endpoints.clone(), Some(options.clone())),
-        )
-        .await
-        {
-            Ok(Ok(client)) => return Ok(client),
-            Ok(Err(e)) => tracing::warn!(error = %e, "{ETCD_PAUSE}: connecting"),
-            Err(_) => tracing::warn!("{ETCD_PAUSE}: connecting: no answer"),
+        match connect_once(cfg, options).await {
+            Ok(client) => return client,
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "fleet"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -124,15 +138,16 @@ pub async fn run(
     agent: Arc<Mutex<Agent>>,
     clock: Arc<FleetClock>,
 ) -> Result<()> {
-    let client = connect(&cfg).await?;
+    let options = options(&cfg)?;
+    let client = connect(&cfg, &options).await;
     link.set_client(client.clone(), Keys::new(&cfg.prefix));
     tokio::spawn(watch_weights(
-        client.clone(),
         Keys::new(&cfg.prefix),
         link.clone(),
         agent.clone(),
     ));
     let mut member = Member {
+        last_connect: Instant::now(),
         keys: Keys::new(&cfg.prefix),
         lease_ttl: cfg.lease_s,
         client,
@@ -151,7 +166,24 @@ pub async fn run(
     };
     loop {
         let outcome = member.step().await;
+        let failure = outcome.as_ref().err().map(|e| format!("{e:#}"));
         member.outcome(outcome);
+        // A channel can stay wedged after etcd stopped answering (a stopped process
+        // accepts connections it never serves): start over with a new one.
+        let stuck = member
+            .unreachable_since
+            .is_some_and(|t| t.elapsed() >= RECONNECT_AFTER);
+        if stuck && member.last_connect.elapsed() >= RECONNECT_AFTER {
+            member.last_connect = Instant::now();
+            if let Ok(client) = connect_once(&cfg, &options).await {
+                tracing::info!(last_error = ?failure, "fleet: new etcd connection");
+                member.client = client.clone();
+                member.link.set_client(client, Keys::new(&cfg.prefix));
+                if let Some(lease) = member.lease.as_mut() {
+                    lease.stream = None;
+                }
+            }
+        }
         let wake = member.link.shared.wake.notified();
         let _ = tokio::time::timeout(LOOP, wake).await;
     }
@@ -164,6 +196,8 @@ struct Lease {
 }
 
 struct Member {
+    /// When the etcd connection was last (re)made.
+    last_connect: Instant,
     keys: Keys,
     lease_ttl: u64,
     client: Client,
@@ -273,7 +307,7 @@ impl Member {
             }
             let id = lease.id;
             let mut client = self.client.clone();
-            let answer = op("lease keep-alive", async {
+            let answer = tokio::time::timeout(OP_TIMEOUT, async {
                 if lease.stream.is_none() {
                     lease.stream = Some(client.lease_keep_alive(id).await?);
                 }
@@ -282,6 +316,15 @@ impl Member {
                 stream.message().await
             })
             .await;
+            // etcd answering "lease not found" is an expired lease, not an outage.
+            let answer = match answer {
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m == "lease not found" => {
+                    Ok(None)
+                }
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(e)) => Err(anyhow!("{ETCD_PAUSE}: lease keep-alive: {e}")),
+                Err(_) => Err(anyhow!("{ETCD_PAUSE}: lease keep-alive: no answer")),
+            };
             match answer {
                 Ok(Some(r)) if r.ttl() > 0 => {
                     self.last_keepalive = Instant::now();
@@ -521,9 +564,14 @@ impl Member {
 /// Applies desired weights as the leader writes them, and mirrors the stored rollouts
 /// on followers (for status, and so a new leader has them). Re-reads everything after
 /// an error: a watch that missed events while etcd was away starts from the state.
-async fn watch_weights(client: Client, keys: Keys, link: Link, agent: Arc<Mutex<Agent>>) {
+async fn watch_weights(keys: Keys, link: Link, agent: Arc<Mutex<Agent>>) {
     loop {
-        if let Err(e) = watch_once(client.clone(), &keys, &link, &agent).await {
+        // The member loop replaces a wedged connection; use the current one.
+        let Some((client, _)) = link.client() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if let Err(e) = watch_once(client, &keys, &link, &agent).await {
             tracing::debug!(error = %format!("{e:#}"), "weight watch restarts");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -536,6 +584,7 @@ async fn watch_once(
     link: &Link,
     agent: &Arc<Mutex<Agent>>,
 ) -> Result<()> {
+    let generation = link.generation();
     let mut revision = 0;
     for prefix in [keys.weights(), keys.rollouts()] {
         let got = op(
@@ -563,7 +612,14 @@ async fn watch_once(
     .await?;
     stream.watch(keys.rollouts(), options(revision)).await?;
     loop {
-        let Some(response) = stream.message().await? else {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(1), stream.message()).await
+        else {
+            if link.generation() != generation {
+                bail!("the etcd connection was replaced");
+            }
+            continue;
+        };
+        let Some(response) = message? else {
             bail!("watch closed");
         };
         if response.canceled() {

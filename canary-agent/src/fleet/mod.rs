@@ -107,6 +107,8 @@ struct Shared {
     applied: Mutex<(i64, Option<u64>)>,
     /// Set once connected: for status, history and forwarded commands.
     etcd: Mutex<Option<(etcd_client::Client, etcd::Keys)>>,
+    /// Counts connections made, so the watch notices a replaced one.
+    generation: AtomicU64,
 }
 
 impl Link {
@@ -121,6 +123,7 @@ impl Link {
                 wake: tokio::sync::Notify::new(),
                 applied: Mutex::new((0, None)),
                 etcd: Mutex::new(None),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -193,6 +196,11 @@ impl Link {
         if let Ok(mut e) = self.shared.etcd.lock() {
             *e = Some((client, keys));
         }
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
     }
 
     fn client(&self) -> Option<(etcd_client::Client, etcd::Keys)> {
