@@ -79,6 +79,34 @@ pub enum Response {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
     pub services: Vec<ServiceStatus>,
+    /// Only with a `[fleet]` section: the fleet's leader and every node's weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetStatus>,
+}
+
+/// `canary status` in a fleet.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetStatus {
+    /// The node that answered, and whether it holds the controller.
+    pub node: String,
+    pub leading: bool,
+    pub leader: Option<String>,
+    pub nodes: Vec<FleetNode>,
+    /// Why the fleet's view could not be read (etcd unreachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FleetNode {
+    pub name: String,
+    /// Weight applied to each service's map on that node, in basis points.
+    pub weights: std::collections::BTreeMap<String, u16>,
+    pub heartbeat_age_s: f64,
+    /// Highest desired-weight revision the node applied, and how long after the
+    /// leader's decision it reached the node's map.
+    pub weights_revision: i64,
+    pub apply_lag_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -116,6 +116,9 @@ pub enum Command {
         /// Redraw every second until interrupted.
         #[arg(long, conflicts_with = "json")]
         watch: bool,
+        /// The fleet instead: its leader and each node's weights and heartbeat.
+        #[arg(long, conflicts_with = "json")]
+        fleet: bool,
     },
 }
 
@@ -298,6 +301,7 @@ fn execute(cli: Cli) -> Result<()> {
             service,
             json,
             watch,
+            fleet,
         } => {
             let request = Request::Status {
                 service: service.clone(),
@@ -309,17 +313,56 @@ fn execute(cli: Cli) -> Result<()> {
             }
             loop {
                 let status: Status = serde_json::from_value(api::call(&cli.socket()?, &request)?)?;
+                let text = if *fleet {
+                    let fleet = status
+                        .fleet
+                        .as_ref()
+                        .context("this agent runs on its own: its config has no [fleet] section")?;
+                    render_fleet(fleet)
+                } else {
+                    render_status(&status)
+                };
                 if !*watch {
-                    print!("{}", render_status(&status));
+                    print!("{text}");
                     return Ok(());
                 }
                 // Clear the screen and redraw, like watch(1).
-                print!("\x1b[2J\x1b[H{}", render_status(&status));
+                print!("\x1b[2J\x1b[H{text}");
                 std::io::Write::flush(&mut std::io::stdout())?;
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
         }
     }
+}
+
+/// `canary status --fleet`: who leads, and every node's weights and heartbeat.
+fn render_fleet(fleet: &api::FleetStatus) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let leader = fleet.leader.as_deref().unwrap_or("(none elected)");
+    let _ = writeln!(out, "fleet leader: {leader}   (asked: {})", fleet.node);
+    if let Some(e) = &fleet.error {
+        let _ = writeln!(out, "  {e}");
+    }
+    for node in &fleet.nodes {
+        let weights: Vec<String> = node
+            .weights
+            .iter()
+            .map(|(svc, bp)| format!("{svc} {}%", crate::config::bp_to_percent(*bp)))
+            .collect();
+        let lag = node.apply_lag_ms.map_or(String::new(), |ms| {
+            format!(", last weight applied {ms} ms after the decision")
+        });
+        let _ = writeln!(
+            out,
+            "  {:<16} heartbeat {:.1}s ago   weights: {}   (revision {}{lag})",
+            node.name,
+            node.heartbeat_age_s,
+            weights.join(", "),
+            node.weights_revision,
+        );
+    }
+    out
 }
 
 /// Stops a running agent (which detaches as it exits), then removes whatever is left

@@ -77,7 +77,28 @@ pub struct AgentConfig {
     /// Root-only file holding the bearer token the dashboard's controls need; without
     /// it the dashboard is read-only. Resolved relative to the config file.
     pub ui_token_file: Option<PathBuf>,
+    /// This node's name in a fleet (status, leader election); default: the host name.
+    pub node_name: String,
 }
+
+/// `[fleet]`: agents on many nodes share one rollout per service through etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// etcd endpoints, `http://` or `https://` (then with `ca`, optionally `cert` + `key`).
+    pub etcd: Vec<String>,
+    /// Key prefix (starts with '/', no trailing '/'), so fleets can share an etcd.
+    pub prefix: String,
+    /// TTL of the leader's and each node's lease: how long a dead leader holds the
+    /// controller, and after how long a silent node counts as gone.
+    pub lease_s: u64,
+    /// PEM files for TLS to etcd, resolved relative to the config file.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+pub const DEFAULT_FLEET_PREFIX: &str = "/canary";
+pub const DEFAULT_LEASE_S: u64 = 5;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceConfig {
@@ -106,12 +127,15 @@ pub struct Config {
     pub path: PathBuf,
     pub agent: AgentConfig,
     pub services: Vec<ServiceConfig>,
+    /// None: one node on its own, no etcd (as before fleets existed).
+    pub fleet: Option<FleetConfig>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     agent: Option<RawAgent>,
+    fleet: Option<RawFleet>,
     #[serde(default)]
     service: Vec<RawService>,
 }
@@ -136,6 +160,116 @@ struct RawAgent {
     prometheus_url: Option<String>,
     ui_listen: Option<String>,
     ui_token_file: Option<PathBuf>,
+    node_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    etcd: Vec<String>,
+    prefix: Option<String>,
+    lease: Option<u64>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+/// The host name (`gethostname`), the default node name in a fleet.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; the name is NUL-terminated when it fits.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// A node name is part of etcd keys and of status output.
+fn valid_node_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn parse_fleet(
+    raw: RawFleet,
+    base: &Path,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<FleetConfig, ConfigError> {
+    if raw.etcd.is_empty() {
+        return Err(err(
+            "fleet.etcd".into(),
+            "name at least one etcd endpoint".into(),
+        ));
+    }
+    let tls = raw.ca.is_some();
+    for (i, url) in raw.etcd.iter().enumerate() {
+        let host_port = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"));
+        if !host_port.is_some_and(|r| r.contains(':') && !r.contains('/')) {
+            return Err(err(
+                format!("fleet.etcd[{i}]"),
+                format!("{url:?}: an endpoint is http://host:port or https://host:port"),
+            ));
+        }
+        if url.starts_with("https://") != tls {
+            return Err(err(
+                format!("fleet.etcd[{i}]"),
+                format!(
+                    "{url:?}: {}",
+                    if tls {
+                        "with `ca` set, endpoints are https://"
+                    } else {
+                        "an https:// endpoint needs `ca` (the CA certificate file)"
+                    }
+                ),
+            ));
+        }
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| DEFAULT_FLEET_PREFIX.into());
+    if !prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains("//") {
+        return Err(err(
+            "fleet.prefix".into(),
+            format!("{prefix:?}: a key prefix starts with '/' and does not end with one"),
+        ));
+    }
+    let lease_s = raw.lease.unwrap_or(DEFAULT_LEASE_S);
+    if !(2..=60).contains(&lease_s) {
+        return Err(err(
+            "fleet.lease".into(),
+            format!("{lease_s}: the lease is 2 to 60 seconds"),
+        ));
+    }
+    if raw.cert.is_some() != raw.key.is_some() {
+        return Err(err(
+            if raw.cert.is_some() {
+                "fleet.key"
+            } else {
+                "fleet.cert"
+            }
+            .into(),
+            "a client certificate takes both `cert` and `key`".into(),
+        ));
+    }
+    if raw.cert.is_some() && !tls {
+        return Err(err(
+            "fleet.cert".into(),
+            "a client certificate is for TLS: set `ca` and https:// endpoints".into(),
+        ));
+    }
+    let file = |f: Option<PathBuf>| f.map(|p| base.join(p));
+    Ok(FleetConfig {
+        etcd: raw.etcd,
+        prefix,
+        lease_s,
+        ca: file(raw.ca),
+        cert: file(raw.cert),
+        key: file(raw.key),
+    })
 }
 
 #[derive(Deserialize)]
@@ -322,6 +456,16 @@ impl Config {
                 control_socket: a.control_socket.unwrap_or_else(|| DEFAULT_SOCKET.into()),
                 bpffs_dir: a.bpffs_dir.unwrap_or_else(|| DEFAULT_BPFFS_DIR.into()),
                 state_dir: a.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+                node_name: match a.node_name {
+                    Some(n) if !valid_node_name(&n) => {
+                        return Err(err(
+                            "agent.node_name".into(),
+                            format!("{n:?}: 1 to 63 letters, digits, '-', '_' or '.'"),
+                        ))
+                    }
+                    Some(n) => n,
+                    None => host_name(),
+                },
             },
             None => return Err(err("agent".into(), "missing [agent] table".into())),
         };
@@ -348,6 +492,10 @@ impl Config {
                 ),
             ));
         }
+        let fleet = match raw.fleet {
+            Some(f) => Some(parse_fleet(f, base, &err)?),
+            None => None,
+        };
         let mut names = HashSet::new();
         let mut listens = HashSet::new();
         let mut services = Vec::new();
@@ -508,6 +656,7 @@ impl Config {
             path: path.to_path_buf(),
             agent,
             services,
+            fleet,
         })
     }
 }
@@ -658,6 +807,72 @@ sticky = "client-ip"
             e.field
         );
         assert!(msg.contains(reason), "{msg:?} lacks {reason:?}");
+    }
+
+    #[test]
+    fn fleet_section_is_optional_and_validated() {
+        let base = "[agent]\ninterface = \"cli0\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!(c.fleet, None);
+        assert_eq!(c.agent.node_name, host_name());
+        let c = parse(
+            "[agent]\ninterface = \"cli0\"\nnode_name = \"n1\"\n[fleet]\netcd = [\"http://198.18.100.250:2379\"]\n"
+        )
+        .unwrap();
+        assert_eq!(c.agent.node_name, "n1");
+        let fleet = c.fleet.unwrap();
+        assert_eq!(fleet.prefix, DEFAULT_FLEET_PREFIX);
+        assert_eq!(fleet.lease_s, DEFAULT_LEASE_S);
+        let tls = parse(&format!(
+            "{base}[fleet]\netcd = [\"https://e1:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nprefix = \"/a/b\"\nlease = 3\n"
+        ))
+        .unwrap()
+        .fleet
+        .unwrap();
+        assert_eq!(tls.ca.as_deref(), Some(Path::new("/etc/canary/ca.pem")));
+        assert_eq!(tls.lease_s, 3);
+        let fleet = |body: &str| format!("{base}[fleet]\n{body}\n");
+        expect_err(
+            &format!("{base}node_name = \"a b\""),
+            "agent.node_name",
+            "letters",
+        );
+        expect_err(&fleet("etcd = []"), "fleet.etcd", "at least one");
+        expect_err(
+            &fleet("etcd = [\"e1:2379\"]"),
+            "fleet.etcd[0]",
+            "http://host:port",
+        );
+        expect_err(
+            &fleet("etcd = [\"https://e1:2379\"]"),
+            "fleet.etcd[0]",
+            "needs `ca`",
+        );
+        expect_err(
+            &fleet("etcd = [\"http://e1:2379\"]\nca = \"ca.pem\""),
+            "fleet.etcd[0]",
+            "https://",
+        );
+        expect_err(
+            &fleet("etcd = [\"http://e1:2379\"]\nprefix = \"canary/\""),
+            "fleet.prefix",
+            "starts with '/'",
+        );
+        expect_err(
+            &fleet("etcd = [\"http://e1:2379\"]\nlease = 1"),
+            "fleet.lease",
+            "2 to 60",
+        );
+        expect_err(
+            &fleet("etcd = [\"https://e1:2379\"]\nca = \"ca.pem\"\ncert = \"c.pem\""),
+            "fleet.key",
+            "both",
+        );
+        expect_err(
+            &fleet("etcd = [\"http://e1:2379\"]\nttl = 3"),
+            "line",
+            "unknown field `ttl`",
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod controller;
 pub mod datapath;
+pub mod fleet;
 pub mod metrics;
 pub mod policy;
 pub mod router;

@@ -155,8 +155,18 @@ impl Families {
 /// Produces the exposition text for one scrape.
 pub type Render = Arc<dyn Fn() -> Result<String> + Send + Sync>;
 
-/// Serves `GET /metrics` on `listen` until the runtime stops.
-pub async fn serve(listen: std::net::SocketAddr, render: Render) -> Result<()> {
+/// Answers a probe: `Ok(text)` is healthy (200), `Err(why)` is not (503).
+pub type Probe = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// What `/healthz` (liveness) and `/readyz` (readiness) check.
+#[derive(Clone)]
+pub struct Probes {
+    pub live: Probe,
+    pub ready: Probe,
+}
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listen` until the runtime stops.
+pub async fn serve(listen: std::net::SocketAddr, render: Render, probes: Probes) -> Result<()> {
     use http_body_util::Full;
     use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -164,17 +174,27 @@ pub async fn serve(listen: std::net::SocketAddr, render: Render) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let render = render.clone();
+        let probes = probes.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let render = render.clone();
+                let probes = probes.clone();
                 async move {
-                    let (code, body) = if req.uri().path() != "/metrics" {
-                        (404, "not found: try /metrics\n".to_string())
-                    } else {
-                        match render() {
+                    let probe = |p: &Probe| match p() {
+                        Ok(text) => (200, format!("{text}\n")),
+                        Err(why) => (503, format!("{why}\n")),
+                    };
+                    let (code, body) = match req.uri().path() {
+                        "/metrics" => match render() {
                             Ok(text) => (200, text),
                             Err(e) => (500, format!("{e:#}\n")),
-                        }
+                        },
+                        "/healthz" => probe(&probes.live),
+                        "/readyz" => probe(&probes.ready),
+                        _ => (
+                            404,
+                            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+                        ),
                     };
                     Response::builder()
                         .status(code)

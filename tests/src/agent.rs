@@ -196,6 +196,11 @@ impl Agent {
         Ok(())
     }
 
+    /// Whether the agent process is running (not stopped or killed by the test).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     pub fn log(&self) -> String {
         self.child.as_ref().map(|c| c.log()).unwrap_or_default()
     }

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod fleet;
 pub mod netns;
 pub mod topology;
 pub mod webhook;

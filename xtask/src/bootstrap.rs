@@ -33,6 +33,11 @@ const PACKAGES: &[(&str, &str)] = &[
     // The dashboard test drives headless Chromium over WebDriver.
     ("chromium", "/usr/bin/chromium"),
     ("chromium-driver", "/usr/bin/chromedriver"),
+    // The fleet tests run a real etcd; etcdctl for people and the cost simulation's checks.
+    ("etcd-server", "/usr/bin/etcd"),
+    ("etcd-client", "/usr/bin/etcdctl"),
+    // etcd-client (the agent's etcd API) compiles etcd's .proto files at build time.
+    ("protobuf-compiler", "/usr/bin/protoc"),
 ];
 
 fn quiet(cmd: &mut Command) -> Result<bool> {

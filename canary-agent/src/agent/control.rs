@@ -89,7 +89,7 @@ async fn serve_client(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()
         Ok(line) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error(format!("bad request: {e}")),
             Ok(request) => {
-                let result = super::lock(&agent)?.handle(request);
+                let result = crate::fleet::dispatch(&agent, request).await;
                 match result {
                     Ok(v) => Response::Ok(v),
                     Err(e) => Response::Error(format!("{e:#}")),

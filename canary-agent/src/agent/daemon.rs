@@ -35,8 +35,29 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         None => None,
     };
     let listener = control::bind(&socket)?;
+    let fleet = config.fleet.clone();
+    let node = config.agent.node_name.clone();
+    // A fleet member's controller clock can be moved forward to a stored rollout's.
+    let fleet_clock = fleet
+        .as_ref()
+        .map(|_| Arc::new(crate::fleet::FleetClock::new(clock.clone())));
+    let clock: Arc<dyn Clock> = match &fleet_clock {
+        Some(c) => c.clone(),
+        None => clock,
+    };
     let (agent, uninstall) = Agent::start(config, clock)?;
     let agent = Arc::new(Mutex::new(agent));
+    if let (Some(fleet), Some(fleet_clock)) = (fleet, fleet_clock) {
+        let link = crate::fleet::Link::new(&node);
+        lock(&agent)?.join_fleet(link.clone());
+        tracing::info!(%node, endpoints = ?fleet.etcd, "joining the fleet through etcd");
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::fleet::run(fleet, link, agent, fleet_clock).await {
+                tracing::error!(error = %format!("{e:#}"), "fleet membership stopped");
+            }
+        });
+    }
     tokio::spawn(control::serve(listener, agent.clone()));
     if let Some(ui_listener) = ui_listener {
         let agent = agent.clone();
@@ -50,8 +71,19 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
         let source = agent.clone();
         let render: crate::metrics::Render = Arc::new(move || lock(&source)?.metrics());
+        let (live, ready) = (agent.clone(), agent.clone());
+        let probes = crate::metrics::Probes {
+            // Alive while the agent's state can be taken (a wedged agent makes the probe
+            // time out).
+            live: Arc::new(move || {
+                lock(&live)
+                    .map(|_| "ok".to_string())
+                    .map_err(|e| e.to_string())
+            }),
+            ready: Arc::new(move || lock(&ready).map_err(|e| e.to_string())?.readiness()),
+        };
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(listen, render).await {
+            if let Err(e) = crate::metrics::serve(listen, render, probes).await {
                 tracing::error!(error = %format!("{e:#}"), "metrics endpoint stopped");
             }
         });

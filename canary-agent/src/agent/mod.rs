@@ -8,6 +8,7 @@
 mod control;
 mod daemon;
 pub mod desired;
+mod fleet;
 mod prometheus;
 pub mod series;
 pub mod service;
@@ -70,6 +71,8 @@ pub struct Agent {
     series: series::Series,
     /// Request routing of `http` services (none when the config has none).
     router: Option<crate::router::Router>,
+    /// Set in a fleet (`[fleet]`): who leads, queued etcd writes, fleet-wide counters.
+    fleet: Option<crate::fleet::Link>,
 }
 
 /// The agent behind the daemon's mutex; a panic while it was held is an error here.
@@ -152,6 +155,7 @@ impl Agent {
             alerts: Vec::new(),
             uninstall: uninstall.clone(),
             router: None,
+            fleet: None,
         };
         let routings: Vec<_> = policies
             .iter()
@@ -185,15 +189,23 @@ impl Agent {
         let config = Config::load(&self.config.path)?;
         let (old, new) = (&self.config.agent, &config.agent);
         let fixed = [
-            ("control_socket", old.control_socket != new.control_socket),
-            ("bpffs_dir", old.bpffs_dir != new.bpffs_dir),
-            ("state_dir", old.state_dir != new.state_dir),
-            ("metrics_listen", old.metrics_listen != new.metrics_listen),
-            ("ui_listen", old.ui_listen != new.ui_listen),
+            (
+                "[agent] control_socket",
+                old.control_socket != new.control_socket,
+            ),
+            ("[agent] bpffs_dir", old.bpffs_dir != new.bpffs_dir),
+            ("[agent] state_dir", old.state_dir != new.state_dir),
+            (
+                "[agent] metrics_listen",
+                old.metrics_listen != new.metrics_listen,
+            ),
+            ("[agent] ui_listen", old.ui_listen != new.ui_listen),
+            ("[agent] node_name", old.node_name != new.node_name),
+            ("[fleet]", self.config.fleet != config.fleet),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
             bail!(
-                "{}: [agent] {field} changed: that takes an agent restart (the datapath \
+                "{}: {field} changed: that takes an agent restart (the datapath \
                  stays attached across it); nothing was applied",
                 config.path.display()
             );
@@ -348,8 +360,30 @@ impl Agent {
             .is_some_and(|r| r.state().is_running()))
     }
 
-    /// Changes a service's canary weight with one map write.
+    /// Changes a service's canary weight with one map write. In a fleet the weight
+    /// goes to etcd instead, and every node (this one too) writes its map when the
+    /// watch brings it: no node changes a weight that etcd has not recorded.
     pub fn set_weight(&mut self, name: &str, weight_bp: u16) -> Result<()> {
+        let Some(link) = &self.fleet else {
+            return self.write_weight(name, weight_bp);
+        };
+        let svc = self.services.iter().find(|s| s.cfg.name == name);
+        let svc = svc.ok_or_else(|| anyhow!("no service named {name:?}"))?;
+        if weight_bp > canary_common::WEIGHT_SCALE {
+            bail!("weight {weight_bp} bp is above 100 %");
+        }
+        if weight_bp > 0 && svc.cfg.canary.is_empty() {
+            bail!("service {name:?} has no canary backends");
+        }
+        link.push(crate::fleet::Write::Weight {
+            service: name.into(),
+            weight_bp,
+        });
+        Ok(())
+    }
+
+    /// The map write of [`Agent::set_weight`], on this node only.
+    fn write_weight(&mut self, name: &str, weight_bp: u16) -> Result<()> {
         if weight_bp > canary_common::WEIGHT_SCALE {
             bail!("weight {weight_bp} bp is above 100 %");
         }
@@ -454,10 +488,14 @@ impl Agent {
                     .collect::<Result<_, _>>()?,
             });
         }
-        Ok(Status { services })
+        Ok(Status {
+            services,
+            fleet: None,
+        })
     }
 
     pub fn handle(&mut self, request: Request) -> Result<serde_json::Value> {
+        self.fleet_check(&request)?;
         let status = |agent: &Self, service: &str| -> Result<serde_json::Value> {
             Ok(serde_json::to_value(agent.status(Some(service))?)?)
         };
@@ -580,6 +618,9 @@ impl Agent {
                     rolled_back |= event.to == RolloutState::RolledBack
                         && event.from != RolloutState::RolledBack;
                     self.state.events(name).append(&event)?;
+                    if let Some(link) = &self.fleet {
+                        link.push(crate::fleet::Write::Event(Box::new(event)));
+                    }
                 }
                 Effect::GateWaiting { stage, webhook } => {
                     tracing::info!(service = name, %stage, ?webhook, "gate waiting for approval");
@@ -596,6 +637,12 @@ impl Agent {
         let svc = self.services.iter().find(|s| s.cfg.name == name);
         if let Some(r) = svc.and_then(|s| s.rollout.as_ref()) {
             self.state.save_rollout(name, r)?;
+            if let Some(link) = &self.fleet {
+                link.push(crate::fleet::Write::Rollout {
+                    service: name.into(),
+                    rollout: Box::new(r.clone()),
+                });
+            }
         }
         Ok(())
     }
@@ -664,6 +711,9 @@ impl Agent {
                     .is_some_and(|r| r.state() == RolloutState::RolledBack);
                 router.set_rolled_back(svc.id, rolled_back);
             }
+            if !self.fleet_leading() {
+                continue;
+            }
             let Some(status) = svc.rollout.as_ref().map(|r| r.status(now)) else {
                 continue;
             };
@@ -697,11 +747,20 @@ impl Agent {
     fn tick_service(&mut self, i: usize, now: u64) -> Result<()> {
         let name = self.services[i].cfg.name.clone();
         let mut read = None;
-        if self.services[i].wants_observation(now / 1000) {
-            let (stable, canary) = self.read_counters(i)?;
-            let effects = self.services[i].observe(now, &stable, &canary)?;
-            self.apply_effects(&name, effects)?;
-            read = Some((stable, canary));
+        // In a fleet only the leader runs rollouts, on counters summed over all nodes.
+        let leading = self.fleet_leading();
+        if leading && self.services[i].wants_observation(now / 1000) {
+            let counters = match self.fleet {
+                Some(_) => self.fleet_counters(i),
+                None => Some(self.read_counters(i)?),
+            };
+            if let Some((stable, canary)) = counters {
+                let effects = self.services[i].observe(now, &stable, &canary)?;
+                self.apply_effects(&name, effects)?;
+                if self.fleet.is_none() {
+                    read = Some((stable, canary));
+                }
+            }
         }
         if self.series.due(&name, now / 1000) {
             let (stable, canary) = match read {
@@ -713,7 +772,11 @@ impl Agent {
                 tracing::warn!(service = %name, error = %format!("{e:#}"), "recording the series");
             }
         }
-        let effects = self.services[i].tick(now);
+        let effects = if leading {
+            self.services[i].tick(now)
+        } else {
+            Vec::new()
+        };
         if !effects.is_empty() {
             self.apply_effects(&name, effects)?;
         }

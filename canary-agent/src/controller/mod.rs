@@ -70,7 +70,7 @@ impl fmt::Display for RolloutState {
 }
 
 /// Who or what caused a transition. Serialized as one compact string
-/// (`operator:alice`, `schedule`, `analysis`, `webhook:URL`, `rule:NAME`) so
+/// (`operator:alice`, `schedule`, `analysis`, `webhook:URL`, `rule:NAME`, `fleet`) so
 /// event lines stay greppable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
@@ -80,6 +80,8 @@ pub enum Actor {
     Analysis,
     Webhook(String),
     Rule(String),
+    /// The fleet's leader, e.g. pausing while etcd is unreachable.
+    Fleet,
 }
 
 impl fmt::Display for Actor {
@@ -90,6 +92,7 @@ impl fmt::Display for Actor {
             Self::Analysis => f.write_str("analysis"),
             Self::Webhook(url) => write!(f, "webhook:{url}"),
             Self::Rule(name) => write!(f, "rule:{name}"),
+            Self::Fleet => f.write_str("fleet"),
         }
     }
 }
@@ -100,6 +103,7 @@ impl FromStr for Actor {
         match text.split_once(':') {
             _ if text == "schedule" => Ok(Self::Schedule),
             _ if text == "analysis" => Ok(Self::Analysis),
+            _ if text == "fleet" => Ok(Self::Fleet),
             Some(("operator", who)) => Ok(Self::Operator(who.into())),
             Some(("webhook", url)) => Ok(Self::Webhook(url.into())),
             Some(("rule", name)) => Ok(Self::Rule(name.into())),

@@ -421,7 +421,7 @@ async fn control(State(ui): State<Ui>, headers: HeaderMap, body: String) -> Resp
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     tracing::info!(?request, "dashboard control");
-    match with_agent(&ui, move |a| a.handle(request)).await {
+    match crate::fleet::dispatch(&ui.agent, request).await {
         Ok(v) => secure(Json(serde_json::json!({ "ok": true, "status": v })).into_response()),
         Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
     }

@@ -1,0 +1,348 @@
+//! One rollout per service across a fleet of agents, through etcd.
+//!
+//! Every agent keeps splitting with the weights in its own kernel maps; etcd only
+//! carries decisions and telemetry between them:
+//!
+//! * one agent holds the controller: the one whose lease holds `PREFIX/leader`
+//!   ([`run`]); it ticks the rollouts and runs the analysis on counters summed over
+//!   every node, and writes rollout state, history and desired weights to etcd, each
+//!   write guarded by "I am still the leader" in one transaction;
+//! * every agent watches `PREFIX/weights/` and applies what the leader decided, and
+//!   publishes its own counters and applied weights under `PREFIX/nodes/NAME` each
+//!   second, on its lease (so a dead node's entry vanishes);
+//! * rollout commands given on any node go to the leader through `PREFIX/commands/`
+//!   ([`dispatch`]).
+//!
+//! Fail static: when etcd cannot be reached nobody changes a weight; the leader pauses
+//! its running rollouts with a reason naming etcd and resumes them once etcd answers.
+//!
+//! The agent side of the interface is [`Link`] (no I/O: queued writes and the fleet's
+//! summed counters) plus the `fleet_*` methods of `agent::Agent`.
+
+mod dispatch;
+mod etcd;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use serde::{Deserialize, Serialize};
+
+pub use self::dispatch::dispatch;
+pub use self::etcd::run;
+use crate::{
+    analysis::VersionCounters,
+    controller::{Clock, Event, Rollout},
+};
+
+/// Reason prefix of the pause the leader makes when etcd is unreachable; only a
+/// rollout paused with it is resumed automatically.
+pub const ETCD_PAUSE: &str = "etcd unreachable";
+
+/// A service's desired weight as the leader wrote it (`PREFIX/weights/SERVICE`); the
+/// key's etcd mod revision is the weight's revision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DesiredWeight {
+    pub weight_bp: u16,
+    /// Leader's wall clock at the decision, for the apply lag each node reports.
+    pub at_ms: u64,
+}
+
+/// A service's rollout as the leader stored it (`PREFIX/rollouts/SERVICE`), with the
+/// controller clock it was saved at, so a new leader's clock never runs behind it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredRollout {
+    pub clock_ms: u64,
+    pub rollout: Rollout,
+}
+
+/// What a node publishes each second (`PREFIX/nodes/NAME`, on the node's lease).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Wall clock of the report: the heartbeat.
+    pub at_ms: u64,
+    /// Weight applied to each service's map, in basis points.
+    pub weights: BTreeMap<String, u16>,
+    /// Highest weight revision applied, and how long after the leader's decision the
+    /// last one reached this node's map.
+    pub weights_revision: i64,
+    pub apply_lag_ms: Option<u64>,
+    /// Cumulative kernel counters per service: [stable, canary].
+    pub counters: BTreeMap<String, [VersionCounters; 2]>,
+}
+
+/// A write the agent queued for etcd; the leader flushes them in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    Weight {
+        service: String,
+        weight_bp: u16,
+    },
+    Rollout {
+        service: String,
+        rollout: Box<Rollout>,
+    },
+    Event(Box<Event>),
+}
+
+/// The agent's side of the fleet: shared with the etcd task, never doing I/O.
+#[derive(Clone)]
+pub struct Link {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    node: String,
+    leading: AtomicBool,
+    /// The fleet's weights were read and applied at least once.
+    synced: AtomicBool,
+    outbox: Mutex<Vec<Write>>,
+    sums: Mutex<BTreeMap<String, [VersionCounters; 2]>>,
+    wake: tokio::sync::Notify,
+    /// Highest weight revision applied here and its lag from the leader's decision.
+    applied: Mutex<(i64, Option<u64>)>,
+    /// Set once connected: for status, history and forwarded commands.
+    etcd: Mutex<Option<(etcd_client::Client, etcd::Keys)>>,
+    /// Counts connections made, so the watch notices a replaced one.
+    generation: AtomicU64,
+}
+
+impl Link {
+    pub fn new(node: &str) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                node: node.into(),
+                leading: AtomicBool::new(false),
+                synced: AtomicBool::new(false),
+                outbox: Mutex::new(Vec::new()),
+                sums: Mutex::new(BTreeMap::new()),
+                wake: tokio::sync::Notify::new(),
+                applied: Mutex::new((0, None)),
+                etcd: Mutex::new(None),
+                generation: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// Whether this agent holds the fleet's controller.
+    pub fn leading(&self) -> bool {
+        self.shared.leading.load(Ordering::SeqCst)
+    }
+
+    fn set_leading(&self, leading: bool) {
+        self.shared.leading.store(leading, Ordering::SeqCst);
+    }
+
+    /// Whether this node has applied the fleet's weights since it started.
+    pub fn synced(&self) -> bool {
+        self.shared.synced.load(Ordering::SeqCst)
+    }
+
+    fn set_synced(&self) {
+        self.shared.synced.store(true, Ordering::SeqCst);
+    }
+
+    /// Queues a write for etcd (only the leader's are flushed).
+    pub fn push(&self, write: Write) {
+        if let Ok(mut outbox) = self.shared.outbox.lock() {
+            outbox.push(write);
+        }
+        self.shared.wake.notify_one();
+    }
+
+    fn take_outbox(&self) -> Vec<Write> {
+        self.shared
+            .outbox
+            .lock()
+            .map(|mut o| std::mem::take(&mut *o))
+            .unwrap_or_default()
+    }
+
+    /// Puts back writes that could not be flushed, ahead of newer ones.
+    fn requeue(&self, mut writes: Vec<Write>) {
+        if let Ok(mut outbox) = self.shared.outbox.lock() {
+            writes.append(&mut outbox);
+            *outbox = writes;
+        }
+    }
+
+    /// The fleet-wide cumulative counters of a service, [stable, canary], once the
+    /// leader has read every node's report.
+    pub fn summed(&self, service: &str) -> Option<[VersionCounters; 2]> {
+        self.shared.sums.lock().ok()?.get(service).cloned()
+    }
+
+    fn set_applied(&self, revision: i64, lag_ms: u64) {
+        if let Ok(mut a) = self.shared.applied.lock() {
+            if revision > a.0 {
+                *a = (revision, Some(lag_ms));
+            }
+        }
+    }
+
+    fn applied(&self) -> (i64, Option<u64>) {
+        self.shared.applied.lock().map_or((0, None), |a| *a)
+    }
+
+    fn set_client(&self, client: etcd_client::Client, keys: etcd::Keys) {
+        if let Ok(mut e) = self.shared.etcd.lock() {
+            *e = Some((client, keys));
+        }
+        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    fn client(&self) -> Option<(etcd_client::Client, etcd::Keys)> {
+        self.shared.etcd.lock().ok()?.clone()
+    }
+
+    fn set_sums(&self, sums: BTreeMap<String, [VersionCounters; 2]>) {
+        if let Ok(mut s) = self.shared.sums.lock() {
+            *s = sums;
+        }
+    }
+}
+
+/// Fleet totals per service, [stable, canary], from node reports (the leader's
+/// aggregation each second).
+pub fn sum_reports<'a>(
+    reports: impl Iterator<Item = &'a NodeReport>,
+) -> BTreeMap<String, [VersionCounters; 2]> {
+    let mut sums: BTreeMap<String, [VersionCounters; 2]> = BTreeMap::new();
+    for report in reports {
+        for (service, [stable, canary]) in &report.counters {
+            let total = sums.entry(service.clone()).or_default();
+            add_counters(&mut total[0], stable);
+            add_counters(&mut total[1], canary);
+        }
+    }
+    sums
+}
+
+/// Adds `b` into `a`: counters and latency buckets are sums over nodes.
+pub fn add_counters(a: &mut VersionCounters, b: &VersionCounters) {
+    a.requests += b.requests;
+    for (x, y) in a.responses.iter_mut().zip(&b.responses) {
+        *x += y;
+    }
+    a.conn_new += b.conn_new;
+    a.conn_reset += b.conn_reset;
+    a.conn_failed += b.conn_failed;
+    if a.latency.len() < b.latency.len() {
+        a.latency.resize(b.latency.len(), 0);
+    }
+    for (x, y) in a.latency.iter_mut().zip(&b.latency) {
+        *x += y;
+    }
+    for (name, (events, trials)) in &b.custom {
+        let e = a.custom.entry(name.clone()).or_default();
+        e.0 += events;
+        e.1 += trials;
+    }
+}
+
+/// The controller clock of a fleet member: the agent's clock, moved forward when this
+/// agent takes over a rollout saved by a leader whose clock ran ahead (scaled clocks
+/// of agents started at different times disagree), so dwell never runs backwards.
+pub struct FleetClock {
+    inner: Arc<dyn Clock>,
+    offset_ms: AtomicU64,
+}
+
+impl FleetClock {
+    pub fn new(inner: Arc<dyn Clock>) -> Self {
+        Self {
+            inner,
+            offset_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes `now_ms()` at least `at_least_ms` from now on.
+    pub fn catch_up(&self, at_least_ms: u64) {
+        let now = self.now_ms();
+        if at_least_ms > now {
+            self.offset_ms
+                .fetch_add(at_least_ms - now, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Clock for FleetClock {
+    fn now_ms(&self) -> u64 {
+        self.inner
+            .now_ms()
+            .saturating_add(self.offset_ms.load(Ordering::SeqCst))
+    }
+}
+
+/// Wall-clock milliseconds, for heartbeats and apply lag (not the controller clock).
+fn wall_ms() -> u64 {
+    crate::controller::SystemClock.now_ms()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::SimClock;
+
+    #[test]
+    fn counters_add_up_across_nodes_including_longer_histograms() {
+        let mut a = VersionCounters {
+            requests: 3,
+            responses: [0, 2, 0, 0, 1],
+            latency: vec![1, 2],
+            ..Default::default()
+        };
+        let b = VersionCounters {
+            requests: 4,
+            responses: [0, 4, 0, 0, 0],
+            conn_new: 2,
+            latency: vec![0, 1, 5],
+            custom: [("buy".to_string(), (1, 10))].into(),
+            ..Default::default()
+        };
+        add_counters(&mut a, &b);
+        assert_eq!(a.requests, 7);
+        assert_eq!(a.responses, [0, 6, 0, 0, 1]);
+        assert_eq!(a.conn_new, 2);
+        assert_eq!(a.latency, [1, 3, 5]);
+        assert_eq!(a.custom["buy"], (1, 10));
+    }
+
+    #[test]
+    fn fleet_clock_only_moves_forward() {
+        let sim = Arc::new(SimClock::new(1_000));
+        let clock = FleetClock::new(sim.clone());
+        clock.catch_up(500);
+        assert_eq!(clock.now_ms(), 1_000);
+        clock.catch_up(5_000);
+        assert_eq!(clock.now_ms(), 5_000);
+        sim.advance_ms(10);
+        assert_eq!(clock.now_ms(), 5_010);
+    }
+
+    #[test]
+    fn requeued_writes_stay_ahead_of_newer_ones() {
+        let link = Link::new("n1");
+        let w = |bp| Write::Weight {
+            service: "web".into(),
+            weight_bp: bp,
+        };
+        link.push(w(1));
+        let taken = link.take_outbox();
+        link.push(w(2));
+        link.requeue(taken);
+        assert_eq!(link.take_outbox(), [w(1), w(2)]);
+    }
+}
