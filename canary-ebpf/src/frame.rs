@@ -125,12 +125,20 @@ impl Frame for TcContext {
     }
 }
 
-/// Makes sure the headers (IPv6 + TCP = 74 bytes) are in the skb's linear part for
-/// direct reads. They almost always are; pulling anyway would make every packet
-/// writable, which copies the head of each cloned skb (TCP transmits clones), ours or
-/// not. `false`: the packet is too short to pull, leave it alone.
+/// Makes sure the headers the parser reads (Ethernet + IPv4 + TCP = 54 bytes, with IPv6
+/// 74) are in the skb's linear part. A local stack's TCP segment keeps exactly its
+/// headers there and its payload in page fragments, so asking for more than the
+/// family needs would pull payload in; and any pull makes the skb writable, which copies
+/// the head of a cloned skb (TCP transmits clones), ours or not. `false`: the packet
+/// is too short to pull, leave it alone.
 #[inline(always)]
 pub fn tc_headers_linear(ctx: &TcContext) -> bool {
-    let want = if ctx.len() < 74 { ctx.len() } else { 74 };
-    ctx.data_end() - ctx.data() >= want as usize || ctx.pull_data(want).is_ok()
+    const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let v4 = data + 14 <= end
+        // SAFETY: bounds checked on the line above.
+        && unsafe { core::ptr::read_unaligned((data + 12) as *const u16) } == ETH_P_IP_BE;
+    let need = if v4 { 54 } else { 74 };
+    let want = if ctx.len() < need { ctx.len() } else { need };
+    end - data >= want as usize || ctx.pull_data(want).is_ok()
 }
