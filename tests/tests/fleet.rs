@@ -10,10 +10,11 @@ use std::{
 
 use anyhow::{anyhow, ensure, Result};
 use canary_lab::{
-    agent::Agent,
-    backend::{set_faults, ADMIN_PORT},
-    fleet::{fleet_service, probe_addr, Etcd, FleetLab, NODES},
-    http_load, http_request,
+    agent::{lab_service, Agent},
+    backend::{set_faults, ADMIN_PORT, BANNER_PORT},
+    banner_connections,
+    fleet::{client_v4, fleet_service, probe_addr, Etcd, FleetLab, NODES},
+    http_load, http_request, BannerReport,
     topology::CANARY_V4,
     Faults, HttpReport, VIP_V4,
 };
@@ -547,5 +548,83 @@ fn a_slow_or_flapping_etcd_never_changes_a_weight() -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(())
+}
+
+/// One weight, set on one node, splits the fleet's traffic as one node would: a second
+/// service (TCP banners, no policy) at 20 % through `set-weight` on n3; 6,000 new
+/// connections from each node's client; the fleet-wide canary share must be within
+/// ±1 point of 20 % (standard error 0.3 points at 18,000 connections), and so must
+/// each node's own share within ±2.5 points (0.52 points each).
+#[test]
+fn one_weight_splits_the_whole_fleet_within_one_point() -> Result<()> {
+    let lab = FleetLab::build()?;
+    let _backends = lab.start_backends(Path::new(BACKEND_BIN))?;
+    let _etcd = lab.start_etcd()?;
+    let services = format!(
+        "{}{}",
+        fleet_service("mode = \"hash\""),
+        lab_service("banner", 81, BANNER_PORT, "mode = \"hash\"")
+    );
+    let agents = (0..NODES)
+        .map(|i| lab.start_agent(i, &services, &[], LEASE_S, &[]))
+        .collect::<Result<Vec<_>>>()?;
+    agents[2].cli(&["set-weight", "banner", "20"])?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut applied = 0;
+        for agent in &agents {
+            let status = agent.status()?;
+            let banner = status["services"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["name"] == "banner"))
+                .map(|s| s["weight_bp"].clone());
+            if banner == Some(serde_json::json!(2000)) {
+                applied += 1;
+            }
+        }
+        if applied == NODES {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "20 % not applied on every node");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let target = SocketAddr::new(VIP_V4.into(), 81);
+    let reports: Vec<BannerReport> = std::thread::scope(|scope| {
+        let handles: Vec<_> = lab
+            .clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                scope.spawn(move || {
+                    c.enter(|| {
+                        banner_connections(
+                            target,
+                            6000,
+                            32,
+                            &[client_v4(i).into()],
+                            Duration::from_secs(5),
+                        )
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let (mut canary, mut total) = (0, 0);
+    for (i, r) in reports.iter().enumerate() {
+        ensure!(r.ok() == 6000, "n{}: {r:?}", i + 1);
+        let share = r.count("canary") as f64 / r.ok() as f64;
+        println!("n{}: canary share {:.2} %", i + 1, share * 100.0);
+        ensure!((share - 0.2).abs() <= 0.025, "n{}: share {share:.4}", i + 1);
+        canary += r.count("canary");
+        total += r.ok();
+    }
+    let share = canary as f64 / total as f64;
+    println!("fleet: canary share {:.2} % of {total}", share * 100.0);
+    ensure!((share - 0.2).abs() <= 0.01, "fleet-wide share {share:.4}");
     Ok(())
 }
