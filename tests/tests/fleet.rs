@@ -14,9 +14,9 @@ use canary_lab::{
     backend::{set_faults, ADMIN_PORT, BANNER_PORT},
     banner_connections,
     fleet::{client_v4, fleet_service, probe_addr, Etcd, FleetLab, NODES},
-    http_load, http_request, BannerReport,
+    http_load, http_request,
     topology::CANARY_V4,
-    Faults, HttpReport, VIP_V4,
+    BannerReport, Faults, HttpReport, VIP_V4,
 };
 
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
