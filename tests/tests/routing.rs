@@ -175,6 +175,23 @@ fn payload(n: usize) -> Vec<u8> {
 /// A test-owned HTTP/1.1 backend on a listener made in a backend namespace:
 /// `GET /big` answers 1 MiB of `payload`, `POST /up` reads the body and answers its
 /// hash; the `x-canary-version` header names the version. Serves until the test ends.
+/// Port of the bulk backends ([`start_bulk_backends`]).
+const BULK_PORT: u16 = 8090;
+
+/// A bulk backend on [`BULK_PORT`] in the stable and the canary namespace.
+fn start_bulk_backends(topo: &Topology) -> Result<()> {
+    for (version, addr, name) in [
+        (Version::Stable, STABLE_V4, "stable"),
+        (Version::Canary, CANARY_V4, "canary"),
+    ] {
+        let listener = topo
+            .backend(version)
+            .enter(|| Ok(std::net::TcpListener::bind((addr, BULK_PORT))?))?;
+        bulk_backend(listener, name);
+    }
+    Ok(())
+}
+
 fn bulk_backend(listener: std::net::TcpListener, version: &'static str) {
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -246,16 +263,7 @@ fn cohorts_users_flags_bulk_and_failing_backends() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
     let inside = topo.add_client_addrs(1)?[0];
-    const BULK_PORT: u16 = 8090;
-    for (version, addr, name) in [
-        (Version::Stable, STABLE_V4, "stable"),
-        (Version::Canary, CANARY_V4, "canary"),
-    ] {
-        let listener = topo
-            .backend(version)
-            .enter(|| Ok(std::net::TcpListener::bind((addr, BULK_PORT))?))?;
-        bulk_backend(listener, name);
-    }
+    start_bulk_backends(&topo)?;
     let users = format!(
         "(define-canary-split '((canary . 0)))\n\
          (define-cohorts '((beta-users (header . \"X-User-Group\") (values . (\"beta\")))\n\
@@ -511,16 +519,7 @@ fn a_failing_header_routed_canary_is_rolled_back() -> Result<()> {
 fn an_upload_sent_with_its_head_arrives_intact() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    const BULK_PORT: u16 = 8090;
-    for (version, addr, name) in [
-        (Version::Stable, STABLE_V4, "stable"),
-        (Version::Canary, CANARY_V4, "canary"),
-    ] {
-        let listener = topo
-            .backend(version)
-            .enter(|| Ok(std::net::TcpListener::bind((addr, BULK_PORT))?))?;
-        bulk_backend(listener, name);
-    }
+    start_bulk_backends(&topo)?;
     let services = lab_service(
         "bulk",
         82,
