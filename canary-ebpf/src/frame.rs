@@ -10,7 +10,10 @@
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 
-use crate::{checksum, parse::Packet};
+use crate::{
+    checksum,
+    parse::{Packet, ETH_P_IP},
+};
 
 pub trait Frame {
     fn data(&self) -> usize;
@@ -133,11 +136,11 @@ impl Frame for TcContext {
 /// is too short to pull, leave it alone.
 #[inline(always)]
 pub fn tc_headers_linear(ctx: &TcContext) -> bool {
-    const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
     let (data, end) = (ctx.data(), ctx.data_end());
     let v4 = data + 14 <= end
         // SAFETY: bounds checked on the line above.
-        && unsafe { core::ptr::read_unaligned((data + 12) as *const u16) } == ETH_P_IP_BE;
+        && u16::from_be(unsafe { core::ptr::read_unaligned((data + 12) as *const u16) })
+            == ETH_P_IP;
     let need = if v4 { 54 } else { 74 };
     let want = if ctx.len() < need { ctx.len() } else { need };
     end - data >= want as usize || ctx.pull_data(want).is_ok()
