@@ -247,22 +247,17 @@ pub struct VersionTelemetry {
 
 /// Spliced connections (router): sockets are keyed by their socket cookie.
 pub const MAX_SPLICED: u32 = 65_536;
-/// [`SplicePeer::consumed`] while the agent is still forwarding the client's bytes itself.
-pub const SPLICE_NOT_READY: u64 = u64::MAX;
 /// [`SplicePeer::dir`]: bytes from the client (requests) or from the backend (responses).
 pub const SPLICE_REQUESTS: u8 = 0;
 pub const SPLICE_RESPONSES: u8 = 1;
 
-/// One socket of a spliced pair, written by the agent: where its bytes go.
+/// One socket of a spliced pair, written by the agent before the socket joins the
+/// splice: where its bytes go.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SplicePeer {
     /// Socket cookie of the other socket.
     pub peer: u64,
-    /// The verdict program redirects a segment only while the bytes it passed up to
-    /// the agent equal this count (every passed byte was forwarded, in order);
-    /// [`SPLICE_NOT_READY`] until the agent has written the buffered request head.
-    pub consumed: u64,
     pub service: u32,
     /// 0 stable, 1 canary (index `service * 2 + version` into the telemetry).
     pub version: u8,
@@ -270,14 +265,17 @@ pub struct SplicePeer {
     pub _pad: [u8; 2],
 }
 
-/// One socket's kernel-owned state (the agent only deletes it).
+/// One spliced socket's kernel-owned state (the agent only creates and deletes it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpliceState {
-    /// Bytes passed up to the agent instead of redirected.
-    pub passed: u64,
-    /// When the pending request started (client sockets), for the latency histogram.
+    /// When the pending request started (client sockets), for the latency histogram
+    /// (0: none pending).
     pub request_ns: u64,
+    /// Bytes read from this socket and redirected to its peer. The redirected bytes
+    /// are sent by a kernel worker a moment later, so the agent passes a close on to
+    /// the peer only once the peer has written this many.
+    pub carried: u64,
 }
 
 /// Index of a version's telemetry: the group of a backend slot.

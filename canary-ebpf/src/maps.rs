@@ -40,25 +40,27 @@ pub static TELEMETRY: PerCpuArray<VersionTelemetry> = PerCpuArray::pinned(MAX_SE
 pub static LATENCY: PerCpuArray<u64> =
     PerCpuArray::pinned(MAX_SERVICES * 2 * LATENCY_BUCKETS as u32, 0);
 
-// The router's maps (route.rs, splice.rs) are not pinned: they hold sockets and state
-// of the agent process that owns the listeners, and go with it.
+// The router's maps (route.rs, splice.rs) are pinned too, so that an agent hand-over
+// (SIGUSR2) keeps the spliced sockets in the same map under the same verdict. A socket
+// leaves its SockHash by itself when it closes; the agent purges the per-cookie hashes
+// of sockets it does not hold on start.
 
 /// Service id -> the agent's listening socket for that `http` service.
 #[map(name = "ROUTE_LISTENERS")]
-pub static ROUTE_LISTENERS: SockHash<u32> = SockHash::with_max_entries(MAX_SERVICES * 2, 0);
+pub static ROUTE_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_SERVICES * 2, 0);
 
 /// Socket cookie -> spliced socket (client or backend side).
 #[map(name = "ROUTE_SOCKS")]
-pub static ROUTE_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SPLICED, 0);
+pub static ROUTE_SOCKS: SockHash<u64> = SockHash::pinned(MAX_SPLICED, 0);
 
 /// Socket cookie -> where its bytes go (written by the agent).
 #[map(name = "ROUTE_PEERS")]
-pub static ROUTE_PEERS: HashMap<u64, SplicePeer> = HashMap::with_max_entries(MAX_SPLICED, 0);
+pub static ROUTE_PEERS: HashMap<u64, SplicePeer> = HashMap::pinned(MAX_SPLICED, 0);
 
 /// Socket cookie -> kernel-owned counters of the socket.
 #[map(name = "ROUTE_STATE")]
-pub static ROUTE_STATE: HashMap<u64, SpliceState> = HashMap::with_max_entries(MAX_SPLICED, 0);
+pub static ROUTE_STATE: HashMap<u64, SpliceState> = HashMap::pinned(MAX_SPLICED, 0);
 
 /// Bytes redirected in the kernel, per service (the agent counts what it copies).
 #[map(name = "ROUTE_BYTES")]
-pub static ROUTE_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+pub static ROUTE_BYTES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES, 0);

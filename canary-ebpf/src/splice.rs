@@ -1,16 +1,16 @@
-//! `sk_skb` stream verdict on spliced sockets: every byte after the request head moves
-//! between client and backend in the kernel (`bpf_sk_redirect_hash`). While the agent
-//! still forwards bytes itself (it has not written the buffered head, or bytes it was
-//! handed are not forwarded yet), segments are passed up to it instead, so the order
-//! of the bytes is kept. Counts requests, response classes and latency per version
-//! like the XDP path, and the bytes carried.
+//! `sk_skb` stream verdict on spliced sockets: every byte of the connection, the first
+//! request head included, moves between client and backend in the kernel
+//! (`bpf_sk_redirect_hash`). The agent only peeks at the head to decide, and writes a
+//! socket's peer before the socket joins the splice, so there is no hand-off: the
+//! kernel carries the byte stream from its first byte. Counts requests, response
+//! classes and latency per version like the XDP path, and the bytes carried.
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_ANY},
+    bindings::sk_action::SK_PASS,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     programs::SkBuffContext,
 };
-use canary_common::{histogram::latency_bucket, latency_index, SpliceState, SPLICE_REQUESTS};
+use canary_common::{histogram::latency_bucket, latency_index, SPLICE_REQUESTS};
 
 use crate::maps::{LATENCY, ROUTE_BYTES, ROUTE_PEERS, ROUTE_SOCKS, ROUTE_STATE, TELEMETRY};
 use crate::telemetry::is_request;
@@ -25,22 +25,6 @@ pub fn verdict(ctx: &SkBuffContext) -> u32 {
     };
     let len = ctx.len() as u64;
     let state = ROUTE_STATE.get_ptr_mut(&cookie);
-    // SAFETY: hash map entry valid for the program run; the socket's segments are
-    // processed one at a time.
-    let passed = state.map_or(0, |s| unsafe { (*s).passed });
-    if passed != peer.consumed {
-        match state {
-            Some(s) => unsafe { (*s).passed += len },
-            None => {
-                let fresh = SpliceState {
-                    passed: len,
-                    request_ns: 0,
-                };
-                let _ = ROUTE_STATE.insert(&cookie, &fresh, BPF_ANY as u64);
-            }
-        }
-        return SK_PASS;
-    }
     let version = peer.service * 2 + (peer.version & 1) as u32;
     if peer.dir == SPLICE_REQUESTS {
         if let Ok(first) = ctx.load::<[u8; 4]>(0) {
@@ -81,5 +65,12 @@ pub fn verdict(ctx: &SkBuffContext) -> u32 {
         // SAFETY: per-CPU slot.
         unsafe { *bytes += len };
     }
-    ROUTE_SOCKS.redirect_skb(ctx, peer.peer, 0) as u32
+    let verdict = ROUTE_SOCKS.redirect_skb(ctx, peer.peer, 0) as u32;
+    if verdict == SK_PASS {
+        if let Some(s) = state {
+            // SAFETY: as above.
+            unsafe { (*s).carried += len };
+        }
+    }
+    verdict
 }

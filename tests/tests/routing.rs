@@ -508,14 +508,10 @@ fn a_failing_header_routed_canary_is_rolled_back() -> Result<()> {
     Ok(())
 }
 
-/// An upload whose body follows its head at once, before the splice is ready: the
-/// router must forward what it read with the head and hand the rest to the kernel in
-/// order. Known race (issue 8, open): the uploaded bytes arrived altered in one of three
-/// full test runs, and within 20 tries here, so it is kept out of `make test` until the
-/// hand-off is fixed. Run it by hand:
-/// `cargo test -p canary-lab --test routing -- --ignored upload_sent_with`.
+/// An upload whose body follows its head at once: the router only peeks at the head,
+/// so the kernel carries the whole byte stream in order, head included. (An earlier
+/// router read the head and handed the rest over to the kernel, and lost this race.)
 #[test]
-#[ignore = "known race in the splice hand-off (issue 8): fails within 20 tries"]
 fn an_upload_sent_with_its_head_arrives_intact() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
@@ -526,10 +522,10 @@ fn an_upload_sent_with_its_head_arrives_intact() -> Result<()> {
         BULK_PORT,
         "protocol = \"http\"\npolicy = \"route.scm\"",
     );
-    let _agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
     let at = |port| SocketAddr::new(VIP_V4.into(), port);
     topo.client.enter(|| -> Result<()> {
-        for _ in 0..20 {
+        for i in 0..20 {
             let mut conn = connect(at(82))?;
             let up = payload(4 << 20);
             let mut req = format!(
@@ -542,9 +538,350 @@ fn an_upload_sent_with_its_head_arrives_intact() -> Result<()> {
             let (_, _, body) = read_full(&mut conn)?;
             ensure!(
                 body == format!("{:016x}", fnv(&up, FNV0)).into_bytes(),
-                "eager upload differs"
+                "eager upload {i} differs"
             );
         }
         Ok(())
-    })
+    })?;
+    let routing = &agent.status()?["services"][0]["routing"];
+    let (user, kernel) = (
+        routing["userspace_bytes"].as_u64().unwrap_or(u64::MAX),
+        routing["kernel_bytes"].as_u64().unwrap_or(0),
+    );
+    println!("eager uploads: agent peeked at {user} bytes, kernel carried {kernel}");
+    ensure!(kernel >= 20 * (4 << 20), "kernel carried {kernel} bytes");
+    ensure!(user <= 20 * 16 * 1024, "agent copied {user} bytes");
+    Ok(())
+}
+
+/// A log without its colour escapes.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Open descriptors of a process.
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// Sockets, peers and state entries of the splice maps, and the router's open count.
+fn splice_left(agent: &Agent) -> Result<(u64, u64)> {
+    let routing = &agent.status()?["services"][0]["routing"];
+    let entries = &routing["splice_entries"];
+    let left = ["sockets", "peers", "state"]
+        .iter()
+        .map(|k| entries[k].as_u64().unwrap_or(u64::MAX))
+        .sum::<u64>();
+    Ok((
+        left,
+        routing["open_connections"].as_u64().unwrap_or(u64::MAX),
+    ))
+}
+
+/// Waits (bounded) until the agent holds at most `fds` descriptors and no splice
+/// entry or open routed connection.
+fn wait_back_to(agent: &Agent, pid: u32, fds: usize, limit: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let now = (open_fds(pid)?, splice_left(agent)?);
+        if now.0 <= fds && now.1 == (0, 0) {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < limit,
+            "agent not back to {fds} fds and no splice entry: (fds, (entries, open)) = {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// 10,000 connections that end every way a connection ends (after a request, before
+/// any byte, in the middle of a head, by the backend closing first), then 10,000 idle
+/// clients: the agent's descriptors and the splice maps return to where they started,
+/// and the idle clients hold up nobody.
+#[test]
+fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody() -> Result<()> {
+    raise_fd_limit();
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = lab_service(
+        "web",
+        80,
+        HTTP_PORT,
+        "protocol = \"http\"\npolicy = \"route.scm\"\nhead_timeout = 8",
+    );
+    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let pid = agent.pid().context("agent pid")?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    // One routed connection first, so that every lazily opened descriptor is open.
+    topo.client
+        .enter(|| request(&mut connect(target)?, "").map(|_| ()))?;
+    wait_back_to(&agent, pid, usize::MAX, Duration::from_secs(5))?;
+    let fds = open_fds(pid)?;
+    topo.client.enter(|| -> Result<()> {
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..4)
+                .map(|w| {
+                    scope.spawn(move || -> Result<()> {
+                        for i in (w..10_000).step_by(4) {
+                            let mut conn = connect(target)?;
+                            match i % 4 {
+                                0 => {
+                                    let (status, _) = request(
+                                        &mut conn,
+                                        if i % 8 == 0 { "X-Canary: true\r\n" } else { "" },
+                                    )?;
+                                    ensure!(status == 200, "connection {i}: {status}");
+                                }
+                                1 => {}
+                                2 => conn.write_all(b"GET / HTTP/1.1\r\nHost: we")?,
+                                _ => {
+                                    let (status, _) = request(&mut conn, "Connection: close\r\n")?;
+                                    ensure!(status == 200, "connection {i}: {status}");
+                                    let mut b = [0u8; 1];
+                                    ensure!(
+                                        matches!(conn.read(&mut b), Ok(0)),
+                                        "backend close not passed on ({i})"
+                                    );
+                                }
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for w in workers {
+                w.join().expect("worker panicked")?;
+            }
+            Ok(())
+        })
+    })?;
+    wait_back_to(&agent, pid, fds, Duration::from_secs(15))?;
+    println!("after 10,000 connections: agent back to {fds} descriptors, no splice entry");
+    let idle = topo.client.enter(|| -> Result<Vec<TcpStream>> {
+        let idle: Vec<TcpStream> = (0..10_000)
+            .map(|_| connect(target))
+            .collect::<Result<_>>()?;
+        for (i, header) in ["", "X-Canary: true\r\n", ""].iter().enumerate() {
+            let (status, _) = request(&mut connect(target)?, header)?;
+            ensure!(
+                status == 200,
+                "request {i} while 10,000 clients idle: {status}"
+            );
+        }
+        Ok(idle)
+    })?;
+    let during = open_fds(pid)?;
+    println!("10,000 idle clients: the agent holds {during} descriptors, others were served");
+    ensure!(
+        during >= fds + 10_000,
+        "idle clients not accepted: {during} fds"
+    );
+    wait_back_to(&agent, pid, fds, Duration::from_secs(20))?;
+    let mut closed = 0;
+    for mut c in idle {
+        let mut b = [0u8; 1];
+        c.set_read_timeout(Some(Duration::from_secs(1)))?;
+        if matches!(c.read(&mut b), Ok(0)) {
+            closed += 1;
+        }
+    }
+    ensure!(closed == 10_000, "{closed} of 10,000 idle clients closed");
+    let routing = &agent.status()?["services"][0]["routing"];
+    ensure!(
+        routing["head_timeouts"].as_u64() >= Some(10_000),
+        "head timeouts: {routing}"
+    );
+    Ok(())
+}
+
+/// SIGUSR2 with 100 spliced connections (10 of them busy throughout), 5 clients still
+/// to send their head, and new clients arriving: the agent re-executes in place and
+/// none of them notices. A config the binary refuses keeps the old agent running.
+#[test]
+fn a_hand_over_keeps_every_routed_connection() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = lab_service(
+        "web",
+        80,
+        HTTP_PORT,
+        "protocol = \"http\"\npolicy = \"route.scm\"",
+    );
+    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let pid = agent.pid().context("agent pid")?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    let header = |i: usize| {
+        if i.is_multiple_of(2) {
+            "X-Canary: true\r\n"
+        } else {
+            ""
+        }
+    };
+    let want = |i: usize| {
+        if i.is_multiple_of(2) {
+            "canary"
+        } else {
+            "stable"
+        }
+    };
+    let (mut spliced, mut waiting) = topo.client.enter(|| -> Result<_> {
+        let mut spliced = Vec::new();
+        for i in 0..100 {
+            let mut conn = connect(target)?;
+            let (status, version) = request(&mut conn, header(i))?;
+            ensure!(
+                status == 200 && version == want(i),
+                "{i}: {status} {version}"
+            );
+            spliced.push(conn);
+        }
+        let waiting: Vec<TcpStream> = (0..5).map(|_| connect(target)).collect::<Result<_>>()?;
+        Ok((spliced, waiting))
+    })?;
+    let busy: Vec<TcpStream> = spliced.drain(..10).collect();
+    let stop = AtomicBool::new(false);
+    let (done, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+    let log_count = |text: &str| agent.log().matches(text).count();
+    let listening = log_count("control API listening");
+    std::thread::scope(|scope| -> Result<()> {
+        for (i, mut conn) in busy.into_iter().enumerate() {
+            let (stop, done, failed) = (&stop, &done, &failed);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match request(&mut conn, "") {
+                        Ok((200, v)) if v == want(i) => done.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+        let newcomers = scope.spawn(|| {
+            topo.client.enter(|| -> Result<u64> {
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let (status, _) = request(&mut connect(target)?, "")?;
+                    ensure!(
+                        status == 200,
+                        "new connection during the hand-over: {status}"
+                    );
+                    n += 1;
+                }
+                Ok(n)
+            })
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        agent.signal(libc::SIGUSR2);
+        let start = std::time::Instant::now();
+        while log_count("control API listening") == listening {
+            ensure!(
+                start.elapsed() < Duration::from_secs(20),
+                "no hand-over: {}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("hand-over done in {:?}", start.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        let n = newcomers.join().expect("newcomers panicked")?;
+        println!("new connections served during the hand-over: {n}");
+        Ok(())
+    })?;
+    ensure!(
+        agent.pid() == Some(pid) && agent.running(),
+        "agent not running as pid {pid}"
+    );
+    let (done, failed) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("busy connections: {done} requests during the hand-over, {failed} failed");
+    ensure!(failed == 0 && done > 0, "{failed} failed, {done} done");
+    let log = plain(&agent.log());
+    let number = |key: &str| -> Option<u64> {
+        let at = log.rfind(key)? + key.len();
+        log[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let (handed, adopted) = (number("spliced="), number("adopted="));
+    println!("spliced connections handed over: {handed:?}, adopted: {adopted:?}");
+    ensure!(
+        handed >= Some(100) && handed == adopted,
+        "hand-over log: {log}"
+    );
+    topo.client.enter(|| -> Result<()> {
+        for (i, conn) in spliced.iter_mut().enumerate() {
+            let i = i + 10;
+            let (status, version) = request(conn, "")?;
+            ensure!(
+                status == 200 && version == want(i),
+                "after: {i}: {status} {version}"
+            );
+        }
+        for conn in &mut waiting {
+            let (status, version) = request(conn, "X-Canary: true\r\n")?;
+            ensure!(
+                status == 200 && version == "canary",
+                "waiting client: {status} {version}"
+            );
+        }
+        Ok(())
+    })?;
+    // A config the binary refuses: the hand-over is refused and this agent serves on.
+    agent.write_services("[[service]]\nname = \"web\"\nbogus = 1\n")?;
+    agent.signal(libc::SIGUSR2);
+    let start = std::time::Instant::now();
+    while !agent.log().contains("hand-over refused") {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "no refusal: {}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(log_count("control API listening") == listening + 1);
+    topo.client.enter(|| -> Result<()> {
+        let (status, _) = request(&mut connect(target)?, "")?;
+        ensure!(status == 200, "after a refused hand-over: {status}");
+        Ok(())
+    })?;
+    drop((spliced, waiting));
+    let start = std::time::Instant::now();
+    while splice_left(&agent)? != (0, 0) {
+        ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "left behind after the hand-over: {:?}",
+            splice_left(&agent)?
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

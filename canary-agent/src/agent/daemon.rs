@@ -1,14 +1,16 @@
 //! The daemon loop: ticks the rollouts, serves the control socket, /metrics and the
 //! dashboard, calls webhooks, reloads on SIGHUP, and exits on SIGTERM/SIGINT with the
 //! datapath still attached (the links are pinned): the next agent takes it over
-//! without a gap.
+//! without a gap. SIGUSR2 hands over to the binary now at the agent's path (an
+//! upgrade, or the same binary) by re-executing in place, routed connections included
+//! (`router::handover`).
 
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use super::{control, lock, Agent, GateCall};
@@ -24,6 +26,10 @@ const WEBHOOK_RETRY: Duration = Duration::from_secs(2);
 
 /// Runs the agent until SIGTERM or SIGINT (or an uninstall request).
 pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
+    // Taken now: once an upgrade has replaced the file, /proc/self/exe names the old,
+    // deleted one.
+    let exe = std::env::current_exe().context("finding the agent's own executable")?;
+    raise_open_file_limit();
     let socket = config.agent.control_socket.clone();
     // The dashboard's token is checked now: a world-readable token file is an error
     // to fix, not a dashboard to serve.
@@ -92,12 +98,20 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     let mut tick = tokio::time::interval(TICK);
-    let uninstalling = loop {
+    let exit = loop {
         tokio::select! {
-            _ = term.recv() => break false,
-            _ = int.recv() => break false,
-            _ = uninstall.notified() => break true,
+            _ = term.recv() => break Exit::Stop,
+            _ = int.recv() => break Exit::Stop,
+            _ = uninstall.notified() => break Exit::Uninstall,
+            _ = usr2.recv() => {
+                let config_path = lock(&agent)?.config.path.clone();
+                match check_successor(&exe, &config_path).await {
+                    Ok(()) => break Exit::HandOver,
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), exe = %exe.display(), "hand-over refused; this agent keeps running"),
+                }
+            }
             _ = hup.recv() => {
                 match lock(&agent)?.reload() {
                     Ok(changes) => tracing::info!(?changes, "reloaded the config (SIGHUP)"),
@@ -125,7 +139,11 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             a.config.agent.state_dir.clone(),
         )
     };
-    if uninstalling {
+    if let Exit::HandOver = exit {
+        let router = lock(&agent)?.router.take();
+        return hand_over(&exe, router).await;
+    }
+    if let Exit::Uninstall = exit {
         drop(agent);
         let detached = super::uninstall(&bpffs_dir, &state_dir)?;
         tracing::info!(
@@ -142,6 +160,81 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }
+/// Every routed connection holds two sockets while it is open (and idle clients one
+/// until `head_timeout`): the soft limit on open files goes up to the hard one, as
+/// servers do, so the limit an operator sets is the one that applies.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    tracing::debug!(open_files = lim.rlim_cur, "open file limit");
+}
+
+/// Why the daemon loop ended.
+enum Exit {
+    Stop,
+    Uninstall,
+    HandOver,
+}
+
+/// The binary at the agent's path must accept the running config before this agent
+/// gives way to it (`canary check`): a bad upgrade or config leaves this agent running.
+async fn check_successor(exe: &std::path::Path, config: &std::path::Path) -> Result<()> {
+    let out = tokio::process::Command::new(exe)
+        .arg("check")
+        .arg(config)
+        .output()
+        .await
+        .with_context(|| format!("running {} check", exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} check {}: {}",
+            exe.display(),
+            config.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Re-executes the agent in place (same PID, same arguments) with the router's sockets
+/// kept open for the next image. Every other descriptor is close-on-exec; the datapath
+/// stays attached through its pins, and the rollout state is already on disk.
+async fn hand_over(exe: &std::path::Path, router: Option<crate::router::Router>) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let record = match router {
+        Some(r) => r.hand_over().await?,
+        None => crate::router::handover::Record::default(),
+    };
+    let handed = (
+        record.listeners.len(),
+        record.spliced.len(),
+        record.pending.len(),
+    );
+    let fd = record.seal()?;
+    tracing::info!(
+        exe = %exe.display(),
+        listeners = handed.0,
+        spliced = handed.1,
+        pending = handed.2,
+        "handing over to the next agent image"
+    );
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(crate::router::handover::ENV, fd)
+        .exec();
+    // Only reached if the exec failed; the datapath stays attached, as after a crash.
+    Err(err).with_context(|| format!("exec {}", exe.display()))
+}
+
 /// Calls a gate webhook once: a 2xx approves; anything else keeps the gate waiting
 /// and the call is retried after a pause.
 async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {

@@ -836,12 +836,12 @@ impl Agent {
             }
         };
         // A routed connection is placed by the router, not the XDP program: its
-        // connections, first requests and 502s (backend refused or timed out) are
-        // counted there.
+        // connections and 502s (backend refused or timed out, a request the kernel
+        // never saw) are counted there.
         let with_router = |version: usize| {
             let mut c = counters(version);
             if let Some(r) = routed.map(|r| r[version]) {
-                c.requests += r.requests;
+                c.requests += r.failed;
                 c.responses[4] += r.failed;
                 c.conn_new = r.connections;
                 c.conn_failed = r.connections.saturating_sub(r.connected);
@@ -873,11 +873,16 @@ impl Agent {
                 })
             })
             .collect();
+        // Sockets a previous agent image handed over (SIGUSR2), if this is one.
+        let inherited = crate::router::handover::Record::inherited()?;
         if routed.is_empty() {
+            if let Some(r) = inherited {
+                r.close();
+            }
             return Ok(());
         }
         let splicer = self.datapath.splicer()?;
-        self.router = Some(crate::router::Router::start(splicer, routed)?);
+        self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
         Ok(())
     }
 }

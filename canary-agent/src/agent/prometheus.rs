@@ -22,8 +22,8 @@ impl Agent {
                     service: service.clone(),
                     version: version.into(),
                 };
-                // Routed connections: placed by the router, first request read by it,
-                // 502s (backend refused or timed out) answered by it.
+                // Routed connections: placed by the router, 502s (backend refused or
+                // timed out) answered by it.
                 let r = routed.map(|r| r[v]).unwrap_or_default();
                 f.connections
                     .get_or_create(&labels)
@@ -31,7 +31,7 @@ impl Agent {
                 let t = &signals[v].counters;
                 f.requests
                     .get_or_create(&labels)
-                    .inc_by(t.requests + r.requests);
+                    .inc_by(t.requests + r.failed);
                 f.resets.get_or_create(&labels).inc_by(t.resets);
                 f.handshakes.get_or_create(&labels).inc_by(t.handshakes);
                 f.handshake_seconds

@@ -1,14 +1,17 @@
 //! The router's kernel side: the `sk_lookup` program that hands new connections of
 //! `http` services to the agent's listeners, and the maps of spliced sockets whose
-//! `sk_skb` verdict moves their bytes in the kernel. Unpinned: listeners and spliced
-//! sockets belong to this agent process.
+//! `sk_skb` verdict moves their bytes in the kernel. The maps are pinned, so a
+//! hand-over keeps spliced sockets under the same verdict; the sockets themselves
+//! belong to the agent process (a socket leaves the maps when it closes).
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{SkLookup, SkSkb},
+    programs::{links::FdLink, SkLookup, SkSkb},
 };
 use canary_common::{
     ServiceKey, ServiceValue, SplicePeer, SpliceState, MAP_ROUTE_BYTES, MAP_ROUTE_LISTENERS,
@@ -16,7 +19,12 @@ use canary_common::{
     PROG_ROUTE_VERDICT,
 };
 
-use super::{program, take, Datapath};
+use super::{program, remove_pin, take, Datapath};
+
+/// Where a hand-over pins the outgoing agent's sk_lookup link, so that the service
+/// addresses keep reaching the listeners across the exec; the next agent removes the
+/// pin once its own link is attached.
+const HANDOVER_LOOKUP_PIN: &str = "route-lookup-handover";
 
 pub struct Splicer {
     listeners: SockHash<MapData, u32>,
@@ -26,6 +34,9 @@ pub struct Splicer {
     bytes: PerCpuArray<MapData, u64>,
     /// A second handle on the pinned services map: live weight and backends.
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// This agent's sk_lookup attachment (owned by this process).
+    lookup_link: Option<FdLink>,
+    bpffs_dir: PathBuf,
 }
 
 impl Datapath {
@@ -45,9 +56,12 @@ impl Datapath {
             .load()
             .context("loading the sk_lookup program (verifier)")?;
         let netns = std::fs::File::open("/proc/self/ns/net").context("opening this netns")?;
-        lookup
+        let id = lookup
             .attach(netns.as_fd())
             .context("attaching sk_lookup to this network namespace")?;
+        let lookup_link: FdLink = lookup.take_link(id)?.into();
+        // The previous agent's link (a hand-over) goes now that this one is attached.
+        remove_pin(&self.bpffs_dir.join(HANDOVER_LOOKUP_PIN))?;
         let pin = self.bpffs_dir.join(MAP_SERVICES);
         let services =
             MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
@@ -58,6 +72,8 @@ impl Datapath {
             state: take(&mut self.ebpf, MAP_ROUTE_STATE)?.try_into()?,
             bytes: take(&mut self.ebpf, MAP_ROUTE_BYTES)?.try_into()?,
             services: HashMap::try_from(aya::maps::Map::HashMap(services))?,
+            lookup_link: Some(lookup_link),
+            bpffs_dir: self.bpffs_dir.clone(),
         })
     }
 }
@@ -74,18 +90,10 @@ impl Splicer {
         self.services.get(key, 0).ok()
     }
 
-    /// Adds a socket to the spliced set with where its bytes go (and, for a client
-    /// socket, its state with the time its first request started).
-    pub fn add(
-        &mut self,
-        cookie: u64,
-        sock: &impl AsRawFd,
-        peer: SplicePeer,
-        state: Option<SpliceState>,
-    ) -> Result<()> {
-        if let Some(s) = state {
-            self.state.insert(cookie, s, 0)?;
-        }
+    /// Adds a socket to the spliced set with where its bytes go, and its (zeroed)
+    /// kernel state.
+    pub fn add(&mut self, cookie: u64, sock: &impl AsRawFd, peer: SplicePeer) -> Result<()> {
+        self.state.insert(cookie, SpliceState::default(), 0)?;
         self.peers.insert(cookie, peer, 0)?;
         self.socks
             .insert(cookie, sock.as_raw_fd(), 0)
@@ -102,6 +110,38 @@ impl Splicer {
         let _ = self.socks.remove(&cookie);
         let _ = self.peers.remove(&cookie);
         let _ = self.state.remove(&cookie);
+    }
+
+    /// Bytes the kernel read from a spliced socket and redirected to its peer.
+    pub fn carried(&self, cookie: u64) -> u64 {
+        self.state.get(&cookie, 0).map_or(0, |s| s.carried)
+    }
+
+    /// Removes the per-socket entries of every socket not in `live` (left by an agent
+    /// that was killed); returns how many sockets' entries went.
+    pub fn purge(&mut self, live: &HashSet<u64>) -> usize {
+        let stale: HashSet<u64> = self
+            .peers
+            .keys()
+            .chain(self.state.keys())
+            .filter_map(|k| k.ok())
+            .filter(|k| !live.contains(k))
+            .collect();
+        for cookie in &stale {
+            self.remove(*cookie);
+        }
+        stale.len()
+    }
+
+    /// Pins this agent's sk_lookup link for the next agent image (hand-over).
+    pub fn keep_lookup_for_handover(&mut self) -> Result<()> {
+        if let Some(link) = self.lookup_link.take() {
+            let pin = self.bpffs_dir.join(HANDOVER_LOOKUP_PIN);
+            remove_pin(&pin)?;
+            link.pin(&pin)
+                .with_context(|| format!("pinning the sk_lookup link at {}", pin.display()))?;
+        }
+        Ok(())
     }
 
     /// Bytes the kernel carried for a service, summed over CPUs.

@@ -3,6 +3,7 @@
 //! policy's rules (`decide`), and the client spliced to a backend of that version.
 
 pub mod decide;
+pub mod handover;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -31,18 +32,35 @@ pub struct RouterSignals {
     pub connections: u64,
     /// Of those, the ones that connected.
     pub connected: u64,
-    /// First requests (their head went through the agent).
-    pub requests: u64,
-    /// Requests answered 502 because the backend refused or timed out.
+    /// Requests answered 502 because the backend refused or timed out: requests the
+    /// kernel never saw, each a failed request of the version.
     pub failed: u64,
 }
 
 impl Router {
-    /// Binds the listeners and starts serving; call inside the tokio runtime.
-    pub fn start(splicer: Splicer, services: Vec<RoutedService>) -> Result<Self> {
+    /// Binds the listeners (or takes those of a hand-over `inherited`, with its
+    /// connections) and starts serving; call inside the tokio runtime.
+    pub fn start(
+        splicer: Splicer,
+        services: Vec<RoutedService>,
+        inherited: Option<handover::Record>,
+    ) -> Result<Self> {
         Ok(Self {
-            shared: serve::start(splicer, services)?,
+            shared: serve::start(splicer, services, inherited)?,
         })
+    }
+
+    /// Stops serving and gives up every listener and connection for the next agent
+    /// image: spliced pairs stay in the kernel's splice, and the sk_lookup link is
+    /// pinned so the service addresses keep reaching the listeners across the exec.
+    pub async fn hand_over(&self) -> Result<handover::Record> {
+        let record = serve::hand_over(&self.shared, std::time::Duration::from_secs(2)).await?;
+        self.shared
+            .splicer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("router splicer poisoned"))?
+            .keep_lookup_for_handover()?;
+        Ok(record)
     }
 
     /// A rolled-back canary gets no routed connections, whatever the rules say
@@ -65,7 +83,6 @@ impl Router {
             RouterSignals {
                 connections: c.connections.load(Ordering::Relaxed),
                 connected: c.connected.load(Ordering::Relaxed),
-                requests: c.requests.load(Ordering::Relaxed),
                 failed: c.failed.load(Ordering::Relaxed),
             }
         }))

@@ -1,8 +1,10 @@
-//! The router's listeners and connections: read the first request head (bounded in
-//! size and time), decide, connect to a backend of the chosen version, write the head,
-//! and hand both sockets to the kernel's splice (datapath `Splicer`).
+//! The router's listeners and connections: peek at the first request head (bounded in
+//! size and time), decide, connect to a backend of the chosen version, and hand both
+//! sockets to the kernel's splice (datapath `Splicer`), which carries every byte from
+//! the first: the head is only peeked at (`MSG_PEEK`), never consumed here, so the
+//! kernel moves the whole stream in order and there is no userspace-to-kernel hand-off.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,14 +13,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use canary_common::{
-    backend_index, client_hash, flow_hash, Backend, ServiceValue, SplicePeer, SpliceState,
-    GROUP_CANARY, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, SPLICE_NOT_READY, SPLICE_REQUESTS,
-    SPLICE_RESPONSES, STICKY_CLIENT_IP,
+    backend_index, client_hash, flow_hash, Backend, ServiceValue, SplicePeer, GROUP_CANARY,
+    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, SPLICE_REQUESTS, SPLICE_RESPONSES, STICKY_CLIENT_IP,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use super::decide::{decide, Head, Split};
+use super::handover::{self, ClientFd, ListenerFd, PairFd, Record};
 use crate::config::ServiceConfig;
 use crate::datapath::encode::{encode_addr, encode_port};
 use crate::datapath::{service_key, Splicer};
@@ -26,6 +28,10 @@ use crate::policy::routing::{Routing, Version};
 
 /// Most headers a request head may have.
 const MAX_HEADERS: usize = 100;
+/// How long a close waits for spliced bytes that make no progress towards the peer.
+const DRAIN_STALL: Duration = Duration::from_secs(5);
+/// Accept queue of a router listener (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
 /// A backend that does not accept within this time gets the client a 502.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -45,13 +51,12 @@ pub struct RoutedService {
 }
 
 /// Per-version counts the kernel cannot see: connections the router made or failed
-/// to make (a 502 is a failed request of that version), and first requests (their
-/// head went through the agent, not the verdict program).
+/// to make. A 502 (backend refused or timed out) is a request the kernel never saw:
+/// counted here as a failed request of that version.
 #[derive(Debug, Default)]
 pub struct VersionCounts {
     pub connections: AtomicU64,
     pub connected: AtomicU64,
-    pub requests: AtomicU64,
     pub failed: AtomicU64,
 }
 
@@ -60,7 +65,8 @@ pub struct Counts {
     pub versions: [VersionCounts; 2],
     /// (rule label, version) -> decisions.
     pub decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
-    /// Bytes the agent read from clients (heads, and bytes handed up before the splice).
+    /// Bytes the agent copied from clients to decide: the peeked heads (the kernel
+    /// carries them too, with everything after).
     pub userspace_bytes: AtomicU64,
     pub bad_requests: AtomicU64,
     pub too_large: AtomicU64,
@@ -79,6 +85,11 @@ pub(super) struct Service {
 pub(super) struct Shared {
     pub splicer: Mutex<Splicer>,
     pub services: Vec<Service>,
+    /// Raised by a hand-over: every task gives its sockets to `handed` and stops.
+    handover: tokio::sync::watch::Sender<bool>,
+    handed: Mutex<Record>,
+    /// Tasks (accept loops and connections) that have not yet stopped or handed over.
+    tasks: AtomicU64,
 }
 
 fn splicer(shared: &Shared) -> Result<std::sync::MutexGuard<'_, Splicer>> {
@@ -88,8 +99,45 @@ fn splicer(shared: &Shared) -> Result<std::sync::MutexGuard<'_, Splicer>> {
         .map_err(|_| anyhow!("router splicer poisoned"))
 }
 
-/// Binds one loopback listener per routed service and registers it for sk_lookup.
-pub(super) fn start(maps: Splicer, routed: Vec<RoutedService>) -> Result<Arc<Shared>> {
+impl Shared {
+    fn name(&self, i: usize) -> String {
+        self.services[i].routed.cfg.name.clone()
+    }
+
+    /// Runs a task counted in `tasks` (so a hand-over knows when all have reported).
+    fn spawn(self: &Arc<Self>, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.fetch_add(1, Ordering::SeqCst);
+        let shared = self.clone();
+        tokio::spawn(async move {
+            task.await;
+            shared.tasks.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+
+    fn hand(&self, f: impl FnOnce(&mut Record) -> Result<()>) {
+        let kept = self
+            .handed
+            .lock()
+            .map_err(|_| anyhow!("hand-over record poisoned"))
+            .and_then(|mut r| f(&mut r));
+        if let Err(e) = kept {
+            tracing::warn!(error = %format!("{e:#}"), "a routed socket could not be kept for the next agent");
+        }
+    }
+
+    async fn stopping(&self) {
+        let mut rx = self.handover.subscribe();
+        let _ = rx.wait_for(|h| *h).await;
+    }
+}
+
+/// Binds one loopback listener per routed service (or takes the one a previous agent
+/// handed over) and registers it for sk_lookup; adopts handed-over connections.
+pub(super) fn start(
+    maps: Splicer,
+    routed: Vec<RoutedService>,
+    inherited: Option<Record>,
+) -> Result<Arc<Shared>> {
     let shared = Arc::new(Shared {
         splicer: Mutex::new(maps),
         services: routed
@@ -101,25 +149,125 @@ pub(super) fn start(maps: Splicer, routed: Vec<RoutedService>) -> Result<Arc<Sha
                 rolled_back: AtomicBool::new(false),
             })
             .collect(),
+        handover: tokio::sync::watch::Sender::new(false),
+        handed: Mutex::new(Record::default()),
+        tasks: AtomicU64::new(0),
     });
+    let mut inherited = inherited.unwrap_or_default();
+    let index = |name: &str| {
+        shared
+            .services
+            .iter()
+            .position(|s| s.routed.cfg.name == name)
+    };
+    // Spliced pairs of services still routed are watched again; their map entries are
+    // where the previous agent left them. Every other per-socket entry is stale.
+    let mut live = HashSet::new();
+    for pair in std::mem::take(&mut inherited.spliced) {
+        let (client, backend) = (handover::own(pair.client), handover::own(pair.backend));
+        let Some(i) = index(&pair.service) else {
+            continue;
+        };
+        let client = std::net::TcpStream::from(client);
+        let backend = std::net::TcpStream::from(backend);
+        let (c_cookie, b_cookie) = (cookie(&client)?, cookie(&backend)?);
+        live.extend([c_cookie, b_cookie]);
+        let client = TcpStream::from_std(client)?;
+        let backend = TcpStream::from_std(backend)?;
+        shared.services[i]
+            .counts
+            .open
+            .fetch_add(1, Ordering::Relaxed);
+        let s = shared.clone();
+        shared.spawn(async move {
+            let spliced = Spliced {
+                client,
+                backend,
+                c_cookie,
+                b_cookie,
+                c_base: pair.client_base,
+                b_base: pair.backend_base,
+            };
+            spliced.run(&s, i).await;
+            s.services[i].counts.open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    let purged = splicer(&shared)?.purge(&live);
+    tracing::info!(
+        adopted = live.len() / 2,
+        purged,
+        "spliced connections from the previous agent"
+    );
     for (i, svc) in shared.services.iter().enumerate() {
         let cfg = &svc.routed.cfg;
-        let local: SocketAddr = if cfg.listen.is_ipv4() {
-            "127.0.0.1:0".parse()?
-        } else {
-            "[::1]:0".parse()?
+        let kept = inherited
+            .listeners
+            .iter()
+            .position(|l| l.service == cfg.name)
+            .map(|at| inherited.listeners.swap_remove(at));
+        let listener = match kept {
+            Some(l) => {
+                let listener = std::net::TcpListener::from(handover::own(l.fd));
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener)?
+            }
+            None => bind_listener(cfg.listen.is_ipv6())
+                .with_context(|| format!("binding the router listener of {}", cfg.name))?,
         };
-        let std_listener = std::net::TcpListener::bind(local)
-            .with_context(|| format!("binding the router listener of {}", cfg.name))?;
-        std_listener.set_nonblocking(true)?;
-        let listener = TcpListener::from_std(std_listener)?;
         let slot = svc.routed.id * 2 + cfg.listen.is_ipv6() as u32;
         splicer(&shared)?.set_listener(slot, listener.as_raw_fd())?;
         local_route(cfg.listen.ip())?;
         tracing::info!(service = %cfg.name, listen = %cfg.listen, "routing requests");
-        tokio::spawn(accept(shared.clone(), i, listener));
+        let s = shared.clone();
+        shared.spawn(accept(s, i, listener));
+    }
+    for l in inherited.listeners {
+        drop(handover::own(l.fd));
+    }
+    for c in inherited.pending {
+        let client = handover::own(c.fd);
+        let Some(i) = index(&c.service) else {
+            continue;
+        };
+        let client = TcpStream::from_std(std::net::TcpStream::from(client))?;
+        let peer = client.peer_addr()?;
+        let s = shared.clone();
+        shared.spawn(serve(s, i, client, peer));
     }
     Ok(shared)
+}
+
+/// A loopback listener with a deep accept queue: a burst of new connections waits
+/// for the router instead of having its SYNs dropped.
+fn bind_listener(v6: bool) -> Result<TcpListener> {
+    let (socket, local) = if v6 {
+        (TcpSocket::new_v6()?, "[::1]:0".parse()?)
+    } else {
+        (TcpSocket::new_v4()?, "127.0.0.1:0".parse()?)
+    };
+    socket.bind(local)?;
+    Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
+/// Stops every task and collects the sockets the next agent image takes over; the
+/// tasks that have not reported within `patience` lose their connections.
+pub(super) async fn hand_over(shared: &Shared, patience: Duration) -> Result<Record> {
+    shared.handover.send_replace(true);
+    let deadline = tokio::time::Instant::now() + patience;
+    while shared.tasks.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let left = shared.tasks.load(Ordering::SeqCst);
+    if left > 0 {
+        tracing::warn!(tasks = left, "routed connections not handed over in time");
+    }
+    let record = std::mem::take(
+        &mut *shared
+            .handed
+            .lock()
+            .map_err(|_| anyhow!("hand-over record poisoned"))?,
+    );
+    Ok(record)
 }
 
 /// The service address must be local for the kernel to look up a socket for it
@@ -147,24 +295,32 @@ fn local_route(ip: IpAddr) -> Result<()> {
 
 async fn accept(shared: Arc<Shared>, i: usize, listener: TcpListener) {
     loop {
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    let counts = &shared.services[i].counts;
-                    counts.open.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = connection(&shared, i, client, peer).await {
-                        tracing::debug!(error = %format!("{e:#}"), %peer, "routed connection ended");
-                    }
-                    counts.open.fetch_sub(1, Ordering::Relaxed);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "router accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((client, peer)) => shared.spawn(serve(shared.clone(), i, client, peer)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "router accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shared.stopping() => break,
         }
     }
+    let service = shared.name(i);
+    shared.hand(|r| {
+        let fd = handover::keep(listener.into_std()?)?;
+        r.listeners.push(ListenerFd { service, fd });
+        Ok(())
+    });
+}
+
+async fn serve(shared: Arc<Shared>, i: usize, client: TcpStream, peer: SocketAddr) {
+    let counts = &shared.services[i].counts;
+    counts.open.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = connection(&shared, i, client, peer).await {
+        tracing::debug!(error = %format!("{e:#}"), %peer, "routed connection ended");
+    }
+    counts.open.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// How reading the first head ended.
@@ -175,24 +331,58 @@ enum HeadRead {
     Closed,
 }
 
-async fn read_head(client: &TcpStream, max: usize) -> Result<HeadRead> {
+/// Copies what is queued on the socket, up to `buf.len()` bytes, without consuming it.
+fn peek(sock: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: valid fd and buffer of the length given.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Peeks until the queued bytes hold a complete request head (or prove it is none).
+/// A peek that brings nothing new counts as "would block", so the task sleeps until
+/// more bytes arrive instead of peeking the same ones again.
+async fn peek_head(client: &TcpStream, max: usize) -> Result<HeadRead> {
     let mut buf = vec![0u8; max];
-    let mut len = 0;
+    let mut seen = 0;
     loop {
-        client.readable().await?;
-        match client.try_read(&mut buf[len..]) {
+        let ready = client.ready(Interest::READABLE).await?;
+        let got = client.try_io(Interest::READABLE, || {
+            let n = peek(client, &mut buf)?;
+            if n == seen && n > 0 && n < max {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        let n = match got {
             Ok(0) => return Ok(HeadRead::Closed),
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Ok(n) => n,
+            // Nothing new: a peer that has closed will send nothing more.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if ready.is_read_closed() {
+                    return Ok(HeadRead::Closed);
+                }
+                continue;
+            }
             Err(e) => return Err(e.into()),
-        }
+        };
+        seen = n;
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        match httparse::Request::new(&mut headers).parse(&buf[..len]) {
+        match httparse::Request::new(&mut headers).parse(&buf[..n]) {
             Ok(httparse::Status::Complete(_)) => {
-                buf.truncate(len);
+                buf.truncate(n);
                 return Ok(HeadRead::Complete(buf));
             }
-            Ok(httparse::Status::Partial) if len == max => return Ok(HeadRead::TooLarge),
+            Ok(httparse::Status::Partial) if n == max => return Ok(HeadRead::TooLarge),
             Ok(httparse::Status::Partial) => {}
             Err(httparse::Error::TooManyHeaders) => return Ok(HeadRead::TooLarge),
             Err(_) => return Ok(HeadRead::Invalid),
@@ -200,7 +390,16 @@ async fn read_head(client: &TcpStream, max: usize) -> Result<HeadRead> {
     }
 }
 
+/// Answers and closes a connection that will not be spliced. What the client sent is
+/// read and dropped first: closing with unread bytes would reset the connection and
+/// could destroy the answer before the client reads it.
 async fn reply(client: &mut TcpStream, status: &str) {
+    let mut sink = vec![0u8; 64 * 1024];
+    while let Ok(n) = client.try_read(&mut sink) {
+        if n == 0 {
+            break;
+        }
+    }
     let text = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     let _ = client.write_all(text.as_bytes()).await;
     let _ = client.shutdown().await;
@@ -218,34 +417,6 @@ fn socket_addr(b: &Backend, v6: bool) -> SocketAddr {
         b.addr[0].to_ne_bytes().into()
     };
     SocketAddr::new(ip, port)
-}
-
-/// Reads exactly the bytes queued on the socket now (a body sent with the head).
-/// The kernel's verdict path takes whole segments from the receive queue and would
-/// deliver a segment the head read consumed only in part a second time; reading all
-/// that is queued leaves only whole segments behind.
-fn take_queued(sock: &TcpStream, into: &mut Vec<u8>) -> Result<()> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: valid fd, FIONREAD writes one int.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut queued) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("FIONREAD");
-    }
-    let mut want = queued.max(0) as usize;
-    let mut buf = vec![0u8; want];
-    let mut got = 0;
-    while want > 0 {
-        match sock.try_read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => {
-                got += n;
-                want -= n;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    into.extend_from_slice(&buf[..got]);
-    Ok(())
 }
 
 fn cookie(sock: &impl AsRawFd) -> Result<u64> {
@@ -267,8 +438,8 @@ fn cookie(sock: &impl AsRawFd) -> Result<u64> {
     Ok(v)
 }
 
-/// Makes the kernel run the verdict over bytes queued before the socket joined the
-/// map (`tcp_set_rcvlowat` signals data-ready at once), so they are counted as passed.
+/// Makes the kernel run the verdict over the bytes queued before the socket joined the
+/// splice (the head): `tcp_set_rcvlowat` signals data-ready at once.
 fn kick(sock: &impl AsRawFd) {
     let one: libc::c_int = 1;
     // SAFETY: valid fd and option value.
@@ -283,16 +454,6 @@ fn kick(sock: &impl AsRawFd) {
     }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Which backend of the service a decided connection goes to: the version's group,
 /// the backend by the hash bits `bucket` does not use (as the XDP program does).
 fn pick(value: &ServiceValue, version: Version, hash: u64) -> Option<(Backend, u8)> {
@@ -305,39 +466,68 @@ fn pick(value: &ServiceValue, version: Version, hash: u64) -> Option<(Backend, u
     Some((value.backends[slot], group))
 }
 
+/// Where placing a new connection ended.
+enum Placed {
+    Backend(TcpStream, u8),
+    Reply(&'static str),
+    Close,
+}
+
 async fn connection(
     shared: &Shared,
     i: usize,
     mut client: TcpStream,
     peer: SocketAddr,
 ) -> Result<()> {
+    let placed = tokio::select! {
+        placed = place(shared, i, &client, peer) => placed?,
+        _ = shared.stopping() => {
+            let service = shared.name(i);
+            shared.hand(|r| {
+                let fd = handover::keep(client.into_std()?)?;
+                r.pending.push(ClientFd { service, fd });
+                Ok(())
+            });
+            return Ok(());
+        }
+    };
+    match placed {
+        Placed::Backend(upstream, group) => {
+            let spliced = Spliced::add(shared, i, client, upstream, group)?;
+            spliced.run(shared, i).await;
+        }
+        Placed::Reply(status) => reply(&mut client, status).await,
+        Placed::Close => {}
+    }
+    Ok(())
+}
+
+/// Peeks at the head, decides and connects to a backend of the chosen version.
+async fn place(shared: &Shared, i: usize, client: &TcpStream, peer: SocketAddr) -> Result<Placed> {
     let svc = &shared.services[i];
     let counts = &svc.counts;
     let cfg = &svc.routed.cfg;
     let limits = svc.routed.limits;
-    let head =
-        match tokio::time::timeout(limits.timeout, read_head(&client, limits.max_bytes)).await {
-            Err(_) => {
-                counts.timeouts.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
-            }
-            Ok(r) => r?,
-        };
-    let mut head = match head {
+    let head = match tokio::time::timeout(limits.timeout, peek_head(client, limits.max_bytes)).await
+    {
+        Err(_) => {
+            counts.timeouts.fetch_add(1, Ordering::Relaxed);
+            return Ok(Placed::Close);
+        }
+        Ok(r) => r?,
+    };
+    let head = match head {
         HeadRead::Complete(h) => h,
         HeadRead::Invalid => {
             counts.bad_requests.fetch_add(1, Ordering::Relaxed);
-            reply(&mut client, "400 Bad Request").await;
-            return Ok(());
+            return Ok(Placed::Reply("400 Bad Request"));
         }
         HeadRead::TooLarge => {
             counts.too_large.fetch_add(1, Ordering::Relaxed);
-            reply(&mut client, "431 Request Header Fields Too Large").await;
-            return Ok(());
+            return Ok(Placed::Reply("431 Request Header Fields Too Large"));
         }
-        HeadRead::Closed => return Ok(()),
+        HeadRead::Closed => return Ok(Placed::Close),
     };
-    take_queued(&client, &mut head)?;
     counts
         .userspace_bytes
         .fetch_add(head.len() as u64, Ordering::Relaxed);
@@ -389,145 +579,209 @@ async fn connection(
             .or_default() += 1;
     }
     let Some((backend, group)) = pick(&value, decision.version, conn_hash) else {
-        reply(&mut client, "502 Bad Gateway").await;
-        return Ok(());
+        return Ok(Placed::Reply("502 Bad Gateway"));
     };
     let v = &counts.versions[group as usize];
     v.connections.fetch_add(1, Ordering::Relaxed);
-    v.requests.fetch_add(1, Ordering::Relaxed);
     let to = socket_addr(&backend, cfg.listen.is_ipv6());
     let socket = if to.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to)).await {
-        Ok(Ok(s)) => s,
+    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(to)).await {
+        Ok(Ok(upstream)) => {
+            v.connected.fetch_add(1, Ordering::Relaxed);
+            Ok(Placed::Backend(upstream, group))
+        }
         _ => {
             v.failed.fetch_add(1, Ordering::Relaxed);
-            reply(&mut client, "502 Bad Gateway").await;
-            return Ok(());
+            Ok(Placed::Reply("502 Bad Gateway"))
         }
-    };
-    v.connected.fetch_add(1, Ordering::Relaxed);
-    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
-    splice(shared, i, client, &mut upstream, head, group).await
+    }
 }
 
-/// Both sockets into the kernel's splice, then watches them: bytes the kernel handed up
-/// (before the splice was ready) are forwarded in order, and a close on one side is
-/// passed on to the other. Map entries go when both are closed.
-async fn splice(
-    shared: &Shared,
-    i: usize,
+/// A client and its backend joined in the kernel's splice.
+struct Spliced {
     client: TcpStream,
-    upstream: &mut TcpStream,
-    head: Vec<u8>,
-    group: u8,
-) -> Result<()> {
-    let svc = &shared.services[i];
-    let (c_cookie, b_cookie) = (cookie(&client)?, cookie(upstream)?);
-    let peer = |peer, dir, consumed| SplicePeer {
-        peer,
-        consumed,
-        service: svc.routed.id,
-        version: group & GROUP_CANARY,
-        dir,
-        _pad: [0; 2],
-    };
-    let client_peer = |consumed| peer(b_cookie, SPLICE_REQUESTS, consumed);
-    let result = async {
-        {
-            let mut s = splicer(shared)?;
-            s.add(
-                c_cookie,
-                &client,
-                client_peer(SPLICE_NOT_READY),
-                Some(SpliceState {
-                    passed: 0,
-                    request_ns: monotonic_ns(),
-                }),
-            )?;
-            s.add(
-                b_cookie,
-                upstream,
-                peer(c_cookie, SPLICE_RESPONSES, 0),
-                None,
-            )?;
-        }
-        kick(&client);
-        upstream.write_all(&head).await?;
-        watch(shared, i, &client, upstream, c_cookie, client_peer).await
-    }
-    .await;
-    let mut s = splicer(shared)?;
-    s.remove(c_cookie);
-    s.remove(b_cookie);
-    result
+    backend: TcpStream,
+    c_cookie: u64,
+    b_cookie: u64,
+    /// What each socket had written when it joined the splice (the backend's SYN).
+    c_base: u64,
+    b_base: u64,
 }
 
-async fn watch(
-    shared: &Shared,
-    i: usize,
-    client: &TcpStream,
-    upstream: &mut TcpStream,
-    c_cookie: u64,
-    client_peer: impl Fn(u64) -> SplicePeer,
-) -> Result<()> {
-    let counts = &shared.services[i].counts;
-    let mut consumed = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    // Forward what was handed up so far, then let the kernel take over.
-    loop {
-        match client.try_read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                upstream.write_all(&buf[..n]).await?;
-                consumed += n as u64;
-                counts
-                    .userspace_bytes
-                    .fetch_add(n as u64, Ordering::Relaxed);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            Err(e) => return Err(e.into()),
-        }
+/// Bytes a TCP socket has written: acknowledged plus still queued.
+fn written(sock: &impl AsRawFd) -> Result<u64> {
+    // SAFETY: getsockopt into a zeroed tcp_info of the size given.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("TCP_INFO");
     }
-    splicer(shared)?.set_peer(c_cookie, client_peer(consumed))?;
-    let (mut client_open, mut upstream_open) = (true, true);
-    while client_open || upstream_open {
-        tokio::select! {
-            r = client.readable(), if client_open => {
-                r?;
-                match client.try_read(&mut buf) {
-                    Ok(0) => {
-                        client_open = false;
-                        let _ = upstream.shutdown().await;
-                    }
-                    Ok(n) => {
-                        upstream.write_all(&buf[..n]).await?;
-                        consumed += n as u64;
-                        counts.userspace_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        splicer(shared)?.set_peer(c_cookie, client_peer(consumed))?;
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
+    let mut queued: libc::c_int = 0;
+    // SAFETY: valid fd, SIOCOUTQ writes one int.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("SIOCOUTQ");
+    }
+    Ok(info.tcpi_bytes_acked + queued.max(0) as u64)
+}
+
+impl Spliced {
+    /// Both sockets into the splice, each with its peer written first, the backend's
+    /// before the client's, so the verdict has a target for every byte; then the
+    /// client's queued head is run through the verdict.
+    fn add(
+        shared: &Shared,
+        i: usize,
+        client: TcpStream,
+        backend: TcpStream,
+        group: u8,
+    ) -> Result<Self> {
+        let _ = (client.set_nodelay(true), backend.set_nodelay(true));
+        let id = shared.services[i].routed.id;
+        let (c_cookie, b_cookie) = (cookie(&client)?, cookie(&backend)?);
+        let peer = |peer, dir| SplicePeer {
+            peer,
+            service: id,
+            version: group & GROUP_CANARY,
+            dir,
+            _pad: [0; 2],
+        };
+        let spliced = Self {
+            c_base: written(&client)?,
+            b_base: written(&backend)?,
+            client,
+            backend,
+            c_cookie,
+            b_cookie,
+        };
+        let mut s = splicer(shared)?;
+        let added = s
+            .add(b_cookie, &spliced.backend, peer(c_cookie, SPLICE_RESPONSES))
+            .and_then(|()| s.add(c_cookie, &spliced.client, peer(b_cookie, SPLICE_REQUESTS)));
+        if let Err(e) = added {
+            s.remove(c_cookie);
+            s.remove(b_cookie);
+            return Err(e);
+        }
+        drop(s);
+        kick(&spliced.client);
+        Ok(spliced)
+    }
+
+    /// Watches the pair until both sides are closed (then the map entries go) or a
+    /// hand-over takes it (then they stay for the next agent).
+    async fn run(mut self, shared: &Shared, i: usize) {
+        let ended = tokio::select! {
+            r = self.watch(shared, i) => Some(r),
+            _ = shared.stopping() => None,
+        };
+        match ended {
+            Some(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %format!("{e:#}"), "spliced connection ended");
+                }
+                if let Ok(mut s) = splicer(shared) {
+                    s.remove(self.c_cookie);
+                    s.remove(self.b_cookie);
                 }
             }
-            r = upstream.readable(), if upstream_open => {
-                r?;
-                match upstream.try_read(&mut buf) {
-                    Ok(0) => {
-                        upstream_open = false;
-                        // SAFETY: valid fd; half-close the client's side.
-                        unsafe { libc::shutdown(client.as_raw_fd(), libc::SHUT_WR) };
-                    }
-                    // Responses are only handed up if the client's socket is gone.
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e.into()),
-                }
+            None => {
+                let service = shared.name(i);
+                shared.hand(|r| {
+                    let client = handover::keep(self.client.into_std()?)?;
+                    let backend = handover::keep(self.backend.into_std()?)?;
+                    r.spliced.push(PairFd {
+                        service,
+                        client,
+                        backend,
+                        client_base: self.c_base,
+                        backend_base: self.b_base,
+                    });
+                    Ok(())
+                });
             }
         }
     }
-    Ok(())
+}
+
+impl Spliced {
+    /// Passes a close on one side to the other, once the peer has sent every byte the
+    /// kernel carried to it. A byte the verdict handed up (its peer's entry was gone)
+    /// is forwarded here so none is lost.
+    async fn watch(&mut self, shared: &Shared, i: usize) -> Result<()> {
+        let counts = &shared.services[i].counts;
+        let mut buf = vec![0u8; 16 * 1024];
+        let (mut client_open, mut backend_open) = (true, true);
+        while client_open || backend_open {
+            tokio::select! {
+                r = self.client.readable(), if client_open => {
+                    r?;
+                    match self.client.try_read(&mut buf) {
+                        Ok(0) => {
+                            client_open = false;
+                            self.drained(shared, self.c_cookie, &self.backend, self.b_base).await;
+                            let _ = self.backend.shutdown().await;
+                        }
+                        Ok(n) => {
+                            self.backend.write_all(&buf[..n]).await?;
+                            counts.userspace_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                r = self.backend.readable(), if backend_open => {
+                    r?;
+                    match self.backend.try_read(&mut buf) {
+                        Ok(0) => {
+                            backend_open = false;
+                            self.drained(shared, self.b_cookie, &self.client, self.c_base).await;
+                            // SAFETY: valid fd; half-close the client's side.
+                            unsafe { libc::shutdown(self.client.as_raw_fd(), libc::SHUT_WR) };
+                        }
+                        // Responses are only handed up if the client's socket is gone.
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until `to` has written every byte the kernel carried to it from `from`
+    /// (a kernel worker sends redirected bytes a moment after the verdict), giving up
+    /// after [`DRAIN_STALL`] without progress.
+    async fn drained(&self, shared: &Shared, from: u64, to: &TcpStream, base: u64) {
+        let mut last = (0, tokio::time::Instant::now());
+        loop {
+            let carried = splicer(shared).map_or(0, |s| s.carried(from));
+            let Ok(sent) = written(to).map(|w| w.saturating_sub(base)) else {
+                return;
+            };
+            if sent >= carried {
+                return;
+            }
+            if sent != last.0 {
+                last = (sent, tokio::time::Instant::now());
+            } else if last.1.elapsed() > DRAIN_STALL {
+                tracing::debug!(carried, sent, "spliced bytes not sent before a close");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
