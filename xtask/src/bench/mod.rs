@@ -113,7 +113,7 @@ pub fn run(rounds: usize, profile: bool, only: Option<Part>, seconds: u32) -> Re
         split(rounds, profile, seconds, &scratch)?;
     }
     if only != Some(Part::Split) {
-        routing::run(rounds, seconds, &scratch)?;
+        routing::run(rounds, profile, seconds, &scratch)?;
     }
     if only != Some(Part::Routing) {
         per_packet()?;

@@ -95,7 +95,7 @@ fn router_counters(topo: &Topology, agent: &Agent) -> Result<Moved> {
     })
 }
 
-pub fn run(rounds: usize, seconds: u32, scratch: &peers::Scratch) -> Result<()> {
+pub fn run(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -> Result<()> {
     let script = wrk::routing_script(&scratch.0)?;
     // results[path][load] = one WrkResult per round
     let mut results: Vec<Vec<Vec<WrkResult>>> =
@@ -138,6 +138,11 @@ pub fn run(rounds: usize, seconds: u32, scratch: &peers::Scratch) -> Result<()> 
                     .as_ref()
                     .map(|a| router_counters(&topo, a))
                     .transpose()?;
+                let perf = (profile
+                    && load == Load::KeepAlive
+                    && matches!(path, Path::Direct | Path::Router))
+                .then(|| kernel::Profile::start(&scratch.0, path.name()))
+                .transpose()?;
                 results[p][l].push(wrk::run_script(
                     &topo,
                     load,
@@ -145,6 +150,9 @@ pub fn run(rounds: usize, seconds: u32, scratch: &peers::Scratch) -> Result<()> 
                     seconds,
                     Some(&script),
                 )?);
+                if let Some(perf) = perf {
+                    perf.report()?;
+                }
                 if let (Some(agent), Some(b)) = (&agent, before) {
                     let a = router_counters(&topo, agent)?;
                     moved[l].push(Moved {
