@@ -11,6 +11,7 @@
 use anyhow::{Context, Result};
 use canary_lab::{
     agent::{lab_service, Agent},
+    topology::NODE_CLIENT_V4,
     ChildGuard, Topology, VIP_V4,
 };
 
@@ -62,16 +63,18 @@ struct Moved {
     kernel_bytes: u64,
 }
 
-/// The agent's Prometheus listener, on the node's own lab address.
-const METRICS: &str = "198.18.1.1:9464";
+/// Port of the agent's Prometheus listener, on the node's own lab address.
+const METRICS_PORT: u16 = 9464;
 
 /// The router service's counters now: header decisions (from `status --json` and,
 /// for the canary ones, `canary_routing_decisions_total{version="canary"}`), bytes
 /// the agent copied, bytes the kernel carried.
 fn router_counters(topo: &Topology, agent: &Agent) -> Result<Moved> {
-    let metrics = topo
-        .node
-        .run(&["curl", "-sf", &format!("http://{METRICS}/metrics")])?;
+    let metrics = topo.node.run(&[
+        "curl",
+        "-sf",
+        &format!("http://{NODE_CLIENT_V4}:{METRICS_PORT}/metrics"),
+    ])?;
     let to_canary = metrics
         .lines()
         .filter(|l| {
@@ -113,7 +116,7 @@ pub fn run(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch)
                 Path::Router => Some(Agent::start_with_files(
                     &topo.node,
                     // The first line continues the harness's [agent] table.
-                    &(format!("metrics_listen = \"{METRICS}\"\n")
+                    &(format!("metrics_listen = \"{NODE_CLIENT_V4}:{METRICS_PORT}\"\n")
                         + &lab_service(
                             "web",
                             80,
