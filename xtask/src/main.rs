@@ -24,7 +24,8 @@ enum Task {
     BuildEbpf,
     /// The local lab: `deploy`, `traffic-split`, `simulate-failures`, `verify-rollback`.
     Lab { scenario: String },
-    /// The splitter against direct, iptables, nginx and HAProxy; its per-packet cost.
+    /// The splitter against direct, iptables, nginx and HAProxy; its per-packet cost;
+    /// header routing against direct, nginx http and HAProxy http.
     Bench {
         /// Interleaved rounds per path (each on a fresh lab).
         #[arg(long, default_value_t = 3)]
@@ -33,6 +34,12 @@ enum Task {
         /// keep-alive load and print where the CPU time went.
         #[arg(long)]
         profile: bool,
+        /// Run one table only: `split` or `routing` (default: both).
+        #[arg(long, value_enum)]
+        only: Option<bench::Part>,
+        /// Seconds of wrk per load (short runs check that everything works).
+        #[arg(long, default_value_t = 6)]
+        seconds: u32,
     },
 }
 
@@ -47,7 +54,12 @@ fn main() -> Result<()> {
             "verify-rollback" => lab::failures(true),
             other => bail!("unknown lab scenario {other:?}"),
         },
-        Task::Bench { rounds, profile } => bench::run(rounds, profile),
+        Task::Bench {
+            rounds,
+            profile,
+            only,
+            seconds,
+        } => bench::run(rounds, profile, only, seconds),
     }
 }
 

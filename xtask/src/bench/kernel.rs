@@ -191,7 +191,8 @@ impl Profile {
             println!("{line}");
         }
         // Below the top: the datapath's own symbols (BPF programs, veth's XDP path,
-        // skb copies and unclones), wherever they rank.
+        // skb copies and unclones, the sockmap splice's psock and strparser work),
+        // wherever they rank.
         println!("  … datapath symbols:");
         for line in lines.iter().skip(25).filter(|l| {
             [
@@ -203,6 +204,9 @@ impl Profile {
                 "page_pool",
                 "csum",
                 "lru",
+                "psock",
+                "strp",
+                "skb_send_sock",
             ]
             .iter()
             .any(|k| l.contains(k))

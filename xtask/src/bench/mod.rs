@@ -4,10 +4,13 @@
 //! a new connection per request, and 1 MiB transfers. Rounds are interleaved so drift on
 //! the machine hits every path alike. While the splitter carries the load it also reads
 //! each BPF program's run time per packet and the agent's CPU time and peak RSS. Then
-//! ns/packet from BPF_PROG_TEST_RUN, including the placement path over distinct tuples.
+//! the header-routing table ([`routing`]: the agent's router against nginx and HAProxy
+//! HTTP routing), and ns/packet from BPF_PROG_TEST_RUN, including the placement path
+//! over distinct tuples. `--only split|routing` runs one table.
 
 mod kernel;
 mod peers;
+mod routing;
 mod wrk;
 
 use std::process::Command;
@@ -93,10 +96,32 @@ struct SplitterCost {
     peak_rss_mib: f64,
 }
 
-pub fn run(rounds: usize, profile: bool) -> Result<()> {
+/// Which tables `cargo xtask bench` runs (`--only`); both by default.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum Part {
+    /// The connection split against direct, iptables, nginx stream, HAProxy tcp.
+    Split,
+    /// Header routing against direct, nginx http and HAProxy http.
+    Routing,
+}
+
+pub fn run(rounds: usize, profile: bool, only: Option<Part>, seconds: u32) -> Result<()> {
     let (_, _) = release_bins()?;
     let scratch = peers::Scratch::new()?;
     let _stats = kernel::BpfStats::enable()?;
+    if only != Some(Part::Routing) {
+        split(rounds, profile, seconds, &scratch)?;
+    }
+    if only != Some(Part::Split) {
+        routing::run(rounds, profile, seconds, &scratch)?;
+    }
+    if only != Some(Part::Routing) {
+        per_packet()?;
+    }
+    Ok(())
+}
+
+fn split(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -> Result<()> {
     // results[path][load] = one WrkResult per round
     let mut results: Vec<Vec<Vec<WrkResult>>> =
         vec![vec![Vec::new(); Load::ALL.len()]; PATHS.len()];
@@ -131,7 +156,7 @@ pub fn run(rounds: usize, profile: bool) -> Result<()> {
                     && matches!(path, Path::Direct | Path::Splitter(_)))
                 .then(|| kernel::Profile::start(&scratch.0, path.name()))
                 .transpose()?;
-                results[p][l].push(wrk::run(&topo, load, &path.target())?);
+                results[p][l].push(wrk::run(&topo, load, &path.target(), seconds)?);
                 if let Some(perf) = perf {
                     perf.report()?;
                 }
@@ -151,7 +176,7 @@ pub fn run(rounds: usize, profile: bool) -> Result<()> {
     }
     print_table(&results, rounds);
     print_costs(&costs);
-    per_packet()
+    Ok(())
 }
 
 fn mean(v: impl Iterator<Item = f64>) -> f64 {

@@ -1,7 +1,8 @@
 //! The other ways to serve the same split, set up on a fresh lab: nginx backends (so
 //! the backends are not what limits the paths being compared), iptables `statistic`
-//! DNAT, nginx `stream` with `split_clients`, and HAProxy in TCP mode. Every address is
-//! in the lab's 198.18.0.0/15 range, inside the lab's own namespaces.
+//! DNAT, nginx `stream` with `split_clients`, and HAProxy in TCP mode; for header
+//! routing, nginx `http` with `map` and HAProxy in HTTP mode. Every address is in the
+//! lab's 198.18.0.0/15 range, inside the lab's own namespaces.
 
 use std::path::{Path, PathBuf};
 
@@ -154,6 +155,52 @@ pub fn haproxy_split(topo: &Topology, dir: &Path) -> Result<ChildGuard> {
              default_backend versions\n\nbackend versions\n  balance roundrobin\n  \
              server stable {STABLE_V4}:{BACKEND_PORT} weight 90\n  \
              server canary {CANARY_V4}:{BACKEND_PORT} weight 10\n"
+        ),
+    )?;
+    let mut child = topo
+        .node
+        .spawn("haproxy", &["-db", "-f", &conf.to_string_lossy()])?;
+    wait_listening(&topo.node, &mut child, "haproxy")?;
+    Ok(child)
+}
+
+/// nginx `http` on the node routing by header: `map $http_x_canary` picks the canary
+/// upstream for `true`, stable otherwise; upstream connections kept alive (HTTP/1.1,
+/// `Connection` cleared), as many workers as cores. Responses are buffered in memory
+/// only (`proxy_max_temp_file_size 0`: a 1 MiB body never goes to a temp file).
+pub fn nginx_routing(topo: &Topology, dir: &Path) -> Result<ChildGuard> {
+    own(topo, NGINX_VIP)?;
+    let body = format!(
+        "http {{ access_log off; keepalive_requests 100000000; keepalive_timeout 300s;\n\
+         client_body_temp_path {d}/route-body; proxy_temp_path {d}/route-proxy;\n\
+         fastcgi_temp_path {d}/route-fcgi; uwsgi_temp_path {d}/route-uwsgi; scgi_temp_path {d}/route-scgi;\n\
+         map $http_x_canary $pool {{ true canary; default stable; }}\n\
+         upstream stable {{ server {STABLE_V4}:{BACKEND_PORT}; keepalive 64; }}\n\
+         upstream canary {{ server {CANARY_V4}:{BACKEND_PORT}; keepalive 64; }}\n\
+         server {{ listen {NGINX_VIP}:80 backlog=4096;\n\
+         location / {{ proxy_pass http://$pool; proxy_http_version 1.1; proxy_set_header Connection \"\";\n\
+         proxy_buffers 8 64k; proxy_busy_buffers_size 128k; proxy_max_temp_file_size 0; }} }} }}",
+        d = dir.display()
+    );
+    nginx(&topo.node, dir, "nginx-route", "auto", "", &body)
+}
+
+/// HAProxy on the node in HTTP mode: `use_backend canary` when `X-Canary` is `true`,
+/// stable otherwise; idle server connections shared between clients
+/// (`http-reuse always`), one thread per core.
+pub fn haproxy_routing(topo: &Topology, dir: &Path) -> Result<ChildGuard> {
+    own(topo, HAPROXY_VIP)?;
+    let conf = write(
+        dir,
+        "haproxy-route.cfg",
+        &format!(
+            "global\n  maxconn 8000\n\ndefaults\n  mode http\n  http-reuse always\n  \
+             timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+             frontend route\n  bind {HAPROXY_VIP}:80\n  \
+             use_backend canary if {{ req.hdr(x-canary) -m str true }}\n  \
+             default_backend stable\n\n\
+             backend stable\n  server stable {STABLE_V4}:{BACKEND_PORT}\n\n\
+             backend canary\n  server canary {CANARY_V4}:{BACKEND_PORT}\n"
         ),
     )?;
     let mut child = topo
