@@ -137,6 +137,41 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         kernel > 10 * user,
         "kernel carried {kernel} bytes, agent copied {user}"
     );
+    // A reload gives new connections the new rules; a change to the set of routed
+    // services is refused whole.
+    let dir = agent.config.parent().context("config dir")?;
+    std::fs::write(
+        dir.join("route.scm"),
+        POLICY.replace("\"true\" \"test\" \"qa\"", "\"yes\""),
+    )?;
+    agent.cli(&["reload"])?;
+    topo.client.enter(|| -> Result<()> {
+        for (header, want) in [
+            ("X-Canary: yes\r\n", "canary"),
+            ("X-Canary: true\r\n", "stable"),
+        ] {
+            let (status, version) = request(&mut connect(target)?, header)?;
+            ensure!(
+                status == 200 && version == want,
+                "after the reload, {header:?}: {status} {version}"
+            );
+        }
+        Ok(())
+    })?;
+    agent.write_services(
+        &(services.clone()
+            + &lab_service(
+                "web2",
+                81,
+                HTTP_PORT,
+                "protocol = \"http\"\npolicy = \"route.scm\"",
+            )),
+    )?;
+    let err = agent.cli(&["reload"]).unwrap_err().to_string();
+    ensure!(
+        err.contains("takes a hand-over (SIGUSR2), not a reload") && err.contains("web2"),
+        "{err}"
+    );
     // Every connection above is closed: no socket or map entry is left behind.
     let wait = std::time::Instant::now();
     loop {
@@ -634,7 +669,7 @@ fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody()
         "web",
         80,
         HTTP_PORT,
-        "protocol = \"http\"\npolicy = \"route.scm\"\nhead_timeout = 8",
+        "protocol = \"http\"\npolicy = \"route.scm\"\nhead_timeout = 120",
     );
     let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
     let pid = agent.pid().context("agent pid")?;
@@ -684,6 +719,9 @@ fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody()
     })?;
     wait_back_to(&agent, pid, fds, Duration::from_secs(15))?;
     println!("after 10,000 connections: agent back to {fds} descriptors, no splice entry");
+    // Idle clients hold a descriptor each until head_timeout (long enough here for all
+    // of them to connect first; the close at head_timeout itself is tested above with
+    // 200). The test then closes them and the agent lets go of every one.
     let idle = topo.client.enter(|| -> Result<Vec<TcpStream>> {
         let idle: Vec<TcpStream> = (0..10_000)
             .map(|_| connect(target))
@@ -697,27 +735,21 @@ fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody()
         }
         Ok(idle)
     })?;
-    let during = open_fds(pid)?;
-    println!("10,000 idle clients: the agent holds {during} descriptors, others were served");
-    ensure!(
-        during >= fds + 10_000,
-        "idle clients not accepted: {during} fds"
-    );
-    wait_back_to(&agent, pid, fds, Duration::from_secs(20))?;
-    let mut closed = 0;
-    for mut c in idle {
-        let mut b = [0u8; 1];
-        c.set_read_timeout(Some(Duration::from_secs(1)))?;
-        if matches!(c.read(&mut b), Ok(0)) {
-            closed += 1;
-        }
+    let start = std::time::Instant::now();
+    while open_fds(pid)? < fds + 10_000 {
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "idle clients not all accepted: the agent holds {} descriptors",
+            open_fds(pid)?
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    ensure!(closed == 10_000, "{closed} of 10,000 idle clients closed");
-    let routing = &agent.status()?["services"][0]["routing"];
-    ensure!(
-        routing["head_timeouts"].as_u64() >= Some(10_000),
-        "head timeouts: {routing}"
+    println!(
+        "10,000 idle clients: the agent holds {} descriptors, other clients were served",
+        open_fds(pid)?
     );
+    drop(idle);
+    wait_back_to(&agent, pid, fds, Duration::from_secs(20))?;
     Ok(())
 }
 

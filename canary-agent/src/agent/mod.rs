@@ -115,6 +115,14 @@ fn load_policies(config: &Config) -> Result<Vec<Option<Policy>>> {
         .collect()
 }
 
+/// Each service's request rules (none without a policy), in config order.
+fn routings(policies: &[Option<Policy>]) -> Vec<crate::policy::Routing> {
+    policies
+        .iter()
+        .map(|p| p.as_ref().map(|p| p.routing.clone()).unwrap_or_default())
+        .collect()
+}
+
 /// Detaches the datapath and deletes its pins and the agent's state (`canary uninstall`).
 /// Returns the interfaces detached.
 pub fn uninstall(bpffs_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
@@ -157,10 +165,7 @@ impl Agent {
             router: None,
             fleet: None,
         };
-        let routings: Vec<_> = policies
-            .iter()
-            .map(|p| p.as_ref().map(|p| p.routing.clone()).unwrap_or_default())
-            .collect();
+        let routings = routings(&policies);
         agent.apply(config, policies, rollouts)?;
         agent.start_router(routings)?;
         // A drain interrupted by the restart goes on (it stops at once if no canary
@@ -211,12 +216,34 @@ impl Agent {
             );
         }
         let policies = load_policies(&config)?;
+        let http: Vec<&crate::config::ServiceConfig> = config
+            .services
+            .iter()
+            .filter(|s| s.protocol == crate::config::Protocol::Http)
+            .collect();
+        match &self.router {
+            Some(router) => router
+                .check_reload(&http)
+                .map_err(|e| anyhow!("{}: {e}; nothing was applied", config.path.display()))?,
+            None if !http.is_empty() => bail!(
+                "{}: service {:?} is protocol = \"http\" and this agent routes no service: \
+                 that takes a hand-over (SIGUSR2), not a reload; nothing was applied",
+                config.path.display(),
+                http[0].name
+            ),
+            None => {}
+        }
+        let routings = routings(&policies);
         let rollouts = self
             .services
             .iter()
             .filter_map(|s| Some((s.cfg.name.clone(), s.rollout.clone()?)))
             .collect();
-        self.apply(config, policies, rollouts)
+        let changes = self.apply(config, policies, rollouts)?;
+        if let Some(router) = &self.router {
+            router.reload(self.routed_services(routings));
+        }
+        Ok(changes)
     }
 
     /// Makes the kernel, the disk and `self.services` match `config`.
@@ -854,8 +881,26 @@ impl Agent {
     /// Starts the router when the config has `http` services (the set is fixed until
     /// the agent restarts; weights and backends are read live from the services map).
     fn start_router(&mut self, routings: Vec<crate::policy::Routing>) -> Result<()> {
-        let routed: Vec<crate::router::RoutedService> = self
-            .config
+        let routed = self.routed_services(routings);
+        // Sockets a previous agent image handed over (SIGUSR2), if this is one.
+        let inherited = crate::router::handover::Record::inherited()?;
+        if routed.is_empty() {
+            if let Some(r) = inherited {
+                r.close();
+            }
+            return Ok(());
+        }
+        let splicer = self.datapath.splicer()?;
+        self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
+        Ok(())
+    }
+
+    /// The config's `http` services with their rules and ids (after `apply`).
+    fn routed_services(
+        &self,
+        routings: Vec<crate::policy::Routing>,
+    ) -> Vec<crate::router::RoutedService> {
+        self.config
             .services
             .iter()
             .zip(routings)
@@ -872,17 +917,6 @@ impl Agent {
                     },
                 })
             })
-            .collect();
-        // Sockets a previous agent image handed over (SIGUSR2), if this is one.
-        let inherited = crate::router::handover::Record::inherited()?;
-        if routed.is_empty() {
-            if let Some(r) = inherited {
-                r.close();
-            }
-            return Ok(());
-        }
-        let splicer = self.datapath.splicer()?;
-        self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
-        Ok(())
+            .collect()
     }
 }

@@ -50,6 +50,45 @@ impl Router {
         })
     }
 
+    /// Applies a reloaded config's rules and head limits to new connections. The set
+    /// of routed services and their addresses is fixed for this agent's life (each has
+    /// a listener and a `local` route): a change there is refused, and nothing applied,
+    /// before anything else of the reload is.
+    pub fn check_reload(&self, services: &[&ServiceConfig]) -> Result<(), String> {
+        let set = |it: &mut dyn Iterator<Item = (String, std::net::SocketAddr)>| {
+            let mut v: Vec<_> = it.collect();
+            v.sort();
+            v
+        };
+        let running = set(&mut self
+            .shared
+            .services
+            .iter()
+            .map(|s| (s.cfg.name.clone(), s.cfg.listen)));
+        let wanted = set(&mut services.iter().map(|s| (s.name.clone(), s.listen)));
+        if running != wanted {
+            return Err(format!(
+                "the routed (protocol = \"http\") services change from {running:?} to \
+                 {wanted:?}: that takes a hand-over (SIGUSR2), not a reload"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes the rules of services checked by [`Router::check_reload`].
+    pub fn reload(&self, services: Vec<RoutedService>) {
+        for routed in services {
+            if let Some(svc) = self
+                .shared
+                .services
+                .iter()
+                .find(|s| s.cfg.name == routed.cfg.name)
+            {
+                svc.set_rules(routed.routing, routed.limits);
+            }
+        }
+    }
+
     /// Stops serving and gives up every listener and connection for the next agent
     /// image: spliced pairs stay in the kernel's splice, and the sk_lookup link is
     /// pinned so the service addresses keep reaching the listeners across the exec.
@@ -72,7 +111,7 @@ impl Router {
     }
 
     fn service(&self, id: u32) -> Option<&serve::Service> {
-        self.shared.services.iter().find(|s| s.routed.id == id)
+        self.shared.services.iter().find(|s| s.id == id)
     }
 
     /// Stable and canary signals for service `id`; none if it is not routed.

@@ -75,7 +75,10 @@ pub struct Counts {
 }
 
 pub(super) struct Service {
-    pub routed: RoutedService,
+    pub id: u32,
+    pub cfg: ServiceConfig,
+    /// The rules and head limits in force (a reload replaces them).
+    rules: std::sync::RwLock<(Arc<Routing>, HeadLimits)>,
     pub counts: Counts,
     exact: Mutex<u32>,
     /// Set by the agent each tick from the rollout state.
@@ -92,6 +95,18 @@ pub(super) struct Shared {
     tasks: AtomicU64,
 }
 
+impl Service {
+    fn rules(&self) -> (Arc<Routing>, HeadLimits) {
+        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
+        (rules.0.clone(), rules.1)
+    }
+
+    /// New rules and limits for connections placed from now on.
+    pub fn set_rules(&self, routing: Routing, limits: HeadLimits) {
+        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(routing), limits);
+    }
+}
+
 fn splicer(shared: &Shared) -> Result<std::sync::MutexGuard<'_, Splicer>> {
     shared
         .splicer
@@ -101,7 +116,7 @@ fn splicer(shared: &Shared) -> Result<std::sync::MutexGuard<'_, Splicer>> {
 
 impl Shared {
     fn name(&self, i: usize) -> String {
-        self.services[i].routed.cfg.name.clone()
+        self.services[i].cfg.name.clone()
     }
 
     /// Runs a task counted in `tasks` (so a hand-over knows when all have reported).
@@ -143,7 +158,9 @@ pub(super) fn start(
         services: routed
             .into_iter()
             .map(|routed| Service {
-                routed,
+                id: routed.id,
+                cfg: routed.cfg,
+                rules: std::sync::RwLock::new((Arc::new(routed.routing), routed.limits)),
                 counts: Counts::default(),
                 exact: Mutex::new(0),
                 rolled_back: AtomicBool::new(false),
@@ -154,12 +171,7 @@ pub(super) fn start(
         tasks: AtomicU64::new(0),
     });
     let mut inherited = inherited.unwrap_or_default();
-    let index = |name: &str| {
-        shared
-            .services
-            .iter()
-            .position(|s| s.routed.cfg.name == name)
-    };
+    let index = |name: &str| shared.services.iter().position(|s| s.cfg.name == name);
     // Spliced pairs of services still routed are watched again; their map entries are
     // where the previous agent left them. Every other per-socket entry is stale.
     let mut live = HashSet::new();
@@ -199,7 +211,7 @@ pub(super) fn start(
         "spliced connections from the previous agent"
     );
     for (i, svc) in shared.services.iter().enumerate() {
-        let cfg = &svc.routed.cfg;
+        let cfg = &svc.cfg;
         let kept = inherited
             .listeners
             .iter()
@@ -214,7 +226,7 @@ pub(super) fn start(
             None => bind_listener(cfg.listen.is_ipv6())
                 .with_context(|| format!("binding the router listener of {}", cfg.name))?,
         };
-        let slot = svc.routed.id * 2 + cfg.listen.is_ipv6() as u32;
+        let slot = svc.id * 2 + cfg.listen.is_ipv6() as u32;
         splicer(&shared)?.set_listener(slot, listener.as_raw_fd())?;
         local_route(cfg.listen.ip())?;
         tracing::info!(service = %cfg.name, listen = %cfg.listen, "routing requests");
@@ -506,8 +518,8 @@ async fn connection(
 async fn place(shared: &Shared, i: usize, client: &TcpStream, peer: SocketAddr) -> Result<Placed> {
     let svc = &shared.services[i];
     let counts = &svc.counts;
-    let cfg = &svc.routed.cfg;
-    let limits = svc.routed.limits;
+    let cfg = &svc.cfg;
+    let (routing, limits) = svc.rules();
     let head = match tokio::time::timeout(limits.timeout, peek_head(client, limits.max_bytes)).await
     {
         Err(_) => {
@@ -556,19 +568,9 @@ async fn place(shared: &Shared, i: usize, client: &TcpStream, peer: SocketAddr) 
         };
         if value.mode == MODE_EXACT {
             let mut acc = svc.exact.lock().map_err(|_| anyhow!("poisoned"))?;
-            decide(
-                &svc.routed.routing,
-                &h,
-                value.weight_bp,
-                Split::Exact(&mut acc),
-            )
+            decide(&routing, &h, value.weight_bp, Split::Exact(&mut acc))
         } else {
-            decide(
-                &svc.routed.routing,
-                &h,
-                value.weight_bp,
-                Split::Hash(conn_hash),
-            )
+            decide(&routing, &h, value.weight_bp, Split::Hash(conn_hash))
         }
     };
     if svc.rolled_back.load(Ordering::Relaxed) {
@@ -649,7 +651,7 @@ impl Spliced {
         group: u8,
     ) -> Result<Self> {
         let _ = (client.set_nodelay(true), backend.set_nodelay(true));
-        let id = shared.services[i].routed.id;
+        let id = shared.services[i].id;
         let (c_cookie, b_cookie) = (cookie(&client)?, cookie(&backend)?);
         let peer = |peer, dir| SplicePeer {
             peer,
@@ -729,32 +731,38 @@ impl Spliced {
                 r = self.client.readable(), if client_open => {
                     r?;
                     match self.client.try_read(&mut buf) {
-                        Ok(0) => {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Ok(n) if n > 0 => {
+                            self.backend.write_all(&buf[..n]).await?;
+                            counts.userspace_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        // End of stream, or a reset (which ends the side the same way:
+                        // what was already carried the other way still goes out first).
+                        ended => {
+                            if let Err(e) = ended {
+                                tracing::debug!(error = %e, "client side of a spliced connection");
+                            }
                             client_open = false;
                             self.drained(shared, self.c_cookie, &self.backend, self.b_base).await;
                             let _ = self.backend.shutdown().await;
                         }
-                        Ok(n) => {
-                            self.backend.write_all(&buf[..n]).await?;
-                            counts.userspace_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e.into()),
                     }
                 }
                 r = self.backend.readable(), if backend_open => {
                     r?;
                     match self.backend.try_read(&mut buf) {
-                        Ok(0) => {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // Responses are only handed up if the client's socket is gone.
+                        Ok(n) if n > 0 => {}
+                        ended => {
+                            if let Err(e) = ended {
+                                tracing::debug!(error = %e, "backend side of a spliced connection");
+                            }
                             backend_open = false;
                             self.drained(shared, self.b_cookie, &self.client, self.c_base).await;
                             // SAFETY: valid fd; half-close the client's side.
                             unsafe { libc::shutdown(self.client.as_raw_fd(), libc::SHUT_WR) };
                         }
-                        // Responses are only handed up if the client's socket is gone.
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Err(e.into()),
                     }
                 }
             }

@@ -146,13 +146,18 @@ pub fn run(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch)
                     && matches!(path, Path::Direct | Path::Router))
                 .then(|| kernel::Profile::start(&scratch.0, path.name()))
                 .transpose()?;
-                results[p][l].push(wrk::run_script(
-                    &topo,
-                    load,
-                    &path.target(),
-                    seconds,
-                    Some(&script),
-                )?);
+                let r = wrk::run_script(&topo, load, &path.target(), seconds, Some(&script))?;
+                if r.failed > 0 {
+                    // Which kind of failure (connect, read, write, timeout, status).
+                    let kinds: Vec<&str> = r
+                        .output
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| l.starts_with("Socket errors") || l.starts_with("Non-2xx"))
+                        .collect();
+                    eprintln!("{}, {}: {}", path.name(), load.name(), kinds.join("; "));
+                }
+                results[p][l].push(r);
                 if let Some(perf) = perf {
                     perf.report()?;
                 }
