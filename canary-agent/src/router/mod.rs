@@ -3,6 +3,7 @@
 //! policy's rules (`decide`), and the client spliced to a backend of that version.
 
 pub mod decide;
+pub mod kernel;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -122,9 +123,11 @@ impl Router {
     }
 }
 
-/// Request rules need the request head, so they are only for `http` services.
+/// Request rules need the request head, so they are only for `http` services. A plan
+/// that needs no head (`client-cidr` and default cohorts only) is decided in the
+/// kernel at the first packet, so it suits `tcp` and `udp` services too.
 pub fn check_service(svc: &ServiceConfig, policy: &Policy) -> Result<(), String> {
-    if policy.routing.is_empty() || svc.protocol == Protocol::Http {
+    if policy.routing.head_free() || svc.protocol == Protocol::Http {
         return Ok(());
     }
     let protocol = match svc.protocol {
