@@ -312,6 +312,44 @@ mod tests {
     }
 
     #[test]
+    fn a_kernel_routed_table_goes_under_the_generation_not_in_force() {
+        let cidr = crate::policy::parse_toml(
+            "step = [{ at = 0, weight = 5 }]\n[routing]\n\
+             [[routing.cohort]]\nname = \"office\"\nclient_cidr = [\"198.18.7.0/24\"]\n\
+             [routing.user_cohorts]\noffice = \"canary\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let cfg = services(1, "10");
+        let kernel = |installed: &[(ServiceKey, ServiceValue)], rollout: Option<Rollout>| {
+            let rollouts = rollout.map(|r| ("s0".to_string(), r)).into_iter().collect();
+            run(
+                &cfg,
+                &[Some(cidr.clone())],
+                installed,
+                &Applied::default(),
+                &rollouts,
+            )
+            .services[0]
+                .kernel
+        };
+        let fresh = kernel(&[], None).unwrap();
+        assert_eq!((fresh.gen, fresh.rolled_back), (0, false));
+        let mut value = encode_service(&cfg[0], 0, 1000);
+        fresh.apply(&mut value);
+        let next = kernel(&[(service_key(&cfg[0]), value)], None).unwrap();
+        assert_eq!(next.gen, 1, "the installed value holds generation 0");
+        let mut r = Rollout::new("s0", cidr.clone());
+        let by = || Actor::Operator("t".into());
+        r.apply(Command::Start, by(), 0).unwrap();
+        let reason = "bad".into();
+        r.apply(Command::Rollback { reason }, by(), 1).unwrap();
+        let back = kernel(&[], Some(r)).unwrap();
+        assert!(back.rolled_back);
+        assert_eq!(plan_one(Some(policy()), 0, None, None).kernel, None);
+    }
+
+    #[test]
     fn a_changed_config_weight_applies_over_the_live_one() {
         // Last applied config said 20 %: the config now says 10 %, so 10 % applies.
         assert_eq!(plan_one(None, 0, Some(2000), None).weight_bp, 1000);
