@@ -35,7 +35,7 @@ use crate::{
     api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
     config::{bp_to_percent, Config},
     controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
-    datapath::{self, encode_service, service_key_for, Datapath},
+    datapath::{self, encode_service, service_key_for, Datapath, KernelRouting},
     policy::{load_policy, OnRollback, Policy},
 };
 
@@ -428,17 +428,19 @@ impl Agent {
             bail!("service {name:?} has no canary backends");
         }
         let mut value = encode_service(&svc.cfg, svc.id, weight_bp);
-        if let Some(kernel) = &mut svc.kernel {
-            // A rollback's weight and the cohorts' closing on canary: one write.
-            kernel.rolled_back = svc
-                .rollout
-                .as_ref()
-                .is_some_and(|r| r.state() == RolloutState::RolledBack);
-            kernel.apply(&mut value);
+        // A rollback's weight and the cohorts' closing on canary: one write.
+        let rolled_back = svc
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.state() == RolloutState::RolledBack);
+        let kernel = svc.kernel.map(|k| KernelRouting { rolled_back, ..k });
+        if let Some(k) = &kernel {
+            k.apply(&mut value);
         }
         let key = svc.key;
         self.datapath.install(&key, &value)?;
         let svc = self.service_mut(name)?;
+        svc.kernel = kernel;
         tracing::info!(
             service = name,
             from = svc.weight_bp,
