@@ -5,20 +5,24 @@
 //! path (first SYN of a new tuple: hash, weight, two flow inserts) is timed over
 //! distinct tuples, one run each, against the same loop over distinct frames that are
 //! not ours, which carries the same per-run set-up; once with room in the flow table
-//! and once with the table full, where every insert makes the LRU evict.
+//! and once with the table full, where every insert makes the LRU evict. Placement by
+//! client address (a head-free routing plan: CANARY_CIDR lookup first) is timed the
+//! same way on a second service.
 
 use std::{net::Ipv4Addr, os::fd::AsFd, process::Command};
 
 use anyhow::Result;
 use canary_agent::{
     config::Config,
-    datapath::{encode_service, service_key, test_run, Datapath},
+    datapath::{encode_service, service_key, service_key_for, test_run, Datapath, KernelRouting},
 };
 use canary_common::{FLOW_TABLE_SIZE, PROG_INGRESS, PROG_INGRESS_TC};
 use etherparse::PacketBuilder;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
+/// The service decided by client address.
+const ROUTED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
 const REPEAT: u32 = 1_000_000;
 /// Distinct tuples per timed placement run (two flow entries each).
 const TUPLES: u32 = 20_000;
@@ -70,11 +74,35 @@ fn run(pins: &std::path::Path) -> Result<()> {
 }
 
 fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
-    let text = "[agent]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n";
+    let text = "[agent]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n\
+        [[service]]\nname = \"routed\"\nlisten = \"198.19.0.11:80\"\nprotocol = \"http\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n";
     let config = Config::parse(text, std::path::Path::new("bench.toml"))?;
     let mut dp = Datapath::load(pins)?;
     let svc = &config.services[0];
     dp.install(&service_key(svc), &encode_service(svc, 0, svc.weight_bp))?;
+    // 100 client ranges (the timed clients are in the first) to canary, 10 % of the
+    // rest by client address.
+    let ranges: Vec<String> = (0..100)
+        .map(|i| format!("\"198.18.{}.0/24\"", 128 + i))
+        .collect();
+    let policy = format!(
+        "(define-progression '((0 . 1)))\n\
+         (define-cohorts '((internal (client-cidr . ({}))) (rest (default . #t))))\n\
+         (define-user-cohorts '((internal . canary) (percentage . ((rest . 10)))))\n",
+        ranges.join(" ")
+    );
+    let routing = canary_agent::policy::parse_scheme(&policy, "bench.scm")?.routing;
+    let table = routing.kernel_table().expect("a head-free plan");
+    let routed = &config.services[1];
+    dp.write_cidr(1, 0, &table)?;
+    let mut value = encode_service(routed, 1, routed.weight_bp);
+    KernelRouting {
+        gen: 0,
+        client_key: false,
+        rolled_back: false,
+    }
+    .apply(&mut value);
+    dp.install(&service_key_for(routed, &routing), &value)?;
     let fd = dp.program_fd(prog)?;
     let client = Ipv4Addr::new(198, 18, 1, 2);
     let mut rows = Vec::new();
@@ -113,6 +141,10 @@ fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
     rows.push((
         format!("placement, {TUPLES} new tuples × 1, table with room"),
         each(0..TUPLES, VIP)?,
+    ));
+    rows.push((
+        format!("placement by client cidr (100 ranges), {TUPLES} new tuples × 1, room"),
+        each(0..TUPLES, ROUTED)?,
     ));
     // Fill the table past its size (two entries per flow), then time placement while
     // the LRU evicts, as on a busy node whose table has filled.

@@ -927,3 +927,176 @@ fn drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments(hook: 
     });
 }
 at_both_hooks!(drain_closes_idle_canary_flows_of_the_service_only_with_exact_segments);
+
+// Client-address routing decided in the kernel (head-free plans): the ingress program
+// looks the client up in CANARY_CIDR at the first packet of a new connection.
+
+const CIDR_POLICY: &str = r#"
+(define-progression '((0 . 1)))
+(define-cohorts '((internal-users (client-cidr . ("198.18.7.0/24" "2001:db8:7::/48")))
+                  (regular-users (default . #t))))
+(define-user-cohorts '((internal-users . canary)))
+"#;
+
+const ROUTED: &str = r#"
+[[service]]
+name = "web"
+listen = "198.19.0.10:80"
+protocol = "http"
+stable = ["198.18.2.2:8080"]
+canary = ["198.18.3.2:9090"]
+weight = 0
+[[service]]
+name = "web6"
+listen = "[2001:db8:ffff::10]:80"
+stable = ["[2001:db8:2::2]:8080"]
+canary = ["[2001:db8:3::2]:9090"]
+weight = 0
+"#;
+
+impl Fixture {
+    /// Installs service `idx` as the agent does for a head-free plan: its table under
+    /// generation `gen`, then its value switched to that generation.
+    fn install_routed(&mut self, idx: usize, policy: &str, gen: u8, rolled_back: bool) {
+        use canary_agent::datapath::{service_key_for, KernelRouting};
+        let svc = self.config.services[idx].clone();
+        let routing = canary_agent::policy::parse_scheme(policy, "fixture.scm")
+            .unwrap()
+            .routing;
+        let table = routing.kernel_table().expect("a head-free plan");
+        self.dp().write_cidr(idx as u32, gen, &table).unwrap();
+        let mut value = encode_service(&svc, idx as u32, svc.weight_bp);
+        KernelRouting {
+            gen,
+            client_key: table.client_key,
+            rolled_back,
+        }
+        .apply(&mut value);
+        self.dp()
+            .install(&service_key_for(&svc, &routing), &value)
+            .unwrap();
+    }
+
+    fn syn_to(&self, client: &str, vip: &str) -> SocketAddr {
+        let client = sa(client);
+        let out = self.ingress(&tcp(client, sa(vip), true, b""));
+        let (src, dst) = endpoints(&out);
+        assert_eq!(src, client, "the source is never rewritten");
+        dst
+    }
+}
+
+const VIP: &str = "198.19.0.10:80";
+const STABLE: &str = "198.18.2.2:8080";
+const CANARY: &str = "198.18.3.2:9090";
+
+fn cidr_cohort_is_decided_at_the_first_syn(hook: Hook) {
+    let mut f = Fixture::new(hook, ROUTED);
+    f.install_routed(0, CIDR_POLICY, 0, false);
+    // Inside the cohort's range: canary at weight 0; outside: the weight split.
+    for port in 40000..40010 {
+        assert_eq!(f.syn_to(&format!("198.18.7.9:{port}"), VIP), sa(CANARY));
+        assert_eq!(f.syn_to(&format!("198.18.1.2:{port}"), VIP), sa(STABLE));
+    }
+    let d = f.dp().decisions(0).unwrap();
+    assert_eq!(d[0], [0, 10], "internal-users: 10 to canary");
+    assert_eq!(d[canary_common::DECISION_SPLIT as usize], [10, 0], "split");
+    // The rest of the connection follows the pinned flow.
+    let out = f.ingress(&tcp(
+        sa("198.18.7.9:40000"),
+        sa(VIP),
+        false,
+        b"GET / HTTP/1.1\r\n\r\n",
+    ));
+    assert_eq!(endpoints(&out).1, sa(CANARY));
+    // A rollback (one write of the value) closes the cohort's way to canary.
+    f.install_routed(0, CIDR_POLICY, 0, true);
+    assert_eq!(f.syn_to("198.18.7.9:41000", VIP), sa(STABLE));
+    assert_eq!(f.dp().decisions(0).unwrap()[0], [1, 10]);
+}
+at_both_hooks!(cidr_cohort_is_decided_at_the_first_syn);
+
+fn cidr_cohort_over_ipv6(hook: Hook) {
+    let mut f = Fixture::new(hook, ROUTED);
+    f.install_routed(1, CIDR_POLICY, 0, false);
+    let vip = "[2001:db8:ffff::10]:80";
+    assert_eq!(
+        f.syn_to("[2001:db8:7:1::5]:40000", vip),
+        sa("[2001:db8:3::2]:9090")
+    );
+    assert_eq!(
+        f.syn_to("[2001:db8:8::5]:40000", vip),
+        sa("[2001:db8:2::2]:8080")
+    );
+    // An IPv4 range never matches an IPv6 client whose first bytes look alike.
+    assert_eq!(
+        f.syn_to("[c612:709::1]:40000", vip),
+        sa("[2001:db8:2::2]:8080")
+    );
+    let d = f.dp().decisions(1).unwrap();
+    assert_eq!(d[0], [0, 1]);
+    assert_eq!(d[canary_common::DECISION_SPLIT as usize], [2, 0]);
+}
+at_both_hooks!(cidr_cohort_over_ipv6);
+
+fn a_changed_table_switches_in_one_write(hook: Hook) {
+    let mut f = Fixture::new(hook, ROUTED);
+    f.install_routed(0, CIDR_POLICY, 0, false);
+    let moved = CIDR_POLICY.replace("198.18.7.0/24", "198.18.8.0/24");
+    // The new generation is written while the old one is in force.
+    let table = canary_agent::policy::parse_scheme(&moved, "fixture.scm")
+        .unwrap()
+        .routing
+        .kernel_table()
+        .unwrap();
+    f.dp().write_cidr(0, 1, &table).unwrap();
+    assert_eq!(f.syn_to("198.18.7.9:40000", VIP), sa(CANARY));
+    assert_eq!(f.syn_to("198.18.8.9:40000", VIP), sa(STABLE));
+    f.install_routed(0, &moved, 1, false);
+    assert_eq!(f.syn_to("198.18.7.9:40001", VIP), sa(STABLE));
+    assert_eq!(f.syn_to("198.18.8.9:40001", VIP), sa(CANARY));
+    // Two ranges (IPv4 and IPv6) per generation; the old one is removed.
+    let keep = [(0u32, 1u8)].into_iter().collect();
+    assert_eq!(f.dp().retain_cidr(&keep).unwrap(), 2);
+    assert_eq!(f.syn_to("198.18.8.9:40002", VIP), sa(CANARY));
+    assert_eq!(f.dp().retain_cidr(&Default::default()).unwrap(), 2);
+}
+at_both_hooks!(a_changed_table_switches_in_one_write);
+
+fn default_cohort_percentage_is_sticky_per_client_address(hook: Hook) {
+    let mut f = Fixture::new(hook, ROUTED);
+    let policy = r#"
+(define-progression '((0 . 1)))
+(define-cohorts '((internal-users (client-cidr . ("198.18.7.0/24")))
+                  (regular-users (default . #t))))
+(define-user-cohorts '((internal-users . stable) (percentage . ((regular-users . 30)))))
+"#;
+    f.install_routed(0, policy, 0, false);
+    let mut canary = 0;
+    for host in 1..=200u32 {
+        let ip =
+            std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 16, 0)) + host);
+        let want = canary_common::bucket(canary_common::client_hash(&[
+            u32::from_ne_bytes(ip.octets()),
+            0,
+            0,
+            0,
+        ])) < 3_000;
+        canary += want as u32;
+        // Every connection of a client lands on the same version, the one the
+        // agent's router would pick for that client address.
+        for port in [40000, 40001, 40002] {
+            let to = f.syn_to(&format!("{ip}:{port}"), VIP);
+            assert_eq!(to, sa(if want { CANARY } else { STABLE }), "{ip}:{port}");
+        }
+    }
+    assert!(
+        (30..=90).contains(&canary),
+        "{canary} of 200 clients at 30 %"
+    );
+    assert_eq!(f.syn_to("198.18.7.1:40000", VIP), sa(STABLE));
+    let d = f.dp().decisions(0).unwrap();
+    assert_eq!(d[0], [1, 0]);
+    assert_eq!(d[1], [3 * (200 - canary as u64), 3 * canary as u64]);
+}
+at_both_hooks!(default_cohort_percentage_is_sticky_per_client_address);

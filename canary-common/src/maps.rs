@@ -56,6 +56,8 @@ pub const MAP_STATS: &str = "CANARY_STATS";
 pub const MAP_EXACT: &str = "CANARY_EXACT";
 pub const MAP_TELEMETRY: &str = "CANARY_TELEMETRY";
 pub const MAP_LATENCY: &str = "CANARY_LATENCY";
+pub const MAP_CIDR: &str = "CANARY_CIDR";
+pub const MAP_DECISIONS: &str = "CANARY_DECISIONS";
 pub const MAP_ROUTE_LISTENERS: &str = "ROUTE_LISTENERS";
 pub const MAP_ROUTE_SOCKS: &str = "ROUTE_SOCKS";
 pub const MAP_ROUTE_PEERS: &str = "ROUTE_PEERS";
@@ -98,7 +100,16 @@ pub struct ServiceValue {
     pub sticky: u8,
     pub n_stable: u8,
     pub n_canary: u8,
-    pub _pad: [u8; 6],
+    /// [`ROUTING_CIDR`]: new connections are decided by the client address
+    /// (CANARY_CIDR) before the weight split; [`ROUTING_NONE`]: the weight split only.
+    pub routing: u8,
+    /// The generation of the service's CANARY_CIDR entries in force (0 or 1): the agent
+    /// writes a changed table under the other one and switches with this value.
+    pub cidr_gen: u8,
+    /// 1 after a rollback: a cohort that would send a connection to canary sends it
+    /// to stable (the weight split is at 0 then anyway).
+    pub rolled_back: u8,
+    pub _pad: [u8; 3],
     /// Stable backends in `0..n_stable`, canary ones in `16..16 + n_canary`.
     pub backends: [Backend; MAX_BACKENDS],
 }
@@ -112,10 +123,69 @@ impl Default for ServiceValue {
             sticky: STICKY_CONNECTION,
             n_stable: 0,
             n_canary: 0,
-            _pad: [0; 6],
+            routing: ROUTING_NONE,
+            cidr_gen: 0,
+            rolled_back: 0,
+            _pad: [0; 3],
             backends: [Backend::default(); MAX_BACKENDS],
         }
     }
+}
+
+pub const ROUTING_NONE: u8 = 0;
+pub const ROUTING_CIDR: u8 = 1;
+
+/// Entries in CANARY_CIDR, all services and both generations together.
+pub const MAX_CIDR_ENTRIES: u32 = 16_384;
+/// Cohorts of a plan decided in the kernel; rule slot [`DECISION_SPLIT`] follows them.
+pub const MAX_KERNEL_COHORTS: usize = 15;
+/// Decision counter slots per service: one per cohort, then the weight split.
+pub const DECISION_RULES: u32 = MAX_KERNEL_COHORTS as u32 + 1;
+pub const DECISION_SPLIT: u8 = MAX_KERNEL_COHORTS as u8;
+/// Bits of a [`CidrKey`] before the address: service, generation, family, padding.
+pub const CIDR_KEY_FIXED_BITS: u32 = 64;
+/// Prefix length of a lookup: the whole key.
+pub const CIDR_KEY_BITS: u32 = CIDR_KEY_FIXED_BITS + 128;
+
+/// [`CidrValue::action`]: what a cohort's members get.
+pub const CIDR_STABLE: u8 = 0;
+pub const CIDR_CANARY: u8 = 1;
+/// Canary when the client address's bucket is below [`CidrValue::bp`].
+pub const CIDR_PERCENT: u8 = 2;
+/// The cohort has no assignment: the weight split decides, and counts the decision
+/// (as the router counts a cohort that falls through).
+pub const CIDR_SPLIT: u8 = 3;
+
+/// Data of a CANARY_CIDR (LPM trie) key. The first [`CIDR_KEY_FIXED_BITS`] always
+/// match in full, so a prefix never crosses services, generations or families;
+/// the address is stored as loaded from the packet (network byte order), which is the
+/// bit order the trie matches in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CidrKey {
+    pub service: u32,
+    pub gen: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u32; 4],
+}
+
+/// What a client address range gets: its cohort (the index in `define-cohorts`) and
+/// the cohort's assignment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CidrValue {
+    pub cohort: u8,
+    pub action: u8,
+    /// [`CIDR_PERCENT`]: the share of client addresses sent to canary, in basis points.
+    pub bp: u16,
+}
+
+/// Index of a kernel routing decision counter (CANARY_DECISIONS, per CPU):
+/// `rule` is a cohort index or [`DECISION_SPLIT`], `version` 0 stable, 1 canary.
+#[inline(always)]
+pub fn decision_index(service: u32, rule: u8, version: u8) -> u32 {
+    (service * DECISION_RULES + rule as u32) * 2 + version as u32
 }
 
 /// One direction of a connection as seen on the wire.
@@ -307,6 +377,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::VersionTelemetry {}
+    unsafe impl aya::Pod for super::CidrKey {}
+    unsafe impl aya::Pod for super::CidrValue {}
 }
 
 #[cfg(test)]
@@ -320,6 +392,23 @@ mod tests {
         // The kernel writes `tcp` with one aligned 8-byte store.
         assert_eq!(core::mem::offset_of!(FlowValue, tcp), 40);
         assert_eq!(core::mem::size_of::<TcpSeq>(), 8);
+    }
+
+    #[test]
+    fn service_value_keeps_its_size_and_cidr_key_its_fixed_prefix() {
+        // The routing fields took the old padding: pinned values keep their layout
+        // and read as ROUTING_NONE.
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 656);
+        assert_eq!(core::mem::offset_of!(ServiceValue, routing), 10);
+        assert_eq!(
+            core::mem::offset_of!(CidrKey, addr) as u32 * 8,
+            CIDR_KEY_FIXED_BITS
+        );
+        assert_eq!(core::mem::size_of::<CidrKey>() as u32 * 8, CIDR_KEY_BITS);
+        assert_eq!(
+            decision_index(1, DECISION_SPLIT, 1),
+            (DECISION_RULES * 2) + 31
+        );
     }
 
     #[test]

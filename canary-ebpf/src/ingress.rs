@@ -3,16 +3,18 @@
 //! ingress (see [`crate::frame`] for which and why).
 
 use canary_common::{
-    backend_index, client_hash, flow_hash, hash_group, smooth_pick, stats_index, FlowKey,
-    FlowValue, ServiceKey, ServiceValue, TcpSeq, DIR_FORWARD, FLOW_CLOSING,
-    GROUP_CANARY, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, STICKY_CLIENT_IP,
+    backend_index, bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick,
+    stats_index, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
+    CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, FLOW_CLOSING,
+    GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP,
+    ROUTING_CIDR, STICKY_CLIENT_IP,
 };
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 
 use crate::{
     frame::Frame,
-    maps::{EXACT, FLOWS, SERVICES, STATS},
+    maps::{CIDR, DECISIONS, EXACT, FLOWS, SERVICES, STATS},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry,
 };
@@ -78,7 +80,10 @@ pub fn handle<F: Frame>(ctx: &F) {
             }
         }
     }
-    if ctx.rewrite_destination(&pkt, &flow.addr, flow.port).is_none() {
+    if ctx
+        .rewrite_destination(&pkt, &flow.addr, flow.port)
+        .is_none()
+    {
         return;
     }
     if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
@@ -143,18 +148,37 @@ fn place(
     } else {
         flow_hash(&pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto)
     };
-    let mut group = if svc.mode == MODE_EXACT {
-        let acc = EXACT.get_ptr_mut(svc.id)?;
-        // SAFETY: per-CPU accumulator, only this CPU's program run touches it.
-        smooth_pick(unsafe { &mut *acc }, svc.weight_bp)
+    let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let cohort = if svc.routing == ROUTING_CIDR {
+        cohort_group(pkt, svc)
     } else {
-        hash_group(hash, svc.weight_bp)
+        None
+    };
+    let (rule, mut group) = match cohort {
+        Some(decided) => decided,
+        None => {
+            let group = if svc.mode == MODE_EXACT {
+                let acc = EXACT.get_ptr_mut(svc.id)?;
+                // SAFETY: per-CPU accumulator, only this CPU's program run touches it.
+                smooth_pick(unsafe { &mut *acc }, svc.weight_bp)
+            } else {
+                hash_group(hash, svc.weight_bp)
+            };
+            (DECISION_SPLIT, group)
+        }
     };
     // A group without backends cannot take traffic: fall back to the other one.
     if group == GROUP_CANARY && svc.n_canary == 0 {
         group = 1 - GROUP_CANARY;
     } else if group != GROUP_CANARY && svc.n_stable == 0 {
         group = GROUP_CANARY;
+    }
+    // Counted per new connection (a flow the table lost is placed again, not decided).
+    if svc.routing == ROUTING_CIDR && syn {
+        if let Some(n) = DECISIONS.get_ptr_mut(decision_index(svc.id, rule, group)) {
+            // SAFETY: per-CPU slot.
+            unsafe { *n += 1 };
+        }
     }
     let (base, count) = if group == GROUP_CANARY {
         (MAX_GROUP_BACKENDS as u8, svc.n_canary)
@@ -179,7 +203,6 @@ fn place(
         _pad: 0,
         tcp: TcpSeq::default(),
     };
-    let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let reply = FlowValue {
         addr: pkt.dst,
         port: pkt.dport,
@@ -219,4 +242,35 @@ fn place(
         }
     }
     Some(flow)
+}
+
+/// A service decided by client address: the cohort whose range holds the client
+/// (longest prefix; the agent leaves out ranges an earlier cohort shadows, so this is
+/// the first matching cohort) and its version. `None`: no cohort decides, the weight
+/// split does. A rolled-back canary gets no connection from a cohort.
+#[inline(always)]
+fn cohort_group(pkt: &Packet, svc: &ServiceValue) -> Option<(u8, u8)> {
+    let key = Key::new(
+        CIDR_KEY_BITS,
+        CidrKey {
+            service: svc.id,
+            gen: svc.cidr_gen,
+            family: pkt.family,
+            _pad: [0; 2],
+            addr: pkt.src,
+        },
+    );
+    let hit = CIDR.get(&key)?;
+    let canary = match hit.action {
+        CIDR_STABLE => false,
+        CIDR_CANARY => true,
+        CIDR_PERCENT => bucket(client_hash(&pkt.src)) < hit.bp,
+        _ => return None,
+    };
+    let group = if canary && svc.rolled_back == 0 {
+        GROUP_CANARY
+    } else {
+        GROUP_STABLE
+    };
+    Some((hit.cohort, group))
 }

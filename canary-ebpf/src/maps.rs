@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use canary_common::{
-    histogram::LATENCY_BUCKETS, BackendStats, FlowKey, FlowValue, ServiceKey, ServiceValue,
-    SplicePeer, SpliceState, VersionTelemetry, FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SPLICED,
+    histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, ServiceKey,
+    ServiceValue, SplicePeer, SpliceState, VersionTelemetry, DECISION_RULES, FLOW_TABLE_SIZE,
+    MAX_BACKENDS, MAX_CIDR_ENTRIES, MAX_SERVICES, MAX_SPLICED,
 };
 
 /// Service address -> weight and backends. Not preallocated, so replacing a value
@@ -39,6 +39,15 @@ pub static TELEMETRY: PerCpuArray<VersionTelemetry> = PerCpuArray::pinned(MAX_SE
 #[map(name = "CANARY_LATENCY")]
 pub static LATENCY: PerCpuArray<u64> =
     PerCpuArray::pinned(MAX_SERVICES * 2 * LATENCY_BUCKETS as u32, 0);
+
+/// Client address ranges of the `client-cidr` cohorts of services decided in the
+/// kernel (ServiceValue.routing), per service and table generation.
+#[map(name = "CANARY_CIDR")]
+pub static CIDR: LpmTrie<CidrKey, CidrValue> = LpmTrie::pinned(MAX_CIDR_ENTRIES, 0);
+
+/// Connections decided per service, rule (cohort or split) and version.
+#[map(name = "CANARY_DECISIONS")]
+pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES * DECISION_RULES * 2, 0);
 
 // The router's maps (route.rs, splice.rs) are pinned too, so that an agent hand-over
 // (SIGUSR2) keeps the spliced sockets in the same map under the same verdict. A socket

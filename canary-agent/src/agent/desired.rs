@@ -14,12 +14,13 @@
 
 use std::collections::BTreeMap;
 
-use canary_common::{ServiceKey, ServiceValue, MAX_SERVICES};
+use canary_common::{ServiceKey, ServiceValue, MAX_SERVICES, ROUTING_CIDR};
 
 use super::state::Applied;
 use crate::config::ServiceConfig;
 use crate::controller::Rollout;
-use crate::datapath::service_key;
+use crate::controller::RolloutState;
+use crate::datapath::{service_key_for, KernelRouting};
 use crate::policy::{Policy, WeightBp};
 
 /// The decision for one configured service.
@@ -35,6 +36,9 @@ pub struct ServicePlan {
     pub rollout_changed: bool,
     /// What changed, for the log and the reload answer.
     pub notes: Vec<String>,
+    /// Decided in the kernel by client address: its table goes under the generation
+    /// not in force (so the switch is one write of the service's value).
+    pub kernel: Option<KernelRouting>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +61,12 @@ pub fn plan(
     current: &Current,
     now_ms: u64,
 ) -> Plan {
-    let keys: Vec<ServiceKey> = configured.iter().map(service_key).collect();
+    let routing = |p: &Option<Policy>| p.as_ref().map(|p| p.routing.clone()).unwrap_or_default();
+    let keys: Vec<ServiceKey> = configured
+        .iter()
+        .zip(policies)
+        .map(|(svc, p)| service_key_for(svc, &routing(p)))
+        .collect();
     let stale = current
         .installed
         .iter()
@@ -113,6 +122,16 @@ pub fn plan(
             if fresh {
                 notes.push("installed".into());
             }
+            let kernel = routing(policy).kernel_table().map(|table| KernelRouting {
+                gen: match installed {
+                    Some((_, v)) if v.routing == ROUTING_CIDR => 1 - v.cidr_gen,
+                    _ => 0,
+                },
+                client_key: table.client_key,
+                rolled_back: rollout
+                    .as_ref()
+                    .is_some_and(|r| r.state() == RolloutState::RolledBack),
+            });
             ServicePlan {
                 id,
                 weight_bp,
@@ -120,6 +139,7 @@ pub fn plan(
                 rollout,
                 rollout_changed,
                 notes,
+                kernel,
             }
         })
         .collect();
@@ -168,7 +188,7 @@ mod tests {
     use crate::agent::state::AppliedService;
     use crate::config::Config;
     use crate::controller::{Actor, AnalysisHold, Command, RolloutState};
-    use crate::datapath::encode_service;
+    use crate::datapath::{encode_service, service_key};
     use std::path::Path;
 
     fn services(n: usize, weight: &str) -> Vec<ServiceConfig> {
@@ -289,6 +309,44 @@ mod tests {
         run(&cfg, &[policy], &installed, &applied, &rollouts)
             .services
             .remove(0)
+    }
+
+    #[test]
+    fn a_kernel_routed_table_goes_under_the_generation_not_in_force() {
+        let cidr = crate::policy::parse_toml(
+            "step = [{ at = 0, weight = 5 }]\n[routing]\n\
+             [[routing.cohort]]\nname = \"office\"\nclient_cidr = [\"198.18.7.0/24\"]\n\
+             [routing.user_cohorts]\noffice = \"canary\"\n",
+            "p.toml",
+        )
+        .unwrap();
+        let cfg = services(1, "10");
+        let kernel = |installed: &[(ServiceKey, ServiceValue)], rollout: Option<Rollout>| {
+            let rollouts = rollout.map(|r| ("s0".to_string(), r)).into_iter().collect();
+            run(
+                &cfg,
+                &[Some(cidr.clone())],
+                installed,
+                &Applied::default(),
+                &rollouts,
+            )
+            .services[0]
+                .kernel
+        };
+        let fresh = kernel(&[], None).unwrap();
+        assert_eq!((fresh.gen, fresh.rolled_back), (0, false));
+        let mut value = encode_service(&cfg[0], 0, 1000);
+        fresh.apply(&mut value);
+        let next = kernel(&[(service_key(&cfg[0]), value)], None).unwrap();
+        assert_eq!(next.gen, 1, "the installed value holds generation 0");
+        let mut r = Rollout::new("s0", cidr.clone());
+        let by = || Actor::Operator("t".into());
+        r.apply(Command::Start, by(), 0).unwrap();
+        let reason = "bad".into();
+        r.apply(Command::Rollback { reason }, by(), 1).unwrap();
+        let back = kernel(&[], Some(r)).unwrap();
+        assert!(back.rolled_back);
+        assert_eq!(plan_one(Some(policy()), 0, None, None).kernel, None);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::{
     api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
     config::{bp_to_percent, Config},
     controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
-    datapath::{self, encode_service, service_key, Datapath},
+    datapath::{self, encode_service, service_key_for, Datapath, KernelRouting},
     policy::{load_policy, OnRollback, Policy},
 };
 
@@ -216,10 +216,32 @@ impl Agent {
             );
         }
         let policies = load_policies(&config)?;
+        // The router's listeners are fixed until a restart: a service cannot move
+        // between the router and the kernel's client-address decision on a reload.
+        let routed = |cfg: &crate::config::ServiceConfig, policy: Option<&Policy>| {
+            cfg.protocol == crate::config::Protocol::Http
+                && !policy.is_none_or(|p| p.routing.head_free())
+        };
+        for (cfg, policy) in config.services.iter().zip(&policies) {
+            let Some(old) = self.services.iter().find(|s| s.cfg.name == cfg.name) else {
+                continue;
+            };
+            if routed(&old.cfg, old.policy.as_ref()) != routed(cfg, policy.as_ref()) {
+                bail!(
+                    "{}: service {:?}: its requests would move between the router (rules \
+                     that read the request head) and the kernel (client-cidr and default \
+                     cohorts only): that takes a hand-over (SIGUSR2); nothing was applied",
+                    config.path.display(),
+                    cfg.name
+                );
+            }
+        }
         let http: Vec<&crate::config::ServiceConfig> = config
             .services
             .iter()
-            .filter(|s| s.protocol == crate::config::Protocol::Http)
+            .zip(&policies)
+            .filter(|(cfg, policy)| routed(cfg, policy.as_ref()))
+            .map(|(cfg, _)| cfg)
             .collect();
         match &self.router {
             Some(router) => router
@@ -268,13 +290,25 @@ impl Agent {
         // Kernel and disk first: if any of it fails, `self` still describes the running
         // services (nothing in memory has been replaced yet).
         let mut applied = Vec::new();
+        let mut cidr_tables = std::collections::BTreeSet::new();
         for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
             if decided.fresh {
                 self.datapath.clear_stats(decided.id)?;
             }
-            let key = service_key(svc);
-            self.datapath
-                .install(&key, &encode_service(svc, decided.id, decided.weight_bp))?;
+            let routing = policy.as_ref().map(|p| &p.routing);
+            let key = service_key_for(svc, routing.unwrap_or(&Default::default()));
+            let mut value = encode_service(svc, decided.id, decided.weight_bp);
+            let table = routing.and_then(|r| r.kernel_table());
+            if let (Some(kernel), Some(table)) = (&decided.kernel, &table) {
+                // The new table under the other generation first; the value below
+                // switches to it.
+                self.datapath
+                    .write_cidr(decided.id, kernel.gen, table)
+                    .map_err(|e| anyhow!("service {:?}: {e:#}", svc.name))?;
+                kernel.apply(&mut value);
+                cidr_tables.insert((decided.id, kernel.gen));
+            }
+            self.datapath.install(&key, &value)?;
             if decided.rollout_changed {
                 match &decided.rollout {
                     Some(r) => self.state.save_rollout(&svc.name, r)?,
@@ -295,6 +329,9 @@ impl Agent {
             self.datapath.uninstall(&key)?;
             tracing::info!(?key, "removed a service no longer in the config");
         }
+        // Old generations, and the tables of services removed or no longer decided in
+        // the kernel.
+        self.datapath.retain_cidr(&cidr_tables)?;
         for name in &previous {
             if !config.services.iter().any(|s| &s.name == name) {
                 self.state.remove_rollout(name)?;
@@ -344,6 +381,7 @@ impl Agent {
                 _ => policy.as_ref().and_then(Analysis::new),
             };
             self.services.push(LiveService {
+                kernel: decided.kernel,
                 cfg,
                 id: decided.id,
                 key,
@@ -418,9 +456,20 @@ impl Agent {
         if weight_bp > 0 && svc.cfg.canary.is_empty() {
             bail!("service {name:?} has no canary backends");
         }
-        let (key, value) = (svc.key, encode_service(&svc.cfg, svc.id, weight_bp));
+        let mut value = encode_service(&svc.cfg, svc.id, weight_bp);
+        // A rollback's weight and the cohorts' closing on canary: one write.
+        let rolled_back = svc
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.state() == RolloutState::RolledBack);
+        let kernel = svc.kernel.map(|k| KernelRouting { rolled_back, ..k });
+        if let Some(k) = &kernel {
+            k.apply(&mut value);
+        }
+        let key = svc.key;
         self.datapath.install(&key, &value)?;
         let svc = self.service_mut(name)?;
+        svc.kernel = kernel;
         tracing::info!(
             service = name,
             from = svc.weight_bp,
@@ -507,7 +556,13 @@ impl Agent {
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
-                routing: self.router.as_ref().and_then(|r| r.status(svc.id)),
+                routing: match (&svc.kernel, &svc.policy) {
+                    (Some(_), Some(p)) => Some(crate::router::kernel::status(
+                        &p.routing,
+                        &self.datapath.decisions(svc.id)?,
+                    )),
+                    _ => self.router.as_ref().and_then(|r| r.status(svc.id)),
+                },
                 analysis: svc
                     .verdicts()
                     .iter()
@@ -731,13 +786,22 @@ impl Agent {
                 tracing::error!(service = %name, error = %format!("{e:#}"), "tick");
             }
             let svc = &self.services[i];
+            let rolled_back = svc
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.state() == RolloutState::RolledBack);
             if let Some(router) = &self.router {
-                let rolled_back = svc
-                    .rollout
-                    .as_ref()
-                    .is_some_and(|r| r.state() == RolloutState::RolledBack);
                 router.set_rolled_back(svc.id, rolled_back);
             }
+            // A rollout state that changed without a weight write (a fleet follower
+            // given the leader's rollout): the kernel's cohorts follow it.
+            if svc.kernel.is_some_and(|k| k.rolled_back != rolled_back) {
+                let weight_bp = svc.weight_bp;
+                if let Err(e) = self.write_weight(&name, weight_bp) {
+                    tracing::error!(service = %name, error = %format!("{e:#}"), "marking the rollback in the kernel");
+                }
+            }
+            let svc = &self.services[i];
             if !self.fleet_leading() {
                 continue;
             }
@@ -904,7 +968,10 @@ impl Agent {
             .services
             .iter()
             .zip(routings)
-            .filter(|(cfg, _)| cfg.protocol == crate::config::Protocol::Http)
+            // A head-free plan is decided in the kernel: no listener, no head read.
+            .filter(|(cfg, routing)| {
+                cfg.protocol == crate::config::Protocol::Http && !routing.head_free()
+            })
             .filter_map(|(cfg, routing)| {
                 let live = self.services.iter().find(|s| s.cfg.name == cfg.name)?;
                 Some(crate::router::RoutedService {

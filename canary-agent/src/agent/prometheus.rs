@@ -93,16 +93,21 @@ impl Agent {
                 };
                 f.state.get_or_create(&state).set(1);
             }
-            if let Some(router) = &self.router {
-                for (rule, version, n) in router.decisions(svc.id) {
-                    f.routing
-                        .get_or_create(&RoutingLabels {
-                            service: service.clone(),
-                            rule,
-                            version: version.into(),
-                        })
-                        .inc_by(n);
+            let decisions = match (&svc.kernel, &svc.policy, &self.router) {
+                (Some(_), Some(p), _) => {
+                    crate::router::kernel::decisions(&p.routing, &self.datapath.decisions(svc.id)?)
                 }
+                (_, _, Some(router)) => router.decisions(svc.id),
+                _ => Vec::new(),
+            };
+            for (rule, version, n) in decisions {
+                f.routing
+                    .get_or_create(&RoutingLabels {
+                        service: service.clone(),
+                        rule,
+                        version: version.into(),
+                    })
+                    .inc_by(n);
             }
             for v in svc.verdicts() {
                 let verdict = serde_json::to_value(v.verdict)?;

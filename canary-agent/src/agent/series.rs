@@ -295,6 +295,7 @@ mod tests {
             policy: None,
             custom: BTreeMap::new(),
             draining: false,
+            kernel: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct LiveService {
     pub custom: BTreeMap<String, [(u64, u64); 2]>,
     /// Canary connections are being closed at request boundaries after a rollback.
     pub draining: bool,
+    /// Decided in the kernel by client address: how its map value is marked.
+    pub kernel: Option<crate::datapath::KernelRouting>,
 }
 
 /// The analysis of a service whose policy has metrics or rules.
@@ -194,6 +196,7 @@ mod tests {
             policy: Some(policy),
             custom: BTreeMap::new(),
             draining: false,
+            kernel: None,
         }
     }
 

@@ -3,12 +3,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use aya::maps::lpm_trie::Key;
 use canary_common::{
-    Backend, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6, MAX_GROUP_BACKENDS, MODE_EXACT,
-    MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, STICKY_CLIENT_IP, STICKY_CONNECTION,
+    Backend, CidrKey, CidrValue, ServiceKey, ServiceValue, CIDR_CANARY, CIDR_KEY_FIXED_BITS,
+    CIDR_PERCENT, CIDR_SPLIT, CIDR_STABLE, FAMILY_V4, FAMILY_V6, MAX_GROUP_BACKENDS, MODE_EXACT,
+    MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, ROUTING_CIDR, STICKY_CLIENT_IP, STICKY_CONNECTION,
 };
+use ipnet::IpNet;
 
 use crate::config::{Mode, Protocol, ServiceConfig, Sticky};
+use crate::policy::routing::{KernelRule, KernelTable, Routing, Target, Version};
 
 pub fn encode_addr(ip: IpAddr) -> [u32; 4] {
     match ip {
@@ -45,6 +49,91 @@ pub fn service_key(svc: &ServiceConfig) -> ServiceKey {
         },
         family: family(&svc.listen),
     }
+}
+
+/// The key of a service whose routing plan is `routing`: an `http` service with a
+/// head-free plan is decided by the ingress program like a `tcp` one (the router never
+/// sees it), so it is keyed as TCP.
+pub fn service_key_for(svc: &ServiceConfig, routing: &Routing) -> ServiceKey {
+    let mut key = service_key(svc);
+    if svc.protocol == Protocol::Http && routing.head_free() {
+        key.proto = PROTO_TCP;
+    }
+    key
+}
+
+/// How a service decided in the kernel is marked in its map value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelRouting {
+    /// The CANARY_CIDR generation in force.
+    pub gen: u8,
+    /// The user key is the client address: the weight split is sticky per client.
+    pub client_key: bool,
+    /// The rollout is rolled back: no cohort sends a connection to canary (written with
+    /// the rollback's weight, in the same map write).
+    pub rolled_back: bool,
+}
+
+impl KernelRouting {
+    /// Marks `value` as decided by client address.
+    pub fn apply(&self, value: &mut ServiceValue) {
+        value.routing = ROUTING_CIDR;
+        value.cidr_gen = self.gen;
+        value.rolled_back = self.rolled_back as u8;
+        if self.client_key {
+            value.mode = MODE_HASH;
+            value.sticky = STICKY_CLIENT_IP;
+        }
+    }
+}
+
+/// The CANARY_CIDR entries of a kernel table for service `id`, generation `gen`: each
+/// range, and the default cohort (when it has an assignment) as a zero-length prefix of
+/// each family, which every address of the service holds.
+pub fn cidr_entries(id: u32, gen: u8, table: &KernelTable) -> Vec<(Key<CidrKey>, CidrValue)> {
+    let key = |family: u8, addr: [u32; 4], prefix: u8| {
+        let data = CidrKey {
+            service: id,
+            gen,
+            family,
+            _pad: [0; 2],
+            addr,
+        };
+        Key::new(CIDR_KEY_FIXED_BITS + prefix as u32, data)
+    };
+    let value = |rule: &KernelRule| {
+        let (action, bp) = match rule.target {
+            Some(Target::Version(Version::Stable)) => (CIDR_STABLE, 0),
+            Some(Target::Version(Version::Canary)) => (CIDR_CANARY, 0),
+            Some(Target::Percent(bp)) => (CIDR_PERCENT, bp),
+            None => (CIDR_SPLIT, 0),
+        };
+        CidrValue {
+            cohort: rule.cohort,
+            action,
+            bp,
+        }
+    };
+    let mut out: Vec<_> = table
+        .ranges
+        .iter()
+        .map(|(net, rule)| {
+            let family = match net {
+                IpNet::V4(_) => FAMILY_V4,
+                IpNet::V6(_) => FAMILY_V6,
+            };
+            (
+                key(family, encode_addr(net.addr()), net.prefix_len()),
+                value(rule),
+            )
+        })
+        .collect();
+    if let Some(rule) = table.default.as_ref().filter(|r| r.target.is_some()) {
+        for family in [FAMILY_V4, FAMILY_V6] {
+            out.push((key(family, [0; 4], 0), value(rule)));
+        }
+    }
+    out
 }
 
 /// The complete map value for a service at `weight_bp`.

@@ -2,6 +2,7 @@
 //! attaches the programs, and is the only code that reads or writes the maps.
 
 mod bpffs;
+mod cidr;
 mod drain;
 pub(crate) mod encode;
 mod migrate;
@@ -33,7 +34,7 @@ use canary_common::{
 
 use crate::config::IngressHook;
 pub use drain::{DrainProgress, DRAIN_QUIET};
-pub use encode::{encode_service, service_key};
+pub use encode::{encode_service, service_key, service_key_for, KernelRouting};
 pub use route::Splicer;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -50,6 +51,8 @@ pub struct Datapath {
     upgrading: Vec<migrate::Aside>,
     /// The flow table and the drain's view of it (drain.rs).
     drain: drain::Drain,
+    /// Client-address routing decided in the kernel (cidr.rs).
+    cidr: cidr::Cidr,
 }
 
 /// One version's (stable or canary) application signals, summed over CPUs.
@@ -100,6 +103,10 @@ impl Datapath {
         let telemetry = PerCpuArray::try_from(take(&mut ebpf, MAP_TELEMETRY)?)?;
         let latency = PerCpuArray::try_from(take(&mut ebpf, MAP_LATENCY)?)?;
         let drain = drain::Drain::new(take(&mut ebpf, canary_common::MAP_FLOWS)?)?;
+        let cidr = cidr::Cidr {
+            trie: aya::maps::LpmTrie::try_from(take(&mut ebpf, canary_common::MAP_CIDR)?)?,
+            decisions: PerCpuArray::try_from(take(&mut ebpf, canary_common::MAP_DECISIONS)?)?,
+        };
         let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
         xdp.load().context("loading the XDP program (verifier)")?;
         for name in [PROG_INGRESS_TC, PROG_EGRESS] {
@@ -120,6 +127,7 @@ impl Datapath {
             telemetry,
             latency,
             drain,
+            cidr,
         })
     }
 
@@ -318,7 +326,7 @@ impl Datapath {
                 self.latency.set(latency_index(version, b), zero, 0)?;
             }
         }
-        Ok(())
+        self.clear_decisions(id)
     }
 }
 

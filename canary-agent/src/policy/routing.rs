@@ -119,6 +119,28 @@ pub enum UserKey {
     ClientIp,
 }
 
+/// Client address ranges in a head-free policy (each is a CANARY_CIDR entry).
+pub const MAX_CIDRS: usize = 1024;
+
+/// A head-free plan as the kernel decides it ([`Routing::kernel_table`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelTable {
+    /// Client ranges and their cohort, without the ranges an earlier cohort shadows.
+    pub ranges: Vec<(IpNet, KernelRule)>,
+    /// The default cohort: every client no range holds.
+    pub default: Option<KernelRule>,
+    /// `define-user-key` is `client-ip`: the weight split is sticky per client address.
+    pub client_key: bool,
+}
+
+/// A cohort (its index in `define-cohorts`) and its assignment; `None` falls through
+/// to the weight split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelRule {
+    pub cohort: u8,
+    pub target: Option<Target>,
+}
+
 /// A header or cookie name: an RFC 9110 token.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<String, String> {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
@@ -211,11 +233,89 @@ impl Routing {
                 ));
             }
         }
+        if self.head_free() && self.cohorts.len() > canary_common::MAX_KERNEL_COHORTS {
+            return Err((
+                false,
+                format!(
+                    "{} cohorts: a plan of client-cidr and default cohorts is decided in the \
+                     kernel, which counts at most {} of them",
+                    self.cohorts.len(),
+                    canary_common::MAX_KERNEL_COHORTS
+                ),
+            ));
+        }
+        let nets: usize = self
+            .cohorts
+            .iter()
+            .map(|c| match &c.member {
+                Membership::ClientCidr(nets) => nets.len(),
+                _ => 0,
+            })
+            .sum();
+        if self.head_free() && nets > MAX_CIDRS {
+            return Err((
+                false,
+                format!(
+                    "{nets} client-cidr ranges: a plan decided in the kernel holds at most \
+                     {MAX_CIDRS}"
+                ),
+            ));
+        }
         let order = |name: &str| self.cohorts.iter().position(|c| c.name == name);
         let mut assignments = std::mem::take(&mut self.assignments);
         assignments.sort_by_key(|a| order(&a.cohort));
         self.assignments = assignments;
         Ok(())
+    }
+
+    /// Whether the plan needs nothing from the request head: no header rule, no
+    /// feature flags, only `client-cidr` and default cohorts, and the client address as
+    /// the user key. Such a plan (an empty one too) is decided by the ingress program at
+    /// the first packet, and its service never goes through the router.
+    pub fn head_free(&self) -> bool {
+        self.header.is_none()
+            && self.flags.is_none()
+            && self
+                .cohorts
+                .iter()
+                .all(|c| matches!(c.member, Membership::ClientCidr(_) | Membership::Default))
+            && matches!(self.user_key, None | Some(UserKey::ClientIp))
+    }
+
+    /// The table the kernel decides a head-free plan with; `None` when the plan is not
+    /// head-free or empty (then the service's own weight split alone decides).
+    pub fn kernel_table(&self) -> Option<KernelTable> {
+        if !self.head_free() || self.is_empty() {
+            return None;
+        }
+        let rule = |index: usize, name: &str| KernelRule {
+            cohort: index as u8,
+            target: self.assignment(name),
+        };
+        let mut ranges: Vec<(IpNet, KernelRule)> = Vec::new();
+        let mut default = None;
+        for (i, c) in self.cohorts.iter().enumerate() {
+            match &c.member {
+                Membership::ClientCidr(nets) => {
+                    for net in nets {
+                        // First match wins: a range inside one of an earlier cohort (or
+                        // an earlier range of this one) never decides. Ranges either nest
+                        // or are disjoint, so the longest-prefix match over the rest is
+                        // the first matching cohort.
+                        if !ranges.iter().any(|(r, _)| r.contains(net)) {
+                            ranges.push((*net, rule(i, &c.name)));
+                        }
+                    }
+                }
+                Membership::Default => default = Some(rule(i, &c.name)),
+                _ => return None,
+            }
+        }
+        Some(KernelTable {
+            ranges,
+            default,
+            client_key: self.user_key == Some(UserKey::ClientIp),
+        })
     }
 
     pub fn assignment(&self, cohort: &str) -> Option<Target> {
@@ -227,9 +327,12 @@ impl Routing {
 
     /// The routing section of `canary check`: rules in the order they are applied.
     pub fn render(&self) -> String {
-        let mut out = String::from(
-            "Routing (decided once per connection, at its first request head; HTTP/1.x):\n",
-        );
+        let mut out = String::from(if self.head_free() {
+            "Routing (decided in the kernel at the first packet of each connection, by the \
+             client address):\n"
+        } else {
+            "Routing (decided once per connection, at its first request head; HTTP/1.x):\n"
+        });
         let mut n = 0;
         let mut line = |out: &mut String, text: String| {
             n += 1;
@@ -321,4 +424,131 @@ impl Routing {
 fn quoted(values: &[String]) -> String {
     let v: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
     v.join(" | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidr(name: &str, nets: &[&str]) -> Cohort {
+        Cohort {
+            name: name.into(),
+            member: Membership::ClientCidr(nets.iter().map(|n| parse_cidr(n).unwrap()).collect()),
+        }
+    }
+
+    fn assign(cohort: &str, target: Target) -> Assignment {
+        Assignment {
+            cohort: cohort.into(),
+            target,
+        }
+    }
+
+    fn cidr_plan() -> Routing {
+        Routing {
+            cohorts: vec![
+                cidr("internal", &["10.1.0.0/16", "fd00::/8"]),
+                cidr("office", &["10.0.0.0/8", "10.1.2.0/24", "198.18.5.0/24"]),
+                cidr("lab", &["10.1.0.0/16", "198.18.5.128/25", "198.18.0.0/15"]),
+                Cohort {
+                    name: "everyone".into(),
+                    member: Membership::Default,
+                },
+            ],
+            assignments: vec![
+                assign("internal", Target::Version(Version::Canary)),
+                assign("lab", Target::Version(Version::Stable)),
+                assign("everyone", Target::Percent(1_000)),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn head_free_needs_only_the_client_address() {
+        let mut r = cidr_plan();
+        assert!(r.head_free());
+        assert!(Routing::default().head_free(), "no rules: the weight split");
+        r.user_key = Some(UserKey::ClientIp);
+        assert!(r.head_free());
+        let not = |change: &dyn Fn(&mut Routing)| {
+            let mut r = cidr_plan();
+            change(&mut r);
+            assert!(!r.head_free(), "{r:?}");
+            assert_eq!(r.kernel_table(), None);
+        };
+        not(&|r| r.user_key = Some(UserKey::Header("X-User-Id".into())));
+        not(&|r| r.user_key = Some(UserKey::Cookie("uid".into())));
+        not(&|r| {
+            r.header = Some(HeaderRule {
+                header: "X-Canary".into(),
+                values: vec!["1".into()],
+                default: None,
+            })
+        });
+        not(&|r| {
+            r.flags = Some(FlagRule {
+                header: "X-Features".into(),
+                flags: vec![("a".into(), Version::Canary)],
+            })
+        });
+        not(&|r| {
+            r.cohorts.push(Cohort {
+                name: "beta".into(),
+                member: Membership::Cookie {
+                    cookie: "plan".into(),
+                    values: vec!["beta".into()],
+                },
+            })
+        });
+    }
+
+    #[test]
+    fn kernel_table_keeps_first_match_under_longest_prefix() {
+        let t = cidr_plan().kernel_table().unwrap();
+        let ranges: Vec<(String, u8)> = t
+            .ranges
+            .iter()
+            .map(|(n, r)| (n.to_string(), r.cohort))
+            .collect();
+        // 10.1.2.0/24 (office) and 10.1.0.0/16 (lab) sit inside internal's 10.1.0.0/16,
+        // and 198.18.5.128/25 (lab) inside office's 198.18.5.0/24: they never decide.
+        // 198.18.0.0/15 (lab) holds office's range but does not shadow it: the longer
+        // prefix, from the earlier cohort, wins in the trie, as first match does.
+        assert_eq!(
+            ranges,
+            [
+                ("10.1.0.0/16".into(), 0),
+                ("fd00::/8".into(), 0),
+                ("10.0.0.0/8".into(), 1),
+                ("198.18.5.0/24".into(), 1),
+                ("198.18.0.0/15".into(), 2),
+            ]
+        );
+        assert_eq!(t.ranges[0].1.target, Some(Target::Version(Version::Canary)));
+        assert_eq!(t.ranges[2].1.target, None, "office has no assignment");
+        assert_eq!(
+            t.default,
+            Some(KernelRule {
+                cohort: 3,
+                target: Some(Target::Percent(1_000))
+            })
+        );
+        assert!(!t.client_key);
+        assert_eq!(Routing::default().kernel_table(), None);
+    }
+
+    #[test]
+    fn a_kernel_plan_is_bounded() {
+        let mut r = Routing {
+            cohorts: (0..16)
+                .map(|i| cidr(&format!("c{i}"), &[&format!("198.18.{i}.0/24")]))
+                .collect(),
+            ..Default::default()
+        };
+        let err = r.check().unwrap_err().1;
+        assert!(err.contains("at most 15"), "{err}");
+        r.cohorts.truncate(15);
+        r.check().unwrap();
+    }
 }

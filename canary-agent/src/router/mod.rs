@@ -4,6 +4,7 @@
 
 pub mod decide;
 pub mod handover;
+pub mod kernel;
 mod serve;
 
 use std::collections::BTreeMap;
@@ -178,9 +179,11 @@ impl Router {
     }
 }
 
-/// Request rules need the request head, so they are only for `http` services.
+/// Request rules need the request head, so they are only for `http` services. A plan
+/// that needs no head (`client-cidr` and default cohorts only) is decided in the
+/// kernel at the first packet, so it suits `tcp` and `udp` services too.
 pub fn check_service(svc: &ServiceConfig, policy: &Policy) -> Result<(), String> {
-    if policy.routing.is_empty() || svc.protocol == Protocol::Http {
+    if policy.routing.head_free() || svc.protocol == Protocol::Http {
         return Ok(());
     }
     let protocol = match svc.protocol {
@@ -232,6 +235,22 @@ mod tests {
                 "{err}"
             );
         }
+        // A plan of client-cidr and default cohorts needs no head: fine on tcp too.
+        let cidr = dir.join("cidr.scm");
+        std::fs::write(
+            &cidr,
+            "(define-progression '((0 . 1)))\n\
+             (define-cohorts '((office (client-cidr . (\"10.0.0.0/8\")))))\n\
+             (define-user-cohorts '((office . canary)))\n",
+        )
+        .unwrap();
+        let tcp = std::fs::read_to_string(agent_config(&dir, "tcp"))
+            .unwrap()
+            .replace("policy = ", "policy = \"cidr.scm\"\n#");
+        let tcp_path = dir.join("agent-cidr.toml");
+        std::fs::write(&tcp_path, tcp).unwrap();
+        let plan = crate::cli::check(&tcp_path).unwrap();
+        assert!(plan.contains("decided in the kernel"), "{plan}");
         let plan = crate::cli::check(&agent_config(&dir, "http")).unwrap();
         assert!(
             plan.contains("Routing (decided once per connection"),
