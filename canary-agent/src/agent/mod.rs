@@ -942,8 +942,9 @@ impl Agent {
         Ok((with_router(0), with_router(1)))
     }
 
-    /// Starts the router when the config has `http` services (the set is fixed until
-    /// the agent restarts; weights and backends are read live from the services map).
+    /// Starts the router when the config has `http` services whose rules read the head
+    /// (the set is fixed until a hand-over; rules change on reload, weights and
+    /// backends are read live from the services map).
     fn start_router(&mut self, routings: Vec<crate::policy::Routing>) -> Result<()> {
         let routed = self.routed_services(routings);
         // Sockets a previous agent image handed over (SIGUSR2), if this is one.
