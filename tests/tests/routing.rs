@@ -13,7 +13,7 @@ use canary_lab::{
     agent::{lab_service, Agent},
     backend::{HTTP_PORT, VERSION_HEADER},
     topology::{CANARY_V4, STABLE_V4},
-    Topology, Version, VIP_V4,
+    Backends, Topology, Version, VIP_V4,
 };
 
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
@@ -66,17 +66,24 @@ fn connect(target: SocketAddr) -> Result<TcpStream> {
     Ok(conn)
 }
 
-#[test]
-fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Result<()> {
-    let topo = Topology::build()?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+/// The lab backends and an agent routing service "web" on port 80 by [`POLICY`];
+/// `extra` adds service settings.
+fn start_web(topo: &Topology, extra: &str) -> Result<(Backends, Agent, String)> {
+    let backends = topo.start_backends(Path::new(BACKEND_BIN))?;
     let services = lab_service(
         "web",
         80,
         HTTP_PORT,
-        "protocol = \"http\"\npolicy = \"route.scm\"",
+        &format!("protocol = \"http\"\npolicy = \"route.scm\"{extra}"),
     );
     let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    Ok((backends, agent, services))
+}
+
+#[test]
+fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Result<()> {
+    let topo = Topology::build()?;
+    let (_backends, agent, services) = start_web(&topo, "")?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
     topo.client.enter(|| -> Result<()> {
         for (header, want) in [
@@ -159,7 +166,7 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         Ok(())
     })?;
     agent.write_services(
-        &(services.clone()
+        &(services
             + &lab_service(
                 "web2",
                 81,
@@ -664,14 +671,7 @@ fn raise_fd_limit() {
 fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody() -> Result<()> {
     raise_fd_limit();
     let topo = Topology::build()?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let services = lab_service(
-        "web",
-        80,
-        HTTP_PORT,
-        "protocol = \"http\"\npolicy = \"route.scm\"\nhead_timeout = 120",
-    );
-    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let (_backends, agent, _) = start_web(&topo, "\nhead_timeout = 120")?;
     let pid = agent.pid().context("agent pid")?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
     // One routed connection first, so that every lazily opened descriptor is open.
@@ -760,14 +760,7 @@ fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody()
 fn a_hand_over_keeps_every_routed_connection() -> Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let topo = Topology::build()?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let services = lab_service(
-        "web",
-        80,
-        HTTP_PORT,
-        "protocol = \"http\"\npolicy = \"route.scm\"",
-    );
-    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let (_backends, agent, _) = start_web(&topo, "")?;
     let pid = agent.pid().context("agent pid")?;
     let target = SocketAddr::new(VIP_V4.into(), 80);
     let header = |i: usize| {

@@ -103,13 +103,7 @@ impl Record {
         file.read_to_string(&mut text)
             .with_context(|| format!("reading the hand-over record (fd {fd})"))?;
         let record: Record = serde_json::from_str(&text).context("parsing the hand-over record")?;
-        let fds = record
-            .listeners
-            .iter()
-            .map(|l| l.fd)
-            .chain(record.pending.iter().map(|c| c.fd))
-            .chain(record.spliced.iter().flat_map(|p| [p.client, p.backend]));
-        for fd in fds {
+        for fd in record.fds() {
             is_socket(fd)?;
             set_cloexec(fd, true)?;
         }
@@ -118,15 +112,18 @@ impl Record {
 
     /// Closes every socket of the record (the next agent routes no service).
     pub fn close(self) {
-        let fds = self
-            .listeners
+        for fd in self.fds() {
+            drop(own(fd));
+        }
+    }
+
+    /// Every descriptor the record names.
+    fn fds(&self) -> impl Iterator<Item = RawFd> + '_ {
+        self.listeners
             .iter()
             .map(|l| l.fd)
             .chain(self.pending.iter().map(|c| c.fd))
-            .chain(self.spliced.iter().flat_map(|p| [p.client, p.backend]));
-        for fd in fds {
-            drop(own(fd));
-        }
+            .chain(self.spliced.iter().flat_map(|p| [p.client, p.backend]))
     }
 }
 

@@ -242,7 +242,10 @@ pub(super) fn start(
             continue;
         };
         let client = TcpStream::from_std(std::net::TcpStream::from(client))?;
-        let peer = client.peer_addr()?;
+        // A client that left during the hand-over is simply closed.
+        let Ok(peer) = client.peer_addr() else {
+            continue;
+        };
         let s = shared.clone();
         shared.spawn(serve(s, i, client, peer));
     }
