@@ -135,6 +135,17 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         "header decisions: {routing}"
     );
     ensure!(routing["bad_requests"].as_u64() == Some(2), "{routing}");
+    // The backends' connection counts include the router's connections.
+    let per_backend: Vec<u64> = status["services"][0]["backends"]
+        .as_array()
+        .context("backends")?
+        .iter()
+        .map(|b| b["connections"].as_u64().unwrap_or(0))
+        .collect();
+    ensure!(
+        per_backend.iter().sum::<u64>() == 7 && per_backend.iter().all(|n| *n > 0),
+        "routed connections per backend: {per_backend:?}"
+    );
     ensure!(routing["too_large"].as_u64() == Some(1), "{routing}");
     let (user, kernel) = (
         routing["userspace_bytes"].as_u64().unwrap_or(0),

@@ -514,6 +514,11 @@ impl Agent {
             .filter(|s| name.is_none_or(|n| s.cfg.name == n))
         {
             let stats = self.datapath.stats(svc.id)?;
+            // Routed connections are opened by the router, not placed by the kernel.
+            let routed = self
+                .router
+                .as_ref()
+                .and_then(|r| r.backend_connections(svc.id));
             let groups = [
                 ("stable", 0, &svc.cfg.stable),
                 ("canary", MAX_GROUP_BACKENDS, &svc.cfg.canary),
@@ -530,7 +535,7 @@ impl Agent {
                     BackendStatus {
                         group: group.into(),
                         address: addr.to_string(),
-                        connections: s.connections,
+                        connections: s.connections + routed.as_ref().map_or(0, |r| r[slot]),
                         packets_in: s.packets_in,
                         packets_out: s.packets_out,
                         bytes_in: s.bytes_in,

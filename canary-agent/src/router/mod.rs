@@ -128,6 +128,18 @@ impl Router {
         }))
     }
 
+    /// Connections the router opened to each backend slot of service `id`.
+    pub fn backend_connections(&self, id: u32) -> Option<Vec<u64>> {
+        let svc = self.service(id)?;
+        Some(
+            svc.counts
+                .backends
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
+        )
+    }
+
     /// `(rule label, version, count)` for `canary_routing_decisions_total`.
     pub fn decisions(&self, id: u32) -> Vec<(String, &'static str, u64)> {
         let Some(svc) = self.service(id) else {

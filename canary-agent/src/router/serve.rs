@@ -14,7 +14,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use canary_common::{
     backend_index, client_hash, flow_hash, Backend, ServiceValue, SplicePeer, GROUP_CANARY,
-    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, SPLICE_REQUESTS, SPLICE_RESPONSES, STICKY_CLIENT_IP,
+    MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, SPLICE_REQUESTS, SPLICE_RESPONSES,
+    STICKY_CLIENT_IP,
 };
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -63,6 +64,9 @@ pub struct VersionCounts {
 #[derive(Default)]
 pub struct Counts {
     pub versions: [VersionCounts; 2],
+    /// Connections the router opened to each backend slot (as the kernel's per-backend
+    /// stats count the split's).
+    pub backends: [AtomicU64; MAX_BACKENDS],
     /// (rule label, version) -> decisions.
     pub decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Bytes the agent copied from clients to decide: the peeked heads (the kernel
@@ -471,14 +475,15 @@ fn kick(sock: &impl AsRawFd) {
 
 /// Which backend of the service a decided connection goes to: the version's group,
 /// the backend by the hash bits `bucket` does not use (as the XDP program does).
-fn pick(value: &ServiceValue, version: Version, hash: u64) -> Option<(Backend, u8)> {
+/// Returns the backend, its group and its slot.
+fn pick(value: &ServiceValue, version: Version, hash: u64) -> Option<(Backend, u8, usize)> {
     let (base, n, group) = match version {
         Version::Canary if value.n_canary > 0 => (MAX_GROUP_BACKENDS, value.n_canary, 1),
         _ if value.n_stable > 0 => (0, value.n_stable, 0),
         _ => return None,
     };
     let slot = base + backend_index(hash, n) as usize;
-    Some((value.backends[slot], group))
+    Some((value.backends[slot], group, slot))
 }
 
 /// Where placing a new connection ended.
@@ -583,11 +588,12 @@ async fn place(shared: &Shared, i: usize, client: &TcpStream, peer: SocketAddr) 
         *d.entry((decision.rule.label(), decision.version.as_str()))
             .or_default() += 1;
     }
-    let Some((backend, group)) = pick(&value, decision.version, conn_hash) else {
+    let Some((backend, group, slot)) = pick(&value, decision.version, conn_hash) else {
         return Ok(Placed::Reply("502 Bad Gateway"));
     };
     let v = &counts.versions[group as usize];
     v.connections.fetch_add(1, Ordering::Relaxed);
+    counts.backends[slot].fetch_add(1, Ordering::Relaxed);
     let to = socket_addr(&backend, cfg.listen.is_ipv6());
     let socket = if to.is_ipv4() {
         TcpSocket::new_v4()?
