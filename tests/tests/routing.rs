@@ -191,23 +191,7 @@ fn header_routing_is_decided_at_the_first_head_and_spliced_in_the_kernel() -> Re
         "{err}"
     );
     // Every connection above is closed: no socket or map entry is left behind.
-    let wait = std::time::Instant::now();
-    loop {
-        let routing = &agent.status()?["services"][0]["routing"];
-        let entries = &routing["splice_entries"];
-        let left = ["sockets", "peers", "state"]
-            .iter()
-            .map(|k| entries[k].as_u64().unwrap_or(u64::MAX))
-            .sum::<u64>();
-        if left == 0 && routing["open_connections"].as_u64() == Some(0) {
-            break;
-        }
-        ensure!(
-            wait.elapsed() < Duration::from_secs(5),
-            "left behind: {routing}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_no_splice(&agent, Duration::from_secs(5))?;
     Ok(())
 }
 
@@ -644,6 +628,20 @@ fn splice_left(agent: &Agent) -> Result<(u64, u64)> {
     ))
 }
 
+/// Waits (bounded) until no splice map entry and no routed connection is left.
+fn wait_no_splice(agent: &Agent, limit: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    while splice_left(agent)? != (0, 0) {
+        ensure!(
+            start.elapsed() < limit,
+            "left behind: (entries, open) = {:?}",
+            splice_left(agent)?
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// Waits (bounded) until the agent holds at most `fds` descriptors and no splice
 /// entry or open routed connection.
 fn wait_back_to(agent: &Agent, pid: u32, fds: usize, limit: Duration) -> Result<()> {
@@ -755,8 +753,13 @@ fn ten_thousand_connections_leave_nothing_behind_and_idle_clients_block_nobody()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .map(|l| l.trim_start_matches("VmRSS:").trim().to_string())
+        .unwrap_or_default();
     println!(
-        "10,000 idle clients: the agent holds {} descriptors, other clients were served",
+        "10,000 idle clients: the agent holds {} descriptors and {rss} resident, other clients were served",
         open_fds(pid)?
     );
     drop(idle);
@@ -910,14 +913,6 @@ fn a_hand_over_keeps_every_routed_connection() -> Result<()> {
         Ok(())
     })?;
     drop((spliced, waiting));
-    let start = std::time::Instant::now();
-    while splice_left(&agent)? != (0, 0) {
-        ensure!(
-            start.elapsed() < Duration::from_secs(5),
-            "left behind after the hand-over: {:?}",
-            splice_left(&agent)?
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_no_splice(&agent, Duration::from_secs(5))?;
     Ok(())
 }

@@ -371,6 +371,8 @@ fn peek(sock: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
 /// A peek that brings nothing new counts as "would block", so the task sleeps until
 /// more bytes arrive instead of peeking the same ones again.
 async fn peek_head(client: &TcpStream, max: usize) -> Result<HeadRead> {
+    // The buffer waits for the first bytes: an idle client holds a socket, not 16 KiB.
+    client.readable().await?;
     let mut buf = vec![0u8; max];
     let mut seen = 0;
     loop {
