@@ -59,10 +59,23 @@ pub enum IngressHook {
     Tc,
 }
 
+/// Where a client packet goes once its destination is a backend.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Forward {
+    /// The stack's IP forwarding: routing, netfilter (FORWARD, POSTROUTING, conntrack).
+    Stack,
+    /// Straight to the next hop's interface from TC ingress, after a FIB lookup: no
+    /// netfilter, no conntrack for the client's packets (the replies still go through
+    /// the stack). Needs `ingress_hook = "tc"`.
+    Redirect,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     pub interfaces: Vec<String>,
     pub ingress_hook: IngressHook,
+    /// Default of every service's `forward`.
+    pub forward: Forward,
     pub control_socket: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
@@ -116,6 +129,8 @@ pub struct ServiceConfig {
     /// `http` services: limits of the first request head the router reads.
     pub head_limit: usize,
     pub head_timeout_s: u64,
+    /// Its own `forward`, else the agent's.
+    pub forward: Forward,
 }
 
 /// Defaults of `head_limit` (bytes) and `head_timeout` (seconds).
@@ -152,6 +167,7 @@ enum OneOrMany {
 struct RawAgent {
     interface: Option<OneOrMany>,
     ingress_hook: Option<String>,
+    forward: Option<String>,
     control_socket: Option<PathBuf>,
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -288,6 +304,28 @@ struct RawService {
     policy: Option<PathBuf>,
     head_limit: Option<usize>,
     head_timeout: Option<u64>,
+    forward: Option<String>,
+}
+
+/// `forward` as written (`None`: `default`); redirecting is done at TC ingress only.
+fn parse_forward(
+    text: Option<&str>,
+    default: Forward,
+    hook: IngressHook,
+) -> Result<Forward, String> {
+    let forward = match text {
+        None => default,
+        Some("stack") => Forward::Stack,
+        Some("redirect") => Forward::Redirect,
+        Some(other) => return Err(format!("{other:?}: use \"stack\" or \"redirect\"")),
+    };
+    if forward == Forward::Redirect && hook != IngressHook::Tc {
+        return Err(
+            "\"redirect\" is done by the TC ingress program: it needs agent.ingress_hook = \"tc\""
+                .into(),
+        );
+    }
+    Ok(forward)
 }
 
 /// Converts a percentage with at most two decimals (0.01 % steps) to basis points.
@@ -377,8 +415,10 @@ impl Config {
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| syntax_error(text, &e, &err))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let agent = match raw.agent {
+        let agent_forward = raw.agent.as_ref().and_then(|a| a.forward.clone());
+        let mut agent = match raw.agent {
             Some(a) => AgentConfig {
+                forward: Forward::Stack,
                 prometheus_url: match a.prometheus_url {
                     Some(url) if !url.starts_with("http://") => {
                         return Err(err(
@@ -469,6 +509,8 @@ impl Config {
             },
             None => return Err(err("agent".into(), "missing [agent] table".into())),
         };
+        agent.forward = parse_forward(agent_forward.as_deref(), Forward::Stack, agent.ingress_hook)
+            .map_err(|r| err("agent.forward".into(), r))?;
         if agent.interfaces.is_empty() {
             return Err(err(
                 "agent.interface".into(),
@@ -638,7 +680,10 @@ impl Config {
                     format!("{head_timeout_s} s: use 1 to 3600 seconds"),
                 ));
             }
+            let forward = parse_forward(s.forward.as_deref(), agent.forward, agent.ingress_hook)
+                .map_err(|r| err(at("forward"), r))?;
             services.push(ServiceConfig {
+                forward,
                 name: s.name,
                 listen,
                 protocol,
@@ -992,6 +1037,51 @@ sticky = "client-ip"
             &agent("ingress_hook = \"XDP\""),
             "agent.ingress_hook",
             "use \"auto\"",
+        );
+    }
+
+    #[test]
+    fn forward_defaults_to_the_stack_and_redirect_needs_tc_ingress() {
+        let config = |agent: &str, service: &str| {
+            format!(
+                "[agent]\ninterface = \"cli0\"\n{agent}\n[[service]]\nname = \"web\"\n\
+                 listen = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\n{service}\n"
+            )
+        };
+        let c = parse(&config("", "")).unwrap();
+        assert_eq!(
+            (c.agent.forward, c.services[0].forward),
+            (Forward::Stack, Forward::Stack)
+        );
+        let tc = "ingress_hook = \"tc\"";
+        let c = parse(&config(&format!("{tc}\nforward = \"redirect\""), "")).unwrap();
+        assert_eq!(
+            c.services[0].forward,
+            Forward::Redirect,
+            "the agent's default"
+        );
+        let c = parse(&config(
+            &format!("{tc}\nforward = \"redirect\""),
+            "forward = \"stack\"",
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].forward, Forward::Stack, "the service's own");
+        let c = parse(&config(tc, "forward = \"redirect\"")).unwrap();
+        assert_eq!(c.services[0].forward, Forward::Redirect);
+        expect_err(
+            &config("forward = \"redirect\"", ""),
+            "agent.forward",
+            "needs agent.ingress_hook = \"tc\"",
+        );
+        expect_err(
+            &config("ingress_hook = \"xdp\"", "forward = \"redirect\""),
+            "service[0] (web).forward",
+            "needs agent.ingress_hook",
+        );
+        expect_err(
+            &config(tc, "forward = \"fast\""),
+            "service[0] (web).forward",
+            "use \"stack\"",
         );
     }
 

@@ -989,6 +989,8 @@ impl Fixture {
 const VIP: &str = "198.19.0.10:80";
 const STABLE: &str = "198.18.2.2:8080";
 const CANARY: &str = "198.18.3.2:9090";
+const VIP6: &str = "[2001:db8:ffff::10]:80";
+const STABLE6: &str = "[2001:db8:2::2]:8080";
 
 fn cidr_cohort_is_decided_at_the_first_syn(hook: Hook) {
     let mut f = Fixture::new(hook, ROUTED);
@@ -1100,3 +1102,173 @@ fn default_cohort_percentage_is_sticky_per_client_address(hook: Hook) {
     assert_eq!(d[1], [3 * (200 - canary as u64), 3 * canary as u64]);
 }
 at_both_hooks!(default_cohort_percentage_is_sticky_per_client_address);
+
+/// Runs `test` on a thread moved into a fresh, unnamed network namespace (gone with the
+/// thread on every exit path) that routes like a node: clients on r0 (198.18.1.0/24,
+/// 2001:db8:1::/64), backends one hop away through s0 (198.18.2.0/24, 2001:db8:2::/64)
+/// with a permanent neighbour entry for 198.18.2.2 and 2001:db8:2::2, forwarding on.
+/// `test` gets r0's index and s0's MAC address.
+fn in_router_netns(test: impl FnOnce(u32, [u8; 6]) + Send) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: affects only this thread, which ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
+            for cmd in [
+                "ip link add r0 type veth peer name r1",
+                "ip link add s0 type veth peer name s1",
+                "ip link set r0 up",
+                "ip link set r1 up",
+                "ip link set s0 up",
+                "ip link set s1 up",
+                "ip addr add 198.18.1.1/24 dev r0",
+                "ip addr add 198.18.2.1/24 dev s0",
+                "ip -6 addr add 2001:db8:1::1/64 dev r0 nodad",
+                "ip -6 addr add 2001:db8:2::1/64 dev s0 nodad",
+                "ip neigh add 198.18.2.2 lladdr 02:00:00:00:02:02 dev s0 nud permanent",
+                "ip -6 neigh add 2001:db8:2::2 lladdr 02:00:00:00:02:02 dev s0 nud permanent",
+                "sysctl -qw net.ipv4.conf.all.forwarding=1",
+                "sysctl -qw net.ipv6.conf.all.forwarding=1",
+            ] {
+                sh(cmd);
+            }
+            let line = sh("ip -br link show dev s0");
+            let mac: Vec<u8> = line
+                .split_whitespace()
+                .nth(2)
+                .unwrap_or_default()
+                .split(':')
+                .map(|b| u8::from_str_radix(b, 16).unwrap())
+                .collect();
+            // SAFETY: a NUL-terminated name.
+            let r0 = unsafe { libc::if_nametoindex(c"r0".as_ptr()) };
+            assert_ne!(r0, 0, "r0");
+            test(r0, mac.try_into().expect("s0's MAC address"));
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    });
+}
+
+/// Runs a command (split at spaces) and returns its stdout; panics naming it on failure.
+fn sh(cmd: &str) -> String {
+    let mut argv = cmd.split(' ');
+    let out = std::process::Command::new(argv.next().unwrap())
+        .args(argv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+const NEIGHBOUR_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+
+/// A packet with its TTL (IPv4) or hop limit (IPv6) set to `ttl`.
+fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
+    if packet[12..14] == [0x08, 0x00] {
+        let old = u16::from_ne_bytes([packet[22], packet[23]]);
+        packet[22] = ttl;
+        let new = u16::from_ne_bytes([packet[22], packet[23]]);
+        let check = u16::from_ne_bytes([packet[24], packet[25]]);
+        let check = canary_common::csum::replace16(check, old, new);
+        packet[24..26].copy_from_slice(&check.to_ne_bytes());
+    } else {
+        packet[21] = ttl;
+    }
+    packet
+}
+
+/// TTL or hop limit of an Ethernet frame's IP packet.
+fn ttl(packet: &[u8]) -> u8 {
+    if packet[12..14] == [0x08, 0x00] {
+        packet[22]
+    } else {
+        packet[21]
+    }
+}
+
+#[test]
+fn forward_redirect_sends_the_rewritten_packet_to_the_next_hop_with_one_hop_less() {
+    in_router_netns(|r0, s0_mac| {
+        let f = Fixture::new(
+            Hook::Tc,
+            r#"ingress_hook = "tc"
+[[service]]
+name = "web"
+listen = "198.19.0.10:80"
+stable = ["198.18.2.2:8080"]
+forward = "redirect"
+[[service]]
+name = "web6"
+listen = "[2001:db8:ffff::10]:80"
+stable = ["[2001:db8:2::2]:8080"]
+forward = "redirect"
+[[service]]
+name = "kept"
+listen = "198.19.0.11:80"
+stable = ["198.18.2.2:8080"]
+[[service]]
+name = "dns"
+listen = "198.19.0.53:53"
+protocol = "udp"
+stable = ["198.18.2.2:5353"]
+forward = "redirect"
+"#,
+        );
+        let fd = f.dp.program_fd(PROG_INGRESS_TC).unwrap();
+        let run = |packet: &[u8]| {
+            let r = test_run::run_arriving_on(fd.as_fd(), packet, r0).unwrap();
+            (r.retval, r.packet)
+        };
+        for (client, vip, backend) in [
+            ("198.18.1.2:40000", VIP, STABLE),
+            ("[2001:db8:1::2]:40000", VIP6, STABLE6),
+        ] {
+            let (verdict, out) = run(&tcp(sa(client), sa(vip), true, b""));
+            assert_eq!(verdict, TC_ACT_REDIRECT, "{client} -> {vip}");
+            assert_eq!(endpoints(&out), (sa(client), sa(backend)));
+            assert_eq!(out[0..6], NEIGHBOUR_MAC, "the neighbour's MAC");
+            assert_eq!(out[6..12], s0_mac, "s0's MAC");
+            assert_eq!(ttl(&out), 63);
+        }
+        // A frame shorter than the 54 bytes of an Ethernet, IPv4 and TCP header.
+        let (verdict, out) = run(&udp(sa("198.18.1.2:5000"), sa("198.19.0.53:53"), b"q"));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "a short UDP datagram");
+        assert_eq!(endpoints(&out).1, sa("198.18.2.2:5353"));
+        assert_eq!((out[0..6] == NEIGHBOUR_MAC, ttl(&out)), (true, 63));
+        // Each case the FIB or the TTL cannot take goes to the stack: rewritten, with
+        // the rest as it came.
+        let to_stack = |packet: Vec<u8>, why: &str| {
+            let (verdict, out) = run(&packet);
+            assert_eq!(verdict, TC_ACT_OK, "{why}");
+            assert_eq!(out[0..14], packet[0..14], "{why}: Ethernet header");
+            assert_eq!(ttl(&out), ttl(&packet), "{why}: TTL");
+            endpoints(&out)
+        };
+        let syn = |client: &str, vip: &str| tcp(sa(client), sa(vip), true, b"");
+        assert_eq!(
+            to_stack(syn("198.18.1.2:40001", "198.19.0.11:80"), "forward = stack"),
+            (sa("198.18.1.2:40001"), sa(STABLE))
+        );
+        assert_eq!(
+            to_stack(with_ttl(syn("198.18.1.2:40002", VIP), 1), "TTL 1"),
+            (sa("198.18.1.2:40002"), sa(STABLE))
+        );
+        assert_eq!(
+            to_stack(
+                with_ttl(syn("[2001:db8:1::2]:40002", VIP6), 1),
+                "hop limit 1"
+            )
+            .1,
+            sa(STABLE6)
+        );
+        sh("ip neigh del 198.18.2.2 dev s0");
+        to_stack(syn("198.18.1.2:40003", VIP), "no neighbour entry");
+        sh("sysctl -qw net.ipv6.conf.all.forwarding=0");
+        to_stack(syn("[2001:db8:1::2]:40003", VIP6), "forwarding off");
+    });
+}

@@ -36,6 +36,22 @@ pub fn replace_addr(check: u16, old: &[u32; 4], new: &[u32; 4]) -> u16 {
     !fold(sum)
 }
 
+/// The 32-bit one's-complement difference of replacing address `old` with `new` (the
+/// kernel's `__wsum` diff, as `bpf_l4_csum_replace` takes it with a size of 0): one
+/// helper call for an IPv6 address instead of one per word.
+#[inline(always)]
+pub fn addr_diff(old: &[u32; 4], new: &[u32; 4]) -> u32 {
+    let mut sum = 0u64;
+    let mut i = 0;
+    while i < 4 {
+        sum += (!old[i]) as u64 + new[i] as u64;
+        i += 1;
+    }
+    sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    sum as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,5 +90,27 @@ mod tests {
         data[..8].copy_from_slice(&[0x2001, 0x0db8, 3, 0, 0, 0, 0, 2]);
         let new = as_words(&data);
         assert_eq!(replace_addr(check, &old, &new), full(&data));
+    }
+
+    #[test]
+    fn an_address_diff_applied_to_a_checksum_is_the_address_replacement() {
+        let cases: [([u32; 4], [u32; 4], u16); 3] = [
+            ([0x0102_c612, 0, 0, 0], [0x0203_c612, 0, 0, 0], 0x1c46),
+            (
+                [0xb80d_0120, 0, 0xffff, 0x1000_0000],
+                [0xb80d_0120, 0, 2, 0x0200_0000],
+                0xffff,
+            ),
+            ([u32::MAX; 4], [0; 4], 0),
+        ];
+        for (old, new, check) in cases {
+            // How the kernel applies a diff to a complete checksum.
+            let applied = !fold((!check) as u64 + addr_diff(&old, &new) as u64);
+            assert_eq!(
+                applied,
+                replace_addr(check, &old, &new),
+                "{old:x?} -> {new:x?}"
+            );
+        }
     }
 }

@@ -109,7 +109,10 @@ pub struct ServiceValue {
     /// 1 after a rollback: a cohort that would send a connection to canary sends it
     /// to stable (the weight split is at 0 then anyway).
     pub rolled_back: u8,
-    pub _pad: [u8; 3],
+    /// [`FORWARD_REDIRECT`]: the TC ingress program sends a rewritten packet straight
+    /// to the next hop's interface; [`FORWARD_STACK`]: the stack forwards it.
+    pub forward: u8,
+    pub _pad: [u8; 2],
     /// Stable backends in `0..n_stable`, canary ones in `16..16 + n_canary`.
     pub backends: [Backend; MAX_BACKENDS],
 }
@@ -126,11 +129,15 @@ impl Default for ServiceValue {
             routing: ROUTING_NONE,
             cidr_gen: 0,
             rolled_back: 0,
-            _pad: [0; 3],
+            forward: FORWARD_STACK,
+            _pad: [0; 2],
             backends: [Backend::default(); MAX_BACKENDS],
         }
     }
 }
+
+pub const FORWARD_STACK: u8 = 0;
+pub const FORWARD_REDIRECT: u8 = 1;
 
 pub const ROUTING_NONE: u8 = 0;
 pub const ROUTING_CIDR: u8 = 1;

@@ -19,14 +19,27 @@ use crate::{
     telemetry,
 };
 
+/// A packet rewritten towards its backend: what a FIB lookup for it needs.
+pub struct Rewritten {
+    /// The service's `forward` (FORWARD_*).
+    pub forward: u8,
+    pub family: u8,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+}
+
+/// `Some` when the packet was ours and now goes to its backend.
 #[inline(always)]
-pub fn handle<F: Frame>(ctx: &F) {
+pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let Some(pkt) = parse(data, end) else { return };
+    let pkt = parse(data, end)?;
     // A packet the hook does not hold whole passes as it came: no flow placed, nothing
     // counted, no sequence state advanced, nothing rewritten.
     if ctx.cut_short(&pkt) {
-        return;
+        return None;
     }
     let svc_key = ServiceKey {
         addr: pkt.dst,
@@ -36,9 +49,7 @@ pub fn handle<F: Frame>(ctx: &F) {
     };
     // SAFETY: SERVICES is not preallocated, so a concurrent update swaps in a new
     // element and this one stays valid for the rest of the program run.
-    let Some(svc) = (unsafe { SERVICES.get(&svc_key) }) else {
-        return;
-    };
+    let svc = unsafe { SERVICES.get(&svc_key) }?;
     let key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -61,10 +72,7 @@ pub fn handle<F: Frame>(ctx: &F) {
             }
             (flow, Some(entry))
         }
-        None => match place(&key, &pkt, svc, tcp) {
-            Some(flow) => (flow, None),
-            None => return,
-        },
+        None => (place(&key, &pkt, svc, tcp)?, None),
     };
     let first = if pkt.proto == PROTO_TCP {
         ctx.load4(pkt.payload_off)
@@ -80,12 +88,7 @@ pub fn handle<F: Frame>(ctx: &F) {
             }
         }
     }
-    if ctx
-        .rewrite_destination(&pkt, &flow.addr, flow.port)
-        .is_none()
-    {
-        return;
-    }
+    ctx.rewrite_destination(&pkt, &flow.addr, flow.port)?;
     if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
         // SAFETY: per-CPU slot, no other writer on this CPU during the program run.
         unsafe {
@@ -93,6 +96,15 @@ pub fn handle<F: Frame>(ctx: &F) {
             (*stats).bytes_in += ctx.len() as u64;
         }
     }
+    Some(Rewritten {
+        forward: svc.forward,
+        family: pkt.family,
+        proto: pkt.proto,
+        sport: pkt.sport,
+        dport: flow.port,
+        src: pkt.src,
+        dst: flow.addr,
+    })
 }
 
 /// A TCP segment's acknowledgment number (as loaded).

@@ -8,6 +8,7 @@
 
 mod checksum;
 mod egress;
+mod forward;
 mod frame;
 mod ingress;
 mod maps;
@@ -15,6 +16,8 @@ mod parse;
 mod route;
 mod splice;
 mod telemetry;
+
+use canary_common::FORWARD_REDIRECT;
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, xdp_action, TC_ACT_OK},
@@ -25,7 +28,7 @@ use aya_ebpf::{
 /// Client -> service direction. Never drops: anything that is not ours passes untouched.
 #[xdp]
 pub fn canary_ingress(ctx: XdpContext) -> u32 {
-    ingress::handle(&ctx);
+    let _ = ingress::handle(&ctx);
     xdp_action::XDP_PASS
 }
 
@@ -33,7 +36,9 @@ pub fn canary_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn canary_ingress_tc(ctx: TcContext) -> i32 {
     if frame::tc_headers_linear(&ctx) {
-        ingress::handle(&ctx);
+        if let Some(to) = ingress::handle(&ctx).filter(|to| to.forward == FORWARD_REDIRECT) {
+            return forward::redirect(&ctx, &to);
+        }
     }
     TC_ACT_OK as i32
 }

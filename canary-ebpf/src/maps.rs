@@ -2,7 +2,7 @@
 //! agent restart reattaches to the same services, flows and counters.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
@@ -73,3 +73,8 @@ pub static ROUTE_STATE: HashMap<u64, SpliceState> = HashMap::pinned(MAX_SPLICED,
 /// Bytes redirected in the kernel, per service (the agent counts what it copies).
 #[map(name = "ROUTE_BYTES")]
 pub static ROUTE_BYTES: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// A FIB lookup's parameters (64 bytes: too many for the program's stack beside the
+/// flow keys). Per CPU, used within one program run; not pinned, it holds no state.
+#[map(name = "CANARY_FIB")]
+pub static FIB: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);

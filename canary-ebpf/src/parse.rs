@@ -10,7 +10,7 @@
 
 use canary_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
-const ETH_LEN: usize = 14;
+pub const ETH_LEN: usize = 14;
 pub const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPV4_LEN: usize = 20;

@@ -239,3 +239,89 @@ fn udp_and_ipv6_services_are_split_and_answered_from_the_service_address() -> Re
     }
     Ok(())
 }
+
+/// The pkts column of each rule of an `iptables -nvxL CHAIN` listing.
+fn rule_packets(listing: &str) -> Vec<u64> {
+    listing
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn forward_redirect_takes_client_packets_past_ip_forwarding() -> Result<()> {
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = format!(
+        "ingress_hook = \"tc\"\nforward = \"redirect\"\n{}\
+         [[service]]\nname = \"web6\"\nlisten = \"[{VIP_V6}]:80\"\nstable = [\"[{STABLE_V6}]:{BANNER_PORT}\"]\ncanary = [\"[{CANARY_V6}]:{BANNER_PORT}\"]\nweight = 30\n\
+         [[service]]\nname = \"dns\"\nlisten = \"{VIP_V4}:53\"\nprotocol = \"udp\"\nstable = [\"{STABLE_V4}:{UDP_PORT}\"]\ncanary = [\"{CANARY_V4}:{UDP_PORT}\"]\nweight = 30\n",
+        lab_service("web", 80, BANNER_PORT, "weight = 30")
+    );
+    let _agent = Agent::start(&topo.node, &services, &[])?;
+    // Count forwarded packets towards the backends' networks and back from them.
+    for (tool, backends) in [
+        ("iptables", "198.18.2.0/23"),
+        ("ip6tables", "2001:db8:2::/63"),
+    ] {
+        topo.node
+            .run(&[tool, "-w", "-A", "FORWARD", "-d", backends, "-j", "ACCEPT"])?;
+        topo.node
+            .run(&[tool, "-w", "-A", "FORWARD", "-s", backends, "-j", "ACCEPT"])?;
+    }
+    let v4 = topo.client.enter(|| {
+        banner_connections(
+            SocketAddr::new(VIP_V4.into(), 80),
+            2000,
+            16,
+            &[],
+            Duration::from_secs(5),
+        )
+    })?;
+    let v6 = topo.client.enter(|| {
+        banner_connections(
+            SocketAddr::new(VIP_V6.into(), 80),
+            2000,
+            16,
+            &[],
+            Duration::from_secs(5),
+        )
+    })?;
+    let udp = topo.client.enter(|| {
+        udp_probe(
+            SocketAddr::new(VIP_V4.into(), 53),
+            400,
+            &[CLIENT_V4.into()],
+            Duration::from_secs(2),
+        )
+    })?;
+    for (what, r, n) in [
+        ("ipv4", &v4, 2000.0),
+        ("ipv6", &v6, 2000.0),
+        ("udp", &udp, 400.0),
+    ] {
+        ensure!(r.failed() == 0, "{what} failures {:?}", r.failures);
+        let share = r.count("canary") as f64 / n;
+        ensure!((0.2..0.4).contains(&share), "{what} canary share {share}");
+    }
+    for tool in ["iptables", "ip6tables"] {
+        let counts = rule_packets(&topo.node.run(&[tool, "-w", "-nvxL", "FORWARD"])?);
+        println!("{tool} FORWARD packets (to backends, from backends): {counts:?}");
+        ensure!(counts.len() == 2, "{tool}: {counts:?}");
+        // Only packets sent while a backend's neighbour entry was being resolved take the
+        // stack: at most the first segments of the 16 connections open at a time, per
+        // backend. Through the stack it would be every client packet (over 6000).
+        ensure!(
+            counts[0] <= 64,
+            "{tool}: {} client packets went through IP forwarding",
+            counts[0]
+        );
+        ensure!(
+            counts[1] >= 2000,
+            "{tool}: replies go through the stack, {} counted",
+            counts[1]
+        );
+    }
+    Ok(())
+}

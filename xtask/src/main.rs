@@ -40,6 +40,11 @@ enum Task {
         /// Seconds of wrk per load (short runs check that everything works).
         #[arg(long, default_value_t = 6)]
         seconds: u32,
+        /// Split table paths to run, comma-separated (default: all): direct,
+        /// xdp-attached, empty-attached, tc, tc-redirect, tc-weight0, xdp, iptables, nginx, haproxy. `direct` always runs: the
+        /// ratios are to it.
+        #[arg(long, value_delimiter = ',', value_enum)]
+        paths: Vec<bench::PathName>,
     },
 }
 
@@ -59,7 +64,8 @@ fn main() -> Result<()> {
             profile,
             only,
             seconds,
-        } => bench::run(rounds, profile, only, seconds),
+            paths,
+        } => bench::run(rounds, profile, only, seconds, &paths),
     }
 }
 

@@ -6,12 +6,13 @@ use std::net::{IpAddr, SocketAddr};
 use aya::maps::lpm_trie::Key;
 use canary_common::{
     Backend, CidrKey, CidrValue, ServiceKey, ServiceValue, CIDR_CANARY, CIDR_KEY_FIXED_BITS,
-    CIDR_PERCENT, CIDR_SPLIT, CIDR_STABLE, FAMILY_V4, FAMILY_V6, MAX_GROUP_BACKENDS, MODE_EXACT,
-    MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, ROUTING_CIDR, STICKY_CLIENT_IP, STICKY_CONNECTION,
+    CIDR_PERCENT, CIDR_SPLIT, CIDR_STABLE, FAMILY_V4, FAMILY_V6, FORWARD_REDIRECT, FORWARD_STACK,
+    MAX_GROUP_BACKENDS, MODE_EXACT, MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, ROUTING_CIDR,
+    STICKY_CLIENT_IP, STICKY_CONNECTION,
 };
 use ipnet::IpNet;
 
-use crate::config::{Mode, Protocol, ServiceConfig, Sticky};
+use crate::config::{Forward, Mode, Protocol, ServiceConfig, Sticky};
 use crate::policy::routing::{KernelRule, KernelTable, Routing, Target, Version};
 
 pub fn encode_addr(ip: IpAddr) -> [u32; 4] {
@@ -151,6 +152,10 @@ pub fn encode_service(svc: &ServiceConfig, id: u32, weight_bp: u16) -> ServiceVa
         },
         n_stable: svc.stable.len() as u8,
         n_canary: svc.canary.len() as u8,
+        forward: match svc.forward {
+            Forward::Stack => FORWARD_STACK,
+            Forward::Redirect => FORWARD_REDIRECT,
+        },
         ..Default::default()
     };
     let groups = [(0, &svc.stable), (MAX_GROUP_BACKENDS, &svc.canary)];

@@ -38,6 +38,36 @@ pub struct TestRun {
 }
 
 pub fn run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> Result<TestRun> {
+    run_inner(prog, packet, repeat, None)
+}
+
+/// The start of `struct __sk_buff` up to the fields a test run may set: `ifindex` picks
+/// the device the packet arrives on, `ingress_ifindex` what the program reads as such.
+#[repr(C)]
+#[derive(Default)]
+struct SkBuffCtx {
+    before: [u32; 9],
+    ingress_ifindex: u32,
+    ifindex: u32,
+}
+
+/// [`run`] for a TC program on a packet that arrived on interface `ifindex` of the
+/// calling thread's network namespace (FIB lookups and redirects then resolve there).
+pub fn run_arriving_on(prog: BorrowedFd<'_>, packet: &[u8], ifindex: u32) -> Result<TestRun> {
+    let ctx = SkBuffCtx {
+        ingress_ifindex: ifindex,
+        ifindex,
+        ..Default::default()
+    };
+    run_inner(prog, packet, 1, Some(&ctx))
+}
+
+fn run_inner(
+    prog: BorrowedFd<'_>,
+    packet: &[u8],
+    repeat: u32,
+    ctx: Option<&SkBuffCtx>,
+) -> Result<TestRun> {
     let mut out = vec![0u8; packet.len() + 256];
     let mut attr = TestRunAttr {
         prog_fd: prog.as_raw_fd() as u32,
@@ -46,6 +76,8 @@ pub fn run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> Result<TestRun> 
         data_in: packet.as_ptr() as u64,
         data_out: out.as_mut_ptr() as u64,
         repeat,
+        ctx_size_in: ctx.map_or(0, |_| std::mem::size_of::<SkBuffCtx>() as u32),
+        ctx_in: ctx.map_or(0, |c| c as *const SkBuffCtx as u64),
         ..Default::default()
     };
     // SAFETY: attr points at valid buffers of the sizes given, for the duration of

@@ -129,7 +129,8 @@ pub fn peak_rss_mib(pid: u32) -> Result<f64> {
 
 /// `perf record` of every CPU (software clock: this machine kind has no hardware
 /// counters) while a load runs; the report is where kernel and user time went,
-/// including the JIT-ed BPF programs (`bpf_prog_*`).
+/// including the JIT-ed BPF programs (`bpf_prog_*`). The data stays in
+/// `target/bench-perf/` for `perf report -i` / `perf annotate -i`.
 pub struct Profile {
     child: std::process::Child,
     data: std::path::PathBuf,
@@ -137,8 +138,14 @@ pub struct Profile {
 }
 
 impl Profile {
-    pub fn start(dir: &std::path::Path, what: &str) -> Result<Profile> {
-        let data = dir.join("perf.data");
+    pub fn start(what: &str) -> Result<Profile> {
+        let dir = crate::workspace_root().join("target/bench-perf");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let slug: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let data = dir.join(format!("{slug}.data"));
         let child = std::process::Command::new("perf")
             .args([
                 "record",
@@ -213,6 +220,28 @@ impl Profile {
         }) {
             println!("{line}");
         }
+        // Each program with the helpers and kernel functions it called: its whole share.
+        let out = std::process::Command::new("perf")
+            .args([
+                "report",
+                "--stdio",
+                "--children",
+                "--sort",
+                "sym",
+                "-g",
+                "none",
+                "-i",
+            ])
+            .arg(&self.data)
+            .output()?;
+        println!("  … BPF programs with what they called (perf --children):");
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("bpf_prog_"))
+        {
+            println!("{line}");
+        }
+        println!("  (perf data: {})", self.data.display());
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! HTTP routing), and ns/packet from BPF_PROG_TEST_RUN, including the placement path
 //! over distinct tuples. `--only split|routing` runs one table.
 
+mod floor;
 mod kernel;
 mod peers;
 mod routing;
@@ -31,30 +32,78 @@ enum Path {
     /// Straight to a backend through the node, with the agent's XDP program attached
     /// to the client-facing veth: what the hook costs traffic that is not ours.
     DirectXdpAttached,
+    /// Straight to a backend with two programs that only return "pass" at the TC hooks
+    /// the splitter uses: the floor of a program's cost there ([`floor`]).
+    DirectEmptyAttached,
     /// The splitter with its ingress program at XDP or at TC (`ingress_hook`).
     Splitter(&'static str),
+    /// The splitter at TC ingress with `forward = "redirect"`: rewritten client packets
+    /// go straight to the backend's interface instead of through IP forwarding.
+    SplitterRedirect,
+    /// The splitter (TC ingress) at weight 0: every packet takes the splitter's whole
+    /// path, but to one backend, as direct does. Two backends mean one more busy
+    /// process on the machine's two cores; this row separates that from the datapath.
+    SplitterWeightZero,
     Iptables,
     NginxStream,
     Haproxy,
 }
 
-const PATHS: [Path; 7] = [
+const PATHS: [Path; 10] = [
     Path::Direct,
     Path::DirectXdpAttached,
+    Path::DirectEmptyAttached,
     Path::Splitter("tc"),
+    Path::SplitterRedirect,
+    Path::SplitterWeightZero,
     Path::Splitter("xdp"),
     Path::Iptables,
     Path::NginxStream,
     Path::Haproxy,
 ];
 
+/// A split-table path as `--paths` names it.
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum PathName {
+    Direct,
+    XdpAttached,
+    EmptyAttached,
+    Tc,
+    TcRedirect,
+    TcWeight0,
+    Xdp,
+    Iptables,
+    Nginx,
+    Haproxy,
+}
+
+impl PathName {
+    fn path(self) -> Path {
+        match self {
+            PathName::Direct => Path::Direct,
+            PathName::XdpAttached => Path::DirectXdpAttached,
+            PathName::EmptyAttached => Path::DirectEmptyAttached,
+            PathName::Tc => Path::Splitter("tc"),
+            PathName::TcRedirect => Path::SplitterRedirect,
+            PathName::TcWeight0 => Path::SplitterWeightZero,
+            PathName::Xdp => Path::Splitter("xdp"),
+            PathName::Iptables => Path::Iptables,
+            PathName::Nginx => Path::NginxStream,
+            PathName::Haproxy => Path::Haproxy,
+        }
+    }
+}
+
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct (through the node, no split)",
             Path::DirectXdpAttached => "direct, agent's XDP attached",
+            Path::DirectEmptyAttached => "direct, empty TC programs attached",
             Path::Splitter("tc") => "canary splitter (TC ingress + TC egress)",
             Path::Splitter(_) => "canary splitter (XDP ingress + TC egress)",
+            Path::SplitterRedirect => "canary splitter (TC ingress, forward = redirect)",
+            Path::SplitterWeightZero => "canary splitter at weight 0 (TC; one backend, as direct)",
             Path::Iptables => "iptables statistic DNAT",
             Path::NginxStream => "nginx stream split_clients",
             Path::Haproxy => "HAProxy tcp",
@@ -63,10 +112,12 @@ impl Path {
 
     fn target(self) -> String {
         match self {
-            Path::Direct | Path::DirectXdpAttached => {
+            Path::Direct | Path::DirectXdpAttached | Path::DirectEmptyAttached => {
                 format!("{}:{BACKEND_PORT}", canary_lab::topology::STABLE_V4)
             }
-            Path::Splitter(_) => format!("{VIP_V4}:80"),
+            Path::Splitter(_) | Path::SplitterRedirect | Path::SplitterWeightZero => {
+                format!("{VIP_V4}:80")
+            }
             Path::Iptables => format!("{IPTABLES_VIP}:80"),
             Path::NginxStream => format!("{NGINX_VIP}:80"),
             Path::Haproxy => format!("{HAPROXY_VIP}:80"),
@@ -78,6 +129,13 @@ impl Path {
     fn agent_config(self) -> Option<String> {
         let service = lab_service("web", 80, BACKEND_PORT, "weight = 10");
         match self {
+            Path::SplitterRedirect => Some(format!(
+                "ingress_hook = \"tc\"\nforward = \"redirect\"\n{service}"
+            )),
+            Path::SplitterWeightZero => Some(format!(
+                "ingress_hook = \"tc\"\n{}",
+                lab_service("web", 80, BACKEND_PORT, "weight = 0")
+            )),
             Path::DirectXdpAttached => Some(format!("ingress_hook = \"xdp\"\n{service}")),
             Path::Splitter(hook) => Some(format!("ingress_hook = \"{hook}\"\n{service}")),
             _ => None,
@@ -105,12 +163,23 @@ pub enum Part {
     Routing,
 }
 
-pub fn run(rounds: usize, profile: bool, only: Option<Part>, seconds: u32) -> Result<()> {
+pub fn run(
+    rounds: usize,
+    profile: bool,
+    only: Option<Part>,
+    seconds: u32,
+    paths: &[PathName],
+) -> Result<()> {
     let (_, _) = release_bins()?;
     let scratch = peers::Scratch::new()?;
     let _stats = kernel::BpfStats::enable()?;
     if only != Some(Part::Routing) {
-        split(rounds, profile, seconds, &scratch)?;
+        // Direct always runs: every ratio is to it.
+        let selected: Vec<bool> = PATHS
+            .iter()
+            .map(|&p| p == Path::Direct || paths.is_empty() || paths.iter().any(|n| n.path() == p))
+            .collect();
+        split(rounds, profile, seconds, &selected, &scratch)?;
     }
     if only != Some(Part::Split) {
         routing::run(rounds, profile, seconds, &scratch)?;
@@ -121,13 +190,19 @@ pub fn run(rounds: usize, profile: bool, only: Option<Part>, seconds: u32) -> Re
     Ok(())
 }
 
-fn split(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -> Result<()> {
+fn split(
+    rounds: usize,
+    profile: bool,
+    seconds: u32,
+    selected: &[bool],
+    scratch: &peers::Scratch,
+) -> Result<()> {
     // results[path][load] = one WrkResult per round
     let mut results: Vec<Vec<Vec<WrkResult>>> =
         vec![vec![Vec::new(); Load::ALL.len()]; PATHS.len()];
     let mut costs = Vec::new();
     for round in 0..rounds {
-        for (p, &path) in PATHS.iter().enumerate() {
+        for (p, &path) in PATHS.iter().enumerate().filter(|&(p, _)| selected[p]) {
             eprintln!("round {}/{rounds}: {}", round + 1, path.name());
             let topo = Topology::build()?;
             let _backends = peers::start_backends(&topo, &scratch.0)?;
@@ -142,7 +217,12 @@ fn split(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -
                 Path::Haproxy => _guards.push(peers::haproxy_split(&topo, &scratch.0)?),
                 _ => {}
             }
+            let _empty = (path == Path::DirectEmptyAttached)
+                .then(|| floor::attach(&topo.node))
+                .transpose()?;
             let pid = agent.as_ref().and_then(Agent::pid);
+            // Whose programs to read: the agent's, or this process's empty ones.
+            let holder = pid.or(_empty.as_ref().map(|_| std::process::id()));
             let mut cost = SplitterCost {
                 path: p,
                 ..Default::default()
@@ -150,18 +230,24 @@ fn split(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -
             let cpu0 = pid.map(kernel::cpu_seconds).transpose()?;
             let started = std::time::Instant::now();
             for (l, &load) in Load::ALL.iter().enumerate() {
-                let before = pid.map(kernel::program_runs).transpose()?;
+                let before = holder.map(kernel::program_runs).transpose()?;
                 let perf = (profile
                     && load == Load::KeepAlive
-                    && matches!(path, Path::Direct | Path::Splitter(_)))
-                .then(|| kernel::Profile::start(&scratch.0, path.name()))
+                    && matches!(
+                        path,
+                        Path::Direct
+                            | Path::Splitter(_)
+                            | Path::SplitterRedirect
+                            | Path::SplitterWeightZero
+                    ))
+                .then(|| kernel::Profile::start(path.name()))
                 .transpose()?;
                 results[p][l].push(wrk::run(&topo, load, &path.target(), seconds)?);
                 if let Some(perf) = perf {
                     perf.report()?;
                 }
-                if let (Some(pid), Some(before)) = (pid, before) {
-                    let after = kernel::program_runs(pid)?;
+                if let (Some(holder), Some(before)) = (holder, before) {
+                    let after = kernel::program_runs(holder)?;
                     cost.programs
                         .push((load, kernel::ns_per_run(&before, &after)));
                 }
@@ -170,6 +256,8 @@ fn split(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch) -
                 cost.agent_cpu_s = kernel::cpu_seconds(pid)? - cpu0;
                 cost.wall_s = started.elapsed().as_secs_f64();
                 cost.peak_rss_mib = kernel::peak_rss_mib(pid)?;
+            }
+            if holder.is_some() {
                 costs.push(cost);
             }
         }
@@ -195,7 +283,11 @@ fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
     for (l, load) in Load::ALL.iter().enumerate() {
         let direct_rps = mean(results[0][l].iter().map(|r| r.rps));
         let direct_p99 = mean(results[0][l].iter().map(|r| r.p99_ms));
-        for (p, path) in PATHS.iter().enumerate() {
+        for (p, path) in PATHS
+            .iter()
+            .enumerate()
+            .filter(|&(p, _)| !results[p][l].is_empty())
+        {
             let rps = mean(results[p][l].iter().map(|r| r.rps));
             let p50 = mean(results[p][l].iter().map(|r| r.p50_ms));
             let p99 = mean(results[p][l].iter().map(|r| r.p99_ms));
@@ -224,6 +316,12 @@ fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
     );
     for (l, load) in Load::ALL.iter().enumerate() {
         let rps = |p: usize| mean(results[p][l].iter().map(|r| r.rps));
+        if [splitter, iptables, nginx, haproxy]
+            .iter()
+            .any(|&p| results[p][l].is_empty())
+        {
+            continue;
+        }
         println!(
             "{}: splitter (TC ingress) / iptables {:.2}×, / nginx {:.2}×, / HAProxy {:.2}×",
             load.name(),
@@ -270,6 +368,9 @@ fn print_costs(costs: &[SplitterCost]) {
                     runs / n as u64
                 );
             }
+        }
+        if *path == Path::DirectEmptyAttached {
+            continue;
         }
         let cpu = mean(of_path.iter().map(|c| 100.0 * c.agent_cpu_s / c.wall_s));
         let rss = of_path.iter().map(|c| c.peak_rss_mib).fold(0.0, f64::max);

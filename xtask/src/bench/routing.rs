@@ -144,7 +144,7 @@ pub fn run(rounds: usize, profile: bool, seconds: u32, scratch: &peers::Scratch)
                 let perf = (profile
                     && load == Load::KeepAlive
                     && matches!(path, Path::Direct | Path::Router))
-                .then(|| kernel::Profile::start(&scratch.0, path.name()))
+                .then(|| kernel::Profile::start(path.name()))
                 .transpose()?;
                 let r = wrk::run_script(&topo, load, &path.target(), seconds, Some(&script))?;
                 if r.failed > 0 {
