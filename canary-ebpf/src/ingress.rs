@@ -74,10 +74,10 @@ pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
         }
         None => (place(&key, &pkt, svc, tcp)?, None),
     };
-    let first = if pkt.proto == PROTO_TCP {
-        ctx.load4(pkt.payload_off)
-    } else {
-        None
+    // A segment without 4 bytes of payload (a bare ACK) starts no request: no load.
+    let first = match tcp {
+        Some((len, _)) if len >= 4 => ctx.load4(pkt.payload_off),
+        _ => None,
     };
     if let Some(first) = first {
         if telemetry::is_request(first) {

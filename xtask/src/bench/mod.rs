@@ -272,25 +272,62 @@ fn mean(v: impl Iterator<Item = f64>) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Median, and the range when there is more than one value: "0.91 (0.84–0.97)".
+fn spread(v: Vec<f64>) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    match v.len() {
+        0 | 1 => format!("{:.2}", median(v)),
+        _ => format!("{:.2} ({lo:.2}–{hi:.2})", median(v)),
+    }
+}
+
+/// Per round, `what` of path `p` over `what` of path `q` at load `l`: rounds are
+/// interleaved, so each ratio compares runs minutes apart, not a whole run apart.
+fn round_ratios(
+    results: &[Vec<Vec<WrkResult>>],
+    l: usize,
+    p: usize,
+    q: usize,
+    what: fn(&WrkResult) -> f64,
+) -> Vec<f64> {
+    results[p][l]
+        .iter()
+        .zip(&results[q][l])
+        .map(|(a, b)| what(a) / what(b))
+        .collect()
+}
+
 fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
     println!(
         "\n{} rounds, interleaved, a fresh lab per path and round; wrk from the client \
-         namespace, nginx backends; splits send 10 % of connections to canary",
+         namespace, nginx backends; splits send 10 % of connections to canary. Medians; a \
+         ratio is the median of the per-round ratios, with their range",
         rounds
     );
     println!("\n| load | path | requests/s | vs direct | p50 ms | p99 ms | p99 vs direct |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     for (l, load) in Load::ALL.iter().enumerate() {
-        let direct_rps = mean(results[0][l].iter().map(|r| r.rps));
-        let direct_p99 = mean(results[0][l].iter().map(|r| r.p99_ms));
         for (p, path) in PATHS
             .iter()
             .enumerate()
             .filter(|&(p, _)| !results[p][l].is_empty())
         {
-            let rps = mean(results[p][l].iter().map(|r| r.rps));
-            let p50 = mean(results[p][l].iter().map(|r| r.p50_ms));
-            let p99 = mean(results[p][l].iter().map(|r| r.p99_ms));
+            let rps = median(results[p][l].iter().map(|r| r.rps).collect());
+            let p50 = median(results[p][l].iter().map(|r| r.p50_ms).collect());
+            let p99 = median(results[p][l].iter().map(|r| r.p99_ms).collect());
             let shown = match load {
                 Load::Bulk => format!(
                     "{rps:.0} ({:.0} MiB/s)",
@@ -299,36 +336,39 @@ fn print_table(results: &[Vec<Vec<WrkResult>>], rounds: usize) {
                 _ => format!("{rps:.0}"),
             };
             println!(
-                "| {} | {} | {shown} | {:.2} | {p50:.2} | {p99:.2} | {:.2} |",
+                "| {} | {} | {shown} | {} | {p50:.2} | {p99:.2} | {} |",
                 load.name(),
                 path.name(),
-                rps / direct_rps,
-                p99 / direct_p99
+                spread(round_ratios(results, l, p, 0, |r| r.rps)),
+                spread(round_ratios(results, l, p, 0, |r| r.p99_ms)),
             );
         }
     }
     let at = |path: Path| PATHS.iter().position(|&p| p == path).unwrap_or(0);
-    let (splitter, iptables, nginx, haproxy) = (
-        at(Path::Splitter("tc")),
-        at(Path::Iptables),
-        at(Path::NginxStream),
-        at(Path::Haproxy),
-    );
-    for (l, load) in Load::ALL.iter().enumerate() {
-        let rps = |p: usize| mean(results[p][l].iter().map(|r| r.rps));
-        if [splitter, iptables, nginx, haproxy]
-            .iter()
-            .any(|&p| results[p][l].is_empty())
-        {
-            continue;
+    let peers = [
+        ("iptables", at(Path::Iptables)),
+        ("nginx", at(Path::NginxStream)),
+        ("HAProxy", at(Path::Haproxy)),
+    ];
+    for (name, splitter) in [
+        ("splitter (TC ingress)", at(Path::Splitter("tc"))),
+        ("splitter (forward = redirect)", at(Path::SplitterRedirect)),
+    ] {
+        for (l, load) in Load::ALL.iter().enumerate() {
+            let against: Vec<String> = peers
+                .iter()
+                .filter(|(_, q)| !results[splitter][l].is_empty() && !results[*q][l].is_empty())
+                .map(|(peer, q)| {
+                    format!(
+                        "/ {peer} {}×",
+                        spread(round_ratios(results, l, splitter, *q, |r| r.rps))
+                    )
+                })
+                .collect();
+            if !against.is_empty() {
+                println!("{}: {name} {}", load.name(), against.join(", "));
+            }
         }
-        println!(
-            "{}: splitter (TC ingress) / iptables {:.2}×, / nginx {:.2}×, / HAProxy {:.2}×",
-            load.name(),
-            rps(splitter) / rps(iptables),
-            rps(splitter) / rps(nginx),
-            rps(splitter) / rps(haproxy)
-        );
     }
 }
 
