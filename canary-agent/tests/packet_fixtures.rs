@@ -1106,9 +1106,9 @@ at_both_hooks!(default_cohort_percentage_is_sticky_per_client_address);
 /// Runs `test` on a thread moved into a fresh, unnamed network namespace (gone with the
 /// thread on every exit path) that routes like a node: clients on r0 (198.18.1.0/24,
 /// 2001:db8:1::/64), backends one hop away through s0 (198.18.2.0/24, 2001:db8:2::/64)
-/// with a permanent neighbour entry for 198.18.2.2 and 2001:db8:2::2, forwarding on.
-/// `test` gets r0's index and s0's MAC address.
-fn in_router_netns(test: impl FnOnce(u32, [u8; 6]) + Send) {
+/// with permanent neighbour entries for the client (198.18.1.2, 2001:db8:1::2) and the
+/// backend (198.18.2.2, 2001:db8:2::2), forwarding on.
+fn in_router_netns(test: impl FnOnce(&Router) + Send) {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: affects only this thread, which ends with the test.
@@ -1126,27 +1126,47 @@ fn in_router_netns(test: impl FnOnce(u32, [u8; 6]) + Send) {
                 "ip -6 addr add 2001:db8:2::1/64 dev s0 nodad",
                 "ip neigh add 198.18.2.2 lladdr 02:00:00:00:02:02 dev s0 nud permanent",
                 "ip -6 neigh add 2001:db8:2::2 lladdr 02:00:00:00:02:02 dev s0 nud permanent",
+                "ip neigh add 198.18.1.2 lladdr 02:00:00:00:01:02 dev r0 nud permanent",
+                "ip -6 neigh add 2001:db8:1::2 lladdr 02:00:00:00:01:02 dev r0 nud permanent",
                 "sysctl -qw net.ipv4.conf.all.forwarding=1",
                 "sysctl -qw net.ipv6.conf.all.forwarding=1",
             ] {
                 sh(cmd);
             }
-            let line = sh("ip -br link show dev s0");
-            let mac: Vec<u8> = line
-                .split_whitespace()
-                .nth(2)
-                .unwrap_or_default()
-                .split(':')
-                .map(|b| u8::from_str_radix(b, 16).unwrap())
-                .collect();
-            // SAFETY: a NUL-terminated name.
-            let r0 = unsafe { libc::if_nametoindex(c"r0".as_ptr()) };
-            assert_ne!(r0, 0, "r0");
-            test(r0, mac.try_into().expect("s0's MAC address"));
+            let link = |name: &str| -> (u32, [u8; 6]) {
+                let line = sh(&format!("ip -br link show dev {name}"));
+                let mac: Vec<u8> = line
+                    .split_whitespace()
+                    .nth(2)
+                    .unwrap_or_default()
+                    .split(':')
+                    .map(|b| u8::from_str_radix(b, 16).unwrap())
+                    .collect();
+                let name = std::ffi::CString::new(name).unwrap();
+                // SAFETY: a NUL-terminated name.
+                let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+                assert_ne!(index, 0, "{name:?}");
+                (index, mac.try_into().expect("a MAC address"))
+            };
+            let ((r0, r0_mac), (s0, s0_mac)) = (link("r0"), link("s0"));
+            test(&Router {
+                r0,
+                r0_mac,
+                s0,
+                s0_mac,
+            });
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
     });
+}
+
+/// The interfaces of [`in_router_netns`]: clients behind r0, backends behind s0.
+struct Router {
+    r0: u32,
+    r0_mac: [u8; 6],
+    s0: u32,
+    s0_mac: [u8; 6],
 }
 
 /// Runs a command (split at spaces) and returns its stdout; panics naming it on failure.
@@ -1166,6 +1186,7 @@ fn sh(cmd: &str) -> String {
 
 const TC_ACT_REDIRECT: u32 = 7;
 const NEIGHBOUR_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 
 /// A packet with its TTL (IPv4) or hop limit (IPv6) set to `ttl`.
 fn with_ttl(mut packet: Vec<u8>, ttl: u8) -> Vec<u8> {
@@ -1193,8 +1214,9 @@ fn ttl(packet: &[u8]) -> u8 {
 
 #[test]
 fn forward_redirect_sends_the_rewritten_packet_to_the_next_hop_with_one_hop_less() {
-    in_router_netns(|r0, s0_mac| {
-        let f = Fixture::new(
+    in_router_netns(|router| {
+        let Router { r0, s0, s0_mac, .. } = *router;
+        let mut f = Fixture::new(
             Hook::Tc,
             r#"ingress_hook = "tc"
 [[service]]
@@ -1219,11 +1241,13 @@ stable = ["198.18.2.2:5353"]
 forward = "redirect"
 "#,
         );
+        f.dp().set_replies_at_ingress(true).unwrap();
         let fd = f.dp.program_fd(PROG_INGRESS_TC).unwrap();
-        let run = |packet: &[u8]| {
-            let r = test_run::run_arriving_on(fd.as_fd(), packet, r0).unwrap();
+        let run_on = |ifindex: u32, packet: &[u8]| {
+            let r = test_run::run_arriving_on(fd.as_fd(), packet, ifindex).unwrap();
             (r.retval, r.packet)
         };
+        let run = |packet: &[u8]| run_on(r0, packet);
         for (client, vip, backend) in [
             ("198.18.1.2:40000", VIP, STABLE),
             ("[2001:db8:1::2]:40000", VIP6, STABLE6),
@@ -1234,7 +1258,32 @@ forward = "redirect"
             assert_eq!(out[0..6], NEIGHBOUR_MAC, "the neighbour's MAC");
             assert_eq!(out[6..12], s0_mac, "s0's MAC");
             assert_eq!(ttl(&out), 63);
+            // Its reply, arriving on the backend's interface: rewritten there and
+            // redirected to the client's next hop.
+            let (verdict, out) = run_on(
+                s0,
+                &tcp(sa(backend), sa(client), false, b"HTTP/1.1 200 OK\r\n"),
+            );
+            assert_eq!(verdict, TC_ACT_REDIRECT, "reply {backend} -> {client}");
+            assert_eq!(endpoints(&out), (sa(vip), sa(client)));
+            assert_eq!(out[0..6], CLIENT_MAC, "the client's MAC");
+            assert_eq!(out[6..12], router.r0_mac, "r0's MAC");
+            assert_eq!(ttl(&out), 63);
         }
+        // The reply of a flow forwarded by the stack is left to the egress program.
+        let (_, kept) = run(&tcp(
+            sa("198.18.1.2:40009"),
+            sa("198.19.0.11:80"),
+            true,
+            b"",
+        ));
+        assert_eq!(endpoints(&kept).1, sa(STABLE));
+        let reply = tcp(sa(STABLE), sa("198.18.1.2:40009"), false, b"");
+        assert_eq!(
+            run_on(s0, &reply),
+            (TC_ACT_OK, reply.clone()),
+            "a stack flow's reply"
+        );
         // A frame shorter than the 54 bytes of an Ethernet, IPv4 and TCP header.
         let (verdict, out) = run(&udp(sa("198.18.1.2:5000"), sa("198.19.0.53:53"), b"q"));
         assert_eq!(verdict, TC_ACT_REDIRECT, "a short UDP datagram");
@@ -1265,6 +1314,15 @@ forward = "redirect"
             )
             .1,
             sa(STABLE6)
+        );
+        // No service redirects: TC ingress does not look for replies at all (the
+        // egress program rewrites them, as for any flow).
+        f.dp().set_replies_at_ingress(false).unwrap();
+        let reply = tcp(sa(STABLE), sa("198.18.1.2:40000"), false, b"");
+        assert_eq!(
+            run_on(s0, &reply),
+            (TC_ACT_OK, reply.clone()),
+            "switched off"
         );
         sh("ip neigh del 198.18.2.2 dev s0");
         to_stack(syn("198.18.1.2:40003", VIP), "no neighbour entry");

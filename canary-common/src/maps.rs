@@ -42,6 +42,10 @@ pub const DIR_REPLY: u8 = 1;
 pub const FLOW_CLOSING: u8 = 1;
 /// Reply-entry flag: the backend's SYN-ACK was seen (handshake counted once).
 pub const FLOW_ESTABLISHED: u8 = 2;
+/// Flow flag: placed under `forward = "redirect"`, so the replies are rewritten and
+/// redirected already at the TC ingress of the backend's interface, where the agent is
+/// attached there. Kept for the flow's life: a connection is forwarded one way only.
+pub const FLOW_REDIRECT: u8 = 4;
 
 /// TCP header flags, as in the segment's flags byte.
 pub const TCP_FLAG_FIN: u8 = 0x01;
@@ -51,6 +55,10 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
 pub const MAP_SERVICES: &str = "CANARY_SERVICES";
+/// One u32 of node-wide switches ([`SETTING_REPLIES_AT_INGRESS`]).
+pub const MAP_SETTINGS: &str = "CANARY_SETTINGS";
+/// Some service forwards by redirect: TC ingress also looks for replies of its flows.
+pub const SETTING_REPLIES_AT_INGRESS: u32 = 1;
 pub const MAP_FLOWS: &str = "CANARY_FLOWS";
 pub const MAP_STATS: &str = "CANARY_STATS";
 pub const MAP_EXACT: &str = "CANARY_EXACT";

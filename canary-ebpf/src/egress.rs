@@ -1,30 +1,41 @@
 //! Backend -> client: replies of pinned flows get the service address back as their
-//! source. Runs at TC egress where packets may still carry CHECKSUM_PARTIAL (forwarded
-//! from a local veth), so checksums go through the kernel's csum helpers, which handle
-//! both partial and complete checksums correctly.
+//! source. Runs at TC egress of the client-facing interface, where packets may still
+//! carry CHECKSUM_PARTIAL (forwarded from a local veth), so the L4 checksum goes
+//! through the kernel's csum helper. Replies of flows placed under `forward =
+//! "redirect"` are taken already at the TC ingress of the backend's interface (when
+//! the agent is attached there), rewritten the same way and redirected to the client's
+//! next hop: a connection then skips IP forwarding both ways.
 
 use aya_ebpf::programs::TcContext;
-use canary_common::{stats_index, FlowKey, DIR_REPLY, FLOW_CLOSING, PROTO_TCP};
+use canary_common::{
+    stats_index, FlowKey, DIR_REPLY, FLOW_CLOSING, FLOW_REDIRECT, FORWARD_REDIRECT, PROTO_TCP,
+};
 
 use crate::{
     checksum::{tc_rewrite, Side},
-    frame::{tc_headers_linear, Frame},
+    frame::Frame,
+    ingress::Rewritten,
     maps::{FLOWS, STATS},
     parse::{parse, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry,
 };
 
+/// Where the reply is seen: at the client-facing egress every flow's replies are
+/// rewritten; at a backend-facing ingress only those of redirected flows.
+#[derive(Clone, Copy, PartialEq)]
+pub enum At {
+    Egress,
+    Ingress,
+}
+
+/// Rewrites a reply of a pinned flow (the caller has made its headers linear);
+/// `Some`: what a FIB lookup for its way to the client needs.
 #[inline(always)]
-pub fn handle(ctx: &TcContext) {
-    if !tc_headers_linear(ctx) {
-        return;
-    }
-    let Some(pkt) = parse(ctx.data(), ctx.data_end()) else {
-        return;
-    };
+pub fn handle(ctx: &TcContext, at: At) -> Option<Rewritten> {
+    let pkt = parse(ctx.data(), ctx.data_end())?;
     // Cut short: not rewritten, and it must not advance the flow.
     if ctx.cut_short(&pkt) {
-        return;
+        return None;
     }
     let key = FlowKey {
         src: pkt.src,
@@ -36,12 +47,13 @@ pub fn handle(ctx: &TcContext) {
         dir: DIR_REPLY,
         _pad: 0,
     };
-    let Some(entry) = FLOWS.get_ptr_mut(&key) else {
-        return;
-    };
+    let entry = FLOWS.get_ptr_mut(&key)?;
     // SAFETY: LRU entry valid during the program run; a torn read of a field written
     // concurrently only makes it stale.
     let flow = unsafe { *entry };
+    if at == At::Ingress && flow.flags & FLOW_REDIRECT == 0 {
+        return None;
+    }
     if pkt.proto == PROTO_TCP {
         let (data, end) = (ctx.data(), ctx.data_end());
         if data + pkt.l4_off + 12 <= end {
@@ -55,9 +67,7 @@ pub fn handle(ctx: &TcContext) {
             unsafe { (*entry).flags |= FLOW_CLOSING };
         }
     }
-    if tc_rewrite(ctx, &pkt, Side::Source, &flow.addr, flow.port).is_err() {
-        return;
-    }
+    tc_rewrite(ctx, &pkt, Side::Source, &flow.addr, flow.port).ok()?;
     if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
         // SAFETY: per-CPU slot.
         unsafe {
@@ -65,6 +75,19 @@ pub fn handle(ctx: &TcContext) {
             (*stats).bytes_out += Frame::len(ctx) as u64;
         }
     }
+    Some(Rewritten {
+        forward: if flow.flags & FLOW_REDIRECT != 0 {
+            FORWARD_REDIRECT
+        } else {
+            0
+        },
+        family: pkt.family,
+        proto: pkt.proto,
+        sport: flow.port,
+        dport: pkt.dport,
+        src: flow.addr,
+        dst: pkt.dst,
+    })
 }
 
 /// Telemetry from a backend TCP segment: handshake, reset, HTTP status line.

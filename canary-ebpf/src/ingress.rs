@@ -6,6 +6,7 @@ use canary_common::{
     backend_index, bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick,
     stats_index, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
     CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, FLOW_CLOSING,
+    FLOW_REDIRECT, FORWARD_REDIRECT,
     GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP,
     ROUTING_CIDR, STICKY_CLIENT_IP,
 };
@@ -208,7 +209,11 @@ fn place(
         addr: backend.addr,
         port: backend.port,
         slot,
-        flags: 0,
+        flags: if svc.forward == FORWARD_REDIRECT {
+            FLOW_REDIRECT
+        } else {
+            0
+        },
         service: svc.id,
         ts_ns: 0,
         last_seq: 0,

@@ -17,7 +17,7 @@ mod route;
 mod splice;
 mod telemetry;
 
-use canary_common::FORWARD_REDIRECT;
+use canary_common::{FORWARD_REDIRECT, SETTING_REPLIES_AT_INGRESS};
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, xdp_action, TC_ACT_OK},
@@ -36,7 +36,15 @@ pub fn canary_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn canary_ingress_tc(ctx: TcContext) -> i32 {
     if frame::tc_headers_linear(&ctx) {
-        if let Some(to) = ingress::handle(&ctx).filter(|to| to.forward == FORWARD_REDIRECT) {
+        let to = ingress::handle(&ctx).or_else(|| {
+            // A reply of a redirected flow, on the backend's interface (one array read
+            // decides whether to look: nothing extra when no service redirects).
+            let on = maps::SETTINGS.get(0).copied().unwrap_or(0);
+            (on & SETTING_REPLIES_AT_INGRESS != 0)
+                .then(|| egress::handle(&ctx, egress::At::Ingress))
+                .flatten()
+        });
+        if let Some(to) = to.filter(|to| to.forward == FORWARD_REDIRECT) {
             return forward::redirect(&ctx, &to);
         }
     }
@@ -46,7 +54,9 @@ pub fn canary_ingress_tc(ctx: TcContext) -> i32 {
 /// Backend -> client direction. Never drops.
 #[classifier]
 pub fn canary_egress(ctx: TcContext) -> i32 {
-    egress::handle(&ctx);
+    if frame::tc_headers_linear(&ctx) {
+        let _ = egress::handle(&ctx, egress::At::Egress);
+    }
     TC_ACT_OK as i32
 }
 

@@ -4,7 +4,7 @@
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_F_NO_PREALLOC},
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use canary_common::{
     histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, ServiceKey,
@@ -17,6 +17,10 @@ use canary_common::{
 #[map(name = "CANARY_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// Node-wide switches (SETTING_*), written by the agent.
+#[map(name = "CANARY_SETTINGS")]
+pub static SETTINGS: Array<u32> = Array::pinned(1, 0);
 
 /// Pinned connections, both directions. Shared by all CPUs: a flow's packets may
 /// arrive on any CPU.

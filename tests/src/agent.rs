@@ -103,10 +103,20 @@ impl Agent {
         }
         let socket = dir.join("agent.sock");
         let config = dir.join("agent.toml");
+        // The client-facing interface, unless the [agent] lines given name their own.
+        let names_interface = services
+            .lines()
+            .take_while(|l| !l.starts_with('['))
+            .any(|l| l.trim_start().starts_with("interface"));
+        let interface = if names_interface {
+            String::new()
+        } else {
+            format!("interface = \"{NODE_CLIENT_IFACE}\"\n")
+        };
         std::fs::write(
             &config,
             format!(
-                "[agent]\ninterface = \"{NODE_CLIENT_IFACE}\"\ncontrol_socket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\n\n{services}",
+                "[agent]\n{interface}control_socket = \"{}\"\nbpffs_dir = \"{}\"\nstate_dir = \"{}\"\n\n{services}",
                 socket.display(),
                 bpffs.display(),
                 dir.join("state").display()

@@ -291,6 +291,12 @@ impl Agent {
         // services (nothing in memory has been replaced yet).
         let mut applied = Vec::new();
         let mut cidr_tables = std::collections::BTreeSet::new();
+        self.datapath.set_replies_at_ingress(
+            config
+                .services
+                .iter()
+                .any(|s| s.forward == crate::config::Forward::Redirect),
+        )?;
         for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
             if decided.fresh {
                 self.datapath.clear_stats(decided.id)?;

@@ -28,8 +28,9 @@ use aya::{
 pub use bpffs::ensure as ensure_bpffs;
 use canary_common::{
     histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
-    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_STATS, MAP_TELEMETRY, MAX_BACKENDS,
-    MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_SETTINGS, MAP_STATS, MAP_TELEMETRY,
+    MAX_BACKENDS, MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    SETTING_REPLIES_AT_INGRESS,
 };
 
 use crate::config::IngressHook;
@@ -53,6 +54,8 @@ pub struct Datapath {
     drain: drain::Drain,
     /// Client-address routing decided in the kernel (cidr.rs).
     cidr: cidr::Cidr,
+    /// Node-wide switches of the programs (SETTING_*).
+    settings: aya::maps::Array<MapData, u32>,
 }
 
 /// One version's (stable or canary) application signals, summed over CPUs.
@@ -107,6 +110,7 @@ impl Datapath {
             trie: aya::maps::LpmTrie::try_from(take(&mut ebpf, canary_common::MAP_CIDR)?)?,
             decisions: PerCpuArray::try_from(take(&mut ebpf, canary_common::MAP_DECISIONS)?)?,
         };
+        let settings = aya::maps::Array::try_from(take(&mut ebpf, MAP_SETTINGS)?)?;
         let xdp: &mut Xdp = program(&mut ebpf, PROG_INGRESS)?;
         xdp.load().context("loading the XDP program (verifier)")?;
         for name in [PROG_INGRESS_TC, PROG_EGRESS] {
@@ -128,6 +132,7 @@ impl Datapath {
             latency,
             drain,
             cidr,
+            settings,
         })
     }
 
@@ -250,6 +255,16 @@ impl Datapath {
         self.services
             .insert(key, value, 0)
             .context("writing the service map")
+    }
+
+    /// Whether TC ingress also takes replies of redirected flows (on a backend-facing
+    /// interface): on while some service has `forward = "redirect"`, so that packets
+    /// that are not ours cost no extra lookup otherwise.
+    pub fn set_replies_at_ingress(&mut self, on: bool) -> Result<()> {
+        let value = if on { SETTING_REPLIES_AT_INGRESS } else { 0 };
+        self.settings
+            .set(0, value, 0)
+            .context("writing the settings map")
     }
 
     pub fn uninstall(&mut self, key: &ServiceKey) -> Result<()> {

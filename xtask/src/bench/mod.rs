@@ -19,7 +19,8 @@ use std::process::Command;
 use anyhow::{bail, Result};
 use canary_lab::{
     agent::{lab_service, Agent},
-    ChildGuard, Topology, VIP_V4,
+    topology::{NODE_CANARY_IFACE, NODE_STABLE_IFACE},
+    ChildGuard, Topology, NODE_CLIENT_IFACE, VIP_V4,
 };
 
 use crate::lab::release_bins;
@@ -37,8 +38,9 @@ enum Path {
     DirectEmptyAttached,
     /// The splitter with its ingress program at XDP or at TC (`ingress_hook`).
     Splitter(&'static str),
-    /// The splitter at TC ingress with `forward = "redirect"`: rewritten client packets
-    /// go straight to the backend's interface instead of through IP forwarding.
+    /// The splitter at TC ingress with `forward = "redirect"`, attached on the client-
+    /// and backend-facing interfaces: requests and replies go straight to the next
+    /// hop's interface instead of through IP forwarding.
     SplitterRedirect,
     /// The splitter (TC ingress) at weight 0: every packet takes the splitter's whole
     /// path, but to one backend, as direct does. Two backends mean one more busy
@@ -129,8 +131,10 @@ impl Path {
     fn agent_config(self) -> Option<String> {
         let service = lab_service("web", 80, BACKEND_PORT, "weight = 10");
         match self {
+            // On the backend-facing interfaces too, so replies skip forwarding as well.
             Path::SplitterRedirect => Some(format!(
-                "ingress_hook = \"tc\"\nforward = \"redirect\"\n{service}"
+                "interface = [\"{NODE_CLIENT_IFACE}\", \"{NODE_STABLE_IFACE}\", \"{NODE_CANARY_IFACE}\"]\n\
+                 ingress_hook = \"tc\"\nforward = \"redirect\"\n{service}"
             )),
             Path::SplitterWeightZero => Some(format!(
                 "ingress_hook = \"tc\"\n{}",
