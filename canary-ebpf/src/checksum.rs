@@ -39,8 +39,18 @@ pub fn tc_rewrite(
     port: u16,
 ) -> Result<(), i64> {
     let (old_addr, old_port, port_off, (off_v4, off_v6)) = match side {
-        Side::Destination => (&pkt.dst, pkt.dport, pkt.l4_off + 2, (IP_DST_OFF_V4, IP_DST_OFF_V6)),
-        Side::Source => (&pkt.src, pkt.sport, pkt.l4_off, (IP_SRC_OFF_V4, IP_SRC_OFF_V6)),
+        Side::Destination => (
+            &pkt.dst,
+            pkt.dport,
+            pkt.l4_off + 2,
+            (IP_DST_OFF_V4, IP_DST_OFF_V6),
+        ),
+        Side::Source => (
+            &pkt.src,
+            pkt.sport,
+            pkt.l4_off,
+            (IP_SRC_OFF_V4, IP_SRC_OFF_V6),
+        ),
     };
     let check_off = pkt.l4_check_off();
     let (data, end) = (ctx.data(), ctx.data_end());

@@ -1,11 +1,13 @@
-//! Forwarding a rewritten client packet at TC ingress straight to the backend's
-//! interface (`[agent] forward = "redirect"`), instead of handing it to the stack's IP
-//! forwarding. The kernel's own FIB answers where it goes (routes, neighbours, the
-//! interface's forwarding switch, the MTU), the program does what a router does to the
-//! packet (TTL or hop limit down by one, Ethernet addresses of the next hop) and
-//! redirects it to that interface's egress. Anything the FIB cannot answer at once
-//! (no neighbour entry yet, forwarding off, too big, TTL running out) goes to the stack
-//! as before, which resolves the neighbour or sends the ICMP error.
+//! Forwarding a rewritten packet at TC ingress straight to its next hop's interface
+//! (`forward = "redirect"`) instead of handing it to the stack's IP forwarding: a
+//! client's packet towards its backend, and, on a backend-facing interface, a
+//! redirected flow's reply towards the client. The kernel's own FIB answers where it
+//! goes (routes, neighbours, the interface's forwarding switch, the MTU), the program
+//! does what a router does to the packet (TTL or hop limit down by one, Ethernet
+//! addresses of the next hop) and redirects it to that interface's egress. Anything
+//! the FIB cannot answer at once (no neighbour entry yet, forwarding off, too big, TTL
+//! running out) goes to the stack as before, which resolves the neighbour or sends the
+//! ICMP error.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK},
@@ -37,7 +39,11 @@ pub fn redirect(ctx: &TcContext, pkt: &Rewritten) -> i32 {
         core::ptr::write_bytes(fib, 0, 1);
         &mut *fib
     };
-    fib.family = if pkt.family == FAMILY_V4 { AF_INET } else { AF_INET6 };
+    fib.family = if pkt.family == FAMILY_V4 {
+        AF_INET
+    } else {
+        AF_INET6
+    };
     fib.l4_protocol = pkt.proto;
     fib.sport = pkt.sport;
     fib.dport = pkt.dport;
@@ -89,7 +95,10 @@ fn next_hop(ctx: &TcContext, pkt: &Rewritten, fib: &bpf_fib_lookup) -> Option<()
             *(word as *mut u8) = ttl - 1;
             let new = core::ptr::read_unaligned(word);
             let check = (data + IP_CHECK_OFF_V4) as *mut u16;
-            core::ptr::write_unaligned(check, csum::replace16(core::ptr::read_unaligned(check), old, new));
+            core::ptr::write_unaligned(
+                check,
+                csum::replace16(core::ptr::read_unaligned(check), old, new),
+            );
         } else {
             if data + ETH_LEN + 40 > end {
                 return None;

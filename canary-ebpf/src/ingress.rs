@@ -6,9 +6,8 @@ use canary_common::{
     backend_index, bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick,
     stats_index, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
     CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, FLOW_CLOSING,
-    FLOW_REDIRECT, FORWARD_REDIRECT,
-    GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP,
-    ROUTING_CIDR, STICKY_CLIENT_IP,
+    FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS, MAX_GROUP_BACKENDS,
+    MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
 };
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
