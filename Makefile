@@ -23,6 +23,7 @@ test: ebpf
 
 lint: ebpf
 	$(CARGO) fmt --all -- --check
+	cd canary-ebpf && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The main job: a lab of namespaces, backends, the agent splitting live traffic.
