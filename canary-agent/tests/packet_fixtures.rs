@@ -1270,6 +1270,26 @@ forward = "redirect"
             assert_eq!(out[6..12], router.r0_mac, "r0's MAC");
             assert_eq!(ttl(&out), 63);
         }
+        // A connection keeps the way it was placed with: "web" switched to the stack
+        // redirects its open flow still (and that flow's replies), not a new one.
+        let mut web = f.config.services[0].clone();
+        web.forward = canary_agent::config::Forward::Stack;
+        f.dp()
+            .install(&service_key(&web), &encode_service(&web, 0, 0))
+            .unwrap();
+        let (verdict, _) = run(&tcp(
+            sa("198.18.1.2:40000"),
+            sa(VIP),
+            false,
+            b"GET / HTTP/1.1\r\n",
+        ));
+        assert_eq!(verdict, TC_ACT_REDIRECT, "the open flow after the switch");
+        let (verdict, out) = run(&tcp(sa("198.18.1.2:40010"), sa(VIP), true, b""));
+        assert_eq!(
+            (verdict, ttl(&out)),
+            (TC_ACT_OK, 64),
+            "a new flow after the switch"
+        );
         // The reply of a flow forwarded by the stack is left to the egress program.
         let (_, kept) = run(&tcp(
             sa("198.18.1.2:40009"),

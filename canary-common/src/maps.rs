@@ -258,6 +258,19 @@ pub struct FlowValue {
     pub tcp: TcpSeq,
 }
 
+impl FlowValue {
+    /// How the flow's packets are forwarded ([`FORWARD_REDIRECT`] or [`FORWARD_STACK`]),
+    /// as fixed when it was placed.
+    #[inline(always)]
+    pub fn forwarding(&self) -> u8 {
+        if self.flags & FLOW_REDIRECT != 0 {
+            FORWARD_REDIRECT
+        } else {
+            FORWARD_STACK
+        }
+    }
+}
+
 /// One direction's TCP sequence state, in host byte order. Zero means "not seen yet".
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -7,9 +7,7 @@
 //! next hop: a connection then skips IP forwarding both ways.
 
 use aya_ebpf::programs::TcContext;
-use canary_common::{
-    stats_index, FlowKey, DIR_REPLY, FLOW_CLOSING, FLOW_REDIRECT, FORWARD_REDIRECT, PROTO_TCP,
-};
+use canary_common::{stats_index, FlowKey, DIR_REPLY, FLOW_CLOSING, FLOW_REDIRECT, PROTO_TCP};
 
 use crate::{
     checksum::{tc_rewrite, Side},
@@ -76,11 +74,7 @@ pub fn handle(ctx: &TcContext, at: At) -> Option<Rewritten> {
         }
     }
     Some(Rewritten {
-        forward: if flow.flags & FLOW_REDIRECT != 0 {
-            FORWARD_REDIRECT
-        } else {
-            0
-        },
+        forward: flow.forwarding(),
         family: pkt.family,
         proto: pkt.proto,
         sport: flow.port,

@@ -19,9 +19,11 @@ use crate::{
     telemetry,
 };
 
-/// A packet rewritten towards its backend: what a FIB lookup for it needs.
+/// A packet rewritten towards its next hop (a request to its backend, a reply to its
+/// client): what a FIB lookup for it needs.
 pub struct Rewritten {
-    /// The service's `forward` (FORWARD_*).
+    /// How its flow is forwarded (FORWARD_*), fixed when the flow was placed, so both
+    /// directions of a connection go the same way across config changes.
     pub forward: u8,
     pub family: u8,
     pub proto: u8,
@@ -97,7 +99,7 @@ pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
         }
     }
     Some(Rewritten {
-        forward: svc.forward,
+        forward: flow.forwarding(),
         family: pkt.family,
         proto: pkt.proto,
         sport: pkt.sport,
