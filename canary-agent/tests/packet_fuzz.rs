@@ -1,10 +1,12 @@
 //! Packet fuzz: seeded frames (valid, mutated, foreign, random) run through BOTH
 //! kernel programs with BPF_PROG_TEST_RUN, each output checked against a decision the
 //! test computes on its own (its own header parser and flow model, checksums
-//! recomputed by etherparse). Needs root (CAP_BPF, CAP_SYS_ADMIN).
+//! recomputed by etherparse). Every run is made twice, with the ingress program at
+//! XDP and at TC (each on a datapath of its own). Needs root (CAP_BPF, CAP_SYS_ADMIN).
 //!
 //! Invariants checked per frame and per program:
-//! * nothing is ever dropped: XDP_PASS from ingress, TC_ACT_OK from egress;
+//! * nothing is ever dropped: XDP_PASS from XDP ingress, TC_ACT_OK from TC ingress and
+//!   egress;
 //! * a frame that is not ours (not a plain Ethernet / IPv4 without options or
 //!   fragments / IPv6 without extension headers + TCP or UDP frame with consistent
 //!   lengths, or not to a configured service, or truncated) comes out byte for byte;
@@ -31,7 +33,7 @@ use canary_agent::{
 };
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, GROUP_CANARY, PROG_EGRESS,
-    PROG_INGRESS,
+    PROG_INGRESS, PROG_INGRESS_TC,
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
@@ -64,6 +66,39 @@ struct Fixture {
     _pins: Pins,
 }
 
+/// Where the ingress program runs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Hook {
+    Xdp,
+    Tc,
+}
+
+impl Hook {
+    fn program(self) -> &'static str {
+        match self {
+            Hook::Xdp => PROG_INGRESS,
+            Hook::Tc => PROG_INGRESS_TC,
+        }
+    }
+
+    fn pass(self) -> u32 {
+        match self {
+            Hook::Xdp => XDP_PASS,
+            Hook::Tc => TC_ACT_OK,
+        }
+    }
+}
+
+/// An IP length field of 0: at XDP a malformed frame (not ours), at TC the kernel's BIG
+/// TCP convention (length from the skb), which a test run's frame cannot stand for.
+fn ip_length_zero(f: &[u8]) -> bool {
+    match f.get(12..14) {
+        Some([0x08, 0x00]) => f.len() >= 18 && be16(f, 16) == 0,
+        Some([0x86, 0xDD]) => f.len() >= 20 && be16(f, 18) == 0,
+        _ => false,
+    }
+}
+
 /// What a test run gave: the verdict and the packet, or the kernel's refusal to build
 /// a context from the frame (an error of the syscall, not of the program).
 enum Outcome {
@@ -73,10 +108,14 @@ enum Outcome {
 
 impl Fixture {
     fn new(config: &Config) -> Fixture {
+        Self::at(config, Hook::Xdp)
+    }
+
+    fn at(config: &Config, hook: Hook) -> Fixture {
         let pins = Pins::new("fuzz");
         let dp = pins.load_with_services(config);
         Fixture {
-            ingress: dp.program_fd(PROG_INGRESS).unwrap(),
+            ingress: dp.program_fd(hook.program()).unwrap(),
             egress: dp.program_fd(PROG_EGRESS).unwrap(),
             dp,
             _pins: pins,
@@ -1139,6 +1178,8 @@ struct Figures {
     /// Replies of pinned flows with an IP length of 0 that egress rewrote: the
     /// kernel's BIG TCP convention (length from the skb), accepted at TC.
     egress_no_length_rewritten: u64,
+    /// Frames with an IP length of 0 not given to TC ingress ([`ip_length_zero`]).
+    tc_length_zero: u64,
     /// Why the kernel refused to build a context, per program.
     refusals: std::collections::BTreeMap<String, u64>,
     violations: u64,
@@ -1153,6 +1194,7 @@ fn hex(f: &[u8]) -> String {
 }
 
 struct Runner {
+    hook: Hook,
     config: Config,
     fixture: Fixture,
     model: Model,
@@ -1160,11 +1202,12 @@ struct Runner {
 }
 
 impl Runner {
-    fn new() -> Runner {
+    fn new(hook: Hook) -> Runner {
         pin_to_one_cpu();
         let config = config();
         Runner {
-            fixture: Fixture::new(&config),
+            hook,
+            fixture: Fixture::at(&config, hook),
             model: Model::new(&config),
             config,
             figures: Figures::default(),
@@ -1173,7 +1216,7 @@ impl Runner {
 
     /// A fresh datapath and model (flow table and exact counters empty).
     fn reset(&mut self) {
-        self.fixture = Fixture::new(&self.config);
+        self.fixture = Fixture::at(&self.config, self.hook);
         self.model = Model::new(&self.config);
     }
 
@@ -1190,6 +1233,10 @@ impl Runner {
     fn frame(&mut self, class: usize, f: &[u8]) {
         self.figures.frames[class] += 1;
         for (i, ingress) in [(0, true), (1, false)] {
+            if ingress && self.hook == Hook::Tc && ip_length_zero(f) {
+                self.figures.tc_length_zero += 1;
+                continue;
+            }
             let expect = if ingress {
                 self.model.ingress(f)
             } else {
@@ -1221,7 +1268,7 @@ impl Runner {
                 }
             };
             self.figures.runs[i] += 1;
-            let pass = if ingress { XDP_PASS } else { TC_ACT_OK };
+            let pass = if ingress { self.hook.pass() } else { TC_ACT_OK };
             if verdict != pass {
                 self.figures.dropped[i] += 1;
                 self.violation(format!("{name}: verdict {verdict}, expected {pass}"), f);
@@ -1261,7 +1308,8 @@ impl Runner {
         for (name, n) in CLASSES.iter().zip(f.frames) {
             let _ = writeln!(s, "  {name}: {n}");
         }
-        for (i, name) in ["ingress (XDP)", "egress (TC)"].iter().enumerate() {
+        let ingress = format!("ingress ({:?})", self.hook);
+        for (i, name) in [ingress.as_str(), "egress (TC)"].iter().enumerate() {
             let _ = writeln!(
                 s,
                 "{name}: run {}, modified {}, dropped {}, refused by the kernel {}",
@@ -1276,6 +1324,13 @@ impl Runner {
             "egress rewrote a reply of a pinned flow with IP length 0 (BIG TCP, accepted): {}",
             f.egress_no_length_rewritten
         );
+        if self.hook == Hook::Tc {
+            let _ = writeln!(
+                s,
+                "frames with IP length 0 left out at TC ingress (BIG TCP): {}",
+                f.tc_length_zero
+            );
+        }
         let _ = writeln!(s, "violations: {}", f.violations);
         for v in &f.first {
             let _ = writeln!(s, "  {v}");
@@ -1284,9 +1339,9 @@ impl Runner {
     }
 }
 
-fn fuzz(seed: u64, frames: usize) -> (String, u64) {
+fn fuzz(seed: u64, frames: usize, hook: Hook) -> (String, u64) {
     let start = Instant::now();
-    let mut r = Runner::new();
+    let mut r = Runner::new(hook);
     let mut g = Gen {
         rng: ChaCha8Rng::seed_from_u64(seed),
     };
@@ -1302,15 +1357,17 @@ fn fuzz(seed: u64, frames: usize) -> (String, u64) {
 
 #[test]
 fn seeded_fuzz_of_both_programs() {
-    let (report, violations) = fuzz(0x00C0_FFEE, 20_000);
-    println!("{report}");
-    assert_eq!(violations, 0, "{report}");
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let (report, violations) = fuzz(0x00C0_FFEE, 20_000, hook);
+        println!("{report}");
+        assert_eq!(violations, 0, "{report}");
+    }
 }
 
 /// The full run: `CANARY_FUZZ_FRAMES` frames (default 1 000 000), seed from
 /// `CANARY_FUZZ_SEED` (default 1).
 #[test]
-#[ignore = "long (about 15 s): CANARY_FUZZ_FRAMES=1000000 cargo test -p canary-agent --test packet_fuzz -- --ignored --nocapture"]
+#[ignore = "long (about 30 s, both hooks): CANARY_FUZZ_FRAMES=1000000 cargo test -p canary-agent --test packet_fuzz -- --ignored --nocapture"]
 fn full_fuzz_of_both_programs() {
     let frames = std::env::var("CANARY_FUZZ_FRAMES")
         .ok()
@@ -1320,16 +1377,18 @@ fn full_fuzz_of_both_programs() {
         .ok()
         .map(|v| v.parse().expect("CANARY_FUZZ_SEED"))
         .unwrap_or(1);
-    let (report, violations) = fuzz(seed, frames);
-    println!("seed {seed}\n{report}");
-    assert_eq!(violations, 0, "{report}");
+    for hook in [Hook::Xdp, Hook::Tc] {
+        let (report, violations) = fuzz(seed, frames, hook);
+        println!("seed {seed}\n{report}");
+        assert_eq!(violations, 0, "{report}");
+    }
 }
 
 /// Frames of every kind (v4/v6, TCP/UDP, to a service and a pinned reply, with
 /// payload) cut at every length from 0 to their full size.
 #[test]
 fn every_truncation_of_every_kind_of_frame() {
-    let mut r = Runner::new();
+    let mut r = Runner::new(Hook::Xdp);
     let mut g = Gen {
         rng: ChaCha8Rng::seed_from_u64(7),
     };
@@ -1549,7 +1608,7 @@ fn inconsistent_lengths_pass_untouched_both_ways() {
 /// IP packet, IPv4 UDP without a checksum, a UDP length shorter than the IP payload.
 #[test]
 fn valid_frames_at_the_edges_are_rewritten() {
-    let mut r = Runner::new();
+    let mut r = Runner::new(Hook::Xdp);
     let mut frames = vec![];
     for (client, service, v6, proto) in kinds() {
         let l4 = L4 {
