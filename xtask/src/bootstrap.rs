@@ -36,8 +36,14 @@ const PACKAGES: &[(&str, &str)] = &[
     // The fleet tests run a real etcd; etcdctl for people and the cost simulation's checks.
     ("etcd-server", "/usr/bin/etcd"),
     ("etcd-client", "/usr/bin/etcdctl"),
-    // etcd-client (the agent's etcd API) compiles etcd's .proto files at build time.
+    // etcd-client (the agent's etcd API) compiles etcd's .proto files at build time:
+    // protoc itself, and the well-known types those files import, which Debian ships
+    // in libprotobuf-dev (only a Recommends of protobuf-compiler).
     ("protobuf-compiler", "/usr/bin/protoc"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
 ];
 
 fn quiet(cmd: &mut Command) -> Result<bool> {
@@ -75,6 +81,16 @@ pub fn run() -> Result<()> {
                 .args(&missing),
             "apt-get install",
         )?;
+        // A package can install and still not provide the file the build reads
+        // (renamed, split): stop here, naming both, not later inside a compiler.
+        let still: Vec<String> = PACKAGES
+            .iter()
+            .filter(|(_, file)| !std::path::Path::new(file).exists())
+            .map(|(pkg, file)| format!("{pkg} (for {file})"))
+            .collect();
+        if !still.is_empty() {
+            bail!("installed, but these files are still missing: {}", still.join(", "));
+        }
     }
 
     if !quiet(Command::new("rustup").args(["run", "nightly", "rustc", "--version"]))? {
