@@ -3,7 +3,7 @@
 CARGO ?= cargo
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: bootstrap ebpf build test lint deploy-canary test-traffic-split simulate-failures verify-rollback bench clean
+.PHONY: bootstrap ebpf build test seed-targets-quick lint deploy-canary test-traffic-split simulate-failures verify-rollback bench clean
 
 bootstrap:
 	$(CARGO) xtask bootstrap
@@ -20,6 +20,15 @@ build: ebpf
 test: ebpf
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1
+	$(MAKE) --no-print-directory seed-targets-quick
+
+# The seed's four lab targets in their short form (debug build, faster clock, less
+# traffic, the same checks), so none of them can silently stop doing its job.
+seed-targets-quick:
+	$(CARGO) xtask lab deploy --quick
+	$(CARGO) xtask lab traffic-split --quick
+	$(CARGO) xtask lab simulate-failures --quick
+	$(CARGO) xtask lab verify-rollback --quick
 
 lint: ebpf
 	$(CARGO) fmt --all -- --check

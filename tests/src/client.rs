@@ -19,7 +19,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -582,7 +582,29 @@ pub fn http_load(
     duration: Duration,
     concurrency: usize,
 ) -> Result<HttpReport> {
-    load(target, path, rps, duration, concurrency, false)
+    load(target, path, rps, duration, concurrency, false, None)
+}
+
+/// [`http_load`] that also ends early, at a request boundary of every worker, once
+/// `stop` is set: for scenarios that run traffic until something happens, with
+/// `duration` as the bound.
+pub fn http_load_until(
+    target: SocketAddr,
+    path: &str,
+    rps: u32,
+    duration: Duration,
+    concurrency: usize,
+    stop: &Arc<AtomicBool>,
+) -> Result<HttpReport> {
+    load(
+        target,
+        path,
+        rps,
+        duration,
+        concurrency,
+        false,
+        Some(stop.clone()),
+    )
 }
 
 /// [`http_load`] with each worker behaving like a standard HTTP/1.1 client with
@@ -600,7 +622,7 @@ pub fn http_load_with_retries(
     duration: Duration,
     concurrency: usize,
 ) -> Result<HttpReport> {
-    load(target, path, rps, duration, concurrency, true)
+    load(target, path, rps, duration, concurrency, true, None)
 }
 
 fn load(
@@ -610,6 +632,7 @@ fn load(
     duration: Duration,
     concurrency: usize,
     retry: bool,
+    stop: Option<Arc<AtomicBool>>,
 ) -> Result<HttpReport> {
     if rps == 0 || concurrency == 0 {
         bail!("http_load needs rps > 0 and concurrency > 0");
@@ -627,6 +650,7 @@ fn load(
             stride: concurrency as u64,
             give_up: start + duration + HTTP_TIMEOUT,
             retry,
+            stop,
         };
         let mut workers = JoinSet::new();
         for first in 0..concurrency as u64 {
@@ -655,6 +679,8 @@ struct LoadPlan {
     give_up: Instant,
     /// Behave like a standard client (see [`http_load_with_retries`]).
     retry: bool,
+    /// Ends the load early (see [`http_load_until`]).
+    stop: Option<Arc<AtomicBool>>,
 }
 
 async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) {
@@ -663,6 +689,13 @@ async fn load_worker(plan: LoadPlan, first: u64) -> (HttpReport, Vec<Duration>) 
     let mut conn: Option<HttpConn> = None;
     let mut slot = first;
     while slot < plan.total {
+        if plan
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            break;
+        }
         if Instant::now() >= plan.give_up {
             let left = (plan.total - slot).div_ceil(plan.stride);
             *report

@@ -14,8 +14,8 @@ pub mod webhook;
 
 pub use backend::{Backends, Faults};
 pub use client::{
-    banner_connections, http_load, http_request, udp_probe, BannerReport, ConnStats, HttpReport,
-    HttpResponse, Latency, LongLived, LongLivedReport,
+    banner_connections, http_load, http_load_until, http_request, udp_probe, BannerReport,
+    ConnStats, HttpReport, HttpResponse, Latency, LongLived, LongLivedReport,
 };
 pub use netns::{log_dir, ChildGuard, NetNs};
 pub use topology::{Topology, Version, NODE_CLIENT_IFACE, VIP_V4, VIP_V6};

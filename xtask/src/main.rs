@@ -23,7 +23,12 @@ enum Task {
     /// Build the kernel object (canary-ebpf) that the agent embeds.
     BuildEbpf,
     /// The local lab: `deploy`, `traffic-split`, `simulate-failures`, `verify-rollback`.
-    Lab { scenario: String },
+    Lab {
+        scenario: String,
+        /// The short form `make test` runs: the debug build, a faster clock, less traffic.
+        #[arg(long)]
+        quick: bool,
+    },
     /// The splitter against direct, iptables, nginx and HAProxy; its per-packet cost;
     /// header routing against direct, nginx http and HAProxy http.
     Bench {
@@ -52,13 +57,16 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Bootstrap => bootstrap::run(),
         Task::BuildEbpf => build_ebpf(),
-        Task::Lab { scenario } => match scenario.as_str() {
-            "deploy" => lab::deploy(),
-            "traffic-split" => lab::traffic_split(),
-            "simulate-failures" => lab::failures(false),
-            "verify-rollback" => lab::failures(true),
-            other => bail!("unknown lab scenario {other:?}"),
-        },
+        Task::Lab { scenario, quick } => {
+            let form = lab::Form { quick };
+            match scenario.as_str() {
+                "deploy" => lab::deploy(form),
+                "traffic-split" => lab::traffic_split(form),
+                "simulate-failures" => lab::failures(false, form),
+                "verify-rollback" => lab::failures(true, form),
+                other => bail!("unknown lab scenario {other:?}"),
+            }
+        }
         Task::Bench {
             rounds,
             profile,

@@ -23,7 +23,7 @@ use canary_lab::{
     ChildGuard, Topology, NODE_CLIENT_IFACE, VIP_V4,
 };
 
-use crate::lab::release_bins;
+use crate::lab::Form;
 use peers::{BACKEND_PORT, BULK_BYTES, HAPROXY_VIP, IPTABLES_VIP, NGINX_VIP};
 use wrk::{Load, WrkResult};
 
@@ -174,7 +174,7 @@ pub fn run(
     seconds: u32,
     paths: &[PathName],
 ) -> Result<()> {
-    let (_, _) = release_bins()?;
+    Form { quick: false }.bins()?;
     let scratch = peers::Scratch::new()?;
     let _stats = kernel::BpfStats::enable()?;
     if only != Some(Part::Routing) {
