@@ -2,6 +2,7 @@
 
 mod bench;
 mod bootstrap;
+mod deps;
 mod lab;
 
 use std::{path::PathBuf, process::Command};
@@ -22,6 +23,8 @@ enum Task {
     Bootstrap,
     /// Build the kernel object (canary-ebpf) that the agent embeds.
     BuildEbpf,
+    /// Print canary-agent's module dependency graph; fail on an import cycle.
+    Deps,
     /// The local lab: `deploy`, `traffic-split`, `simulate-failures`, `verify-rollback`.
     Lab {
         scenario: String,
@@ -57,6 +60,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Bootstrap => bootstrap::run(),
         Task::BuildEbpf => build_ebpf(),
+        Task::Deps => deps::run(),
         Task::Lab { scenario, quick } => {
             let form = lab::Form { quick };
             match scenario.as_str() {
