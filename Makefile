@@ -14,13 +14,19 @@ ebpf: bootstrap
 build: ebpf
 	$(CARGO) build --release --workspace --bins
 
-# All tests: unit, packet fixtures (BPF_PROG_TEST_RUN) and network-namespace tests.
-# Needs root. The netns tests run one at a time: each builds its own topology and
-# they share the machine's two cores.
+# All tests, as root: unit, simulations, packet fixtures (BPF_PROG_TEST_RUN), map
+# upgrades and the network-namespace suites, one test at a time (each builds its
+# own topology and they share the machine's two cores), then the seed's lab targets
+# in their short form. The suites that need root are behind features
+# (canary-agent/kernel-tests, canary-lab/netns), so a plain `cargo test` as any user
+# runs the rest; one feature set for every step, so nothing is built twice.
+TEST_FEATURES := canary-agent/kernel-tests,canary-lab/netns
 test: ebpf
-	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=1
-	$(MAKE) --no-print-directory seed-targets-quick
+	$(CARGO) build --workspace --bins --features $(TEST_FEATURES)
+	@status=0; \
+	$(CARGO) test --workspace --features $(TEST_FEATURES) --no-fail-fast -- --test-threads=1 || status=1; \
+	$(MAKE) --no-print-directory seed-targets-quick || status=1; \
+	exit $$status
 
 # The seed's four lab targets in their short form (debug build, faster clock, less
 # traffic, the same checks), so none of them can silently stop doing its job.
@@ -33,7 +39,7 @@ seed-targets-quick:
 lint: ebpf
 	$(CARGO) fmt --all -- --check
 	cd canary-ebpf && $(CARGO) fmt -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
 
 # The main job: a lab of namespaces, backends, the agent splitting live traffic.
 deploy-canary: build
