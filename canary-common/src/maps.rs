@@ -71,6 +71,7 @@ pub const MAP_ROUTE_SOCKS: &str = "ROUTE_SOCKS";
 pub const MAP_ROUTE_PEERS: &str = "ROUTE_PEERS";
 pub const MAP_ROUTE_STATE: &str = "ROUTE_STATE";
 pub const MAP_ROUTE_BYTES: &str = "ROUTE_BYTES";
+pub const MAP_ROUTE_ADDRS: &str = "ROUTE_ADDRS";
 pub const PROG_ROUTE_LOOKUP: &str = "canary_route_lookup";
 pub const PROG_ROUTE_VERDICT: &str = "canary_route_verdict";
 pub const PROG_INGRESS: &str = "canary_ingress";
@@ -343,6 +344,16 @@ pub struct VersionTelemetry {
     pub handshake_ns: u64,
 }
 
+/// An address the agent made local for its router (`ip route local`): the sk_lookup
+/// program refuses every TCP and UDP lookup to it that is not a routed service's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteAddr {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Spliced connections (router): sockets are keyed by their socket cookie.
 pub const MAX_SPLICED: u32 = 65_536;
 /// [`SplicePeer::dir`]: bytes from the client (requests) or from the backend (responses).
@@ -407,6 +418,7 @@ mod pod {
     unsafe impl aya::Pod for super::VersionTelemetry {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::CidrValue {}
+    unsafe impl aya::Pod for super::RouteAddr {}
 }
 
 #[cfg(test)]

@@ -964,9 +964,10 @@ impl Agent {
             if let Some(r) = inherited {
                 r.close();
             }
-            return Ok(());
+            return self.datapath.unroute();
         }
-        let splicer = self.datapath.splicer()?;
+        let addrs: Vec<_> = routed.iter().map(|r| r.cfg.listen.ip()).collect();
+        let splicer = self.datapath.splicer(&addrs)?;
         self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
         Ok(())
     }

@@ -443,11 +443,12 @@ pub fn detach(bpffs_dir: &Path, iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes everything the datapath left in `bpffs_dir`: the link pins first (which
-/// detaches the programs from every interface), then the map pins (the kernel frees
-/// the maps, flow table included, once no program uses them). Returns the interfaces
-/// that were detached.
+/// Removes everything the datapath left in `bpffs_dir`: the local routes of routed
+/// service addresses, the link pins (which detaches the programs from every interface),
+/// then the map pins (the kernel frees the maps, flow table included, once no program
+/// uses them). Returns the interfaces that were detached.
 pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
+    route::remove_local_routes(bpffs_dir)?;
     let ifaces = attached_interfaces(bpffs_dir)?;
     for iface in &ifaces {
         detach(bpffs_dir, iface)?;
