@@ -27,6 +27,11 @@ pub static SETTINGS: Array<u32> = Array::pinned(1, 0);
 #[map(name = "CANARY_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_TABLE_SIZE, 0);
 
+/// Per service: TCP segments that were neither a SYN nor of a connection whose reply
+/// entry was left (spoofed, stray, or both entries lost), passed untouched.
+#[map(name = "CANARY_STRAY")]
+pub static STRAY: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
 #[map(name = "CANARY_STATS")]
 pub static STATS: PerCpuArray<BackendStats> =
     PerCpuArray::pinned(MAX_SERVICES * MAX_BACKENDS as u32, 0);

@@ -567,6 +567,7 @@ impl Agent {
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
+                stray_segments: self.datapath.stray(svc.id)?,
                 routing: match (&svc.kernel, &svc.policy) {
                     (Some(_), Some(p)) => Some(crate::router::kernel::status(
                         &p.routing,
