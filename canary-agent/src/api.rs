@@ -129,6 +129,10 @@ pub struct ServiceStatus {
     /// bytes copied by the agent vs carried in the kernel, bad heads, splice map sizes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<serde_json::Value>,
+    /// TCP segments to the service that were neither a SYN nor of a connection the
+    /// node holds (spoofed or stray): passed untouched, no flow created.
+    #[serde(default)]
+    pub stray_segments: u64,
     /// Latest verdict per analysis metric (empty without metrics in the policy).
     /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
     /// are not numbers yet are null.

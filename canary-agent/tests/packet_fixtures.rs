@@ -457,16 +457,17 @@ fn http_and_handshake_telemetry_is_counted_once_per_segment(hook: Hook) {
         .unwrap();
     f.egress(&syn_ack);
     f.egress(&syn_ack); // retransmitted SYN-ACK: one handshake
-    let request = tcp_seq(
+    let request = seg(
         client,
         vip,
-        false,
+        "A",
         1001,
+        5001,
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
     );
     f.ingress(&request);
     f.ingress(&request); // retransmission: one request
-    f.ingress(&tcp_seq(client, vip, false, 1030, b"not a request start"));
+    f.ingress(&seg(client, vip, "A", 1030, 5001, b"not a request start"));
     let response = tcp_seq(
         backend,
         client,
@@ -676,21 +677,168 @@ fn tcp_sequence_state_is_tracked_in_both_directions(hook: Hook) {
 }
 at_both_hooks!(tcp_sequence_state_is_tracked_in_both_directions);
 
-fn a_flow_placed_mid_connection_starts_tracking_from_its_first_segment(hook: Hook) {
-    // A non-SYN segment with no pinned flow (table eviction) is placed and its state
-    // starts from that segment.
+/// Deletes one flow-table entry, as an LRU eviction would.
+fn evict(f: &Fixture, key: &FlowKey) {
+    use aya::maps::{HashMap, Map, MapData};
+    let pin = f._pins.0.join(canary_common::MAP_FLOWS);
+    let mut flows: HashMap<MapData, FlowKey, FlowValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(pin).unwrap())).unwrap();
+    flows.remove(key).unwrap();
+}
+
+fn a_non_syn_segment_without_a_flow_passes_untouched_and_pins_nothing(hook: Hook) {
+    // Spoofed or stray segments: they create no flow (a flood of them evicts nothing)
+    // and reach the stack as they came.
     let f = Fixture::new(hook, WEB);
+    let vip = sa("198.19.0.10:80");
+    let cases: [(&str, &str, &[u8]); 7] = [
+        ("ACK", "A", b""),
+        ("ACK with a request", "A", b"GET / HTTP/1.1\r\n\r\n"),
+        ("FIN", "FA", b""),
+        ("RST", "R", b""),
+        ("SYN-ACK", "SA", b""),
+        ("SYN with FIN", "SF", b""),
+        ("SYN with RST", "SR", b""),
+    ];
+    for (i, (name, flags, payload)) in cases.iter().enumerate() {
+        let client = SocketAddr::new(sa("198.18.200.1:1").ip(), 41000 + i as u16);
+        let pkt = seg(client, vip, flags, 7000, 9000, payload);
+        assert_eq!(f.ingress(&pkt), pkt, "{name} rewritten");
+        assert_eq!(
+            f.dp.flow(&flow_key(client, vip, DIR_FORWARD)).unwrap(),
+            None,
+            "{name}"
+        );
+        for backend in [sa("198.18.2.2:8080"), sa("198.18.3.2:9090")] {
+            let reply = f.dp.flow(&flow_key(backend, client, DIR_REPLY)).unwrap();
+            assert_eq!(reply, None, "{name}: reply entry");
+        }
+    }
+    let six = (sa("[2001:db8:1::99]:41000"), sa("[2001:db8:ffff::10]:80"));
+    let pkt = seg(six.0, six.1, "A", 7000, 9000, b"");
+    assert_eq!(f.ingress(&pkt), pkt, "IPv6 ACK rewritten");
+    let stats = f.dp.stats(0).unwrap();
+    let placed: u64 = stats.iter().map(|s| s.connections + s.flow_misses).sum();
+    assert_eq!(placed, 0, "nothing placed");
+    assert_eq!(f.dp.stray(0).unwrap(), cases.len() as u64, "stray count");
+    assert_eq!(f.dp.stray(1).unwrap(), 1, "IPv6 stray count");
+    assert_eq!(f.dp.signals(0).unwrap()[0].counters.requests, 0);
+    // A UDP datagram still places a flow: UDP has no handshake to wait for.
+    let out = f.ingress(&udp(sa("198.18.200.1:5000"), sa("198.19.0.53:53"), b"q"));
+    assert_eq!(endpoints(&out).1, sa("198.18.2.2:5353"));
+}
+at_both_hooks!(a_non_syn_segment_without_a_flow_passes_untouched_and_pins_nothing);
+
+fn a_lost_forward_entry_is_placed_again_from_its_reply_entry(hook: Hook) {
+    // The table lost the forward entry of an open connection (eviction): its next
+    // segment is placed again on the backend its reply entry names, even after the
+    // weight moved every new connection to the other group, and its state starts from
+    // that segment.
+    let mut f = Fixture::new(hook, WEB);
     let (client, vip, backend) = (
         sa("198.18.1.2:40101"),
         sa("198.19.0.10:80"),
         sa("198.18.2.2:8080"),
     );
-    f.ingress(&seg(client, vip, "A", 7000, 9000, b"hello"));
-    assert_eq!(entries(&f, client, vip, backend).0.tcp, seq(7005, 9000));
-    f.egress(&seg(backend, client, "A", 9000, 7005, b""));
-    assert_eq!(entries(&f, client, vip, backend).1.tcp, seq(9000, 7005));
+    let (c, b) = exchange(&f, (client, vip, backend), true, true);
+    f.set_weight(0, 10_000);
+    evict(&f, &flow_key(client, vip, DIR_FORWARD));
+    let request = b"GET /again HTTP/1.1\r\n\r\n";
+    let out = f.ingress(&seg(client, vip, "A", c, b, request));
+    assert_eq!(
+        endpoints(&out),
+        (client, backend),
+        "re-placed on its backend"
+    );
+    let c2 = c + request.len() as u32;
+    let (fwd, reply) = entries(&f, client, vip, backend);
+    assert_eq!(fwd.tcp, seq(c2, b), "state from the first segment");
+    assert_ne!(reply.ts_ns, 0, "the request is pending: it was counted");
+    let stats = f.dp().stats(0).unwrap();
+    assert_eq!((stats[0].connections, stats[0].flow_misses), (1, 1));
+    assert_eq!(f.dp().signals(0).unwrap()[0].counters.requests, 2);
+    assert_eq!(f.dp().stray(0).unwrap(), 0);
+    // Both entries gone: nothing to place it from, it passes untouched.
+    evict(&f, &flow_key(client, vip, DIR_FORWARD));
+    evict(&f, &flow_key(backend, client, DIR_REPLY));
+    let ack = seg(client, vip, "A", c2, b, b"");
+    assert_eq!(f.ingress(&ack), ack);
+    assert_eq!(
+        f.dp.flow(&flow_key(client, vip, DIR_FORWARD)).unwrap(),
+        None
+    );
+    assert_eq!(f.dp().stray(0).unwrap(), 1);
 }
-at_both_hooks!(a_flow_placed_mid_connection_starts_tracking_from_its_first_segment);
+at_both_hooks!(a_lost_forward_entry_is_placed_again_from_its_reply_entry);
+
+const SHARED_BACKEND: &str = r#"
+[[service]]
+name = "web"
+listen = "198.19.0.10:80"
+stable = ["198.18.2.2:8080"]
+canary = ["198.18.3.2:9090"]
+weight = 0
+[[service]]
+name = "other"
+listen = "198.19.0.11:80"
+stable = ["198.18.2.2:8080"]
+canary = ["198.18.3.2:9090"]
+weight = 0
+"#;
+
+fn a_reply_entry_of_another_service_places_nothing(hook: Hook) {
+    // The reply entry backend -> client:port belongs to a connection to another
+    // service address: a segment to this one is not that connection's.
+    let f = Fixture::new(hook, SHARED_BACKEND);
+    let client = sa("198.18.1.2:40102");
+    let (c, b) = exchange(
+        &f,
+        (client, sa("198.19.0.10:80"), sa("198.18.2.2:8080")),
+        true,
+        true,
+    );
+    let other = sa("198.19.0.11:80");
+    let pkt = seg(client, other, "A", c, b, b"");
+    assert_eq!(f.ingress(&pkt), pkt);
+    assert_eq!(
+        f.dp.flow(&flow_key(client, other, DIR_FORWARD)).unwrap(),
+        None
+    );
+    assert_eq!(f.dp.stray(1).unwrap(), 1);
+}
+at_both_hooks!(a_reply_entry_of_another_service_places_nothing);
+
+fn requests_count_only_once_the_client_acked_the_syn_ack(hook: Hook) {
+    // A spoofed SYN places a flow (the backend's SYN-ACK goes to the spoofed address),
+    // but a blind sender cannot acknowledge the SYN-ACK: its "requests" count nothing.
+    let f = Fixture::new(hook, WEB);
+    let (client, vip, backend) = (
+        sa("198.18.1.2:40103"),
+        sa("198.19.0.10:80"),
+        sa("198.18.2.2:8080"),
+    );
+    let request = b"GET / HTTP/1.1\r\n\r\n";
+    f.ingress(&seg(client, vip, "S", 999, 0, b""));
+    let out = f.ingress(&seg(client, vip, "A", 1000, 1, request));
+    assert_eq!(
+        endpoints(&out).1,
+        backend,
+        "a pinned flow is still forwarded"
+    );
+    f.egress(&seg(backend, client, "SA", 5000, 1000, b""));
+    f.ingress(&seg(client, vip, "A", 1000, 77_777, request));
+    assert_eq!(f.dp.signals(0).unwrap()[0].counters.requests, 0, "unacked");
+    assert_eq!(
+        entries(&f, client, vip, backend).1.ts_ns,
+        0,
+        "nothing pending"
+    );
+    f.ingress(&seg(client, vip, "A", 1000, 5001, request));
+    assert_eq!(f.dp.signals(0).unwrap()[0].counters.requests, 1);
+    let (fwd, _) = entries(&f, client, vip, backend);
+    assert_ne!(fwd.flags & canary_common::FLOW_ESTABLISHED, 0);
+}
+at_both_hooks!(requests_count_only_once_the_client_acked_the_syn_ack);
 
 /// Opens client -> vip (on `backend`) through the programs: handshake, one request
 /// and, unless `answer` is false, its response; the client acks the response when

@@ -11,8 +11,12 @@
 //!   fragments / IPv6 without extension headers + TCP or UDP frame with consistent
 //!   lengths, or not to a configured service, or truncated) comes out byte for byte;
 //! * a frame to a service is rewritten to the backend the model expects (the pinned
-//!   one, else the one placement picks), with only the destination address and port
-//!   and the checksums changed, checksums that still verify, and no other byte moved;
+//!   one; without one, for a SYN or a UDP datagram the one placement picks, for any
+//!   other TCP segment the one whose reply pin it matches), with only the destination
+//!   address and port and the checksums changed, checksums that still verify, and no
+//!   other byte moved;
+//! * a TCP segment to a service that is not a SYN and matches no pin comes out byte for
+//!   byte and pins nothing;
 //! * a reply from a backend of a pinned flow gets the service address as its source,
 //!   nothing else but checksums changed; any other reply passes untouched.
 //!
@@ -511,11 +515,8 @@ impl Model {
         }
     }
 
-    /// The backend a new flow is placed on (mirrors the documented placement:
-    /// hash or exact group, fallback to the non-empty group, backend by hash).
-    fn place(&mut self, svc: usize, t: &Tuple) -> Ep {
-        let s = &mut self.services[svc];
-        let hash = if s.client_ip {
+    fn hash(&self, svc: usize, t: &Tuple) -> u64 {
+        if self.services[svc].client_ip {
             client_hash(&t.src.words())
         } else {
             flow_hash(
@@ -525,7 +526,36 @@ impl Model {
                 t.dst.wire_port(),
                 t.proto,
             )
-        };
+        }
+    }
+
+    /// Where a non-SYN segment without a forward pin is placed again: the hash's
+    /// backend in the weight's group, else in the other group, whichever has a reply
+    /// pin for this connection (to this service address); none: it passes untouched.
+    fn replace(&self, svc: usize, t: &Tuple) -> Option<Ep> {
+        let s = &self.services[svc];
+        let hash = self.hash(svc, t);
+        let first = hash_group(hash, s.weight_bp);
+        [first, 1 - first].into_iter().find_map(|group| {
+            let list = if group == GROUP_CANARY {
+                &s.canary
+            } else {
+                &s.stable
+            };
+            if list.is_empty() {
+                return None;
+            }
+            let b = list[backend_index(hash, list.len() as u8) as usize];
+            let pin = self.reply.get(&reply_key(t, b))?;
+            (pin.to == t.dst).then_some(b)
+        })
+    }
+
+    /// The backend a new flow is placed on (mirrors the documented placement:
+    /// hash or exact group, fallback to the non-empty group, backend by hash).
+    fn place(&mut self, svc: usize, t: &Tuple) -> Ep {
+        let hash = self.hash(svc, t);
+        let s = &mut self.services[svc];
         let mut group = if s.exact {
             smooth_pick(&mut s.acc, s.weight_bp)
         } else {
@@ -561,15 +591,33 @@ impl Model {
             return Expect::Unchanged;
         }
         let tcp = t.proto == TCP;
-        let syn = tcp && s.tcp_flags & (SYN | ACK) == SYN;
+        // Only a SYN (alone among SYN, ACK, FIN, RST) or a UDP datagram opens a flow.
+        let opens = !tcp || s.tcp_flags & (SYN | ACK | FIN | RST) == SYN;
+        let syn = tcp && opens;
+        let fin_rst = tcp && s.tcp_flags & (FIN | RST) != 0;
         let reply_closing =
             |m: &Model, p: &Pin| m.reply.get(&reply_key(&t, p.to)).is_some_and(|r| r.closing);
         let backend = match self.forward.get(&t).copied() {
             Some(p) if !(syn && (p.closing || reply_closing(self, &p))) => {
-                if tcp && s.tcp_flags & (FIN | RST) != 0 {
+                if fin_rst {
                     self.forward.get_mut(&t).unwrap().closing = true;
                 }
                 p.to
+            }
+            _ if !opens => {
+                // Not a SYN and no forward pin: placed again only from a reply pin;
+                // otherwise not ours, untouched, and nothing is pinned.
+                let Some(b) = self.replace(svc, &t) else {
+                    return Expect::Unchanged;
+                };
+                self.forward.insert(
+                    t,
+                    Pin {
+                        to: b,
+                        closing: false,
+                    },
+                );
+                b
             }
             _ => {
                 let b = self.place(svc, &t);

@@ -40,7 +40,9 @@ pub const DIR_REPLY: u8 = 1;
 /// Flow flag: a FIN or RST was seen, so a later SYN on the same tuple is a new
 /// connection rather than a retransmission.
 pub const FLOW_CLOSING: u8 = 1;
-/// Reply-entry flag: the backend's SYN-ACK was seen (handshake counted once).
+/// Reply-entry flag: the backend's SYN-ACK was seen (handshake counted once). Forward
+/// entry: the client acknowledged it (a segment acked exactly the backend's next
+/// sequence number), so its requests are counted.
 pub const FLOW_ESTABLISHED: u8 = 2;
 /// Flow flag: placed under `forward = "redirect"`, so the replies are rewritten and
 /// redirected already at the TC ingress of the backend's interface, where the agent is
@@ -71,6 +73,10 @@ pub const MAP_ROUTE_SOCKS: &str = "ROUTE_SOCKS";
 pub const MAP_ROUTE_PEERS: &str = "ROUTE_PEERS";
 pub const MAP_ROUTE_STATE: &str = "ROUTE_STATE";
 pub const MAP_ROUTE_BYTES: &str = "ROUTE_BYTES";
+pub const MAP_ROUTE_ADDRS: &str = "ROUTE_ADDRS";
+/// Per service: TCP segments that found no flow and could not be one (not a SYN, no
+/// reply entry left to re-place them from), passed untouched.
+pub const MAP_STRAY: &str = "CANARY_STRAY";
 pub const PROG_ROUTE_LOOKUP: &str = "canary_route_lookup";
 pub const PROG_ROUTE_VERDICT: &str = "canary_route_verdict";
 pub const PROG_INGRESS: &str = "canary_ingress";
@@ -322,8 +328,8 @@ pub struct BackendStats {
     pub bytes_in: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
-    /// Non-SYN packets that found no pinned flow (table eviction or agent
-    /// restarted without its pins) and were placed by the current weights.
+    /// Non-SYN segments whose forward entry was gone (table eviction) while the reply
+    /// entry remained: placed again on the backend it names.
     pub flow_misses: u64,
 }
 
@@ -341,6 +347,16 @@ pub struct VersionTelemetry {
     pub handshakes: u64,
     /// Sum of SYN -> SYN-ACK times, for the mean handshake time.
     pub handshake_ns: u64,
+}
+
+/// An address the agent made local for its router (`ip route local`): the sk_lookup
+/// program refuses every TCP and UDP lookup to it that is not a routed service's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RouteAddr {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Spliced connections (router): sockets are keyed by their socket cookie.
@@ -407,6 +423,7 @@ mod pod {
     unsafe impl aya::Pod for super::VersionTelemetry {}
     unsafe impl aya::Pod for super::CidrKey {}
     unsafe impl aya::Pod for super::CidrValue {}
+    unsafe impl aya::Pod for super::RouteAddr {}
 }
 
 #[cfg(test)]

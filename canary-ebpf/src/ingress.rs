@@ -5,16 +5,16 @@
 use canary_common::{
     backend_index, bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick,
     stats_index, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
-    CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, FLOW_CLOSING,
-    FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS, MAX_GROUP_BACKENDS,
-    MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
+    CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING,
+    FLOW_ESTABLISHED, FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS,
+    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
 };
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 
 use crate::{
     frame::Frame,
-    maps::{CIDR, DECISIONS, EXACT, FLOWS, SERVICES, STATS},
+    maps::{CIDR, DECISIONS, EXACT, FLOWS, SERVICES, STATS, STRAY},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry,
 };
@@ -67,14 +67,32 @@ pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
     } else {
         None
     };
-    let (flow, entry) = match pinned_flow(&key, &pkt) {
+    let opens = opens_connection(&pkt);
+    let (flow, entry) = match pinned_flow(&key, &pkt, opens) {
         Some((flow, entry)) => {
             if let Some((len, ack)) = tcp {
                 telemetry::track(entry, flow.tcp, pkt.seq, len, pkt.tcp_flags, ack);
+                if flow.flags & FLOW_ESTABLISHED == 0 && handshake_done(&key, &flow, &pkt, ack) {
+                    // SAFETY: LRU entry valid for the program run; a flags-byte write.
+                    unsafe { (*entry).flags |= FLOW_ESTABLISHED };
+                }
             }
             (flow, Some(entry))
         }
-        None => (place(&key, &pkt, svc, tcp)?, None),
+        None if opens => (place(&key, &pkt, svc, tcp)?, None),
+        None => match replace(&key, &pkt, svc, tcp) {
+            Some(flow) => (flow, None),
+            None => {
+                // Not a connection we placed (a spoofed or stray segment, or one whose
+                // entries are both gone): it passes untouched and the table is left
+                // alone, so a flood of such segments evicts no live flow.
+                if let Some(n) = STRAY.get_ptr_mut(svc.id) {
+                    // SAFETY: per-CPU slot.
+                    unsafe { *n += 1 };
+                }
+                return None;
+            }
+        },
     };
     // A segment without 4 bytes of payload (a bare ACK) starts no request: no load.
     let first = match tcp {
@@ -82,7 +100,15 @@ pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
         _ => None,
     };
     if let Some(first) = first {
-        if telemetry::is_request(first) {
+        // Counted only once the client has acknowledged the backend's SYN-ACK, which a
+        // sender that does not see the backend's segments cannot do: spoofed segments
+        // count no requests.
+        let established = match entry {
+            // SAFETY: as in `pinned_flow`; the flag may have been set just above.
+            Some(e) => (unsafe { (*e).flags } & FLOW_ESTABLISHED) != 0,
+            None => flow.flags & FLOW_ESTABLISHED != 0,
+        };
+        if established && telemetry::is_request(first) {
             // A just-placed flow has no entry pointer yet: look it up.
             if let Some(forward) = entry.or_else(|| FLOWS.get_ptr_mut(&key)) {
                 let reply = FLOWS.get_ptr_mut(&key.reply(&flow));
@@ -119,17 +145,24 @@ fn tcp_ack(data: usize, end: usize, pkt: &Packet) -> Option<u32> {
     Some(unsafe { core::ptr::read_unaligned((data + pkt.l4_off + 8) as *const u32) })
 }
 
+/// Whether the packet may start a connection: any UDP datagram, and a TCP segment with
+/// SYN alone among SYN, ACK, FIN and RST (what a listening socket accepts).
+#[inline(always)]
+fn opens_connection(pkt: &Packet) -> bool {
+    pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
+}
+
 /// The flow's pinned backend and its entry, unless this is a SYN that starts a new
 /// connection on a tuple whose previous connection has closed. Also marks client
 /// FIN/RST.
 #[inline(always)]
-fn pinned_flow(key: &FlowKey, pkt: &Packet) -> Option<(FlowValue, *mut FlowValue)> {
+fn pinned_flow(key: &FlowKey, pkt: &Packet, opens: bool) -> Option<(FlowValue, *mut FlowValue)> {
     let entry = FLOWS.get_ptr_mut(key)?;
     // SAFETY: LRU entries stay valid during the program run; fields written after
     // insertion are the flags byte, the telemetry fields and the 8-byte `tcp` state,
     // each of which a torn read only makes stale.
     let flow = unsafe { *entry };
-    let syn = pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let syn = pkt.proto == PROTO_TCP && opens;
     if syn && (flow.flags & FLOW_CLOSING != 0 || reply_closing(key, &flow)) {
         return None;
     }
@@ -147,9 +180,124 @@ fn reply_closing(key: &FlowKey, flow: &FlowValue) -> bool {
     unsafe { FLOWS.get(&reply) }.is_some_and(|r| r.flags & FLOW_CLOSING != 0)
 }
 
-/// Chooses a backend for a new flow from the service's current weight, pins both
-/// directions and counts the connection. `tcp`: the segment's payload length and
-/// ack, which start the forward entry's sequence state.
+/// Whether a client segment acknowledges exactly what the backend has sent (its
+/// SYN-ACK, on the handshake's ACK): proof that the client sees the backend's
+/// segments, which a blind spoofer does not.
+#[inline(always)]
+fn handshake_done(key: &FlowKey, flow: &FlowValue, pkt: &Packet, ack: u32) -> bool {
+    if pkt.tcp_flags & TCP_ACK == 0 {
+        return false;
+    }
+    // SAFETY: read-only copy of an LRU entry.
+    unsafe { FLOWS.get(&key.reply(flow)) }.is_some_and(|r| acknowledges(r, ack))
+}
+
+/// `ack` (as loaded) is the backend's next sequence number, after its SYN-ACK.
+#[inline(always)]
+fn acknowledges(reply: &FlowValue, ack: u32) -> bool {
+    reply.flags & FLOW_ESTABLISHED != 0 && reply.tcp.next == u32::from_be(ack)
+}
+
+/// The placement hash of the packet's flow.
+#[inline(always)]
+fn placement_hash(pkt: &Packet, svc: &ServiceValue) -> u64 {
+    if svc.sticky == STICKY_CLIENT_IP {
+        client_hash(&pkt.src)
+    } else {
+        flow_hash(&pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto)
+    }
+}
+
+/// A TCP segment that is not a SYN and found no forward entry: the table lost it
+/// (eviction), or the connection is not ours. Re-placed only when the reply entry of
+/// the connection is still there, on the backend it names: the backend the hash picks
+/// in the group the weight picks, else in the other group (a weight or exact-mode pick
+/// may have changed since). Nothing is inserted otherwise. Counted in `flow_misses`.
+#[inline(always)]
+fn replace(
+    key: &FlowKey,
+    pkt: &Packet,
+    svc: &ServiceValue,
+    tcp: Option<(u32, u32)>,
+) -> Option<FlowValue> {
+    let hash = placement_hash(pkt, svc);
+    let first = hash_group(hash, svc.weight_bp);
+    let flow = match from_reply(key, pkt, svc, tcp, hash, first) {
+        Some(flow) => flow,
+        None => from_reply(key, pkt, svc, tcp, hash, 1 - first)?,
+    };
+    if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, flow.slot)) {
+        // SAFETY: per-CPU slot.
+        unsafe { (*stats).flow_misses += 1 };
+    }
+    Some(flow)
+}
+
+/// The forward entry of `key` on the hash's backend in `group`, if that backend's
+/// reply entry for this connection exists; inserted, its sequence state started from
+/// this segment.
+#[inline(always)]
+fn from_reply(
+    key: &FlowKey,
+    pkt: &Packet,
+    svc: &ServiceValue,
+    tcp: Option<(u32, u32)>,
+    hash: u64,
+    group: u8,
+) -> Option<FlowValue> {
+    let (base, count) = if group == GROUP_CANARY {
+        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
+    } else {
+        (0, svc.n_stable)
+    };
+    if count == 0 {
+        return None;
+    }
+    let slot = base + backend_index(hash, count);
+    let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;
+    let reply_key = FlowKey {
+        src: backend.addr,
+        dst: pkt.src,
+        sport: backend.port,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        family: pkt.family,
+        dir: DIR_REPLY,
+        _pad: 0,
+    };
+    // SAFETY: read-only copy of an LRU entry.
+    let reply = unsafe { FLOWS.get(&reply_key) }?;
+    if reply.addr != pkt.dst || reply.port != pkt.dport || reply.service != svc.id {
+        return None;
+    }
+    let (len, ack) = tcp?;
+    let mut flags = reply.flags & FLOW_REDIRECT;
+    if pkt.tcp_flags & TCP_ACK != 0 && acknowledges(reply, ack) {
+        flags |= FLOW_ESTABLISHED;
+    }
+    let flow = FlowValue {
+        addr: backend.addr,
+        port: backend.port,
+        slot,
+        flags,
+        service: svc.id,
+        ts_ns: 0,
+        last_seq: 0,
+        _pad: 0,
+        tcp: TcpSeq::default().advance(
+            u32::from_be(pkt.seq),
+            len,
+            pkt.tcp_flags,
+            u32::from_be(ack),
+        ),
+    };
+    let _ = FLOWS.insert(key, flow, 0);
+    Some(flow)
+}
+
+/// Chooses a backend for a new flow (a SYN, or a UDP datagram) from the service's
+/// current weight, pins both directions and counts the connection. `tcp`: the
+/// segment's payload length and ack, which start the forward entry's sequence state.
 #[inline(always)]
 fn place(
     key: &FlowKey,
@@ -157,12 +305,7 @@ fn place(
     svc: &ServiceValue,
     tcp: Option<(u32, u32)>,
 ) -> Option<FlowValue> {
-    let hash = if svc.sticky == STICKY_CLIENT_IP {
-        client_hash(&pkt.src)
-    } else {
-        flow_hash(&pkt.src, &pkt.dst, pkt.sport, pkt.dport, pkt.proto)
-    };
-    let syn = pkt.proto != PROTO_TCP || pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let hash = placement_hash(pkt, svc);
     let cohort = if svc.routing == ROUTING_CIDR {
         cohort_group(pkt, svc)
     } else {
@@ -187,8 +330,7 @@ fn place(
     } else if group != GROUP_CANARY && svc.n_stable == 0 {
         group = GROUP_CANARY;
     }
-    // Counted per new connection (a flow the table lost is placed again, not decided).
-    if svc.routing == ROUTING_CIDR && syn {
+    if svc.routing == ROUTING_CIDR {
         if let Some(n) = DECISIONS.get_ptr_mut(decision_index(svc.id, rule, group)) {
             // SAFETY: per-CPU slot.
             unsafe { *n += 1 };
@@ -226,7 +368,7 @@ fn place(
         port: pkt.dport,
         slot,
         // SYN time, for the handshake time measured at the backend's SYN-ACK.
-        ts_ns: if syn && pkt.proto == PROTO_TCP {
+        ts_ns: if pkt.proto == PROTO_TCP {
             unsafe { bpf_ktime_get_ns() }
         } else {
             0
@@ -251,13 +393,7 @@ fn place(
     let _ = FLOWS.insert(key, forward, 0);
     if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
         // SAFETY: per-CPU slot.
-        unsafe {
-            if syn {
-                (*stats).connections += 1;
-            } else {
-                (*stats).flow_misses += 1;
-            }
-        }
+        unsafe { (*stats).connections += 1 };
     }
     Some(flow)
 }

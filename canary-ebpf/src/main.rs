@@ -20,7 +20,7 @@ mod telemetry;
 use canary_common::{FORWARD_REDIRECT, SETTING_REPLIES_AT_INGRESS};
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_OK},
     macros::{classifier, sk_lookup, stream_verdict, xdp},
     programs::{SkBuffContext, SkLookupContext, TcContext, XdpContext},
 };
@@ -60,11 +60,11 @@ pub fn canary_egress(ctx: TcContext) -> i32 {
     TC_ACT_OK as i32
 }
 
-/// New connections to an `http` service go to the agent's router listener.
+/// New connections to an `http` service go to the agent's router listener; anything
+/// else to a routed service address is refused.
 #[sk_lookup]
 pub fn canary_route_lookup(ctx: SkLookupContext) -> u32 {
-    route::handle(&ctx);
-    SK_PASS
+    route::handle(&ctx)
 }
 
 /// Bytes of a spliced connection go straight to the other socket.

@@ -7,9 +7,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use canary_common::{
-    histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, ServiceKey,
-    ServiceValue, SplicePeer, SpliceState, VersionTelemetry, DECISION_RULES, FLOW_TABLE_SIZE,
-    MAX_BACKENDS, MAX_CIDR_ENTRIES, MAX_SERVICES, MAX_SPLICED,
+    histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, RouteAddr,
+    ServiceKey, ServiceValue, SplicePeer, SpliceState, VersionTelemetry, DECISION_RULES,
+    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_CIDR_ENTRIES, MAX_SERVICES, MAX_SPLICED,
 };
 
 /// Service address -> weight and backends. Not preallocated, so replacing a value
@@ -26,6 +26,11 @@ pub static SETTINGS: Array<u32> = Array::pinned(1, 0);
 /// arrive on any CPU.
 #[map(name = "CANARY_FLOWS")]
 pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_TABLE_SIZE, 0);
+
+/// Per service: TCP segments that were neither a SYN nor of a connection whose reply
+/// entry was left (spoofed, stray, or both entries lost), passed untouched.
+#[map(name = "CANARY_STRAY")]
+pub static STRAY: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES, 0);
 
 #[map(name = "CANARY_STATS")]
 pub static STATS: PerCpuArray<BackendStats> =
@@ -61,6 +66,12 @@ pub static DECISIONS: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES * DECI
 /// Service id -> the agent's listening socket for that `http` service.
 #[map(name = "ROUTE_LISTENERS")]
 pub static ROUTE_LISTENERS: SockHash<u32> = SockHash::pinned(MAX_SERVICES * 2, 0);
+
+/// Addresses the agent made local for the router (value: unused, 1). Every TCP or UDP
+/// lookup to one that is not a routed service's is refused, so a host daemon bound to
+/// 0.0.0.0 does not answer on a service address.
+#[map(name = "ROUTE_ADDRS")]
+pub static ROUTE_ADDRS: HashMap<RouteAddr, u32> = HashMap::pinned(MAX_SERVICES * 2, 0);
 
 /// Socket cookie -> spliced socket (client or backend side).
 #[map(name = "ROUTE_SOCKS")]

@@ -567,6 +567,7 @@ impl Agent {
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
+                stray_segments: self.datapath.stray(svc.id)?,
                 routing: match (&svc.kernel, &svc.policy) {
                     (Some(_), Some(p)) => Some(crate::router::kernel::status(
                         &p.routing,
@@ -964,9 +965,10 @@ impl Agent {
             if let Some(r) = inherited {
                 r.close();
             }
-            return Ok(());
+            return self.datapath.unroute();
         }
-        let splicer = self.datapath.splicer()?;
+        let addrs: Vec<_> = routed.iter().map(|r| r.cfg.listen.ip()).collect();
+        let splicer = self.datapath.splicer(&addrs)?;
         self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
         Ok(())
     }

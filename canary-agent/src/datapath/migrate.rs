@@ -13,8 +13,10 @@
 //!    the old programs added meanwhile, e.g. flows placed during the upgrade) and
 //!    their pins removed.
 //!
-//! Hash-mode placement is deterministic, so a flow missed by all this is placed again
-//! on the same backend by its next packet.
+//! Only a SYN opens a TCP flow (a non-SYN is re-placed only from a surviving reply
+//! entry), so a segment of a flow the first pass missed passes untouched until the
+//! second pass, a few milliseconds later, carries its entries; its retransmission then
+//! finds them.
 
 use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},

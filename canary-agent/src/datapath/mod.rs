@@ -28,7 +28,7 @@ use aya::{
 pub use bpffs::ensure as ensure_bpffs;
 use canary_common::{
     histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
-    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_SETTINGS, MAP_STATS, MAP_TELEMETRY,
+    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_SETTINGS, MAP_STATS, MAP_STRAY, MAP_TELEMETRY,
     MAX_BACKENDS, MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
     SETTING_REPLIES_AT_INGRESS,
 };
@@ -48,6 +48,8 @@ pub struct Datapath {
     stats: PerCpuArray<MapData, BackendStats>,
     telemetry: PerCpuArray<MapData, VersionTelemetry>,
     latency: PerCpuArray<MapData, u64>,
+    /// Per service: TCP segments that were no flow's, passed untouched (CANARY_STRAY).
+    stray: PerCpuArray<MapData, u64>,
     /// Maps of an earlier layout, until [`Datapath::finish_upgrade`].
     upgrading: Vec<migrate::Aside>,
     /// The flow table and the drain's view of it (drain.rs).
@@ -105,6 +107,7 @@ impl Datapath {
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         let telemetry = PerCpuArray::try_from(take(&mut ebpf, MAP_TELEMETRY)?)?;
         let latency = PerCpuArray::try_from(take(&mut ebpf, MAP_LATENCY)?)?;
+        let stray = PerCpuArray::try_from(take(&mut ebpf, MAP_STRAY)?)?;
         let drain = drain::Drain::new(take(&mut ebpf, canary_common::MAP_FLOWS)?)?;
         let cidr = cidr::Cidr {
             trie: aya::maps::LpmTrie::try_from(take(&mut ebpf, canary_common::MAP_CIDR)?)?,
@@ -130,6 +133,7 @@ impl Datapath {
             stats,
             telemetry,
             latency,
+            stray,
             drain,
             cidr,
             settings,
@@ -298,6 +302,12 @@ impl Datapath {
         Ok(out)
     }
 
+    /// TCP segments to service `id` that were neither a SYN nor of a connection it
+    /// holds (spoofed or stray), passed untouched; summed over CPUs.
+    pub fn stray(&self, id: u32) -> Result<u64> {
+        Ok(self.stray.get(&id, 0)?.iter().sum())
+    }
+
     /// Stable (`[0]`) and canary (`[1]`) signals of service `id`, summed over CPUs.
     pub fn signals(&self, id: u32) -> Result<[VersionSignals; 2]> {
         let mut out: [VersionSignals; 2] = Default::default();
@@ -333,6 +343,8 @@ impl Datapath {
             let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
             self.stats.set(stats_index(id, slot as u8), zero, 0)?;
         }
+        self.stray
+            .set(id, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         for version in [id * 2, id * 2 + 1] {
             let zero = aya::maps::PerCpuValues::try_from(vec![VersionTelemetry::default(); cpus])?;
             self.telemetry.set(version, zero, 0)?;
@@ -443,11 +455,12 @@ pub fn detach(bpffs_dir: &Path, iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes everything the datapath left in `bpffs_dir`: the link pins first (which
-/// detaches the programs from every interface), then the map pins (the kernel frees
-/// the maps, flow table included, once no program uses them). Returns the interfaces
-/// that were detached.
+/// Removes everything the datapath left in `bpffs_dir`: the local routes of routed
+/// service addresses, the link pins (which detaches the programs from every interface),
+/// then the map pins (the kernel frees the maps, flow table included, once no program
+/// uses them). Returns the interfaces that were detached.
 pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
+    route::remove_local_routes(bpffs_dir)?;
     let ifaces = attached_interfaces(bpffs_dir)?;
     for iface in &ifaces {
         detach(bpffs_dir, iface)?;

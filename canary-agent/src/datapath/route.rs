@@ -3,27 +3,38 @@
 //! `sk_skb` verdict moves their bytes in the kernel. The maps are pinned, so a
 //! hand-over keeps spliced sockets under the same verdict; the sockets themselves
 //! belong to the agent process (a socket leaves the maps when it closes).
+//!
+//! A routed service address is made local (`ip route local`, router/serve.rs) so that
+//! the kernel looks up a socket for it; the addresses are listed in ROUTE_ADDRS, where
+//! the sk_lookup program refuses every other port and protocol, so a host daemon bound
+//! to 0.0.0.0 does not answer on them. The sk_lookup link is pinned like the others:
+//! an agent that exits (or dies) leaves the addresses refusing, not open. An address
+//! that is no longer routed loses its local route, then its entry; uninstall removes
+//! the routes of all of them.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::path::PathBuf;
+use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{links::FdLink, SkLookup, SkSkb},
 };
 use canary_common::{
-    ServiceKey, ServiceValue, SplicePeer, SpliceState, MAP_ROUTE_BYTES, MAP_ROUTE_LISTENERS,
-    MAP_ROUTE_PEERS, MAP_ROUTE_SOCKS, MAP_ROUTE_STATE, MAP_SERVICES, PROG_ROUTE_LOOKUP,
-    PROG_ROUTE_VERDICT,
+    RouteAddr, ServiceKey, ServiceValue, SplicePeer, SpliceState, FAMILY_V4, FAMILY_V6,
+    MAP_ROUTE_ADDRS, MAP_ROUTE_BYTES, MAP_ROUTE_LISTENERS, MAP_ROUTE_PEERS, MAP_ROUTE_SOCKS,
+    MAP_ROUTE_STATE, MAP_SERVICES, PROG_ROUTE_LOOKUP, PROG_ROUTE_VERDICT,
 };
 
+use super::encode::encode_addr;
 use super::{program, remove_pin, take, Datapath};
 
-/// Where a hand-over pins the outgoing agent's sk_lookup link, so that the service
-/// addresses keep reaching the listeners across the exec; the next agent removes the
-/// pin once its own link is attached.
+/// The sk_lookup link's pin: it stays attached across agent exits, hand-overs and
+/// crashes; the next agent attaches its own link, then replaces the pin.
+const LOOKUP_PIN: &str = "route-lookup";
+/// Where agents before the pinned link kept theirs across a hand-over only.
 const HANDOVER_LOOKUP_PIN: &str = "route-lookup-handover";
 
 pub struct Splicer {
@@ -34,15 +45,99 @@ pub struct Splicer {
     bytes: PerCpuArray<MapData, u64>,
     /// A second handle on the pinned services map: live weight and backends.
     services: HashMap<MapData, ServiceKey, ServiceValue>,
-    /// This agent's sk_lookup attachment (owned by this process).
-    lookup_link: Option<FdLink>,
-    bpffs_dir: PathBuf,
+}
+
+fn route_addr(ip: IpAddr) -> RouteAddr {
+    RouteAddr {
+        addr: encode_addr(ip),
+        family: if ip.is_ipv4() { FAMILY_V4 } else { FAMILY_V6 },
+        _pad: [0; 3],
+    }
+}
+
+fn route_ip(a: &RouteAddr) -> Option<IpAddr> {
+    let b = |w: u32| w.to_ne_bytes();
+    match a.family {
+        FAMILY_V4 => Some(IpAddr::from(b(a.addr[0]))),
+        FAMILY_V6 => {
+            let mut o = [0u8; 16];
+            for (chunk, w) in o.chunks_mut(4).zip(a.addr) {
+                chunk.copy_from_slice(&b(w));
+            }
+            Some(IpAddr::from(o))
+        }
+        _ => None,
+    }
+}
+
+/// Removes the `local` route the router added for `ip` (gone already is fine).
+fn remove_local_route(ip: IpAddr) -> Result<()> {
+    let (flag, prefix) = if ip.is_ipv4() {
+        ("-4", 32)
+    } else {
+        ("-6", 128)
+    };
+    let out = std::process::Command::new("ip")
+        .args([flag, "route", "del", "local"])
+        .arg(format!("{ip}/{prefix}"))
+        .args(["dev", "lo", "table", "local"])
+        .output()
+        .context("running ip route")?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || err.contains("No such process") {
+        return Ok(());
+    }
+    Err(anyhow!("ip route del local {ip}: {}", err.trim()))
+}
+
+/// Makes ROUTE_ADDRS hold exactly `keep`: an address no longer routed loses its local
+/// route first, then its entry (kept, and refusing, if the route cannot be removed).
+fn sync_addrs(map: &mut HashMap<MapData, RouteAddr, u32>, keep: &[IpAddr]) -> Result<()> {
+    let wanted: Vec<RouteAddr> = keep.iter().map(|ip| route_addr(*ip)).collect();
+    let stale: Vec<RouteAddr> = map
+        .keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| !wanted.contains(k))
+        .collect();
+    for a in &stale {
+        if let Some(ip) = route_ip(a) {
+            if let Err(e) = remove_local_route(ip) {
+                tracing::warn!(error = %format!("{e:#}"), %ip, "a formerly routed address stays refused");
+                continue;
+            }
+            tracing::info!(%ip, "address no longer routed: local route removed");
+        }
+        map.remove(a)
+            .context("removing an address from ROUTE_ADDRS")?;
+    }
+    for a in wanted {
+        map.insert(a, 1, 0)
+            .context("writing a routed address to ROUTE_ADDRS")?;
+    }
+    Ok(())
+}
+
+/// Uninstall: removes the local routes of every address in the pinned ROUTE_ADDRS.
+pub(super) fn remove_local_routes(bpffs_dir: &Path) -> Result<()> {
+    let pin = bpffs_dir.join(MAP_ROUTE_ADDRS);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let data = MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+    let mut map: HashMap<MapData, RouteAddr, u32> =
+        HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    sync_addrs(&mut map, &[])
 }
 
 impl Datapath {
     /// Loads and attaches the router's programs (sk_lookup in this network namespace,
     /// the verdict on the spliced-socket map) and hands their maps to the router.
-    pub fn splicer(&mut self) -> Result<Splicer> {
+    /// `addrs`: the routed services' addresses, refused but for their services from
+    /// before the router makes them local.
+    pub fn splicer(&mut self, addrs: &[IpAddr]) -> Result<Splicer> {
+        let mut routed: HashMap<MapData, RouteAddr, u32> =
+            take(&mut self.ebpf, MAP_ROUTE_ADDRS)?.try_into()?;
+        sync_addrs(&mut routed, addrs)?;
         let socks: SockHash<MapData, u64> = take(&mut self.ebpf, MAP_ROUTE_SOCKS)?.try_into()?;
         let verdict: &mut SkSkb = program(&mut self.ebpf, PROG_ROUTE_VERDICT)?;
         verdict
@@ -60,8 +155,14 @@ impl Datapath {
             .attach(netns.as_fd())
             .context("attaching sk_lookup to this network namespace")?;
         let lookup_link: FdLink = lookup.take_link(id)?.into();
-        // The previous agent's link (a hand-over) goes now that this one is attached.
+        // The previous agent's link goes now that this one is attached (both run in
+        // between and agree).
         remove_pin(&self.bpffs_dir.join(HANDOVER_LOOKUP_PIN))?;
+        let pin = self.bpffs_dir.join(LOOKUP_PIN);
+        remove_pin(&pin)?;
+        lookup_link
+            .pin(&pin)
+            .with_context(|| format!("pinning the sk_lookup link at {}", pin.display()))?;
         let pin = self.bpffs_dir.join(MAP_SERVICES);
         let services =
             MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
@@ -72,9 +173,19 @@ impl Datapath {
             state: take(&mut self.ebpf, MAP_ROUTE_STATE)?.try_into()?,
             bytes: take(&mut self.ebpf, MAP_ROUTE_BYTES)?.try_into()?,
             services: HashMap::try_from(aya::maps::Map::HashMap(services))?,
-            lookup_link: Some(lookup_link),
-            bpffs_dir: self.bpffs_dir.clone(),
         })
+    }
+
+    /// No routed service in this config: addresses an earlier agent routed lose their
+    /// local routes, and its sk_lookup link is detached.
+    pub fn unroute(&mut self) -> Result<()> {
+        let mut routed: HashMap<MapData, RouteAddr, u32> =
+            take(&mut self.ebpf, MAP_ROUTE_ADDRS)?.try_into()?;
+        sync_addrs(&mut routed, &[])?;
+        if routed.keys().next().is_none() {
+            remove_pin(&self.bpffs_dir.join(LOOKUP_PIN))?;
+        }
+        Ok(())
     }
 }
 
@@ -131,17 +242,6 @@ impl Splicer {
             self.remove(*cookie);
         }
         stale.len()
-    }
-
-    /// Pins this agent's sk_lookup link for the next agent image (hand-over).
-    pub fn keep_lookup_for_handover(&mut self) -> Result<()> {
-        if let Some(link) = self.lookup_link.take() {
-            let pin = self.bpffs_dir.join(HANDOVER_LOOKUP_PIN);
-            remove_pin(&pin)?;
-            link.pin(&pin)
-                .with_context(|| format!("pinning the sk_lookup link at {}", pin.display()))?;
-        }
-        Ok(())
     }
 
     /// Bytes the kernel carried for a service, summed over CPUs.

@@ -91,16 +91,10 @@ impl Router {
     }
 
     /// Stops serving and gives up every listener and connection for the next agent
-    /// image: spliced pairs stay in the kernel's splice, and the sk_lookup link is
-    /// pinned so the service addresses keep reaching the listeners across the exec.
+    /// image: spliced pairs stay in the kernel's splice, and the (pinned) sk_lookup
+    /// link keeps the service addresses reaching the listeners across the exec.
     pub async fn hand_over(&self) -> Result<handover::Record> {
-        let record = serve::hand_over(&self.shared, std::time::Duration::from_secs(2)).await?;
-        self.shared
-            .splicer
-            .lock()
-            .map_err(|_| anyhow::anyhow!("router splicer poisoned"))?
-            .keep_lookup_for_handover()?;
-        Ok(record)
+        serve::hand_over(&self.shared, std::time::Duration::from_secs(2)).await
     }
 
     /// A rolled-back canary gets no routed connections, whatever the rules say
