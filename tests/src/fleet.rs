@@ -302,7 +302,7 @@ impl Etcd {
         let peer = format!("http://{ETCD_V4}:2380");
         let data = self.dir.to_string_lossy().into_owned();
         let initial = format!("lab={peer}");
-        let mut args = vec![
+        let mut args: Vec<&str> = vec![
             "--name",
             "lab",
             "--data-dir",
@@ -325,11 +325,11 @@ impl Etcd {
             args.extend([
                 "--client-cert-auth",
                 "--trusted-ca-file",
-                ca,
+                ca.as_str(),
                 "--cert-file",
-                cert,
+                cert.as_str(),
                 "--key-file",
-                key,
+                key.as_str(),
             ]);
         }
         let mut child = fabric
@@ -409,7 +409,7 @@ impl FleetCerts {
                 &format!("/CN=canary-lab-{ca}"),
             ])?;
         }
-        let mut issue = |name: &str, ca: &str, ext: &str| -> Result<()> {
+        let issue = |name: &str, ca: &str, ext: &str| -> Result<()> {
             std::fs::write(dir.join(format!("{name}.ext")), ext)?;
             openssl(&[
                 "req",

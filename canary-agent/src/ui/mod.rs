@@ -70,14 +70,16 @@ struct Ui {
 /// the agent per interval.
 pub const READ_CACHE: Duration = Duration::from_millis(500);
 
+/// A read's answer, or why it failed.
+type Answer = Cached<Result<serde_json::Value, String>>;
+
 /// The read-only answers, cached (see [`crate::httpd::Cached`]).
 struct Reads {
-    info: Cached<Result<serde_json::Value, String>>,
+    info: Answer,
     status: Cached<Result<Status, String>>,
     token_file: Cached<Result<Option<std::path::PathBuf>, String>>,
     /// One per service of the last status (never per name a client makes up).
-    history:
-        Mutex<std::collections::HashMap<String, Arc<Cached<Result<serde_json::Value, String>>>>>,
+    history: Mutex<std::collections::HashMap<String, Arc<Answer>>>,
 }
 
 impl Default for Reads {
