@@ -255,7 +255,7 @@ fn an_etcd_writer_can_move_weights_within_bounds_and_nothing_more() -> Result<()
         },
     )?;
     let paused_weight = agents[li].status()?["services"][0]["weight_bp"].clone();
-    lab.fabric.enter(|| {
+    let forged_clock = lab.fabric.enter(|| {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -280,10 +280,11 @@ fn an_etcd_writer_can_move_weights_within_bounds_and_nothing_more() -> Result<()
             // A year ahead on the controller clock.
             let mut stored: serde_json::Value = serde_json::from_str(&text)?;
             let clock = stored["clock_ms"].as_u64().context("clock_ms")?;
-            stored["clock_ms"] = (clock + 365 * 24 * 3600 * 1000).into();
+            let forged = clock + 365 * 24 * 3600 * 1000;
+            stored["clock_ms"] = forged.into();
             c.put(key.as_str(), serde_json::to_vec(&stored)?, None)
                 .await?;
-            anyhow::Ok(())
+            anyhow::Ok(forged)
         })
     })?;
     let key = format!("{PREFIX}/rollouts/web");
@@ -298,8 +299,36 @@ fn an_etcd_writer_can_move_weights_within_bounds_and_nothing_more() -> Result<()
     poll("the follower leading", Duration::from_secs(15), || {
         Ok((agents[fi].status()?["fleet"]["leading"] == true).then_some(()))
     })?;
-    refused_with(&agents[fi], &key, "ahead of this node's")?
-        .context("the new leader adopted the forged rollout")?;
+    // It stores the rollout again at its own controller clock, not the forged one.
+    lab.fabric.enter(|| {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut c =
+                Client::connect([endpoint.as_str()], Some(options(&certs, Some("n1"))?)).await?;
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = c.get(key.as_str(), None).await?;
+                let text = got
+                    .kvs()
+                    .first()
+                    .context("rollouts/web")?
+                    .value_str()?
+                    .to_string();
+                let stored: serde_json::Value = serde_json::from_str(&text)?;
+                let clock = stored["clock_ms"].as_u64().context("clock_ms")?;
+                if clock + 24 * 3600 * 1000 < forged_clock {
+                    return anyhow::Ok(());
+                }
+                ensure!(
+                    Instant::now() < until,
+                    "the new leader took the forged clock: {clock} (forged {forged_clock})"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    })?;
     let s = agents[fi].status()?;
     ensure!(
         s["services"][0]["rollout"]["state"] == "paused"
