@@ -261,7 +261,7 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
         return true;
     }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    name == "localhost" || allowed.iter().any(|a| *a == name)
+    name == "localhost" || allowed.contains(&name)
 }
 
 fn secure(mut response: Response) -> Response {
