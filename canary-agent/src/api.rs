@@ -95,6 +95,9 @@ pub struct FleetStatus {
     /// Why the fleet's view could not be read (etcd unreachable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Keys read from etcd that this node refused (bad or out of bounds), with why.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub rejected: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

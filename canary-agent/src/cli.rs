@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
@@ -241,7 +241,8 @@ fn execute(cli: Cli) -> Result<()> {
                 (None, None) => config::DEFAULT_STATE_DIR.into(),
             };
             let html = crate::ui::report::from_state_dir(&dir, service, SystemClock.now_ms())?;
-            std::fs::write(out, html).with_context(|| format!("writing {}", out.display()))?;
+            write_report(out, html.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("{service}: report written to {}", out.display());
             Ok(())
         }
@@ -333,6 +334,29 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Writes a report where the operator said, as root: never through a link planted at
+/// that name, and only into a regular file (a FIFO or device there is refused).
+fn write_report(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => anyhow::anyhow!("it is a symbolic link: not followed"),
+            _ => e.into(),
+        })?;
+    if !file.metadata()?.is_file() {
+        bail!("not a regular file");
+    }
+    file.set_len(0)?;
+    file.write_all(bytes)?;
+    Ok(())
 }
 
 /// `canary status --fleet`: who leads, and every node's weights and heartbeat.
@@ -602,6 +626,26 @@ pub fn render_status(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_report_is_never_written_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("canary-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let out = dir.join("report.html");
+        std::os::unix::fs::symlink(&victim, &out).unwrap();
+        let e = write_report(&out, b"<html>").unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        std::fs::remove_file(&out).unwrap();
+        std::fs::write(&out, "a much longer old report").unwrap();
+        write_report(&out, b"<html>").unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "<html>");
+        assert!(write_report(&dir, b"x").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("canary").chain(args.iter().copied()))

@@ -90,6 +90,9 @@ pub struct AgentConfig {
     /// Root-only file holding the bearer token the dashboard's controls need; without
     /// it the dashboard is read-only. Resolved relative to the config file.
     pub ui_token_file: Option<PathBuf>,
+    /// Host names the dashboard answers to besides IP addresses and `localhost`
+    /// (a `Host` of any other name is refused: DNS rebinding).
+    pub ui_hosts: Vec<String>,
     /// This node's name in a fleet (status, leader election); default: the host name.
     pub node_name: String,
 }
@@ -176,6 +179,8 @@ struct RawAgent {
     prometheus_url: Option<String>,
     ui_listen: Option<String>,
     ui_token_file: Option<PathBuf>,
+    #[serde(default)]
+    ui_hosts: Vec<String>,
     node_name: Option<String>,
 }
 
@@ -477,6 +482,27 @@ impl Config {
                     Some(p) => Some(base.join(p)),
                     None => None,
                 },
+                ui_hosts: {
+                    for h in &a.ui_hosts {
+                        let name = h.strip_suffix('.').unwrap_or(h);
+                        let ok = !name.is_empty()
+                            && name.len() <= 253
+                            && name.split('.').all(|l| {
+                                !l.is_empty()
+                                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            });
+                        if !ok {
+                            return Err(err(
+                                "agent.ui_hosts".into(),
+                                format!("{h:?} is not a host name (no port, no scheme)"),
+                            ));
+                        }
+                    }
+                    a.ui_hosts
+                        .iter()
+                        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                        .collect()
+                },
                 ingress_hook: match a.ingress_hook.as_deref() {
                     None | Some("auto") => IngressHook::Auto,
                     Some("xdp") => IngressHook::Xdp,
@@ -714,8 +740,20 @@ pub const MIN_UI_TOKEN: usize = 16;
 /// stricter), holding one token of at least [`MIN_UI_TOKEN`] printable characters.
 /// Read on every control request, so a rotated token applies at once.
 pub fn load_ui_token(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let shown = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ELOOP) => format!("{}: a symbolic link: name the file itself", path.display()),
+        _ => format!("{}: {e}", path.display()),
+    };
+    // Opened once, never through a link and never blocking (a FIFO), and every check
+    // made on the file opened: nothing can be swapped in between check and read.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(shown)?;
+    let meta = file.metadata().map_err(shown)?;
     if !meta.is_file() {
         return Err(format!("{}: not a regular file", path.display()));
     }
@@ -735,7 +773,12 @@ pub fn load_ui_token(path: &Path) -> Result<String, String> {
             meta.mode() & 0o7777
         ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut text = String::new();
+    // A token is a line; more than 4 KiB is not one.
+    (&mut file)
+        .take(4096)
+        .read_to_string(&mut text)
+        .map_err(shown)?;
     let token = text.trim();
     if token.len() < MIN_UI_TOKEN || !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(format!(
@@ -1104,6 +1147,12 @@ sticky = "client-ip"
         assert!(e.contains("missing"), "{e}");
         let e = load_ui_token(&dir).unwrap_err();
         assert!(e.contains("not a regular file"), "{e}");
+        // A link to a good token file is not followed.
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        let e = load_ui_token(&link).unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod controller;
 pub mod datapath;
 pub mod fleet;
+pub mod httpd;
 pub mod metrics;
 pub mod policy;
 pub mod router;

@@ -1,8 +1,12 @@
 //! Prometheus exposition of the agent's view: per service and version the kernel's
 //! counters and latency histogram, the weight, the rollout state and the latest
-//! analysis verdicts. Built fresh on every scrape from one consistent snapshot.
+//! analysis verdicts. Built from one consistent snapshot, at most once per
+//! [`CACHE_FOR`] however many scrape.
 
-use std::sync::{Arc, Mutex};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Result;
 use prometheus_client::{
@@ -152,7 +156,7 @@ impl Families {
     }
 }
 
-/// Produces the exposition text for one scrape.
+/// Produces the exposition text (under the agent's lock).
 pub type Render = Arc<dyn Fn() -> Result<String> + Send + Sync>;
 
 /// Answers a probe: `Ok(text)` is healthy (200), `Err(why)` is not (503).
@@ -161,51 +165,54 @@ pub type Probe = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 /// What `/healthz` (liveness) and `/readyz` (readiness) check.
 #[derive(Clone)]
 pub struct Probes {
+    /// Answered without the agent's lock (a heartbeat of the daemon loop).
     pub live: Probe,
+    /// Read under the lock, and cached like `/metrics`.
     pub ready: Probe,
 }
 
-/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listen` until the runtime stops.
+/// How old a scrape's or readiness answer may be: every scraper and prober shares
+/// one read of the agent per interval.
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
+
+/// Serves `GET /metrics`, `/healthz` and `/readyz` on `listen` until the runtime stops,
+/// within the limits of [`crate::httpd`].
 pub async fn serve(listen: std::net::SocketAddr, render: Render, probes: Probes) -> Result<()> {
     use http_body_util::Full;
-    use hyper::{body::Bytes, server::conn::http1, service::service_fn, Response};
+    use hyper::{body::Bytes, service::service_fn, Response};
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "metrics endpoint listening");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let render = render.clone();
-        let probes = probes.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let render = render.clone();
-                let probes = probes.clone();
-                async move {
-                    let probe = |p: &Probe| match p() {
-                        Ok(text) => (200, format!("{text}\n")),
-                        Err(why) => (503, format!("{why}\n")),
-                    };
-                    let (code, body) = match req.uri().path() {
-                        "/metrics" => match render() {
-                            Ok(text) => (200, text),
-                            Err(e) => (500, format!("{e:#}\n")),
-                        },
-                        "/healthz" => probe(&probes.live),
-                        "/readyz" => probe(&probes.ready),
-                        _ => (
-                            404,
-                            "not found: try /metrics, /healthz or /readyz\n".to_string(),
-                        ),
-                    };
-                    Response::builder()
-                        .status(code)
-                        .header("content-type", "text/plain; version=0.0.4")
-                        .body(Full::new(Bytes::from(body)))
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
-                tracing::debug!(error = %e, "metrics connection");
-            }
-        });
-    }
+    let text = Arc::new(crate::httpd::Cached::<(u16, String)>::new(CACHE_FOR));
+    let ready = Arc::new(crate::httpd::Cached::<(u16, String)>::new(CACHE_FOR));
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (render, probes, text, ready) =
+            (render.clone(), probes.clone(), text.clone(), ready.clone());
+        async move {
+            let probe = |p: &Probe| match p() {
+                Ok(text) => (200, format!("{text}\n")),
+                Err(why) => (503, format!("{why}\n")),
+            };
+            let (code, body) = match req.uri().path() {
+                "/metrics" => (*text
+                    .get(move || match render() {
+                        Ok(text) => (200, text),
+                        Err(e) => (500, format!("{e:#}\n")),
+                    })
+                    .await)
+                    .clone(),
+                "/healthz" => probe(&probes.live),
+                "/readyz" => (*ready.get(move || probe(&probes.ready)).await).clone(),
+                _ => (
+                    404,
+                    "not found: try /metrics, /healthz or /readyz\n".to_string(),
+                ),
+            };
+            Response::builder()
+                .status(code)
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(Full::new(Bytes::from(body)))
+        }
+    });
+    crate::httpd::serve(listener, service, "metrics", crate::httpd::MAX_CONNECTIONS).await;
+    Ok(())
 }

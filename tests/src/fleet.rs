@@ -216,9 +216,46 @@ impl FleetLab {
         let etcd = Etcd {
             child: std::sync::Mutex::new(None),
             dir,
+            tls: None,
         };
         etcd.start(&self.fabric)?;
         Ok(etcd)
+    }
+
+    /// [`FleetLab::start_etcd`] serving TLS only, to clients with a certificate of
+    /// `certs`' CA (`--client-cert-auth`), as the DaemonSet's etcd does.
+    pub fn start_etcd_tls(&self, certs: &FleetCerts) -> Result<Etcd> {
+        let dir = log_dir().join(format!("etcd-{}", self.fabric.name()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let etcd = Etcd {
+            child: std::sync::Mutex::new(None),
+            dir,
+            tls: Some(certs.dir.clone()),
+        };
+        etcd.start(&self.fabric)?;
+        Ok(etcd)
+    }
+
+    /// [`FleetLab::start_agent`] against the TLS etcd, with node `i`'s own client
+    /// certificate.
+    pub fn start_agent_tls(
+        &self,
+        i: usize,
+        services: &str,
+        files: &[(&str, &str)],
+        lease_s: u64,
+        extra_args: &[&str],
+        certs: &FleetCerts,
+    ) -> Result<Agent> {
+        let node = format!("n{}", i + 1);
+        let text = format!(
+            "node_name = \"{node}\"\nmetrics_listen = \"{}\"\n[fleet]\netcd = [\"https://{ETCD_V4}:2379\"]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nlease = {lease_s}\n{services}",
+            probe_addr(i),
+            certs.ca().display(),
+            certs.cert(&node).display(),
+            certs.key(&node).display(),
+        );
+        Agent::start_with_files(&self.nodes[i], &text, files, extra_args)
     }
 
     /// Starts node `i`'s agent (node name `n{i+1}`) with `services`, joined to the
@@ -254,33 +291,49 @@ pub fn fleet_service(extra: &str) -> String {
 pub struct Etcd {
     child: std::sync::Mutex<Option<ChildGuard>>,
     pub dir: PathBuf,
+    /// The certificates' directory when it serves TLS with client certificates.
+    tls: Option<PathBuf>,
 }
 
 impl Etcd {
     fn start(&self, fabric: &NetNs) -> Result<()> {
-        let client = format!("http://{ETCD_V4}:2379");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{ETCD_V4}:2379");
         let peer = format!("http://{ETCD_V4}:2380");
         let data = self.dir.to_string_lossy().into_owned();
+        let initial = format!("lab={peer}");
+        let mut args: Vec<&str> = vec![
+            "--name",
+            "lab",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &client,
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &initial,
+        ];
+        let files = self.tls.as_ref().map(|dir| {
+            ["ca.pem", "etcd.pem", "etcd.key"].map(|f| dir.join(f).to_string_lossy().into_owned())
+        });
+        if let Some([ca, cert, key]) = &files {
+            args.extend([
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                ca.as_str(),
+                "--cert-file",
+                cert.as_str(),
+                "--key-file",
+                key.as_str(),
+            ]);
+        }
         let mut child = fabric
-            .spawn(
-                "etcd",
-                &[
-                    "--name",
-                    "lab",
-                    "--data-dir",
-                    &data,
-                    "--listen-client-urls",
-                    &client,
-                    "--advertise-client-urls",
-                    &client,
-                    "--listen-peer-urls",
-                    &peer,
-                    "--initial-advertise-peer-urls",
-                    &peer,
-                    "--initial-cluster",
-                    &format!("lab={peer}"),
-                ],
-            )
+            .spawn("etcd", &args)
             .context("starting etcd (cargo xtask bootstrap installs etcd-server)")?;
         child.wait_for_log("ready to serve client requests", Duration::from_secs(20))?;
         *self.child.lock().unwrap_or_else(|e| e.into_inner()) = Some(child);
@@ -309,5 +362,114 @@ impl Etcd {
     pub fn restart(&self, fabric: &NetNs) -> Result<()> {
         self.kill();
         self.start(fabric)
+    }
+}
+
+/// Throwaway certificates for a TLS fleet, made with openssl: a CA, etcd's server
+/// certificate (for [`ETCD_V4`]), a client certificate per node (`n1`, `n2`, …), and
+/// `rogue`, a client certificate of another CA, which etcd must refuse.
+pub struct FleetCerts {
+    pub dir: PathBuf,
+}
+
+impl FleetCerts {
+    pub fn generate(dir: &Path, nodes: usize) -> Result<FleetCerts> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let openssl = |args: &[&str]| -> Result<()> {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .context("running openssl (cargo xtask bootstrap installs it)")?;
+            anyhow::ensure!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(())
+        };
+        for ca in ["ca", "rogue-ca"] {
+            openssl(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=canary-lab-{ca}"),
+            ])?;
+        }
+        let issue = |name: &str, ca: &str, ext: &str| -> Result<()> {
+            std::fs::write(dir.join(format!("{name}.ext")), ext)?;
+            openssl(&[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ])?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-extfile",
+                &format!("{name}.ext"),
+            ])
+        };
+        issue(
+            "etcd",
+            "ca",
+            &format!("subjectAltName=IP:{ETCD_V4}\nextendedKeyUsage=serverAuth\n"),
+        )?;
+        for i in 0..nodes {
+            issue(
+                &format!("n{}", i + 1),
+                "ca",
+                "extendedKeyUsage=clientAuth\n",
+            )?;
+        }
+        issue("rogue", "rogue-ca", "extendedKeyUsage=clientAuth\n")?;
+        Ok(FleetCerts {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pem"))
+    }
+
+    pub fn key(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.key"))
     }
 }

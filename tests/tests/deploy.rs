@@ -144,6 +144,15 @@ fn daemonset_manifest_has_what_the_agent_needs() -> Result<()> {
         state.host_path.as_ref().map(|h| h.path.as_str()) == Some("/var/lib/canary"),
         "state must be a hostPath"
     );
+    // etcd is reached over TLS with this node's own client certificate, from the host.
+    let (pki_mount, pki) = mounted
+        .get("/etc/canary-pki")
+        .context("/etc/canary-pki mount")?;
+    ensure!(
+        pki.host_path.as_ref().map(|h| h.path.as_str()) == Some("/etc/canary-pki")
+            && pki_mount.read_only == Some(true),
+        "the node's certificates come read-only from the host's /etc/canary-pki"
+    );
     let (_, config) = mounted.get("/etc/canary").context("/etc/canary mount")?;
     let config_map = config
         .config_map
@@ -166,6 +175,25 @@ fn daemonset_manifest_has_what_the_agent_needs() -> Result<()> {
     let agent_toml = data
         .get("agent.toml")
         .context("agent.toml in the ConfigMap")?;
+    let fleet = agent_toml
+        .split("[fleet]")
+        .nth(1)
+        .and_then(|f| f.split("[[service]]").next())
+        .context("agent.toml has a [fleet] section")?;
+    ensure!(
+        fleet.contains("etcd = [\"https://") && !fleet.contains("http://"),
+        "etcd only over https: {fleet}"
+    );
+    for (field, file) in [
+        ("ca", "/etc/canary-pki/ca.pem"),
+        ("cert", "/etc/canary-pki/node.pem"),
+        ("key", "/etc/canary-pki/node-key.pem"),
+    ] {
+        ensure!(
+            fleet.contains(&format!("{field} = \"{file}\"")),
+            "[fleet] {field} = {file:?}: {fleet}"
+        );
+    }
     let args = agent.args.clone().unwrap_or_default();
     ensure!(
         args.windows(2)

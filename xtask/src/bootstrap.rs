@@ -36,6 +36,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The fleet tests run a real etcd; etcdctl for people and the cost simulation's checks.
     ("etcd-server", "/usr/bin/etcd"),
     ("etcd-client", "/usr/bin/etcdctl"),
+    // The TLS fleet test makes a throwaway CA and certificates with it.
+    ("openssl", "/usr/bin/openssl"),
     // etcd-client (the agent's etcd API) compiles etcd's .proto files at build time:
     // protoc itself, and the well-known types those files import, which Debian ships
     // in libprotobuf-dev (only a Recommends of protobuf-compiler).

@@ -27,22 +27,64 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Clients served at once; more are told the agent is busy.
 pub const MAX_CLIENTS: usize = 512;
 
+/// Binds the socket at `path`. A socket left there by a killed agent is replaced;
+/// anything else (a file, a link) is an error, never deleted. The new socket is made
+/// root-only through the file just bound, so a link swapped in meanwhile is not
+/// followed.
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::FileTypeExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!("another agent is already serving {}", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!("another agent is already serving {}", path.display());
+            }
+            // Left by an agent that was killed.
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
-        // Left by an agent that was killed.
-        std::fs::remove_file(path)?;
+        Ok(_) => bail!(
+            "control_socket {} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("checking {}", path.display())),
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    restrict_socket(path).with_context(|| format!("making {} root-only", path.display()))?;
     Ok(listener)
+}
+
+/// chmod 0600 on the socket at `path`, through a descriptor of the very file (opened
+/// without following links, checked to be a socket).
+fn restrict_socket(path: &Path) -> Result<()> {
+    use std::os::unix::{ffi::OsStrExt, fs::FileTypeExt, io::AsRawFd};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string; the descriptor is owned below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fd was just opened and is owned by nobody else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    if !file.metadata()?.file_type().is_socket() {
+        bail!("not a socket any more");
+    }
+    let through = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let through = std::ffi::CString::new(through)?;
+    // SAFETY: a valid C string naming our own descriptor.
+    if unsafe { libc::chmod(through.as_ptr(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
 }
 
 /// Accepts clients until the listener fails; each is served on its own task.
@@ -138,4 +180,52 @@ async fn write_answer(
         .await
         .map_err(|_| anyhow!("client did not take the answer"))??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn only_a_stale_socket_is_replaced_and_the_new_one_is_root_only() {
+        let dir = std::env::temp_dir().join(format!("canary-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        // A file that is not a socket stays, and the agent does not start.
+        std::fs::write(&path, "precious").unwrap();
+        let e = bind(&path).unwrap_err().to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        // Nor a link (to a file elsewhere).
+        std::fs::remove_file(&path).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, "x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(bind(&path).is_err());
+        assert!(std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        std::fs::remove_file(&path).unwrap();
+        // A stale socket (no listener behind it) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let listener = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // A live one is not.
+        assert!(bind(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("already serving"));
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

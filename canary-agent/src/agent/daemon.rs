@@ -6,7 +6,10 @@
 //! (`router::handover`).
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -21,6 +24,8 @@ use crate::{
 
 /// How often the controller is ticked (real time; `--time-scale` speeds the clock).
 const TICK: Duration = Duration::from_millis(100);
+/// The liveness probe fails once the loop has not ticked for this long.
+const STALL_MS: u64 = 5_000;
 /// Pause between two calls of a gate webhook that did not approve.
 const WEBHOOK_RETRY: Duration = Duration::from_secs(2);
 
@@ -67,24 +72,32 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     tokio::spawn(control::serve(listener, agent.clone()));
     if let Some(ui_listener) = ui_listener {
         let agent = agent.clone();
+        let hosts = lock(&agent)?.config.agent.ui_hosts.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::ui::serve(ui_listener, agent).await {
+            if let Err(e) = crate::ui::serve(ui_listener, agent, hosts).await {
                 tracing::error!(error = %format!("{e:#}"), "dashboard stopped");
             }
         });
     }
     tokio::spawn(query_prometheus(agent.clone()));
+    // Milliseconds since `started` of the loop's last tick, for the liveness probe.
+    let started = std::time::Instant::now();
+    let heartbeat = Arc::new(AtomicU64::new(0));
     if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
         let source = agent.clone();
         let render: crate::metrics::Render = Arc::new(move || lock(&source)?.metrics());
-        let (live, ready) = (agent.clone(), agent.clone());
+        let (live, ready) = (heartbeat.clone(), agent.clone());
         let probes = crate::metrics::Probes {
-            // Alive while the agent's state can be taken (a wedged agent makes the probe
-            // time out).
+            // Alive while the loop ticks (each tick takes the agent's state, so a wedged
+            // agent stops it), without anyone's request taking that state.
             live: Arc::new(move || {
-                lock(&live)
-                    .map(|_| "ok".to_string())
-                    .map_err(|e| e.to_string())
+                let age = (started.elapsed().as_millis() as u64)
+                    .saturating_sub(live.load(Ordering::Relaxed));
+                if age <= STALL_MS {
+                    Ok("ok".to_string())
+                } else {
+                    Err(format!("the agent's loop has not ticked for {} ms", age))
+                }
             }),
             ready: Arc::new(move || lock(&ready).map_err(|e| e.to_string())?.readiness()),
         };
@@ -123,6 +136,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
                     let mut a = lock(&agent)?;
                     (a.tick(), a.take_alerts())
                 };
+                heartbeat.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 for call in calls {
                     tokio::spawn(call_gate(call, agent.clone()));
                 }
@@ -240,17 +254,17 @@ async fn hand_over(exe: &std::path::Path, router: Option<crate::router::Router>)
 async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
     let result = crate::webhook::post_json(&call.url, &call.payload, Duration::from_secs(5)).await;
     let approved = matches!(result, Ok(code) if (200..300).contains(&code));
+    // History, status and logs name the hook without its secrets.
+    let shown = crate::webhook::redact_url(&call.url);
     if !approved {
-        tracing::info!(service = %call.service, url = %call.url, result = ?result.as_ref().map_err(|e| e.to_string()), "gate webhook did not approve");
+        tracing::info!(service = %call.service, url = %shown, result = ?result.as_ref().map_err(|e| e.to_string()), "gate webhook did not approve");
         tokio::time::sleep(WEBHOOK_RETRY).await;
     }
     let Ok(mut agent) = agent.lock() else { return };
     agent.webhooks_in_flight.remove(&call.service);
     if approved {
-        let command = Command::Approve {
-            by: call.url.clone(),
-        };
-        if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(call.url)) {
+        let command = Command::Approve { by: shown.clone() };
+        if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(shown)) {
             tracing::warn!(service = %call.service, error = %e, "webhook approval not applied");
         }
     }
@@ -312,7 +326,7 @@ async fn send_alerts(url: String, alerts: Vec<serde_json::Value>) {
         match crate::webhook::post_json(&url, &alert, Duration::from_secs(5)).await {
             Ok(code) if (200..300).contains(&code) => {}
             other => {
-                tracing::warn!(%url, result = ?other.map_err(|e| e.to_string()), "alert not delivered")
+                tracing::warn!(url = %crate::webhook::redact_url(&url), result = ?other.map_err(|e| e.to_string()), "alert not delivered")
             }
         }
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use super::Agent;
 use crate::{
@@ -108,6 +108,33 @@ impl Agent {
         }
     }
 
+    /// How much faster than real time the controller clock runs.
+    pub fn clock_speed(&self) -> u32 {
+        self.clock.speed()
+    }
+
+    /// A rollout read from etcd is taken only for a service this node has, under the
+    /// very policy this node's config gives it (a writer to etcd cannot bring in
+    /// other steps, gates or webhooks), at a weight of at most 100 %. etcd holds the
+    /// policy without webhook secrets: the rollout returned has the local one.
+    pub fn fleet_check_rollout(&self, service: &str, rollout: Rollout) -> Result<Rollout> {
+        let svc = self
+            .services
+            .iter()
+            .find(|s| s.cfg.name == service)
+            .ok_or_else(|| anyhow!("no service named {service:?} on this node"))?;
+        let Some(policy) = &svc.policy else {
+            bail!("service {service:?} has no rollout policy on this node");
+        };
+        if *rollout.policy() != policy.redacted() {
+            bail!("the rollout's policy is not the one this node's config gives {service:?}");
+        }
+        if rollout.weight_bp() > canary_common::WEIGHT_SCALE {
+            bail!("weight {} bp is above 100 %", rollout.weight_bp());
+        }
+        Ok(rollout.with_policy(policy.clone()))
+    }
+
     /// A follower keeps the leader's rollout (status shows it; a restart finds it).
     pub fn fleet_mirror(&mut self, service: &str, rollout: Rollout) -> Result<()> {
         let Ok(svc) = self.service_mut(service) else {
@@ -124,10 +151,9 @@ impl Agent {
     /// Applies the leader's desired weight to this node's map. A drop to 0 is a
     /// rollback: canary connections drain as the policy says.
     pub fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> Result<()> {
-        let Ok(svc) = self.service_mut(service) else {
-            tracing::warn!(%service, "the fleet has a weight for a service this node lacks");
-            return Ok(());
-        };
+        let svc = self
+            .service_mut(service)
+            .map_err(|_| anyhow!("no service named {service:?} on this node"))?;
         let before = svc.weight_bp;
         if before == weight_bp {
             return Ok(());

@@ -205,6 +205,7 @@ impl Agent {
                 old.metrics_listen != new.metrics_listen,
             ),
             ("[agent] ui_listen", old.ui_listen != new.ui_listen),
+            ("[agent] ui_hosts", old.ui_hosts != new.ui_hosts),
             ("[agent] node_name", old.node_name != new.node_name),
             ("[fleet]", self.config.fleet != config.fleet),
         ];
@@ -717,6 +718,7 @@ impl Agent {
                     }
                 }
                 Effect::GateWaiting { stage, webhook } => {
+                    let webhook = webhook.as_deref().map(crate::webhook::redact_url);
                     tracing::info!(service = name, %stage, ?webhook, "gate waiting for approval");
                 }
                 Effect::Alert { kind, reason } => {

@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     io::Write,
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
 };
 
@@ -238,6 +239,7 @@ impl Series {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .and_then(|mut f| f.write_all(line.as_bytes()))
             .with_context(|| format!("writing {}", path.display()))?;

@@ -7,6 +7,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// Wall-clock-like milliseconds (Unix epoch for the real clocks).
 pub trait Clock: Send + Sync {
     fn now_ms(&self) -> u64;
+
+    /// How many times faster than real time it runs (bounds what a fleet accepts as
+    /// another node's clock).
+    fn speed(&self) -> u32 {
+        1
+    }
 }
 
 /// Real time, so persisted timestamps stay meaningful across restarts.
@@ -80,6 +86,10 @@ impl Clock for ScaledClock {
         let real = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.start_ms
             .saturating_add(real.saturating_mul(u64::from(self.factor)))
+    }
+
+    fn speed(&self) -> u32 {
+        self.factor
     }
 }
 

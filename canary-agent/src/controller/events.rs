@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{Effect, Event};
@@ -43,6 +44,7 @@ impl EventLog {
         OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&self.path)
             .and_then(|mut file| file.write_all(line.as_bytes()))
             .map_err(|e| self.io(e))

@@ -359,6 +359,20 @@ impl Rollout {
         &self.service
     }
 
+    /// The rollout as it may leave this node (etcd): its policy's webhook URLs
+    /// without their secrets. [`Rollout::with_policy`] gives it the real one back.
+    pub fn redacted(&self) -> Rollout {
+        Rollout {
+            policy: self.policy.redacted(),
+            ..self.clone()
+        }
+    }
+
+    /// The same rollout under `policy` (the local config's, for one read from etcd).
+    pub fn with_policy(self, policy: Policy) -> Rollout {
+        Rollout { policy, ..self }
+    }
+
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
@@ -801,7 +815,7 @@ impl Rollout {
             stage: stage.name.clone(),
             step: pending.step,
             approval: gate.approval,
-            webhook: gate.webhook.clone(),
+            webhook: gate.webhook.as_deref().map(crate::webhook::redact_url),
             waiting_s: waited_ms as f64 / 1_000.0,
             timed_out: gate.timeout_s > 0 && waited_ms >= gate.timeout_s * 1_000,
         })

@@ -460,13 +460,22 @@ pub fn detach(bpffs_dir: &Path, iface: &str) -> Result<()> {
 /// then the map pins (the kernel frees the maps, flow table included, once no program
 /// uses them). Returns the interfaces that were detached.
 pub fn remove_all(bpffs_dir: &Path) -> Result<Vec<String>> {
+    bpffs::check_removable(bpffs_dir)?;
     route::remove_local_routes(bpffs_dir)?;
     let ifaces = attached_interfaces(bpffs_dir)?;
     for iface in &ifaces {
         detach(bpffs_dir, iface)?;
     }
     for pin in bpffs::pins_in(bpffs_dir)? {
-        remove_pin(&pin)?;
+        // Only the datapath's own: anything else in the directory is someone else's.
+        let ours = pin
+            .file_name()
+            .is_some_and(|n| bpffs::is_ours(&n.to_string_lossy()));
+        if ours {
+            remove_pin(&pin)?;
+        } else {
+            tracing::warn!(pin = %pin.display(), "not a canary pin: left in place");
+        }
     }
     Ok(ifaces)
 }

@@ -33,9 +33,9 @@ use super::{program, remove_pin, take, Datapath};
 
 /// The sk_lookup link's pin: it stays attached across agent exits, hand-overs and
 /// crashes; the next agent attaches its own link, then replaces the pin.
-const LOOKUP_PIN: &str = "route-lookup";
+pub(super) const LOOKUP_PIN: &str = "route-lookup";
 /// Where agents before the pinned link kept theirs across a hand-over only.
-const HANDOVER_LOOKUP_PIN: &str = "route-lookup-handover";
+pub(super) const HANDOVER_LOOKUP_PIN: &str = "route-lookup-handover";
 
 pub struct Splicer {
     listeners: SockHash<MapData, u32>,

@@ -68,6 +68,7 @@ async fn fleet_status(link: &Link) -> FleetStatus {
         leader: None,
         nodes: Vec::new(),
         error: None,
+        rejected: link.rejected(),
     };
     let read = async {
         let (mut client, keys) = connected(link)?;
@@ -85,9 +86,15 @@ async fn fleet_status(link: &Link) -> FleetStatus {
         let now = wall_ms();
         let mut nodes = Vec::new();
         for kv in got.kvs() {
-            let report: NodeReport = serde_json::from_slice(kv.value())?;
+            // A bad entry is left out (the leader reports it), not the whole view.
+            let Ok(name) = super::trust::key_name(kv.key(), &prefix) else {
+                continue;
+            };
+            let Ok(report) = serde_json::from_slice::<NodeReport>(kv.value()) else {
+                continue;
+            };
             nodes.push(FleetNode {
-                name: kv.key_str()?.trim_start_matches(&prefix).to_string(),
+                name: name.to_string(),
                 heartbeat_age_s: now.saturating_sub(report.at_ms) as f64 / 1000.0,
                 weights: report.weights,
                 weights_revision: report.weights_revision,
@@ -113,10 +120,12 @@ async fn history(mut client: Client, keys: &Keys, service: &str) -> Result<Vec<E
         client.get(keys.history(service), Some(GetOptions::new().with_prefix())),
     )
     .await?;
-    got.kvs()
+    // An event that does not parse is left out, not the whole history.
+    Ok(got
+        .kvs()
         .iter()
-        .map(|kv| Ok(serde_json::from_slice(kv.value())?))
-        .collect()
+        .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+        .collect())
 }
 
 /// Puts the command under `PREFIX/commands/` and waits for the leader's answer.

@@ -15,11 +15,10 @@ use etcd_client::{
 };
 
 use super::{
-    wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write, ETCD_PAUSE,
+    trust, wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write, ETCD_PAUSE,
 };
 use crate::{
     agent::{lock, Agent},
-    api::Request,
     config::FleetConfig,
     controller::Clock,
 };
@@ -211,9 +210,9 @@ struct Member {
     unreachable_since: Option<Instant>,
     /// The leader paused running rollouts because etcd failed.
     paused: bool,
-    /// Every node's latest counters, kept after a node's report vanishes so the sums
+    /// Every node's latest accepted counters and when they were read, kept after a node's report vanishes so the sums
     /// (cumulative) never go backwards.
-    seen: BTreeMap<String, NodeReport>,
+    seen: BTreeMap<String, (NodeReport, Instant)>,
     history_seq: u64,
     /// The weight revision in the last report published.
     published_revision: i64,
@@ -397,13 +396,23 @@ impl Member {
         };
         let mut stored = BTreeMap::new();
         for kv in got.kvs() {
-            let service = kv.key_str()?.trim_start_matches(&prefix).to_string();
-            match serde_json::from_slice::<StoredRollout>(kv.value()) {
-                Ok(s) => {
-                    self.clock.catch_up(s.clock_ms);
-                    stored.insert(service, s.rollout);
+            let checked = trust::key_name(kv.key(), &prefix).and_then(|service| {
+                let s = trust::stored_rollout(
+                    service,
+                    kv.value(),
+                    self.clock.now_ms(),
+                    self.clock.speed(),
+                )?;
+                let rollout = lock(&self.agent)?.fleet_check_rollout(service, s.rollout)?;
+                Ok((service.to_string(), s.clock_ms, rollout))
+            });
+            match checked {
+                Ok((service, clock_ms, rollout)) => {
+                    self.link.accept(kv.key());
+                    self.clock.catch_up(clock_ms);
+                    stored.insert(service, rollout);
                 }
-                Err(e) => tracing::error!(%service, error = %e, "unreadable stored rollout"),
+                Err(e) => self.link.reject(kv.key(), &e),
             }
         }
         let mut agent = lock(&self.agent)?;
@@ -434,9 +443,10 @@ impl Member {
                 ),
                 Write::Rollout { service, rollout } => (
                     format!("{}{service}", self.keys.rollouts()),
+                    // Without webhook secrets: every node has the policy itself.
                     serde_json::to_vec(&StoredRollout {
                         clock_ms: now,
-                        rollout: (**rollout).clone(),
+                        rollout: rollout.redacted(),
                     })?,
                 ),
                 Write::Event(event) => {
@@ -487,8 +497,21 @@ impl Member {
         )
         .await?;
         for kv in got.kvs() {
-            let id = kv.key_str()?.trim_start_matches(&prefix).to_string();
-            let answer = match serde_json::from_slice::<Request>(kv.value()) {
+            let Ok(id) = trust::key_name(kv.key(), &prefix) else {
+                // No answer can be addressed to it: it only goes.
+                self.link
+                    .reject(kv.key(), &anyhow!("not a command key: deleted"));
+                let txn = Txn::new()
+                    .when([Compare::value(
+                        self.keys.leader(),
+                        CompareOp::Equal,
+                        self.node(),
+                    )])
+                    .and_then([TxnOp::delete(kv.key(), None)]);
+                op("deleting a bad command", client.txn(txn)).await?;
+                continue;
+            };
+            let answer = match trust::forwarded(kv.value()) {
                 Ok(request) => {
                     tracing::info!(%id, ?request, "forwarded command");
                     match lock(&self.agent)?.handle(request) {
@@ -496,7 +519,10 @@ impl Member {
                         Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
                     }
                 }
-                Err(e) => serde_json::json!({ "error": format!("bad forwarded request: {e}") }),
+                Err(e) => {
+                    self.link.reject(kv.key(), &e);
+                    serde_json::json!({ "error": format!("refused forwarded request: {e:#}") })
+                }
             };
             // The command's effects are in etcd before the requester hears back.
             self.flush().await?;
@@ -508,7 +534,7 @@ impl Member {
                 )])
                 .and_then([
                     TxnOp::put(
-                        self.keys.result(&id),
+                        self.keys.result(id),
                         serde_json::to_vec(&answer)?,
                         Some(PutOptions::new().with_lease(lease)),
                     ),
@@ -548,15 +574,23 @@ impl Member {
         )
         .await?;
         for kv in got.kvs() {
-            let node = kv.key_str()?.trim_start_matches(&prefix).to_string();
-            match serde_json::from_slice::<NodeReport>(kv.value()) {
-                Ok(report) => {
-                    self.seen.insert(node, report);
+            let checked = trust::key_name(kv.key(), &prefix).and_then(|node| {
+                let previous = self.seen.get(node);
+                let elapsed = previous.map_or(1.0, |(_, at)| at.elapsed().as_secs_f64());
+                let report =
+                    trust::node_report(kv.value(), kv.lease(), previous.map(|p| &p.0), elapsed)?;
+                Ok((node.to_string(), report))
+            });
+            match checked {
+                Ok((node, report)) => {
+                    self.link.accept(kv.key());
+                    self.seen.insert(node, (report, Instant::now()));
                 }
-                Err(e) => tracing::warn!(%node, error = %e, "unreadable node report"),
+                Err(e) => self.link.reject(kv.key(), &e),
             }
         }
-        self.link.set_sums(super::sum_reports(self.seen.values()));
+        self.link
+            .set_sums(super::sum_reports(self.seen.values().map(|(r, _)| r)));
         Ok(())
     }
 }
@@ -594,7 +628,7 @@ async fn watch_once(
         .await?;
         revision = got.header().map_or(0, |h| h.revision());
         for kv in got.kvs() {
-            apply(keys, link, agent, kv)?;
+            apply(keys, link, agent, kv);
         }
     }
     link.set_synced();
@@ -627,30 +661,56 @@ async fn watch_once(
         }
         for event in response.events() {
             if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
-                apply(keys, link, agent, kv)?;
+                apply(keys, link, agent, kv);
             }
         }
     }
 }
 
-fn apply(
+/// Applies one weight or mirrors one rollout; a bad one is refused and reported, and
+/// the watch goes on with the others.
+fn apply(keys: &Keys, link: &Link, agent: &Arc<Mutex<Agent>>, kv: &etcd_client::KeyValue) {
+    let result = if kv.key().starts_with(keys.weights().as_bytes()) {
+        apply_weight(keys, link, agent, kv)
+    } else if kv.key().starts_with(keys.rollouts().as_bytes()) {
+        mirror_rollout(keys, link, agent, kv)
+    } else {
+        Ok(())
+    };
+    match result {
+        Ok(()) => link.accept(kv.key()),
+        Err(e) => link.reject(kv.key(), &e),
+    }
+}
+
+fn apply_weight(
     keys: &Keys,
     link: &Link,
     agent: &Arc<Mutex<Agent>>,
     kv: &etcd_client::KeyValue,
 ) -> Result<()> {
-    let key = kv.key_str()?;
-    if let Some(service) = key.strip_prefix(&keys.weights()) {
-        let desired: DesiredWeight = serde_json::from_slice(kv.value())?;
-        lock(agent)?.fleet_apply_weight(service, desired.weight_bp)?;
-        let lag = wall_ms().saturating_sub(desired.at_ms);
-        link.set_applied(kv.mod_revision(), lag);
-        link.shared.wake.notify_one();
-    } else if let Some(service) = key.strip_prefix(&keys.rollouts()) {
-        if !link.leading() {
-            let stored: StoredRollout = serde_json::from_slice(kv.value())?;
-            lock(agent)?.fleet_mirror(service, stored.rollout)?;
-        }
-    }
+    let service = trust::key_name(kv.key(), &keys.weights())?;
+    let desired = trust::weight(kv.value())?;
+    lock(agent)?.fleet_apply_weight(service, desired.weight_bp)?;
+    let lag = wall_ms().saturating_sub(desired.at_ms);
+    link.set_applied(kv.mod_revision(), lag);
+    link.shared.wake.notify_one();
     Ok(())
+}
+
+/// A follower keeps the leader's rollout; the leader ignores its own echo.
+fn mirror_rollout(
+    keys: &Keys,
+    link: &Link,
+    agent: &Arc<Mutex<Agent>>,
+    kv: &etcd_client::KeyValue,
+) -> Result<()> {
+    if link.leading() {
+        return Ok(());
+    }
+    let service = trust::key_name(kv.key(), &keys.rollouts())?;
+    let mut agent = lock(agent)?;
+    let stored = trust::stored_rollout(service, kv.value(), agent.now_ms(), agent.clock_speed())?;
+    let rollout = agent.fleet_check_rollout(service, stored.rollout)?;
+    agent.fleet_mirror(service, rollout)
 }

@@ -21,6 +21,7 @@
 
 mod dispatch;
 mod etcd;
+pub mod trust;
 
 use std::{
     collections::BTreeMap,
@@ -38,6 +39,9 @@ use crate::{
     analysis::VersionCounters,
     controller::{Clock, Event, Rollout},
 };
+
+/// Refused keys remembered for status (the oldest make room).
+const MAX_REJECTED: usize = 64;
 
 /// Reason prefix of the pause the leader makes when etcd is unreachable; only a
 /// rollout paused with it is resumed automatically.
@@ -109,6 +113,8 @@ struct Shared {
     etcd: Mutex<Option<(etcd_client::Client, etcd::Keys)>>,
     /// Counts connections made, so the watch notices a replaced one.
     generation: AtomicU64,
+    /// Keys read from etcd and refused, with why (status shows them).
+    rejected: Mutex<BTreeMap<String, String>>,
 }
 
 impl Link {
@@ -124,6 +130,7 @@ impl Link {
                 applied: Mutex::new((0, None)),
                 etcd: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                rejected: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -207,6 +214,38 @@ impl Link {
         self.shared.etcd.lock().ok()?.clone()
     }
 
+    /// Records a key refused (logged once per reason); the others go on applying.
+    fn reject(&self, key: &[u8], why: &anyhow::Error) {
+        let key = trust::show_key(key);
+        let why = format!("{why:#}");
+        let Ok(mut rejected) = self.shared.rejected.lock() else {
+            return;
+        };
+        if rejected.get(&key) != Some(&why) {
+            tracing::warn!(%key, reason = %why, "fleet: refused a value from etcd");
+            if rejected.len() >= MAX_REJECTED && !rejected.contains_key(&key) {
+                rejected.pop_first();
+            }
+            rejected.insert(key, why);
+        }
+    }
+
+    /// A key accepted again (a good value replaced a refused one).
+    fn accept(&self, key: &[u8]) {
+        if let Ok(mut rejected) = self.shared.rejected.lock() {
+            rejected.remove(&trust::show_key(key));
+        }
+    }
+
+    /// The keys refused lately, with why.
+    pub fn rejected(&self) -> BTreeMap<String, String> {
+        self.shared
+            .rejected
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
     fn set_sums(&self, sums: BTreeMap<String, [VersionCounters; 2]>) {
         if let Ok(mut s) = self.shared.sums.lock() {
             *s = sums;
@@ -230,25 +269,27 @@ pub fn sum_reports<'a>(
     sums
 }
 
-/// Adds `b` into `a`: counters and latency buckets are sums over nodes.
+/// Adds `b` into `a`: counters and latency buckets are sums over nodes. Saturating:
+/// a report is data from elsewhere, and overflow checks are off in release builds.
 pub fn add_counters(a: &mut VersionCounters, b: &VersionCounters) {
-    a.requests += b.requests;
+    let add = |x: &mut u64, y: u64| *x = x.saturating_add(y);
+    add(&mut a.requests, b.requests);
     for (x, y) in a.responses.iter_mut().zip(&b.responses) {
-        *x += y;
+        add(x, *y);
     }
-    a.conn_new += b.conn_new;
-    a.conn_reset += b.conn_reset;
-    a.conn_failed += b.conn_failed;
+    add(&mut a.conn_new, b.conn_new);
+    add(&mut a.conn_reset, b.conn_reset);
+    add(&mut a.conn_failed, b.conn_failed);
     if a.latency.len() < b.latency.len() {
         a.latency.resize(b.latency.len(), 0);
     }
     for (x, y) in a.latency.iter_mut().zip(&b.latency) {
-        *x += y;
+        add(x, *y);
     }
     for (name, (events, trials)) in &b.custom {
         let e = a.custom.entry(name.clone()).or_default();
-        e.0 += events;
-        e.1 += trials;
+        add(&mut e.0, *events);
+        add(&mut e.1, *trials);
     }
 }
 
@@ -284,6 +325,10 @@ impl Clock for FleetClock {
             .now_ms()
             .saturating_add(self.offset_ms.load(Ordering::SeqCst))
     }
+
+    fn speed(&self) -> u32 {
+        self.inner.speed()
+    }
 }
 
 /// Wall-clock milliseconds, for heartbeats and apply lag (not the controller clock).
@@ -318,6 +363,22 @@ mod tests {
         assert_eq!(a.conn_new, 2);
         assert_eq!(a.latency, [1, 3, 5]);
         assert_eq!(a.custom["buy"], (1, 10));
+    }
+
+    #[test]
+    fn sums_saturate_instead_of_wrapping() {
+        let mut a = VersionCounters {
+            requests: u64::MAX - 1,
+            latency: vec![u64::MAX],
+            ..Default::default()
+        };
+        let b = VersionCounters {
+            requests: 5,
+            latency: vec![1],
+            ..Default::default()
+        };
+        add_counters(&mut a, &b);
+        assert_eq!((a.requests, a.latency[0]), (u64::MAX, u64::MAX));
     }
 
     #[test]

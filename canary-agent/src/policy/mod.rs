@@ -52,6 +52,18 @@ pub struct Policy {
     pub routing: Routing,
 }
 
+impl Policy {
+    /// This policy with its gate webhook URLs reduced to scheme, host and port (what
+    /// may be shown or stored outside the config).
+    pub fn redacted(&self) -> Policy {
+        let mut p = self.clone();
+        for gate in p.stages.iter_mut().filter_map(|s| s.gate.as_mut()) {
+            gate.webhook = gate.webhook.as_deref().map(crate::webhook::redact_url);
+        }
+        p
+    }
+}
+
 /// Default of [`AnalysisSettings::max_hold_s`]: 30 minutes, longer than any
 /// seed window (10 min) with room for a slow ramp of traffic, short enough
 /// that a rollout stuck on inconclusive analysis is noticed within a shift.

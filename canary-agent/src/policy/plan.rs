@@ -38,7 +38,7 @@ fn gate_text(gate: &Gate) -> String {
         who.push("operator approval".to_string());
     }
     if let Some(url) = &gate.webhook {
-        who.push(format!("webhook {url}"));
+        who.push(format!("webhook {}", crate::webhook::redact_url(url)));
     }
     let mut text = who.join(" or ");
     if gate.timeout_s > 0 {

@@ -42,6 +42,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::agent::{lock, Agent};
 use crate::api::{Request, RolloutAction, Status, UI_ACTOR};
+use crate::httpd::Cached;
 
 /// How often a snapshot is pushed to the watching pages.
 pub const PUSH_EVERY: Duration = Duration::from_millis(500);
@@ -62,6 +63,34 @@ struct Ui {
     agent: Arc<Mutex<Agent>>,
     snapshots: watch::Receiver<Arc<String>>,
     watchers: Arc<Semaphore>,
+    reads: Arc<Reads>,
+}
+
+/// How old what an unauthenticated read gets may be: all readers share one read of
+/// the agent per interval.
+pub const READ_CACHE: Duration = Duration::from_millis(500);
+
+/// A read's answer, or why it failed.
+type Answer = Cached<Result<serde_json::Value, String>>;
+
+/// The read-only answers, cached (see [`crate::httpd::Cached`]).
+struct Reads {
+    info: Answer,
+    status: Cached<Result<Status, String>>,
+    token_file: Cached<Result<Option<std::path::PathBuf>, String>>,
+    /// One per service of the last status (never per name a client makes up).
+    history: Mutex<std::collections::HashMap<String, Arc<Answer>>>,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            info: Cached::new(READ_CACHE),
+            status: Cached::new(READ_CACHE),
+            token_file: Cached::new(READ_CACHE),
+            history: Mutex::new(Default::default()),
+        }
+    }
 }
 
 /// One service as the page shows it.
@@ -114,8 +143,13 @@ pub async fn bind(listen: SocketAddr) -> Result<tokio::net::TcpListener> {
         .map_err(|e| anyhow!("dashboard: binding ui_listen {listen}: {e}"))
 }
 
-/// Serves the dashboard on `listener` until the runtime stops.
-pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Mutex<Agent>>) -> Result<()> {
+/// Serves the dashboard on `listener` until the runtime stops, within the limits of
+/// [`crate::httpd`]; `hosts` are the names it answers to besides IP addresses.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Mutex<Agent>>,
+    hosts: Vec<String>,
+) -> Result<()> {
     let listen: SocketAddr = listener.local_addr()?;
     let (tx, rx) = watch::channel(Arc::new(String::from("{\"now_ms\":0,\"services\":[]}")));
     let watchers = Arc::new(Semaphore::new(MAX_WATCHERS));
@@ -147,7 +181,9 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Mutex<Agent>>) 
         agent,
         snapshots: rx,
         watchers,
+        reads: Arc::new(Reads::default()),
     };
+    let hosts = Arc::new(hosts);
     let app = Router::new()
         .route("/", get(index))
         .route(
@@ -163,11 +199,69 @@ pub async fn serve(listener: tokio::net::TcpListener, agent: Arc<Mutex<Agent>>) 
         .route("/api/events", get(events))
         .route("/api/control", post(control))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host))
         .with_state(ui);
     tracing::info!(%listen, "dashboard listening");
-    axum::serve(listener, app)
-        .await
-        .map_err(|e| anyhow!("dashboard: {e}"))
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    crate::httpd::serve(
+        listener,
+        service,
+        "dashboard",
+        crate::httpd::MAX_CONNECTIONS,
+    )
+    .await;
+    Ok(())
+}
+
+/// Refuses a request whose `Host` is a name not in `ui_hosts`: a page of another
+/// site whose name was made to point here (DNS rebinding) would otherwise read
+/// status and history as if it were this dashboard's own.
+async fn check_host(
+    State(hosts): State<Arc<Vec<String>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    match host {
+        Some(h) if host_allowed(h, &hosts) => next.run(request).await,
+        Some(h) => error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "refused: this dashboard does not answer to host {:?} (add it to [agent] ui_hosts)",
+                h.chars().take(100).collect::<String>()
+            ),
+        ),
+        None => error(StatusCode::BAD_REQUEST, "refused: no Host header"),
+    }
+}
+
+/// Whether `host` (a `Host` header: name or address, maybe with a port) is an IP
+/// address, `localhost` or one of `allowed` (lower-case names).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.parse::<u16>().is_ok()))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.parse::<u16>().is_ok() => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    if name.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost" || allowed.contains(&name)
 }
 
 fn secure(mut response: Response) -> Response {
@@ -207,41 +301,87 @@ fn error(code: StatusCode, message: impl Into<String>) -> Response {
     )
 }
 
-/// Runs `f` on the agent off the async workers (it reads kernel maps and files).
-async fn with_agent<T: Send + 'static>(
-    ui: &Ui,
-    f: impl FnOnce(&mut Agent) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let agent = ui.agent.clone();
-    tokio::task::spawn_blocking(move || f(&mut *lock(&agent)?))
-        .await
-        .map_err(|e| anyhow!("{e}"))?
+/// Runs `f` on the agent off the async workers, for a [`Cached`] read.
+fn read_agent<T>(
+    agent: &Mutex<Agent>,
+    f: impl FnOnce(&mut Agent) -> Result<T>,
+) -> Result<T, String> {
+    lock(agent)
+        .and_then(|mut a| f(&mut a))
+        .map_err(|e| format!("{e:#}"))
 }
 
 async fn info(State(ui): State<Ui>) -> Response {
-    match with_agent(&ui, |a| Ok(a.ui_token_file())).await {
-        Ok(token_file) => secure(
-            Json(serde_json::json!({
-                "controls": token_file.is_some(),
-                "push_ms": PUSH_EVERY.as_millis() as u64,
-            }))
-            .into_response(),
-        ),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    let agent = ui.agent.clone();
+    let got = ui
+        .reads
+        .info
+        .get(move || {
+            read_agent(&agent, |a| {
+                Ok(serde_json::json!({
+                    "controls": a.ui_token_file().is_some(),
+                    "push_ms": PUSH_EVERY.as_millis() as u64,
+                }))
+            })
+        })
+        .await;
+    match &*got {
+        Ok(v) => secure(Json(v.clone()).into_response()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
     }
 }
 
+async fn cached_status(ui: &Ui) -> Arc<Result<Status, String>> {
+    let agent = ui.agent.clone();
+    ui.reads
+        .status
+        .get(move || read_agent(&agent, |a| a.status(None)))
+        .await
+}
+
 async fn status(State(ui): State<Ui>) -> Response {
-    match with_agent(&ui, |a| a.status(None)).await {
-        Ok(s) => secure(Json(s).into_response()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    match &*cached_status(&ui).await {
+        Ok(s) => secure(Json(s.clone()).into_response()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
     }
 }
 
 async fn history(State(ui): State<Ui>, Path(service): Path<String>) -> Response {
-    match with_agent(&ui, move |a| a.handle(Request::History { service })).await {
-        Ok(v) => secure(Json(v).into_response()),
-        Err(e) => error(StatusCode::NOT_FOUND, format!("{e:#}")),
+    let known = match &*cached_status(&ui).await {
+        Ok(s) => s.services.iter().any(|s| s.name == service),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
+    };
+    if !known {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no service named {:?}",
+                service.chars().take(100).collect::<String>()
+            ),
+        );
+    }
+    let cached = {
+        let Ok(mut map) = ui.reads.history.lock() else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "dashboard state poisoned",
+            );
+        };
+        // Services removed by a reload make room.
+        if map.len() > 4 * MAX_WATCHERS {
+            map.clear();
+        }
+        map.entry(service.clone())
+            .or_insert_with(|| Arc::new(Cached::new(READ_CACHE)))
+            .clone()
+    };
+    let agent = ui.agent.clone();
+    let got = cached
+        .get(move || read_agent(&agent, |a| a.handle(Request::History { service })))
+        .await;
+    match &*got {
+        Ok(v) => secure(Json(v.clone()).into_response()),
+        Err(e) => error(StatusCode::NOT_FOUND, e.clone()),
     }
 }
 
@@ -332,9 +472,16 @@ impl Control {
     }
 }
 
-/// Constant-time comparison, so the token cannot be guessed byte by byte from timing.
+/// Compares the SHA-256 digests of both in constant time: neither the token's bytes
+/// nor its length can be learnt from how long a wrong guess takes.
 fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let digest = |x: &[u8]| ring::digest::digest(&ring::digest::SHA256, x);
+    let (a, b) = (digest(a), digest(b));
+    a.as_ref()
+        .iter()
+        .zip(b.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// Why a control request may not be carried out, or None when it may.
@@ -387,8 +534,14 @@ fn refuse(headers: &HeaderMap, token: &str) -> Option<(StatusCode, String)> {
 }
 
 async fn control(State(ui): State<Ui>, headers: HeaderMap, body: String) -> Response {
-    let token_file = match with_agent(&ui, |a| Ok(a.ui_token_file())).await {
-        Ok(Some(path)) => path,
+    let agent = ui.agent.clone();
+    let token_file = ui
+        .reads
+        .token_file
+        .get(move || read_agent(&agent, |a| Ok(a.ui_token_file())))
+        .await;
+    let token_file = match &*token_file {
+        Ok(Some(path)) => path.clone(),
         Ok(None) => {
             return error(
                 StatusCode::FORBIDDEN,
@@ -396,7 +549,7 @@ async fn control(State(ui): State<Ui>, headers: HeaderMap, body: String) -> Resp
                  the dashboard is read-only",
             )
         }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.clone()),
     };
     let token = match crate::config::load_ui_token(&token_file) {
         Ok(t) => t,
@@ -482,6 +635,40 @@ mod tests {
             refuse(&headers(&cross), TOKEN).unwrap().0,
             StatusCode::FORBIDDEN
         );
+    }
+
+    #[test]
+    fn only_addresses_localhost_and_listed_names_are_answered() {
+        let allowed = vec!["canary.example".to_string()];
+        for ok in [
+            "198.18.1.1:9480",
+            "198.18.1.1",
+            "[2001:db8::1]:9480",
+            "[2001:db8::1]",
+            "localhost:9480",
+            "canary.example:9480",
+            "CANARY.example.",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for refused in [
+            "evil.example:9480",
+            "canary.example.evil.example",
+            "198.18.1.1:x",
+            "[2001:db8::1",
+            "[nonsense]:80",
+            "",
+        ] {
+            assert!(!host_allowed(refused, &allowed), "{refused}");
+        }
+    }
+
+    #[test]
+    fn token_comparison_is_by_digest() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeX"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
+        assert!(!same(b"", b"0123456789abcdef"));
     }
 
     #[test]
