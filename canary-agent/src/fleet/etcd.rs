@@ -160,7 +160,7 @@ pub async fn run(
         last_publish: None,
         unreachable_since: None,
         paused: false,
-        seen: BTreeMap::new(),
+        totals: super::FleetTotals::default(),
         history_seq: 0,
         published_revision: 0,
     };
@@ -211,9 +211,8 @@ struct Member {
     unreachable_since: Option<Instant>,
     /// The leader paused running rollouts because etcd failed.
     paused: bool,
-    /// Every node's latest counters, kept after a node's report vanishes so the sums
-    /// (cumulative) never go backwards.
-    seen: BTreeMap<String, NodeReport>,
+    /// The fleet's counters from each node's own increments.
+    totals: super::FleetTotals,
     history_seq: u64,
     /// The weight revision in the last report published.
     published_revision: i64,
@@ -547,16 +546,19 @@ impl Member {
             client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
+        let mut reports = BTreeMap::new();
         for kv in got.kvs() {
             let node = kv.key_str()?.trim_start_matches(&prefix).to_string();
             match serde_json::from_slice::<NodeReport>(kv.value()) {
                 Ok(report) => {
-                    self.seen.insert(node, report);
+                    reports.insert(node, report);
                 }
                 Err(e) => tracing::warn!(%node, error = %e, "unreadable node report"),
             }
         }
-        self.link.set_sums(super::sum_reports(self.seen.values()));
+        self.totals
+            .update(reports.iter().map(|(n, r)| (n.as_str(), r)));
+        self.link.set_sums(self.totals.sums());
         Ok(())
     }
 }
