@@ -49,11 +49,11 @@ pub mod spec;
 pub mod stats;
 pub mod window;
 
-pub use check::Outcome;
+pub use check::{Outcome, Statistic};
 pub use engine::{
-    hold_reason, metric_name, Analyzer, Evaluation, Fired, Verdict, DEFAULT_ALPHA,
-    DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_ERROR_FLOOR, DEFAULT_PASS_SLACK, DEFAULT_RULE_WINDOW_S,
-    ERROR_FREE_REQUESTS_TO_PASS,
+    action_name, hold_reason, metric_name, Analyzer, Evaluation, Fired, Outage, Verdict,
+    DEFAULT_ALPHA, DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_ERROR_FLOOR, DEFAULT_PASS_SLACK,
+    DEFAULT_RULE_WINDOW_S, ERROR_FREE_REQUESTS_TO_PASS,
 };
 pub use spec::{Action, Cmp, CustomQuery, MetricName, MetricSpec, RollbackRule, WeightBp};
 pub use window::{History, VersionCounters, Window};
