@@ -54,7 +54,8 @@
 //! likelihood 15 s, and an oracle that also knows the stable rate 13 s.
 //!
 //! Either statistic reaching its threshold is a Fail; the windowed test of
-//! [`super::check`] still decides Pass and Inconclusive, and its own Fail stays.
+//! [`super::check`] keeps its own Fail; Pass comes from the data since the rollout step
+//! began (see [`super::Analyzer::begin_step`]).
 //! Cost: `2 K` multiply-adds and `K` logarithms per test per second.
 
 use super::check::{Question, Worse};
