@@ -566,7 +566,7 @@ impl Analyzer {
         let weighted = c.trials as f64;
         let p0 = weighted / (weighted + s.trials as f64);
         let worse = ln_mixture_lr(c.events, c.events + s.events, p0, Tail::Upper);
-        if worse >= self.level.alpha.ln().abs() || !(stable_misses || ongoing && failing) {
+        if worse >= self.level.alpha.ln().abs() || !(stable_misses || (ongoing && failing)) {
             return None;
         }
         Some(format!(

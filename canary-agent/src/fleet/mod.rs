@@ -270,8 +270,8 @@ impl FleetTotals {
                     .or_insert_with(|| [VersionCounters::zero(), VersionCounters::zero()]);
                 // A service new on this node sets its baseline.
                 let base = prev.get(service).unwrap_or(next);
-                for v in 0..2 {
-                    total[v].accumulate(&base[v], &next[v]);
+                for ((total, base), next) in total.iter_mut().zip(base).zip(next) {
+                    total.accumulate(base, next);
                 }
             }
             last.insert(node.to_string(), report.counters.clone());
