@@ -462,9 +462,10 @@ pub fn check(file: &std::path::Path) -> Result<String> {
     if !is_agent_config {
         let policy = policy::load_policy(file)?;
         return Ok(format!(
-            "{}: valid policy\n{}",
+            "{}: valid policy\n{}{}",
             file.display(),
-            policy.render_plan()
+            policy.render_plan(),
+            pass_needs(&policy)
         ));
     }
     let config = Config::load(file)?;
@@ -488,9 +489,94 @@ pub fn check(file: &std::path::Path) -> Result<String> {
                 .map_err(|e| anyhow::anyhow!("service {:?}: policy: {e}", svc.name))?;
             crate::router::check_service(svc, &policy).map_err(|e| anyhow::anyhow!(e))?;
             out += &policy.render_plan();
+            out += &pass_needs(&policy);
         }
     }
     Ok(out)
+}
+
+/// Total requests per second used to turn a step's needs into time.
+const REFERENCE_RPS: f64 = 100.0;
+
+/// What each metric needs of every step that must pass before the next: the canary
+/// requests a healthy canary (the same as stable) must send within the step, with 0 %
+/// and 1 % errors on both versions, and the time that takes at [`REFERENCE_RPS`].
+/// Flags what is unrealistic (over an hour at that rate): such thresholds hold the
+/// rollout for that long, at every step that needs them.
+fn pass_needs(policy: &policy::Policy) -> String {
+    use crate::analysis::{metric_name, Analyzer, DEFAULT_ALPHA};
+    if policy.metrics.is_empty() {
+        return String::new();
+    }
+    let analyzer = Analyzer::new(policy.metrics.clone(), Vec::new(), DEFAULT_ALPHA)
+        .with_error_floor(policy.analysis.error_floor);
+    let weights: Vec<u16> = {
+        let mut w: Vec<u16> = policy.steps.iter().map(|s| s.weight_bp).collect();
+        w.pop(); // the last step has no next one to pass to
+        w.retain(|&bp| bp > 0 && bp < 10_000);
+        w.dedup();
+        w
+    };
+    let mut out = format!(
+        "Pass needs (canary requests within one step for a canary equal to stable, α = \
+         {DEFAULT_ALPHA}; time at {REFERENCE_RPS:.0} req/s in all):\n"
+    );
+    for (i, m) in policy.metrics.iter().enumerate() {
+        let name = metric_name(&m.name);
+        if matches!(m.name, crate::policy::MetricName::Custom(_)) {
+            out += &format!("  {name}: depends on the rate of its queries' events\n");
+            continue;
+        }
+        for &bp in &weights {
+            let share = f64::from(bp) / 10_000.0;
+            let mut parts = Vec::new();
+            let mut unrealistic = false;
+            let rates: &[f64] = if m.name == crate::policy::MetricName::LatencyP99 {
+                &[0.0]
+            } else {
+                &[0.0, 0.01]
+            };
+            for &errors in rates {
+                let what = if m.name == crate::policy::MetricName::LatencyP99 {
+                    "with 1% of both ten times slower".to_string()
+                } else {
+                    format!("with {:.0}% errors", errors * 100.0)
+                };
+                match analyzer.requests_to_pass(i, share, errors) {
+                    Some(n) => {
+                        let secs = n as f64 / (share * REFERENCE_RPS);
+                        unrealistic |= secs > 3600.0;
+                        parts.push(format!("{n} {what} ({})", duration_text(secs)));
+                    }
+                    None => {
+                        unrealistic = true;
+                        parts.push(format!("over 10^9 {what}"));
+                    }
+                }
+            }
+            out += &format!(
+                "  {name} at {}: {}{}\n",
+                percent(bp),
+                parts.join(", "),
+                if unrealistic {
+                    "  [unrealistic: the threshold cannot be shown at this rate within an hour]"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    out
+}
+
+/// 42 → "42 s", 5400 → "1.5 h".
+fn duration_text(secs: f64) -> String {
+    match secs {
+        s if s < 120.0 => format!("{s:.0} s"),
+        s if s < 7200.0 => format!("{:.0} min", s / 60.0),
+        s if s < 172_800.0 => format!("{:.1} h", s / 3600.0),
+        s => format!("{:.0} days", s / 86_400.0),
+    }
 }
 
 pub fn render_history(events: &[Event]) -> String {
@@ -534,6 +620,21 @@ pub(crate) fn round(v: &serde_json::Value) -> String {
             let digits = (3 - x.abs().log10().floor() as i32).clamp(0, 6) as usize;
             format!("{x:.digits$}")
         }
+    }
+}
+
+/// "  fired by window (20 s)" for a Fail's statistic, empty otherwise.
+fn fired_by(statistic: &serde_json::Value) -> String {
+    let num = |k: &str| statistic[k].as_u64().unwrap_or(0);
+    match statistic["statistic"].as_str() {
+        Some("window") => format!("  fired by window ({} s)", num("span_s")),
+        Some("from-start") => format!("  fired by from-start e-process ({} s)", num("age_s")),
+        Some("change") => format!(
+            "  fired by change detector (change since t = {} s, {} s ago)",
+            num("since_s"),
+            num("age_s")
+        ),
+        _ => String::new(),
     }
 }
 
@@ -598,12 +699,13 @@ pub fn render_status(status: &Status) -> String {
         }
         for v in &s.analysis {
             out += &format!(
-                "  analysis {:<16} {:<13} canary {} stable {} confidence {}  {}\n",
+                "  analysis {:<16} {:<13} canary {} stable {} confidence {}{}  {}\n",
                 v["metric"].as_str().unwrap_or("?"),
                 v["verdict"].as_str().unwrap_or("?"),
                 round(&v["canary"]),
                 round(&v["stable"]),
                 round(&v["confidence"]),
+                fired_by(&v["fired_by"]),
                 v["reason"].as_str().unwrap_or("")
             );
         }

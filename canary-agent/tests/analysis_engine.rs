@@ -62,7 +62,7 @@ fn start_is_inconclusive_and_holds() {
 
 #[test]
 fn verdict_serializes_lowercase_and_nan_as_null() {
-    let a = seed_analyzer();
+    let mut a = seed_analyzer();
     let eval = a.evaluate(5);
     let json = serde_json::to_value(&eval.verdicts[0]).unwrap();
     assert_eq!(json["metric"], "error-rate");

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result};
 use canary_agent::{
     analysis::VersionCounters,
-    fleet::{sum_reports, NodeReport},
+    fleet::{FleetTotals, NodeReport},
 };
 use canary_lab::{log_dir, NetNs};
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
@@ -214,6 +214,7 @@ fn fleet_cost_against_a_real_etcd() -> Result<()> {
             let mut read_bytes = Vec::new();
             let mut sent_at = BTreeMap::new();
             let mut second = 0u64;
+            let mut totals = FleetTotals::default();
             while Instant::now() < stop_at {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 second += 1;
@@ -221,12 +222,13 @@ fn fleet_cost_against_a_real_etcd() -> Result<()> {
                 let got = leader
                     .get(format!("{PREFIX}/nodes/"), Some(GetOptions::new().with_prefix()))
                     .await?;
-                let reports: Vec<NodeReport> = got
+                let reports = got
                     .kvs()
                     .iter()
-                    .map(|kv| serde_json::from_slice(kv.value()))
-                    .collect::<Result<_, _>>()?;
-                let sums = sum_reports(reports.iter());
+                    .map(|kv| Ok((kv.key_str()?.to_string(), serde_json::from_slice(kv.value())?)))
+                    .collect::<Result<Vec<(String, NodeReport)>>>()?;
+                totals.update(reports.iter().map(|(n, r)| (n.as_str(), r)));
+                let sums = totals.sums();
                 std::hint::black_box(&sums);
                 sum_ms.push(t.elapsed().as_micros() as u64);
                 read_bytes.push(got.kvs().iter().map(|kv| kv.value().len()).sum::<usize>());

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use canary_common::ServiceKey;
 
 use crate::analysis::{
-    hold_reason, Action, Analyzer, Outcome, Verdict, VersionCounters, DEFAULT_ALPHA,
+    action_name, hold_reason, Action, Analyzer, Outcome, Verdict, VersionCounters, DEFAULT_ALPHA,
 };
 use crate::config::ServiceConfig;
 use crate::controller::{
@@ -42,6 +42,8 @@ pub struct Analysis {
     /// slips through between two observations.
     hold: AnalysisHold,
     last_observed_s: Option<u64>,
+    /// The running rollout's step the analyzer's pass data began with.
+    step: Option<usize>,
 }
 
 impl Analysis {
@@ -56,6 +58,7 @@ impl Analysis {
             verdicts: Vec::new(),
             hold: AnalysisHold::Hold("waiting for the first second of analysis".into()),
             last_observed_s: None,
+            step: None,
         })
     }
 }
@@ -87,6 +90,20 @@ impl LiveService {
         };
         let now_s = now_ms / 1000;
         analysis.last_observed_s = Some(now_s);
+        // A new step's pass starts from the reading before its first one (the step
+        // began between the two).
+        let step = self
+            .rollout
+            .as_ref()
+            .filter(|r| r.state().is_running())
+            .and_then(|r| r.status(now_ms).step);
+        if step != analysis.step {
+            analysis.step = step;
+            match step {
+                Some(_) => analysis.analyzer.begin_step(),
+                None => analysis.analyzer.end_step(),
+            }
+        }
         analysis.analyzer.observe(now_s, stable, canary);
         let eval = analysis.analyzer.evaluate(now_s);
         let label = |o: Outcome| format!("{o:?}").to_lowercase();
@@ -120,6 +137,43 @@ impl LiveService {
                     ),
                 }));
             }
+        }
+        // A shared outage holds the step (its verdict is Inconclusive) and alerts once;
+        // history records when it begins and ends.
+        let status = self.rollout.as_ref().map(|r| r.status(now_ms));
+        let mut note = |reason: String| {
+            if let (true, Some(status)) = (live, &status) {
+                fx.push(Effect::Transition(Event {
+                    service: name.clone(),
+                    at_ms: now_ms,
+                    from: status.state,
+                    to: status.state,
+                    step: status.step,
+                    stage: status.stage.clone(),
+                    weight_bp: status.weight_bp,
+                    actor: Actor::Analysis,
+                    reason,
+                }));
+            }
+        };
+        for o in eval.outages.iter().filter(|o| o.started) {
+            note(format!("{}: {}", o.metric, o.detail));
+        }
+        for metric in &eval.outages_cleared {
+            note(format!(
+                "{metric}: shared outage over, the step's pass data restart"
+            ));
+        }
+        for o in eval.outages.iter().filter(|o| o.started && live) {
+            fx.push(Effect::Alert {
+                kind: "shared-outage".into(),
+                reason: format!(
+                    "{name}: {}: {}; not the canary's fault, holding instead of {}",
+                    o.metric,
+                    o.detail,
+                    action_name(o.action)
+                ),
+            });
         }
         analysis.verdicts = eval.verdicts.clone();
         analysis.hold = match hold_reason(&eval) {
@@ -292,5 +346,207 @@ mod tests {
             .observe(2_000, &counters(0, 0), &counters(0, 0))
             .unwrap();
         assert!(fx.is_empty(), "{fx:?}");
+    }
+
+    /// Cumulative counters of `n` requests so far with latencies 1 ms + Exp(2 ms)
+    /// drawn by `rng`, `errors` of them 5xx.
+    struct Traffic {
+        rng: rand_chacha::ChaCha8Rng,
+        counters: [VersionCounters; 2],
+    }
+
+    impl Traffic {
+        fn new(seed: u64) -> Self {
+            use rand::SeedableRng;
+            Self {
+                rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+                counters: [VersionCounters::zero(), VersionCounters::zero()],
+            }
+        }
+
+        /// One second: `rps` requests split by `weight_bp`, each a 5xx with
+        /// probability `error_rate` on either version.
+        fn second(&mut self, rps: u64, weight_bp: u16, error_rate: f64) {
+            self.second_split(rps, weight_bp, error_rate, error_rate);
+        }
+
+        /// [`Traffic::second`] with each version's own error probability.
+        fn second_split(&mut self, rps: u64, weight_bp: u16, stable: f64, canary: f64) {
+            use rand::Rng;
+            use rand_distr::{Distribution, Exp};
+            let exp = Exp::new(0.5).unwrap();
+            let canary_errors = canary;
+            for _ in 0..rps {
+                let canary = self.rng.gen_bool(f64::from(weight_bp) / 10_000.0);
+                let c = &mut self.counters[usize::from(canary)];
+                let ms = 1.0 + exp.sample(&mut self.rng);
+                let bucket = canary_common::histogram::latency_bucket((ms * 1e6) as u64);
+                c.latency[bucket as usize] += 1;
+                c.requests += 1;
+                c.conn_new += 1;
+                let error_rate = if canary { canary_errors } else { stable };
+                let class = if self.rng.gen_bool(error_rate) { 4 } else { 1 };
+                c.responses[class] += 1;
+            }
+        }
+    }
+
+    /// The seed's three kernel metrics with 20 s windows and 30 s steps; 100 req/s.
+    const FAST_AA: &str = "step = [{ at = 0, weight = 10 }, { at = \"30s\", weight = 20 }, \
+        { at = \"60s\", weight = 50 }, { at = \"90s\", weight = 100 }]\n\
+        [[metric]]\nname = \"error-rate\"\nthreshold = 1.05\nwindow = \"20s\"\n\
+        [[metric]]\nname = \"success-rate\"\nthreshold = 0.95\nwindow = \"20s\"\n\
+        [[metric]]\nname = \"latency-p99\"\nthreshold = 1.2\nwindow = \"20s\"\n";
+
+    /// Runs an A/A rollout at 100 req/s until it is promoted or `limit_s` passes;
+    /// returns the promotion time and the holds seen at the last hold.
+    fn aa_rollout(seed: u64, error_rate: f64, limit_s: u64) -> (Option<u64>, Option<String>) {
+        let mut svc = service(FAST_AA);
+        start(&mut svc, 0);
+        let mut traffic = Traffic::new(seed);
+        let mut last_hold = None;
+        for t in 1..=limit_s {
+            let weight = svc.rollout.as_ref().unwrap().status(t * 1000).weight_bp;
+            traffic.second(100, weight, error_rate);
+            let [s, c] = &traffic.counters;
+            svc.observe(t * 1000, s, c).unwrap();
+            for tick in 0..10 {
+                svc.tick(t * 1000 + tick * 100);
+            }
+            let status = svc.rollout.as_ref().unwrap().status(t * 1000 + 900);
+            if status.holding.is_some() {
+                last_hold = status.holding;
+            }
+            if status.state == RolloutState::Promoted {
+                return (Some(t), last_hold);
+            }
+        }
+        (None, last_hold)
+    }
+
+    #[test]
+    fn a_healthy_canary_is_promoted_on_the_steps_data() {
+        // Schedule 90 s; 10 % of 100 req/s is 10 canary req/s, and a 20 s window holds
+        // 200 canary requests: too few for a pass against the 1 % floor (497), so a
+        // windowed pass would hold at the first step forever.
+        for seed in 1..=5 {
+            let (promoted, hold) = aa_rollout(seed, 0.0, 270);
+            let at = promoted.unwrap_or_else(|| panic!("seed {seed}: not promoted: {hold:?}"));
+            assert!(at <= 270, "seed {seed}: promoted at {at} s");
+        }
+    }
+
+    #[test]
+    fn a_hold_says_how_much_more_traffic_it_needs() {
+        let mut svc = service(FAST_AA);
+        start(&mut svc, 0);
+        let mut traffic = Traffic::new(7);
+        for t in 1..=35 {
+            traffic.second(100, 1000, 0.0);
+            let [s, c] = &traffic.counters;
+            svc.observe(t * 1000, s, c).unwrap();
+            svc.tick(t * 1000);
+        }
+        let status = svc.rollout.as_ref().unwrap().status(35_000);
+        assert_eq!(status.step, Some(0));
+        let hold = status
+            .holding
+            .expect("35 s at 10 canary req/s is short of 497 requests");
+        assert!(hold.contains("error-rate: since the step began"), "{hold}");
+        // ≈ 497 − 350 more error-free requests at ≈ 10 req/s.
+        let more: f64 = hold
+            .split("a pass needs ≈ ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{hold}"));
+        let canary = svc.verdicts()[0].reason.clone();
+        assert!((100.0..=200.0).contains(&more), "{more}: {canary}");
+        assert!(hold.contains("canary requests/s"), "{hold}");
+    }
+
+    #[test]
+    fn a_shared_outage_holds_and_alerts_instead_of_rolling_back() {
+        // Every backend at 25 % errors from 40 s to 60 s: success-rate ≥ 0.95 fails for
+        // the canary, but stable misses it too and the canary is no worse.
+        let policy = format!(
+            "{FAST_AA}[[rule]]\nname = \"error-spike\"\nwhen = \"error-rate > baseline * 1.5\"\n\
+             action = \"immediate-rollback\"\n"
+        );
+        for seed in 1..=3 {
+            let mut svc = service(&policy);
+            start(&mut svc, 0);
+            let mut traffic = Traffic::new(100 + seed);
+            let (mut alerts, mut held_in_outage, mut promoted) = (Vec::new(), false, None);
+            for t in 1..=400u64 {
+                let status = svc.rollout.as_ref().unwrap().status(t * 1000);
+                let errors = if (40..60).contains(&t) { 0.25 } else { 0.0 };
+                traffic.second(100, status.weight_bp, errors);
+                let [s, c] = &traffic.counters;
+                let mut fx = svc.observe(t * 1000, s, c).unwrap();
+                for tick in 0..10 {
+                    fx.extend(svc.tick(t * 1000 + tick * 100));
+                }
+                for f in fx {
+                    if let Effect::Alert { kind, reason } = f {
+                        alerts.push((t, kind, reason));
+                    }
+                }
+                let status = svc.rollout.as_ref().unwrap().status(t * 1000 + 900);
+                assert!(
+                    !matches!(
+                        status.state,
+                        RolloutState::RolledBack | RolloutState::Paused
+                    ),
+                    "seed {seed} t {t}: {status:?} {alerts:?}"
+                );
+                held_in_outage |= status
+                    .holding
+                    .as_deref()
+                    .is_some_and(|h| h.contains("shared outage"));
+                if status.state == RolloutState::Promoted {
+                    promoted = Some(t);
+                    break;
+                }
+            }
+            let outage: Vec<_> = alerts.iter().filter(|a| a.1 == "shared-outage").collect();
+            assert_eq!(outage.len(), 1, "seed {seed}: {alerts:?}");
+            let (at, _, reason) = outage[0];
+            assert!((40..=60).contains(at), "seed {seed}: alert at {at}");
+            assert!(
+                reason.contains("success-rate: shared outage: canary success")
+                    && reason.contains("and stable")
+                    && reason.contains("holding instead of immediate-rollback"),
+                "{reason}"
+            );
+            assert!(held_in_outage, "seed {seed}");
+            // Resumed after the incident: promoted within 3× the 90 s schedule after it.
+            let at = promoted.unwrap_or_else(|| panic!("seed {seed}: not promoted {alerts:?}"));
+            assert!(at <= 60 + 270, "seed {seed}: promoted at {at}");
+        }
+    }
+
+    #[test]
+    fn a_canary_worse_than_stable_in_an_outage_still_fails() {
+        // Stable at 25 % errors, canary at 60 %: the canary is worse, so the rule's own
+        // action (rollback) applies.
+        let mut svc = service(FAST_AA);
+        start(&mut svc, 0);
+        let mut traffic = Traffic::new(9);
+        let mut rolled_back = false;
+        for t in 1..=60u64 {
+            let status = svc.rollout.as_ref().unwrap().status(t * 1000);
+            let canary_errors = if t > 10 { 0.6 } else { 0.0 };
+            let stable_errors = if t > 10 { 0.25 } else { 0.0 };
+            traffic.second_split(100, status.weight_bp, stable_errors, canary_errors);
+            let [s, c] = &traffic.counters;
+            svc.observe(t * 1000, s, c).unwrap();
+            svc.tick(t * 1000);
+            if svc.rollout.as_ref().unwrap().state() == RolloutState::RolledBack {
+                rolled_back = true;
+                break;
+            }
+        }
+        assert!(rolled_back);
     }
 }

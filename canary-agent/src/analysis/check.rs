@@ -157,6 +157,19 @@ pub enum Outcome {
     Inconclusive,
 }
 
+/// Which statistic decided a Fail, for the operator (status, report) and for the
+/// shared-outage check, which looks at stable over the same span.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "statistic")]
+pub enum Statistic {
+    /// The test over the metric's (or rule's) window of `span_s` seconds.
+    Window { span_s: u64 },
+    /// The detector's e-process from its first data, `age_s` seconds ago.
+    FromStart { age_s: u64 },
+    /// The detector's CUSUM: a change that began at `since_s`, `age_s` seconds ago.
+    Change { since_s: u64, age_s: u64 },
+}
+
 /// A decision and the evidence behind it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -165,6 +178,8 @@ pub struct Decision {
     pub confidence: f64,
     /// Human-readable evidence summary.
     pub reason: String,
+    /// For a Fail: the statistic that fired.
+    pub statistic: Option<Statistic>,
 }
 
 /// Tuning shared by all comparisons.
@@ -199,6 +214,7 @@ pub fn decide_with(
         outcome: Outcome::Inconclusive,
         confidence: 0.0,
         reason,
+        statistic: None,
     };
     let (canary, stable, floor) = match *q {
         Question::Ratio {
@@ -267,14 +283,24 @@ pub fn decide_with(
                 ln_fail.exp(),
                 1.0 / level.alpha
             ),
+            statistic: Some(Statistic::Window { span_s }),
         };
     }
     if let Some(c) = change {
-        let (ln_e, over, what) = if c.ln_total >= threshold {
-            (c.ln_total, c.ln_total, "since the start".to_string())
+        let (ln_e, over, what, statistic) = if c.ln_total >= threshold {
+            let what = "since the start".to_string();
+            let statistic = Statistic::FromStart {
+                age_s: c.total_age_s,
+            };
+            (c.ln_total, c.ln_total, what, statistic)
         } else {
             let over = c.ln_change - CHANGE_PREMIUM;
-            (c.ln_change, over, format!("over the last {} s", c.age_s))
+            let what = format!("over the last {} s", c.age_s);
+            let change = Statistic::Change {
+                since_s: c.since_s,
+                age_s: c.age_s,
+            };
+            (c.ln_change, over, what, change)
         };
         if over >= threshold {
             return Decision {
@@ -285,6 +311,7 @@ pub fn decide_with(
                     ln_e.exp(),
                     (threshold + ln_e - over).exp()
                 ),
+                statistic: Some(statistic),
             };
         }
     }
@@ -297,6 +324,7 @@ pub fn decide_with(
                 "canary shown within the bound (e-value {:.3e})",
                 ln_strict.exp()
             ),
+            statistic: None,
         };
     }
     let wide = worse.widen(boundary, level.pass_slack);
@@ -317,6 +345,7 @@ pub fn decide_with(
                     level.pass_slack,
                     ln_slack.exp()
                 ),
+                statistic: None,
             };
         }
     }
@@ -329,6 +358,7 @@ pub fn decide_with(
             ln_strict.exp(),
             1.0 / level.alpha
         ),
+        statistic: None,
     };
     if sparse_stable {
         against_floor(undecided)
@@ -356,6 +386,7 @@ fn floor_pass(canary: Rate, floor: f64, level: Level, needs: Needs) -> Result<De
                 ln_e.exp(),
                 needs.events
             ),
+            statistic: None,
         })
     } else {
         Err(format!(

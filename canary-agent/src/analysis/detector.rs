@@ -54,7 +54,8 @@
 //! likelihood 15 s, and an oracle that also knows the stable rate 13 s.
 //!
 //! Either statistic reaching its threshold is a Fail; the windowed test of
-//! [`super::check`] still decides Pass and Inconclusive, and its own Fail stays.
+//! [`super::check`] keeps its own Fail; Pass comes from the data since the rollout step
+//! began (see [`super::Analyzer::begin_step`]).
 //! Cost: `2 K` multiply-adds and `K` logarithms per test per second.
 
 use super::check::{Question, Worse};
@@ -86,6 +87,8 @@ pub struct Detector {
     run_events: [u64; BETS.len()],
     /// Time of the latest reading with data.
     last_s: u64,
+    /// Time of the first reading with data: where the from-start statistic begins.
+    first_s: Option<u64>,
 }
 
 /// What the detector has found, for the decision.
@@ -99,6 +102,9 @@ pub struct ChangeEvidence {
     pub since_s: u64,
     /// Seconds from that start to the latest reading: how long ago the change began.
     pub age_s: u64,
+    /// Seconds from the detector's first data to the latest reading: the span of the
+    /// from-start statistic.
+    pub total_age_s: u64,
 }
 
 impl Detector {
@@ -110,6 +116,7 @@ impl Detector {
             since: [0; BETS.len()],
             run_events: [0; BETS.len()],
             last_s: 0,
+            first_s: None,
         }
     }
 
@@ -138,6 +145,7 @@ impl Detector {
             return;
         }
         self.last_s = t_s;
+        self.first_s.get_or_insert(t_s);
         let (kf, nf) = (k as f64, (k + j) as f64);
         for (i, &bet) in BETS.iter().enumerate() {
             let m = match self.worse {
@@ -177,6 +185,7 @@ impl Detector {
             ln_change: ln_mix(&change),
             since_s: self.since[best],
             age_s: self.last_s.saturating_sub(self.since[best]),
+            total_age_s: self.first_s.map_or(0, |f| self.last_s.saturating_sub(f)),
         }
     }
 }

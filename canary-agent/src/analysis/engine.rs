@@ -2,11 +2,14 @@
 
 use serde::Serialize;
 
-use super::check::{decide_with, Decision, Level, Needs, Outcome, Question, Rate, Worse};
+use super::check::{
+    decide_with, Decision, Level, Needs, Outcome, Question, Rate, Statistic, Worse,
+};
 use super::detector::{ChangeEvidence, Detector};
 use super::latency::{count_at_or_above, count_possibly_above, quantile_bucket, quantile_ns};
 use super::spec::{Action, Cmp, MetricName, MetricSpec, RollbackRule};
-use super::window::{History, VersionCounters, Window};
+use super::stats::{ln_mixture_lr, Tail};
+use super::window::{History, Mark, VersionCounters, Window};
 use canary_common::histogram::{bucket_upper_ns, LATENCY_BUCKETS};
 
 /// Significance level used when the configured one is not in (0, 1).
@@ -80,6 +83,9 @@ pub struct Verdict {
     /// `1 − 1/e` of the deciding test's e-value (for Inconclusive: of the fail test).
     pub confidence: f64,
     pub reason: String,
+    /// For a Fail: which statistic fired (window, from-start, change since t).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fired_by: Option<Statistic>,
 }
 
 /// A rule (or failing metric, named after the metric) whose action must be taken.
@@ -99,6 +105,22 @@ pub struct Evaluation {
     pub verdicts: Vec<Verdict>,
     /// Failing metrics first (configuration order), then fired rules.
     pub fired: Vec<Fired>,
+    /// Absolute thresholds that stable misses too (see [`Analyzer::evaluate`]): held,
+    /// not failed.
+    pub outages: Vec<Outage>,
+    /// Metrics whose shared outage ended at this evaluation.
+    pub outages_cleared: Vec<String>,
+}
+
+/// An absolute threshold missed by both versions over the same span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outage {
+    pub metric: String,
+    /// The metric's own action, not taken.
+    pub action: Action,
+    pub detail: String,
+    /// First evaluation of this outage (alert once).
+    pub started: bool,
 }
 
 /// Why progression must hold, if it must: any metric still inconclusive. Rollbacks are
@@ -167,6 +189,11 @@ pub struct Analyzer {
     history: History,
     /// One change detector per metric, then one per rule (see [`super::detector`]).
     detectors: Vec<Detector>,
+    /// Where the current rollout step began: a metric's Pass is decided on everything
+    /// since then (see [`Analyzer::begin_step`]).
+    step: Option<Mark>,
+    /// Per metric: in a shared outage at the last evaluation.
+    outage: Vec<bool>,
 }
 
 impl Analyzer {
@@ -190,6 +217,8 @@ impl Analyzer {
             error_floor: DEFAULT_ERROR_FLOOR,
             history: History::new(1),
             detectors: Vec::new(),
+            step: None,
+            outage: Vec::new(),
         };
         a.reset();
         a
@@ -222,9 +251,28 @@ impl Analyzer {
         self
     }
 
+    /// A rollout step begins (at the newest reading): from now on a metric passes on
+    /// the data since then, not on its window.
+    ///
+    /// Why: a window of 20 s at 10 canary req/s holds 200 requests, and some passes
+    /// need more than that however long the step lasts (0 errors against the 1 % floor
+    /// need [`ERROR_FREE_REQUESTS_TO_PASS`] = 497). The data since the step began only
+    /// accumulate, so the pass test over them is an e-process and Ville's inequality
+    /// bounds a false Pass by α per metric per step, however long the step holds.
+    /// Fail keeps its window and detector (recency matters there).
+    pub fn begin_step(&mut self) {
+        self.step = Some(self.history.mark());
+    }
+
+    /// No step is running (no rollout, or it finished): passes are windowed again.
+    pub fn end_step(&mut self) {
+        self.step = None;
+    }
+
     /// Empty history and fresh detectors.
     fn reset(&mut self) {
         self.history = History::new(self.longest_window());
+        self.outage = vec![false; self.metrics.len()];
         self.detectors = self
             .tests()
             .iter()
@@ -302,7 +350,33 @@ impl Analyzer {
 
     /// Evaluates every metric over its own window and every rule over the rule window,
     /// all ending at the newest reading at or before `now_s`.
-    pub fn evaluate(&self, now_s: u64) -> Evaluation {
+    ///
+    /// Shared outage: an absolute threshold (`success-rate ≥ 0.95`) that fails while
+    /// stable misses it too over the same span, and the canary is not shown worse than
+    /// stable there, is not the canary's fault — rolling back would go to a version
+    /// that is no better. The metric then holds (Inconclusive) and is reported in
+    /// [`Evaluation::outages`] instead of failing; it stays an outage while the canary
+    /// keeps failing the threshold and is not shown worse than stable. Its detector
+    /// restarts each second of the outage (the outage's data say nothing about the
+    /// canary), and when the outage ends the step's pass data restart from then.
+    pub fn evaluate(&mut self, now_s: u64) -> Evaluation {
+        let eval = self.assess_all(now_s);
+        for (i, m) in self.metrics.iter().enumerate() {
+            let name = metric_name(&m.name);
+            if eval.outages.iter().any(|o| o.metric == name) {
+                self.outage[i] = true;
+                self.detectors[i] = Detector::new(Worse::Higher);
+            } else {
+                self.outage[i] = false;
+            }
+        }
+        if !eval.outages_cleared.is_empty() && self.step.is_some() {
+            self.step = Some(self.history.mark());
+        }
+        eval
+    }
+
+    fn assess_all(&self, now_s: u64) -> Evaluation {
         let mut windows: Vec<(u64, Option<Window>)> = Vec::new();
         let mut window_for = |w: u64| -> Option<Window> {
             let w = w.max(1);
@@ -315,7 +389,7 @@ impl Analyzer {
         };
         let mut eval = Evaluation::default();
         let mut detectors = self.detectors.iter().map(|d| d.evidence(MIN_EVENTS));
-        for m in &self.metrics {
+        for (i, m) in self.metrics.iter().enumerate() {
             let bound = metric_bound(m);
             let change = detectors.next();
             let name = metric_name(&m.name);
@@ -329,7 +403,41 @@ impl Analyzer {
                 ))
             .then_some(self.error_floor);
             let win = window_for(m.window_s);
-            let a = self.assess(&m.name, bound, floor, None, win.as_ref(), change);
+            let mut a = self.assess(&m.name, bound, floor, None, win.as_ref(), change);
+            let failing = a.decision.outcome == Outcome::Fail;
+            let outage = match bound {
+                Bound::SuccessFloor(t) if failing || self.outage[i] => {
+                    let statistic = a.decision.statistic.unwrap_or(Statistic::Window {
+                        span_s: m.window_s.max(1),
+                    });
+                    self.shared_outage(t, statistic, failing, self.outage[i], now_s)
+                }
+                _ => None,
+            };
+            if let Some(detail) = outage {
+                a.decision = Decision {
+                    outcome: Outcome::Inconclusive,
+                    reason: format!("{detail}; holding instead of {}", action_name(m.on_fail)),
+                    statistic: None,
+                    ..a.decision
+                };
+                a.evidence = String::new();
+                eval.outages.push(Outage {
+                    metric: name.to_string(),
+                    action: m.on_fail,
+                    detail,
+                    started: !self.outage[i],
+                });
+            } else if self.outage[i] {
+                eval.outages_cleared.push(name.to_string());
+            }
+            if let (Some(mark), false, false) = (
+                &self.step,
+                a.decision.outcome == Outcome::Fail,
+                self.outage[i],
+            ) {
+                a = self.step_pass(&m.name, bound, floor, mark, now_s, a);
+            }
             if a.decision.outcome == Outcome::Fail {
                 eval.fired.push(Fired {
                     rule: name.to_string(),
@@ -344,6 +452,7 @@ impl Analyzer {
                 stable: a.stable,
                 confidence: a.decision.confidence,
                 reason: a.reason(),
+                fired_by: a.decision.statistic,
             });
         }
         for r in &self.rules {
@@ -372,6 +481,197 @@ impl Analyzer {
             }
         }
         eval
+    }
+
+    /// Canary requests a healthy canary (the same as stable) needs in one step for
+    /// metric `i` to pass, at canary share `weight` in (0, 1) with both versions at
+    /// `error_rate`: the smallest count whose expected data pass (bisected to 1 %).
+    /// For `latency-p99` both versions answer 1 % of requests ten times slower than
+    /// the rest, the slowest tail under which the canary still meets any factor ≥ 1
+    /// (a tail that thins out beyond the p99 passes sooner). `None` for custom metrics
+    /// (their rates come from queries) or beyond 10⁹ requests.
+    pub fn requests_to_pass(&self, i: usize, weight: f64, error_rate: f64) -> Option<u64> {
+        let m = self.metrics.get(i)?;
+        if matches!(m.name, MetricName::Custom(_)) || !(weight > 0.0 && weight < 1.0) {
+            return None;
+        }
+        let bound = metric_bound(m);
+        let floor = (m.name == MetricName::ErrorRate).then_some(self.error_floor);
+        let version = |n: f64| {
+            let mut c = VersionCounters::zero();
+            let n = n.round() as u64;
+            let errors = (n as f64 * error_rate).round() as u64;
+            c.requests = n;
+            c.conn_new = n;
+            c.responses[1] = n - errors;
+            c.responses[4] = errors;
+            let slow = (n as f64 * 0.01).round() as u64;
+            let fast_b = canary_common::histogram::latency_bucket(1_000_000) as usize;
+            let slow_b = canary_common::histogram::latency_bucket(10_000_000) as usize;
+            c.latency[fast_b] = n - slow;
+            c.latency[slow_b] = slow;
+            c
+        };
+        let passes = |canary: f64| {
+            let w = Window {
+                span_s: 1,
+                canary: version(canary),
+                stable: version(canary * (1.0 - weight) / weight),
+            };
+            let a = self.assess(&m.name, bound, floor, None, Some(&w), None);
+            a.decision.outcome == Outcome::Pass
+        };
+        let mut hi = 16.0;
+        while !passes(hi) {
+            hi *= 2.0;
+            if hi > 1e9 {
+                return None;
+            }
+        }
+        let mut lo = hi / 2.0;
+        while hi / lo > 1.01 {
+            let mid = (lo * hi).sqrt();
+            if passes(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        Some(hi.ceil() as u64)
+    }
+
+    /// Whether the absolute success threshold `t` is in a shared outage: the canary's
+    /// errors are not shown above stable's over the span of `statistic` (the ratio test
+    /// at factor 1), and stable misses `t` too there — or, while an outage is
+    /// `ongoing`, the canary still fails (the window's fail test flickers at the
+    /// edge of an outage). Returns the evidence naming both versions.
+    fn shared_outage(
+        &self,
+        t: f64,
+        statistic: Statistic,
+        failing: bool,
+        ongoing: bool,
+        now_s: u64,
+    ) -> Option<String> {
+        let span_s = match statistic {
+            Statistic::Window { span_s } => span_s,
+            Statistic::FromStart { age_s } | Statistic::Change { age_s, .. } => age_s,
+        };
+        let w = self.history.window(now_s, span_s.max(1))?;
+        let (c, s, needs) = errors(&w);
+        if s.trials == 0 {
+            return None;
+        }
+        let stable_misses = 1.0 - s.value() < t;
+        let weighted = c.trials as f64;
+        let p0 = weighted / (weighted + s.trials as f64);
+        let worse = ln_mixture_lr(c.events, c.events + s.events, p0, Tail::Upper);
+        if worse >= self.level.alpha.ln().abs() || !(stable_misses || (ongoing && failing)) {
+            return None;
+        }
+        Some(format!(
+            "shared outage: canary success {} ({} failed of {} {}) and stable {} ({} of {}) \
+             over {} s, both must be ≥ {t}; the canary is not shown worse than stable \
+             (e-value {:.3} < {:.0})",
+            fmt_value(1.0 - c.value()),
+            c.events,
+            c.trials,
+            needs.trials,
+            fmt_value(1.0 - s.value()),
+            s.events,
+            s.trials,
+            w.span_s,
+            worse.exp(),
+            1.0 / self.level.alpha
+        ))
+    }
+
+    /// The Pass side of a metric over the data since the step began (`windowed` is the
+    /// window's assessment, which did not fail): a Pass there, or Inconclusive with the
+    /// step's evidence and how much more traffic a Pass needs at the current rates.
+    fn step_pass(
+        &self,
+        metric: &MetricName,
+        bound: Bound,
+        floor: Option<f64>,
+        mark: &Mark,
+        now_s: u64,
+        windowed: Assessment,
+    ) -> Assessment {
+        let Some(w) = self.history.since(mark, now_s) else {
+            return windowed;
+        };
+        let mut a = self.assess(metric, bound, floor, None, Some(&w), None);
+        a.evidence = match a.evidence.is_empty() {
+            true => "since the step began".to_string(),
+            false => format!("since the step began: {}", a.evidence),
+        };
+        match a.decision.outcome {
+            Outcome::Pass => a,
+            outcome => {
+                if outcome == Outcome::Fail {
+                    // Fails come from the window and the detector only.
+                    a.decision.reason =
+                        "not shown within the bound (the step's data lean beyond it; the window has not failed)"
+                            .to_string();
+                }
+                a.decision.outcome = Outcome::Inconclusive;
+                a.decision.confidence = windowed.decision.confidence;
+                a.decision.reason = format!(
+                    "{}; {}",
+                    a.decision.reason,
+                    self.more_needed(metric, bound, floor, &w)
+                );
+                a
+            }
+        }
+    }
+
+    /// How much more traffic the pass test over `w` needs if the rates seen in `w`
+    /// continue: the smallest multiple of `w`'s counts that passes (bisected to 2 %),
+    /// in canary requests (or connections, trials) and seconds at `w`'s canary rate.
+    fn more_needed(
+        &self,
+        metric: &MetricName,
+        bound: Bound,
+        floor: Option<f64>,
+        w: &Window,
+    ) -> String {
+        let (trials, noun) = canary_trials(metric, w);
+        if trials == 0 || w.span_s == 0 {
+            return format!("no canary {noun} in this step yet");
+        }
+        let passes = |f: f64| {
+            let a = self.assess(metric, bound, floor, None, Some(&w.scaled(f)), None);
+            a.decision.outcome == Outcome::Pass
+        };
+        const MAX_FACTOR: f64 = 4096.0;
+        let mut hi = 2.0;
+        while !passes(hi) {
+            if hi >= MAX_FACTOR {
+                return format!(
+                    "at the rates seen so far a pass is out of reach (not even with {MAX_FACTOR:.0}× \
+                     the {trials} canary {noun} so far)"
+                );
+            }
+            hi *= 2.0;
+        }
+        let mut lo = hi / 2.0;
+        while hi / lo > 1.02 {
+            let mid = (lo * hi).sqrt();
+            if passes(mid) {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        let more = (trials as f64 * (hi - 1.0)).ceil();
+        let rate = trials as f64 / w.span_s as f64;
+        format!(
+            "a pass needs ≈ {more:.0} more canary {noun}: ≈ {:.0} s at {} canary {noun}/s",
+            more / rate,
+            fmt_rate(rate)
+        )
     }
 
     /// `floor`: see [`Question::Ratio`]; `subject` names the metric in the limit text
@@ -767,10 +1067,43 @@ fn unavailable(reason: String) -> Assessment {
             outcome: Outcome::Inconclusive,
             confidence: 0.0,
             reason,
+            statistic: None,
         },
         canary: f64::NAN,
         stable: f64::NAN,
         evidence: String::new(),
+    }
+}
+
+/// Policy spelling of an action.
+pub fn action_name(action: Action) -> &'static str {
+    match action {
+        Action::ImmediateRollback => "immediate-rollback",
+        Action::PauseAndAlert => "pause-and-alert",
+    }
+}
+
+/// The canary's trials of `metric` in `w` and their noun, for traffic projections.
+fn canary_trials(metric: &MetricName, w: &Window) -> (u64, &'static str) {
+    match metric {
+        MetricName::LatencyP99 => (w.canary.latency.iter().sum(), "responses"),
+        MetricName::Custom(name) => (w.canary.custom.get(name).map_or(0, |c| c.1), "trials"),
+        MetricName::ErrorRate | MetricName::SuccessRate => {
+            let (c, _, needs) = errors(w);
+            (c.trials, needs.trials)
+        }
+    }
+}
+
+/// 12.3456 → "12", 0.4 → "0.4".
+fn fmt_rate(r: f64) -> String {
+    if r >= 10.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.2}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
     }
 }
 

@@ -21,25 +21,35 @@
 //! obeys Ville's inequality, `P(ever ≥ 1/α) ≤ α` under the null, however often it is
 //! looked at — for data that only accumulate.
 //!
-//! Caveat: over a *sliding* window, data also leave, so the windowed e-value is not an
-//! e-process and Ville's bound does not strictly apply. Until a window is full it *is*
-//! one (the data only grow from the first reading); afterwards every window length of
-//! new data is roughly a fresh test, so false alarms grow with run length divided by
-//! window length. What bounds the practical rate is the A/A simulation in
-//! `tests/analysis_simulation.rs` (all seed metrics and rules, every second, 500 runs of
-//! 30 minutes at 200 req/s): 0.2 % of runs rolled back, all within the first minute, i.e.
-//! inside the e-process regime — and it is why rules on sparse business metrics get a
-//! longer window ([`DEFAULT_CUSTOM_RULE_WINDOW_S`]) than spike rules.
+//! # What is guaranteed, over what horizon
+//! Each statistic's false-alarm bound, under the null (canary within the threshold),
+//! per metric or rule:
+//! - **Pass, from the step's data** ([`Analyzer::begin_step`]): a Pass (progression)
+//!   is decided on everything since the rollout step began, data that only
+//!   accumulate, so the mixture ratio is an e-process and Ville's inequality bounds a
+//!   false Pass by α = 1 % per metric per step, however long the step holds. A
+//!   rollout of `k` steps spends at most `k · α` per metric on false passes; hours of
+//!   holding spend nothing more. Without a running step (no rollout) passes are
+//!   windowed as below.
+//! - **Fail, windowed test**: until a window is full it is an e-process (the data only
+//!   grow from the first reading) and Ville's bound α holds; afterwards data also
+//!   leave, the windowed e-value is not an e-process, and every window length of new
+//!   data is roughly a fresh test: no bound beyond the first window, false alarms grow
+//!   with run length divided by window length. Only the A/A simulations bound it.
+//! - **Fail, from-start detector** ([`detector`]): an e-process from the first data,
+//!   Ville's bound `α` over the whole run, any length.
+//! - **Fail, change detector (CUSUM)**: a Shiryaev–Roberts/Doob bound `T · α · e^−h`
+//!   for `T` seconds with events and premium `h` = 6 nats: `T / 40 000` at α = 0.01,
+//!   i.e. ≈ 4.5 % per test over 30 minutes, 9 % over an hour, 36 % over 4 hours — a
+//!   horizon-dependent worst case, not an anytime guarantee. The measured rate is far
+//!   lower (a healthy canary sits strictly inside the null and the start times
+//!   overlap): 0.6 % of 500 A/A runs of 30 min with all seed metrics and rules, on the
+//!   seeds the premium was chosen on (in-sample; see `tests/analysis_simulation.rs`).
+//! - **Shared outage** (see [`Analyzer::evaluate`]): an absolute threshold that stable
+//!   misses too holds and alerts instead of acting. This adds no false rollback; a
+//!   restart of the detector during the outage makes it a fresh test (another α).
 //!
-//! Change-aware Fail: besides the windowed test, every metric and rule runs an
-//! e-detector over per-second increments ([`detector`]): a from-start mixture of bets
-//! (exact Ville guarantee at ln(1/α)) and a CUSUM of the same bets (maximum over start
-//! times, Shiryaev–Roberts/Doob bound `T·α·e^−h`, premium `h` = 6 nats chosen by the
-//! A/A simulation: 0.6 % false rollbacks in 500 runs of 30 min). A fault that starts
-//! after minutes of healthy traffic is judged on its own data instead of being diluted
-//! by the window. The detector only adds Fails; Pass and Inconclusive stay windowed.
-//!
-//! Pass / Fail / Inconclusive and the data-sufficiency rules are defined in [`check`].
+//! Pass / Fail / Inconclusive and the data-sufficiency rules//! Pass / Fail / Inconclusive and the data-sufficiency rules are defined in [`check`].
 
 pub mod check;
 pub mod detector;
@@ -49,11 +59,11 @@ pub mod spec;
 pub mod stats;
 pub mod window;
 
-pub use check::Outcome;
+pub use check::{Outcome, Statistic};
 pub use engine::{
-    hold_reason, metric_name, Analyzer, Evaluation, Fired, Verdict, DEFAULT_ALPHA,
-    DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_ERROR_FLOOR, DEFAULT_PASS_SLACK, DEFAULT_RULE_WINDOW_S,
-    ERROR_FREE_REQUESTS_TO_PASS,
+    action_name, hold_reason, metric_name, Analyzer, Evaluation, Fired, Outage, Verdict,
+    DEFAULT_ALPHA, DEFAULT_CUSTOM_RULE_WINDOW_S, DEFAULT_ERROR_FLOOR, DEFAULT_PASS_SLACK,
+    DEFAULT_RULE_WINDOW_S, ERROR_FREE_REQUESTS_TO_PASS,
 };
 pub use spec::{Action, Cmp, CustomQuery, MetricName, MetricSpec, RollbackRule, WeightBp};
 pub use window::{History, VersionCounters, Window};

@@ -71,19 +71,22 @@ impl VersionCounters {
     /// best that can be done). Custom metrics come from separate queries and are
     /// handled per name: a decrease restarts that name only, and a name seen for the
     /// first time only sets a baseline (its cumulative value may cover months).
-    fn accumulate(&mut self, prev: &Self, next: &Self) {
+    pub fn accumulate(&mut self, prev: &Self, next: &Self) {
+        // Saturating: counters may come from other nodes (fleet reports), and overflow
+        // checks are off in release builds.
         let reset = next.kernel_reset_since(prev);
-        let inc = |n: u64, p: u64| if reset { n } else { n - p };
-        self.requests += inc(next.requests, prev.requests);
+        let inc = |n: u64, p: u64| if reset { n } else { n.saturating_sub(p) };
+        let add = |acc: &mut u64, n: u64| *acc = acc.saturating_add(n);
+        add(&mut self.requests, inc(next.requests, prev.requests));
         for (i, acc) in self.responses.iter_mut().enumerate() {
-            *acc += inc(next.responses[i], prev.responses[i]);
+            add(acc, inc(next.responses[i], prev.responses[i]));
         }
-        self.conn_new += inc(next.conn_new, prev.conn_new);
-        self.conn_reset += inc(next.conn_reset, prev.conn_reset);
-        self.conn_failed += inc(next.conn_failed, prev.conn_failed);
+        add(&mut self.conn_new, inc(next.conn_new, prev.conn_new));
+        add(&mut self.conn_reset, inc(next.conn_reset, prev.conn_reset));
+        add(&mut self.conn_failed, inc(next.conn_failed, prev.conn_failed));
         self.latency.resize(LATENCY_BUCKETS, 0);
         for (i, acc) in self.latency.iter_mut().enumerate() {
-            *acc += inc(next.latency_at(i), prev.latency_at(i));
+            add(acc, inc(next.latency_at(i), prev.latency_at(i)));
         }
         for (name, &(ev, tr)) in &next.custom {
             let Some(&(pev, ptr)) = prev.custom.get(name) else {
@@ -96,8 +99,29 @@ impl VersionCounters {
                 (ev - pev, tr - ptr)
             };
             let acc = self.custom.entry(name.clone()).or_insert((0, 0));
-            acc.0 += dev;
-            acc.1 += dtr;
+            add(&mut acc.0, dev);
+            add(&mut acc.1, dtr);
+        }
+    }
+
+    /// Every count multiplied by `f` (rounded): the same rates with `f` times the data,
+    /// for projecting how much more traffic a test needs.
+    pub fn scaled(&self, f: f64) -> Self {
+        let m = |v: u64| (v as f64 * f).round() as u64;
+        let mut responses = self.responses;
+        responses.iter_mut().for_each(|r| *r = m(*r));
+        Self {
+            requests: m(self.requests),
+            responses,
+            conn_new: m(self.conn_new),
+            conn_reset: m(self.conn_reset),
+            conn_failed: m(self.conn_failed),
+            latency: self.latency.iter().map(|&v| m(v)).collect(),
+            custom: self
+                .custom
+                .iter()
+                .map(|(k, &(e, t))| (k.clone(), (m(e), m(t))))
+                .collect(),
         }
     }
 
@@ -138,9 +162,29 @@ pub struct Window {
     pub canary: VersionCounters,
 }
 
+impl Window {
+    /// Both versions' counts multiplied by `f` over the same span.
+    pub fn scaled(&self, f: f64) -> Self {
+        Self {
+            span_s: self.span_s,
+            stable: self.stable.scaled(f),
+            canary: self.canary.scaled(f),
+        }
+    }
+}
+
+/// The base of a cumulative window: everything after it, however long ago, for tests
+/// whose data only accumulate (see [`History::since`]).
+#[derive(Debug, Clone)]
+pub enum Mark {
+    /// Before the first reading: everything ever recorded.
+    Start,
+    At(Box<Snapshot>),
+}
+
 /// One accumulated (reset-free, monotone) reading of both versions.
 #[derive(Debug, Clone)]
-struct Snapshot {
+pub struct Snapshot {
     t_s: u64,
     stable: VersionCounters,
     canary: VersionCounters,
@@ -159,6 +203,8 @@ pub struct History {
     last_raw: Option<(VersionCounters, VersionCounters)>,
     /// Newest snapshot already handed out by [`History::take_step`].
     stepped: Option<Snapshot>,
+    /// Time of the first reading ever (the ring forgets it).
+    first_s: Option<u64>,
 }
 
 impl History {
@@ -169,6 +215,7 @@ impl History {
             snaps: VecDeque::new(),
             last_raw: None,
             stepped: None,
+            first_s: None,
         }
     }
 
@@ -195,6 +242,7 @@ impl History {
             }
         }
         self.last_raw = Some((stable.clone(), canary.clone()));
+        self.first_s.get_or_insert(t_s);
         match self.snaps.back_mut() {
             Some(last) if t_s <= last.t_s => {
                 last.stable = acc_s;
@@ -212,6 +260,34 @@ impl History {
         while self.snaps.len() > 1 && self.snaps[1].t_s <= horizon {
             self.snaps.pop_front();
         }
+    }
+
+    /// The newest reading as the base of a cumulative window.
+    pub fn mark(&self) -> Mark {
+        self.snaps
+            .back()
+            .map_or(Mark::Start, |s| Mark::At(Box::new(s.clone())))
+    }
+
+    /// Delta between the newest snapshot at or before `now_s` and `mark`, however old
+    /// `mark` is (snapshots are accumulated, so the difference needs no ring entry).
+    /// `None` before any reading after the mark.
+    pub fn since(&self, mark: &Mark, now_s: u64) -> Option<Window> {
+        let end_idx = self
+            .snaps
+            .partition_point(|s| s.t_s <= now_s)
+            .checked_sub(1)?;
+        let end = &self.snaps[end_idx];
+        let zero = VersionCounters::zero();
+        let (t0, stable, canary) = match mark {
+            Mark::Start => (self.first_s?, &zero, &zero),
+            Mark::At(base) => (base.t_s, &base.stable, &base.canary),
+        };
+        Some(Window {
+            span_s: end.t_s.saturating_sub(t0),
+            stable: end.stable.minus(stable),
+            canary: end.canary.minus(canary),
+        })
     }
 
     /// Time of the newest reading.
@@ -380,6 +456,30 @@ mod tests {
         let w = h.window(6, 60).unwrap();
         assert_eq!(w.span_s, 1);
         assert_eq!(w.stable.requests, 30);
+    }
+
+    #[test]
+    fn since_a_mark_outlives_the_ring() {
+        let mut h = History::new(10);
+        let start = h.mark();
+        h.push(0, &reading(0, 0, &[]), &reading(0, 0, &[]));
+        for t in 1..=5u64 {
+            h.push(t, &reading(100 * t, 0, &[]), &reading(10 * t, t, &[]));
+        }
+        let mark = h.mark();
+        for t in 6..=100u64 {
+            h.push(t, &reading(100 * t, 0, &[]), &reading(10 * t, t, &[]));
+        }
+        let w = h.since(&mark, 100).unwrap();
+        assert_eq!(
+            (w.span_s, w.stable.requests, w.canary.responses[4]),
+            (95, 9500, 95)
+        );
+        let w = h.since(&start, 100).unwrap();
+        assert_eq!((w.span_s, w.stable.requests), (100, 10_000));
+        // Scaling keeps the rates.
+        let s = w.scaled(2.5);
+        assert_eq!((s.stable.requests, s.canary.responses[4]), (25_000, 250));
     }
 
     #[test]

@@ -15,13 +15,17 @@ use serde_json::Value;
 
 use super::{
     etcd::{op, Keys},
-    wall_ms, Link, NodeReport,
+    wall_ms, FleetView, Link, NodeReport,
 };
 use crate::{
     agent::{lock, Agent},
     api::{FleetNode, FleetStatus, Request},
     controller::Event,
 };
+
+/// How long `canary status` waits for etcd before it answers with the fleet as last
+/// read: status must answer at once while etcd is away (that is when it is needed).
+const STATUS_WAIT: Duration = Duration::from_millis(300);
 
 /// How long a follower waits for the leader to carry out a forwarded command.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -103,12 +107,35 @@ async fn fleet_status(link: &Link) -> FleetStatus {
         }
         anyhow::Ok((leader, nodes))
     };
-    match read.await {
+    let read = match tokio::time::timeout(STATUS_WAIT, read).await {
+        Ok(read) => read,
+        Err(_) => Err(anyhow!(
+            "etcd unreachable: no answer in {} ms",
+            STATUS_WAIT.as_millis()
+        )),
+    };
+    match read {
         Ok((leader, nodes)) => {
+            link.set_view(FleetView {
+                read_at: Instant::now(),
+                leader: leader.clone(),
+                nodes: nodes.clone(),
+            });
             status.leader = leader;
             status.nodes = nodes;
         }
-        Err(e) => status.error = Some(format!("{e:#}")),
+        Err(e) => {
+            let mut error = format!("{e:#}");
+            if let Some(view) = link.view() {
+                error += &format!(
+                    "; leader and nodes as read {:.1} s ago",
+                    view.read_at.elapsed().as_secs_f64()
+                );
+                status.leader = view.leader;
+                status.nodes = view.nodes;
+            }
+            status.error = Some(error);
+        }
     }
     status
 }

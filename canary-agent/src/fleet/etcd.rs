@@ -159,7 +159,7 @@ pub async fn run(
         last_publish: None,
         unreachable_since: None,
         paused: false,
-        seen: BTreeMap::new(),
+        totals: super::FleetTotals::default(),
         history_seq: 0,
         published_revision: 0,
     };
@@ -210,9 +210,11 @@ struct Member {
     unreachable_since: Option<Instant>,
     /// The leader paused running rollouts because etcd failed.
     paused: bool,
-    /// Every node's latest accepted counters and when they were read, kept after a node's report vanishes so the sums
-    /// (cumulative) never go backwards.
+    /// Every node's latest accepted report and when it was read: what the next one is
+    /// checked against (a node's counters may only grow so fast).
     seen: BTreeMap<String, (NodeReport, Instant)>,
+    /// The fleet's counters from each node's own increments.
+    totals: super::FleetTotals,
     history_seq: u64,
     /// The weight revision in the last report published.
     published_revision: i64,
@@ -573,6 +575,7 @@ impl Member {
             client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
         )
         .await?;
+        let mut reports = BTreeMap::new();
         for kv in got.kvs() {
             let checked = trust::key_name(kv.key(), &prefix).and_then(|node| {
                 let previous = self.seen.get(node);
@@ -584,13 +587,15 @@ impl Member {
             match checked {
                 Ok((node, report)) => {
                     self.link.accept(kv.key());
-                    self.seen.insert(node, (report, Instant::now()));
+                    self.seen.insert(node.clone(), (report.clone(), Instant::now()));
+                    reports.insert(node, report);
                 }
                 Err(e) => self.link.reject(kv.key(), &e),
             }
         }
-        self.link
-            .set_sums(super::sum_reports(self.seen.values().map(|(r, _)| r)));
+        self.totals
+            .update(reports.iter().map(|(n, r)| (n.as_str(), r)));
+        self.link.set_sums(self.totals.sums());
         Ok(())
     }
 }

@@ -115,6 +115,17 @@ struct Shared {
     generation: AtomicU64,
     /// Keys read from etcd and refused, with why (status shows them).
     rejected: Mutex<BTreeMap<String, String>>,
+    /// The fleet's leader and nodes as `canary status` last read them, and when.
+    view: Mutex<Option<FleetView>>,
+}
+
+/// What `canary status` last read of the fleet: shown, with its age, while etcd does
+/// not answer.
+#[derive(Debug, Clone)]
+pub(crate) struct FleetView {
+    pub read_at: std::time::Instant,
+    pub leader: Option<String>,
+    pub nodes: Vec<crate::api::FleetNode>,
 }
 
 impl Link {
@@ -131,6 +142,7 @@ impl Link {
                 etcd: Mutex::new(None),
                 generation: AtomicU64::new(0),
                 rejected: Mutex::new(BTreeMap::new()),
+                view: Mutex::new(None),
             }),
         }
     }
@@ -244,6 +256,14 @@ impl Link {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    fn set_view(&self, view: FleetView) {
+        if let Ok(mut v) = self.shared.view.lock() {
+            *v = Some(view);
+        }
+    }
+
+    fn view(&self) -> Option<FleetView> {
+        self.shared.view.lock().ok()?.clone()
     }
 
     fn set_sums(&self, sums: BTreeMap<String, [VersionCounters; 2]>) {
@@ -253,43 +273,52 @@ impl Link {
     }
 }
 
-/// Fleet totals per service, [stable, canary], from node reports (the leader's
-/// aggregation each second).
-pub fn sum_reports<'a>(
-    reports: impl Iterator<Item = &'a NodeReport>,
-) -> BTreeMap<String, [VersionCounters; 2]> {
-    let mut sums: BTreeMap<String, [VersionCounters; 2]> = BTreeMap::new();
-    for report in reports {
-        for (service, [stable, canary]) in &report.counters {
-            let total = sums.entry(service.clone()).or_default();
-            add_counters(&mut total[0], stable);
-            add_counters(&mut total[1], canary);
-        }
-    }
-    sums
+/// Fleet totals per service, [stable, canary], built from each node's own increments
+/// (the leader's aggregation each second).
+///
+/// Summing the nodes' cumulative counters would make the total jump whenever the set
+/// of reports changes: a node that leaves (lease expired) or restarts takes its whole
+/// history out of the sum, which the analysis must read as a counter reset (the whole
+/// fleet's history then enters as one second's increment), and a node that joins adds
+/// its whole history at once. Instead each node's report is differenced against that
+/// node's previous report, with that node's own reset detection (a datapath restarted
+/// on one node restarts only its counters), and the totals are the running sum of those
+/// increments: monotone, and a node adds only what it saw since its last report. A node
+/// seen for the first time (or again after its report vanished) sets a baseline.
+#[derive(Debug, Default, Clone)]
+pub struct FleetTotals {
+    /// Each reporting node's latest raw counters, per service.
+    last: BTreeMap<String, BTreeMap<String, [VersionCounters; 2]>>,
+    /// Per service: the sum of all increments since this leader began summing.
+    totals: BTreeMap<String, [VersionCounters; 2]>,
 }
 
-/// Adds `b` into `a`: counters and latency buckets are sums over nodes. Saturating:
-/// a report is data from elsewhere, and overflow checks are off in release builds.
-pub fn add_counters(a: &mut VersionCounters, b: &VersionCounters) {
-    let add = |x: &mut u64, y: u64| *x = x.saturating_add(y);
-    add(&mut a.requests, b.requests);
-    for (x, y) in a.responses.iter_mut().zip(&b.responses) {
-        add(x, *y);
+impl FleetTotals {
+    /// Takes the reports present now, by node name; nodes missing from them are
+    /// forgotten (their increments so far stay in the totals).
+    pub fn update<'a>(&mut self, reports: impl IntoIterator<Item = (&'a str, &'a NodeReport)>) {
+        let mut last = BTreeMap::new();
+        for (node, report) in reports {
+            let prev = self.last.remove(node).unwrap_or_default();
+            for (service, next) in &report.counters {
+                let total = self
+                    .totals
+                    .entry(service.clone())
+                    .or_insert_with(|| [VersionCounters::zero(), VersionCounters::zero()]);
+                // A service new on this node sets its baseline.
+                let base = prev.get(service).unwrap_or(next);
+                for ((total, base), next) in total.iter_mut().zip(base).zip(next) {
+                    total.accumulate(base, next);
+                }
+            }
+            last.insert(node.to_string(), report.counters.clone());
+        }
+        self.last = last;
     }
-    add(&mut a.conn_new, b.conn_new);
-    add(&mut a.conn_reset, b.conn_reset);
-    add(&mut a.conn_failed, b.conn_failed);
-    if a.latency.len() < b.latency.len() {
-        a.latency.resize(b.latency.len(), 0);
-    }
-    for (x, y) in a.latency.iter_mut().zip(&b.latency) {
-        add(x, *y);
-    }
-    for (name, (events, trials)) in &b.custom {
-        let e = a.custom.entry(name.clone()).or_default();
-        add(&mut e.0, *events);
-        add(&mut e.1, *trials);
+
+    /// The fleet's totals, [stable, canary] per service.
+    pub fn sums(&self) -> BTreeMap<String, [VersionCounters; 2]> {
+        self.totals.clone()
     }
 }
 
@@ -341,44 +370,91 @@ mod tests {
     use super::*;
     use crate::controller::SimClock;
 
-    #[test]
-    fn counters_add_up_across_nodes_including_longer_histograms() {
-        let mut a = VersionCounters {
-            requests: 3,
-            responses: [0, 2, 0, 0, 1],
-            latency: vec![1, 2],
-            ..Default::default()
-        };
-        let b = VersionCounters {
-            requests: 4,
-            responses: [0, 4, 0, 0, 0],
-            conn_new: 2,
-            latency: vec![0, 1, 5],
-            custom: [("buy".to_string(), (1, 10))].into(),
-            ..Default::default()
-        };
-        add_counters(&mut a, &b);
-        assert_eq!(a.requests, 7);
-        assert_eq!(a.responses, [0, 6, 0, 0, 1]);
-        assert_eq!(a.conn_new, 2);
-        assert_eq!(a.latency, [1, 3, 5]);
-        assert_eq!(a.custom["buy"], (1, 10));
+    fn report(node_requests: &[(&str, u64, u64)]) -> Vec<(String, NodeReport)> {
+        node_requests
+            .iter()
+            .map(|&(node, requests, errors)| {
+                let c = VersionCounters {
+                    requests,
+                    responses: [0, requests - errors, 0, 0, errors],
+                    ..VersionCounters::zero()
+                };
+                let mut r = NodeReport::default();
+                r.counters.insert("web".into(), [c.clone(), c]);
+                (node.to_string(), r)
+            })
+            .collect()
     }
 
     #[test]
-    fn sums_saturate_instead_of_wrapping() {
-        let mut a = VersionCounters {
-            requests: u64::MAX - 1,
-            latency: vec![u64::MAX],
-            ..Default::default()
+    fn fleet_totals_add_each_nodes_own_increments() {
+        let mut totals = FleetTotals::default();
+        let mut feed = |reports: Vec<(String, NodeReport)>| {
+            totals.update(reports.iter().map(|(n, r)| (n.as_str(), r)));
+            let [stable, _] = totals.sums()["web"].clone();
+            (stable.requests, stable.responses[4])
         };
-        let b = VersionCounters {
-            requests: 5,
-            latency: vec![1],
-            ..Default::default()
+        // Two nodes with long histories: the first reading is a baseline.
+        assert_eq!(
+            feed(report(&[("a", 1_000_000, 900), ("b", 500_000, 400)])),
+            (0, 0)
+        );
+        assert_eq!(
+            feed(report(&[("a", 1_000_100, 900), ("b", 500_050, 401)])),
+            (150, 1)
+        );
+        // b restarts: its counters begin again at 30; only those 30 are new. A node
+        // joins with a long history: it sets its baseline and adds nothing.
+        assert_eq!(
+            feed(report(&[
+                ("a", 1_000_200, 900),
+                ("b", 30, 0),
+                ("c", 7_000_000, 7_000)
+            ])),
+            (280, 1)
+        );
+        // a's report vanishes (lease expired): the totals keep what it added, and
+        // nothing goes backwards.
+        assert_eq!(
+            feed(report(&[("b", 80, 2), ("c", 7_000_010, 7_000)])),
+            (340, 3)
+        );
+        // a comes back with its whole history: a baseline again, not a burst.
+        assert_eq!(
+            feed(report(&[
+                ("a", 1_000_900, 905),
+                ("b", 90, 2),
+                ("c", 7_000_020, 7_000)
+            ])),
+            (360, 3)
+        );
+        assert_eq!(
+            feed(report(&[
+                ("a", 1_001_000, 905),
+                ("b", 100, 2),
+                ("c", 7_000_030, 7_000)
+            ])),
+            (480, 3)
+        );
+    }
+
+    #[test]
+    fn totals_saturate_instead_of_wrapping() {
+        let mut totals = FleetTotals::default();
+        let at = |requests| {
+            let c = VersionCounters {
+                requests,
+                ..VersionCounters::zero()
+            };
+            let mut r = NodeReport::default();
+            r.counters.insert("web".into(), [c.clone(), c]);
+            r
         };
-        add_counters(&mut a, &b);
-        assert_eq!((a.requests, a.latency[0]), (u64::MAX, u64::MAX));
+        for (a, b) in [(0, 0), (u64::MAX - 1, 0), (u64::MAX, u64::MAX)] {
+            let (ra, rb) = (at(a), at(b));
+            totals.update([("a", &ra), ("b", &rb)]);
+        }
+        assert_eq!(totals.sums()["web"][0].requests, u64::MAX);
     }
 
     #[test]
