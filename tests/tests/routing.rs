@@ -596,7 +596,7 @@ fn an_upload_sent_with_its_head_arrives_intact() -> Result<()> {
         Ok(())
     })?;
     let routing = &agent.status()?["services"][0]["routing"];
-    ensure!(routing["split"].as_u64() == Some(20), "{routing}");
+    ensure!(routing["header"].as_u64() == Some(20), "{routing}");
     Ok(())
 }
 
