@@ -89,7 +89,10 @@ pub fn run() -> Result<()> {
             .map(|(pkg, file)| format!("{pkg} (for {file})"))
             .collect();
         if !still.is_empty() {
-            bail!("installed, but these files are still missing: {}", still.join(", "));
+            bail!(
+                "installed, but these files are still missing: {}",
+                still.join(", ")
+            );
         }
     }
 
