@@ -129,9 +129,14 @@ pub struct ServiceConfig {
     pub sticky: Sticky,
     /// Rollout policy file, resolved relative to the config file.
     pub policy: Option<PathBuf>,
-    /// `http` services: limits of the first request head the router reads.
+    /// `http` services: limits of a request head the proxy reads.
     pub head_limit: usize,
     pub head_timeout_s: u64,
+    /// `http` services: what the proxy speaks to the backends.
+    pub backend_protocol: BackendProtocol,
+    /// `http` services: open client connections, in all and from one client address.
+    pub max_connections: u32,
+    pub max_client_connections: u32,
     /// Its own `forward`, else the agent's.
     pub forward: Forward,
 }
@@ -139,6 +144,19 @@ pub struct ServiceConfig {
 /// Defaults of `head_limit` (bytes) and `head_timeout` (seconds).
 pub const DEFAULT_HEAD_LIMIT: usize = 16 * 1024;
 pub const DEFAULT_HEAD_TIMEOUT_S: u64 = 10;
+/// Defaults of `max_connections` and `max_client_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 20_000;
+pub const DEFAULT_MAX_CLIENT_CONNECTIONS: u32 = 1_000;
+
+/// The protocol an `http` service's proxy speaks to its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendProtocol {
+    /// The client's: HTTP/1.1 for HTTP/1.x clients, h2c for h2c clients.
+    #[default]
+    Auto,
+    Http1,
+    H2c,
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -309,6 +327,9 @@ struct RawService {
     policy: Option<PathBuf>,
     head_limit: Option<usize>,
     head_timeout: Option<u64>,
+    backend_protocol: Option<String>,
+    max_connections: Option<u32>,
+    max_client_connections: Option<u32>,
     forward: Option<String>,
 }
 
@@ -682,6 +703,9 @@ impl Config {
                 for (field, given) in [
                     ("head_limit", s.head_limit.is_some()),
                     ("head_timeout", s.head_timeout.is_some()),
+                    ("backend_protocol", s.backend_protocol.is_some()),
+                    ("max_connections", s.max_connections.is_some()),
+                    ("max_client_connections", s.max_client_connections.is_some()),
                 ] {
                     if given {
                         return Err(err(
@@ -706,9 +730,41 @@ impl Config {
                     format!("{head_timeout_s} s: use 1 to 3600 seconds"),
                 ));
             }
+            let backend_protocol = match s.backend_protocol.as_deref() {
+                None | Some("auto") => BackendProtocol::Auto,
+                Some("http1") => BackendProtocol::Http1,
+                Some("h2c") => BackendProtocol::H2c,
+                Some(other) => {
+                    return Err(err(
+                        at("backend_protocol"),
+                        format!("{other:?}: use \"auto\", \"http1\" or \"h2c\""),
+                    ))
+                }
+            };
+            let mut caps = [0u32; 2];
+            for (cap, (field, given, default)) in caps.iter_mut().zip([
+                (
+                    "max_connections",
+                    s.max_connections,
+                    DEFAULT_MAX_CONNECTIONS,
+                ),
+                (
+                    "max_client_connections",
+                    s.max_client_connections,
+                    DEFAULT_MAX_CLIENT_CONNECTIONS,
+                ),
+            ]) {
+                *cap = given.unwrap_or(default);
+                if !(1..=1_000_000).contains(cap) {
+                    return Err(err(at(field), format!("{cap}: use 1 to 1000000")));
+                }
+            }
             let forward = parse_forward(s.forward.as_deref(), agent.forward, agent.ingress_hook)
                 .map_err(|r| err(at("forward"), r))?;
             services.push(ServiceConfig {
+                backend_protocol,
+                max_connections: caps[0],
+                max_client_connections: caps[1],
                 forward,
                 name: s.name,
                 listen,
@@ -882,6 +938,33 @@ sticky = "client-ip"
             &http("protocol = \"http\"\nhead_timeout = 0"),
             ".head_timeout",
             "use 1 to 3600",
+        );
+        let c = parse(&http(
+            "protocol = \"http\"\nbackend_protocol = \"h2c\"\nmax_client_connections = 5",
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                c.services[0].backend_protocol,
+                c.services[0].max_connections,
+                c.services[0].max_client_connections
+            ),
+            (BackendProtocol::H2c, DEFAULT_MAX_CONNECTIONS, 5)
+        );
+        expect_err(
+            &http("protocol = \"http\"\nbackend_protocol = \"h3\""),
+            ".backend_protocol",
+            "use \"auto\", \"http1\" or \"h2c\"",
+        );
+        expect_err(
+            &http("protocol = \"http\"\nmax_connections = 0"),
+            ".max_connections",
+            "use 1 to 1000000",
+        );
+        expect_err(
+            &http("backend_protocol = \"h2c\""),
+            ".backend_protocol",
+            "only for protocol = \"http\"",
         );
     }
 

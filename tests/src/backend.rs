@@ -12,6 +12,12 @@ use std::time::Duration;
 
 /// HTTP/1.1 service port (`/` and `/checkout`).
 pub const HTTP_PORT: u16 = 8080;
+/// HTTP/2 with prior knowledge (h2c): the version header on every answer, and gRPC
+/// calls (`content-type: application/grpc`) answered with `grpc-status` in trailers
+/// (14, UNAVAILABLE, at the fault `error_rate`).
+pub const H2C_PORT: u16 = 8081;
+/// HTTP/1.1 upgrades: `101 Switching Protocols`, then every byte echoed back.
+pub const UPGRADE_PORT: u16 = 8082;
 /// TCP banner port: the backend writes its name and closes.
 pub const BANNER_PORT: u16 = 7000;
 /// TCP echo port: the backend greets with its name, then echoes lines.
@@ -91,6 +97,8 @@ pub fn start(ns: &NetNs, bin: &Path, version: Version) -> Result<ChildGuard> {
     let mut args = vec!["--name".to_string(), version.name().to_string()];
     for (flag, port) in [
         ("--http", HTTP_PORT),
+        ("--h2c", H2C_PORT),
+        ("--upgrade", UPGRADE_PORT),
         ("--banner", BANNER_PORT),
         ("--echo", ECHO_PORT),
         ("--udp", UDP_PORT),

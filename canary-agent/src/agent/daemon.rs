@@ -157,6 +157,14 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         let router = lock(&agent)?.router.take();
         return hand_over(&exe, router).await;
     }
+    if let Exit::Stop = exit {
+        // Requests in flight finish; idle connections close at a request boundary.
+        let router = lock(&agent)?.router.take();
+        if let Some(r) = router {
+            r.drain(crate::router::DRAIN_PATIENCE).await?;
+            tracing::info!("routed connections drained");
+        }
+    }
     if let Exit::Uninstall = exit {
         drop(agent);
         let detached = super::uninstall(&bpffs_dir, &state_dir)?;

@@ -473,6 +473,8 @@ impl Agent {
         if let Some(k) = &kernel {
             k.apply(&mut value);
         }
+        // The proxy reads the flag per request: the rollback takes its next request.
+        value.rolled_back = rolled_back as u8;
         let key = svc.key;
         self.datapath.install(&key, &value)?;
         let svc = self.service_mut(name)?;
@@ -521,11 +523,12 @@ impl Agent {
             .filter(|s| name.is_none_or(|n| s.cfg.name == n))
         {
             let stats = self.datapath.stats(svc.id)?;
-            // Routed connections are opened by the router, not placed by the kernel.
+            // Requests of a routed service are sent by the proxy, not placed by the
+            // kernel: a backend's count is its connections plus the proxy's requests.
             let routed = self
                 .router
                 .as_ref()
-                .and_then(|r| r.backend_connections(svc.id));
+                .and_then(|r| r.backend_requests(svc.id));
             let groups = [
                 ("stable", 0, &svc.cfg.stable),
                 ("canary", MAX_GROUP_BACKENDS, &svc.cfg.canary),
@@ -682,6 +685,12 @@ impl Agent {
         };
         let starting = command == Command::Start
             && svc.rollout.as_ref().is_none_or(|r| r.state().is_terminal());
+        if starting && policy.steps.is_empty() {
+            bail!(
+                "service {name:?}'s policy has routing rules only: its canary weight is the \
+                 service's (`canary set-weight`); a rollout needs a progression"
+            );
+        }
         if starting {
             svc.rollout = Some(Rollout::new(name, policy.clone()));
         }
@@ -940,14 +949,19 @@ impl Agent {
                     .collect(),
             }
         };
-        // A routed connection is placed by the router, not the XDP program: its
-        // connections and 502s (backend refused or timed out, a request the kernel
-        // never saw) are counted there.
+        // Requests of a routed service go through the proxy, which counts them (the
+        // kernel counts only upgraded connections' bytes): its requests, classes and
+        // latency add to the kernel's; its backend connections are the version's.
         let with_router = |version: usize| {
             let mut c = counters(version);
-            if let Some(r) = routed.map(|r| r[version]) {
-                c.requests += r.failed;
-                c.responses[4] += r.failed;
+            if let Some(r) = routed.as_ref().map(|r| &r[version]) {
+                c.requests += r.requests;
+                for (a, b) in c.responses.iter_mut().zip(r.responses) {
+                    *a += b;
+                }
+                for (a, b) in c.latency.iter_mut().zip(&r.latency) {
+                    *a += b;
+                }
                 c.conn_new = r.connections;
                 c.conn_failed = r.connections.saturating_sub(r.connected);
             }

@@ -22,16 +22,15 @@ impl Agent {
                     service: service.clone(),
                     version: version.into(),
                 };
-                // Routed connections: placed by the router, 502s (backend refused or
-                // timed out) answered by it.
-                let r = routed.map(|r| r[v]).unwrap_or_default();
+                // Routed requests: counted by the proxy, with its backend connections.
+                let r = routed.as_ref().map(|r| r[v].clone()).unwrap_or_default();
                 f.connections
                     .get_or_create(&labels)
                     .inc_by(signals[v].connections + r.connections);
                 let t = &signals[v].counters;
                 f.requests
                     .get_or_create(&labels)
-                    .inc_by(t.requests + r.failed);
+                    .inc_by(t.requests + r.requests);
                 f.resets.get_or_create(&labels).inc_by(t.resets);
                 f.handshakes.get_or_create(&labels).inc_by(t.handshakes);
                 f.handshake_seconds
@@ -43,19 +42,21 @@ impl Agent {
                         version: version.into(),
                         class: format!("{}xx", i + 1),
                     };
-                    let failed = if i == 4 { r.failed } else { 0 };
-                    f.responses.get_or_create(&class).inc_by(*n + failed);
+                    f.responses
+                        .get_or_create(&class)
+                        .inc_by(*n + r.responses[i]);
                 }
                 // Fold the kernel's log-linear buckets into the exported bounds; a kernel
                 // bucket counts under the first bound at or above its upper edge.
                 let mut cumulative = vec![0u64; LATENCY_BOUNDS_S.len()];
                 let (mut sum_s, mut count) = (0.0, 0u64);
-                for (b, n) in signals[v]
+                let latency: Vec<u64> = signals[v]
                     .latency
                     .iter()
                     .enumerate()
-                    .filter(|(_, n)| **n > 0)
-                {
+                    .map(|(b, n)| n + r.latency.get(b).copied().unwrap_or(0))
+                    .collect();
+                for (b, n) in latency.iter().enumerate().filter(|(_, n)| **n > 0) {
                     let (lo, hi) = (bucket_lower_ns(b as u32), bucket_upper_ns(b as u32));
                     // The open-ended last bucket is taken as one octave wide.
                     let hi = if hi == u64::MAX {

@@ -159,6 +159,7 @@ pub async fn run(
         last_publish: None,
         unreachable_since: None,
         paused: false,
+        seen: BTreeMap::new(),
         totals: super::FleetTotals::default(),
         history_seq: 0,
         published_revision: 0,

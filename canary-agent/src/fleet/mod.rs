@@ -256,6 +256,8 @@ impl Link {
             .lock()
             .map(|r| r.clone())
             .unwrap_or_default()
+    }
+
     fn set_view(&self, view: FleetView) {
         if let Ok(mut v) = self.shared.view.lock() {
             *v = Some(view);

@@ -503,14 +503,18 @@ impl Draft {
 
     fn checked_steps(&self) -> Result<Vec<Step>, PolicyError> {
         if self.steps.is_empty() {
+            // Routing forms alone: the weight stays the service's, no rollout runs.
+            if self.split.is_none() && !self.routing.is_empty() {
+                return Ok(Vec::new());
+            }
             let Some(weight_bp) = self.split else {
                 return Err(PolicyError {
                     kind: PolicyErrorKind::Invalid,
                     origin: self.origin.clone(),
                     line: None,
                     context: "policy".into(),
-                    reason: "needs a progression (define-progression / [[step]]) \
-                             or a split (define-canary-split / [split])"
+                    reason: "needs a progression (define-progression / [[step]]), \
+                             a split (define-canary-split / [split]) or routing rules"
                         .into(),
                 });
             };

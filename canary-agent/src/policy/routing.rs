@@ -331,7 +331,7 @@ impl Routing {
             "Routing (decided in the kernel at the first packet of each connection, by the \
              client address):\n"
         } else {
-            "Routing (decided once per connection, at its first request head; HTTP/1.x):\n"
+            "Routing (decided per request, by the proxy; HTTP/1.x and h2c):\n"
         });
         let mut n = 0;
         let mut line = |out: &mut String, text: String| {

@@ -1,17 +1,18 @@
-//! The routing decision for one connection, from its first request head: plain Rust,
-//! no I/O. Precedence: header rule → feature flags → cohorts (first membership in
+//! The routing decision for one request, from its head: plain Rust, no I/O. Precedence: header rule → feature flags → cohorts (first membership in
 //! order, else the default cohort) → the header rule's default → the rollout's weight.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use canary_common::{bucket, client_hash, key_hash, WEIGHT_SCALE};
+use canary_common::{bucket, client_hash, key_hash, smooth_pick, GROUP_CANARY, WEIGHT_SCALE};
+use hyper::header::HeaderMap;
 
 use crate::datapath::encode::encode_addr;
 use crate::policy::routing::{Membership, Routing, Target, UserKey, Version};
 
 /// The parts of a request head the rules read.
 pub struct Head<'a> {
-    pub headers: &'a [httparse::Header<'a>],
+    pub headers: &'a HeaderMap,
     pub client: IpAddr,
 }
 
@@ -37,10 +38,11 @@ impl Rule {
 
 /// How the weight split is taken when no rule decides and no user key is defined.
 pub enum Split<'a> {
-    /// Hash mode: the connection's (or client's) hash, as the XDP program takes it.
+    /// `sticky = "client-ip"`: the client's hash, as the XDP program takes it.
     Hash(u64),
-    /// Exact mode: the smooth counter.
-    Exact(&'a mut u32),
+    /// Per request: the service's smooth counter, shared by every connection, so over
+    /// any N requests the canary gets N·w within one.
+    Exact(&'a AtomicU32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,14 +52,12 @@ pub struct Decision {
 }
 
 impl<'a> Head<'a> {
-    fn values(&self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
+    /// Every value of a header, in order (names are case-insensitive).
+    fn values(&self, name: &str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers.get_all(name).iter().map(|v| v.as_bytes())
     }
 
-    fn header(&self, name: &'a str) -> Option<&'a [u8]> {
+    fn header(&self, name: &str) -> Option<&'a [u8]> {
         self.values(name).next()
     }
 
@@ -111,7 +111,7 @@ fn canary_if(yes: bool) -> Version {
     }
 }
 
-/// Decides one connection. `weight_bp` is the rollout's current weight.
+/// Decides one request. `weight_bp` is the rollout's current weight.
 pub fn decide(routing: &Routing, head: &Head<'_>, weight_bp: u16, split: Split<'_>) -> Decision {
     let decided = |version, rule| Decision { version, rule };
     if let Some(h) = &routing.header {
@@ -164,8 +164,13 @@ pub fn decide(routing: &Routing, head: &Head<'_>, weight_bp: u16, split: Split<'
         (Some(key), _) => bucket(head.user_hash(Some(key))) < weight_bp,
         (None, Split::Hash(h)) => bucket(h) < weight_bp,
         (None, Split::Exact(acc)) => {
-            canary_common::smooth_pick(acc, weight_bp.min(WEIGHT_SCALE))
-                == canary_common::GROUP_CANARY
+            let mut group = 0;
+            // The closure always returns Some, so the update always lands.
+            let _ = acc.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mut a| {
+                group = smooth_pick(&mut a, weight_bp.min(WEIGHT_SCALE));
+                Some(a)
+            });
+            group == GROUP_CANARY
         }
     };
     decided(canary_if(canary), Rule::Split)
@@ -183,13 +188,13 @@ mod tests {
     }
 
     fn run(routing: &Routing, headers: &[(&str, &str)], client: &str, weight: u16) -> Decision {
-        let hs: Vec<httparse::Header> = headers
-            .iter()
-            .map(|(n, v)| httparse::Header {
-                name: n,
-                value: v.as_bytes(),
-            })
-            .collect();
+        let mut hs = HeaderMap::new();
+        for (n, v) in headers {
+            hs.append(
+                hyper::header::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
         let head = Head {
             headers: &hs,
             client: client.parse().unwrap(),
@@ -293,17 +298,19 @@ mod tests {
         assert_eq!(on(0), 0);
         assert_eq!(on(10_000), 500);
         assert!((200..300).contains(&on(5_000)));
-        let mut acc = 0;
-        let exact = (0..100)
-            .filter(|_| {
-                let head = Head {
-                    headers: &[],
-                    client: OUTSIDE.parse().unwrap(),
-                };
-                decide(&Routing::default(), &head, 2_500, Split::Exact(&mut acc)).version
-                    == Version::Canary
-            })
-            .count();
-        assert_eq!(exact, 25);
+        let acc = AtomicU32::new(0);
+        let empty = HeaderMap::new();
+        let head = Head {
+            headers: &empty,
+            client: OUTSIDE.parse().unwrap(),
+        };
+        // Over every prefix of the sequence the canary count is within one of N·w.
+        let mut on = 0;
+        for n in 1..=1000u32 {
+            on += (decide(&Routing::default(), &head, 2_500, Split::Exact(&acc)).version
+                == Version::Canary) as u32;
+            assert!(on.abs_diff(n / 4) <= 1, "{on} of {n} at 25 %");
+        }
+        assert_eq!(on, 250);
     }
 }

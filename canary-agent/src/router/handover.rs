@@ -1,11 +1,10 @@
 //! What routed connections need to survive an agent hand-over (SIGUSR2). The agent
-//! re-executes its binary in place (same PID, so supervisors see no exit); the router's
+//! re-executes its binary in place (same PID, so supervisors see no exit); the proxy's
 //! sockets are kept open across the exec (their descriptors lose `FD_CLOEXEC`) and
-//! listed in a memfd whose number the next image finds in [`ENV`]. Spliced pairs stay
-//! in the pinned SockHash under the verdict throughout, so their bytes never stop;
-//! listeners keep their accept queue, so new connections wait instead of being refused;
-//! connections whose head was still being read are read again (the head is only
-//! peeked at, so nothing of it was consumed).
+//! listed in a memfd whose number the next image finds in [`ENV`]. Listeners keep
+//! their accept queue, so new connections wait instead of being refused; HTTP/1
+//! connections idle between two requests go over with the bytes already read of them;
+//! upgraded (spliced) pairs stay in the pinned SockHash under the verdict throughout.
 
 use std::io::{Read, Seek, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -34,6 +33,9 @@ pub struct ListenerFd {
 pub struct ClientFd {
     pub service: String,
     pub fd: RawFd,
+    /// What the previous image had read of the connection and not yet served.
+    #[serde(default)]
+    pub buffered: Vec<u8>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

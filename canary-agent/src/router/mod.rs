@@ -1,40 +1,52 @@
-//! Request-aware routing for `protocol = "http"` services: the connection is accepted
-//! on the node, its first request head read (bounded), a version decided by the
-//! policy's rules (`decide`), and the client spliced to a backend of that version.
+//! Per-request routing for `protocol = "http"` services: a reverse proxy in the agent
+//! (hyper, HTTP/1.x and h2c) that decides every request by the policy's rules
+//! (`decide`) and sends it to a backend of that version over pooled keep-alive
+//! connections; upgraded connections (WebSocket) are spliced in the kernel after 101.
 
 pub mod decide;
+mod forward;
 pub mod handover;
 pub mod kernel;
-mod serve;
+mod proxy;
+mod splice;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
 
-pub use serve::{HeadLimits, RoutedService};
+pub use proxy::{HeadLimits, RoutedService};
 
 use crate::config::{Protocol, ServiceConfig};
 use crate::datapath::Splicer;
 use crate::policy::Policy;
 
-/// The running router: one listener per `http` service, one task per connection
-/// until its splice is set up, then one idle watcher per spliced connection.
+/// How long a hand-over or a stop waits for requests in flight to finish.
+pub const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
+
+/// The running proxy: one listener per `http` service, one task per client connection.
 pub struct Router {
-    shared: Arc<serve::Shared>,
+    shared: Arc<proxy::Shared>,
 }
 
-/// What the router adds to a version's signals (the kernel counts the rest).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// What the proxy adds to a version's signals: everything of its requests (the
+/// kernel sees only the bytes of upgraded connections).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouterSignals {
-    /// Connections the router opened or tried to open to the version's backends.
+    pub requests: u64,
+    /// Responses by class, 1xx … 5xx; a 502 of the proxy (backend refused or timed
+    /// out) and a gRPC response with a non-zero `grpc-status` are 5xx.
+    pub responses: [u64; 5],
+    /// Request → response head, in the kernel's latency buckets.
+    pub latency: Vec<u64>,
+    /// Backend connections the proxy opened or tried to open for the version.
     pub connections: u64,
     /// Of those, the ones that connected.
     pub connected: u64,
-    /// Requests answered 502 because the backend refused or timed out: requests the
-    /// kernel never saw, each a failed request of the version.
+    /// Requests answered 502 because the backend refused or timed out.
     pub failed: u64,
 }
 
@@ -47,11 +59,11 @@ impl Router {
         inherited: Option<handover::Record>,
     ) -> Result<Self> {
         Ok(Self {
-            shared: serve::start(splicer, services, inherited)?,
+            shared: proxy::start(splicer, services, inherited)?,
         })
     }
 
-    /// Applies a reloaded config's rules and head limits to new connections. The set
+    /// Applies a reloaded config's rules and head limits to new requests. The set
     /// of routed services and their addresses is fixed for this agent's life (each has
     /// a listener and a `local` route): a change there is refused, and nothing applied,
     /// before anything else of the reload is.
@@ -90,14 +102,22 @@ impl Router {
         }
     }
 
-    /// Stops serving and gives up every listener and connection for the next agent
-    /// image: spliced pairs stay in the kernel's splice, and the (pinned) sk_lookup
-    /// link keeps the service addresses reaching the listeners across the exec.
+    /// Stops accepting and gives the listeners to the next agent image; requests in
+    /// flight finish (their responses say `Connection: close`, h2 gets GOAWAY), idle
+    /// HTTP/1 connections are handed over between two requests, upgraded pairs stay in
+    /// the kernel's splice, and the (pinned) sk_lookup link keeps the service addresses
+    /// reaching the listeners across the exec.
     pub async fn hand_over(&self) -> Result<handover::Record> {
-        serve::hand_over(&self.shared, std::time::Duration::from_secs(2)).await
+        proxy::stop(&self.shared, true, DRAIN_PATIENCE).await
     }
 
-    /// A rolled-back canary gets no routed connections, whatever the rules say
+    /// Stops accepting and lets requests in flight finish (at most `grace`); idle
+    /// connections are closed at a request boundary.
+    pub async fn drain(&self, grace: Duration) -> Result<()> {
+        proxy::stop(&self.shared, false, grace).await.map(drop)
+    }
+
+    /// A rolled-back canary gets no routed requests, whatever the rules say
     /// (header, flag and cohort decisions for canary go to stable instead).
     pub fn set_rolled_back(&self, id: u32, rolled_back: bool) {
         if let Some(svc) = self.service(id) {
@@ -105,25 +125,33 @@ impl Router {
         }
     }
 
-    fn service(&self, id: u32) -> Option<&serve::Service> {
-        self.shared.services.iter().find(|s| s.id == id)
+    fn service(&self, id: u32) -> Option<&proxy::Service> {
+        self.shared
+            .services
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| &**s)
     }
 
     /// Stable and canary signals for service `id`; none if it is not routed.
     pub fn signals(&self, id: u32) -> Option<[RouterSignals; 2]> {
         let svc = self.service(id)?;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         Some(std::array::from_fn(|v| {
             let c = &svc.counts.versions[v];
             RouterSignals {
-                connections: c.connections.load(Ordering::Relaxed),
-                connected: c.connected.load(Ordering::Relaxed),
-                failed: c.failed.load(Ordering::Relaxed),
+                requests: n(&c.requests),
+                responses: std::array::from_fn(|i| n(&c.responses[i])),
+                latency: c.latency.iter().map(n).collect(),
+                connections: n(&c.connections),
+                connected: n(&c.connected),
+                failed: n(&c.failed),
             }
         }))
     }
 
-    /// Connections the router opened to each backend slot of service `id`.
-    pub fn backend_connections(&self, id: u32) -> Option<Vec<u64>> {
+    /// Requests the proxy sent to each backend slot of service `id`.
+    pub fn backend_requests(&self, id: u32) -> Option<Vec<u64>> {
         let svc = self.service(id)?;
         Some(
             svc.counts
@@ -139,18 +167,31 @@ impl Router {
         let Some(svc) = self.service(id) else {
             return Vec::new();
         };
-        let d = svc
-            .counts
-            .decisions
+        const VERSIONS: [&str; 2] = ["stable", "canary"];
+        let d = &svc.counts.decisions;
+        let mut out = Vec::new();
+        for (rule, counts) in ["header", "flag", "split"].iter().zip(&d.fixed) {
+            for (v, n) in counts.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    out.push((rule.to_string(), VERSIONS[v], n));
+                }
+            }
+        }
+        let cohorts: BTreeMap<_, _> = d
+            .cohorts
             .lock()
-            .map(|d| d.clone())
+            .map(|c| c.clone().into_iter().collect())
             .unwrap_or_default();
-        d.into_iter().map(|((rule, v), n)| (rule, v, n)).collect()
+        for ((name, v), n) in cohorts {
+            out.push((decide::Rule::Cohort(name).label(), VERSIONS[v], n));
+        }
+        out
     }
 
     /// The `"routing"` object of `status --json`: decisions by rule (`header`, `flag`,
-    /// `cohort` by name, `split`), bytes copied by the agent vs carried by the kernel,
-    /// bad heads, and the splice maps' sizes.
+    /// `cohort` by name, `split`), bytes of upgraded connections copied by the agent vs
+    /// carried by the kernel, bad heads, refused connections, and the splice maps' sizes.
     pub fn status(&self, id: u32) -> Option<serde_json::Value> {
         let svc = self.service(id)?;
         let (mut header, mut flag, mut split) = (0u64, 0u64, 0u64);
@@ -167,19 +208,23 @@ impl Router {
             }
         }
         let c = &svc.counts;
-        let splicer = self.shared.splicer.lock().ok()?;
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let splicer = self.shared.splicer().ok()?;
         let (socks, peers, state) = splicer.entries();
         Some(json!({
+            "decided_in": "proxy",
             "header": header,
             "flag": flag,
             "cohort": cohort,
             "split": split,
-            "userspace_bytes": c.userspace_bytes.load(Ordering::Relaxed),
+            "upgrades": n(&c.upgrades),
+            "userspace_bytes": n(&c.userspace_bytes),
             "kernel_bytes": splicer.bytes(id),
-            "bad_requests": c.bad_requests.load(Ordering::Relaxed),
-            "too_large": c.too_large.load(Ordering::Relaxed),
-            "head_timeouts": c.timeouts.load(Ordering::Relaxed),
-            "open_connections": c.open.load(Ordering::Relaxed),
+            "bad_requests": n(&c.bad_requests),
+            "too_large": n(&c.too_large),
+            "head_timeouts": n(&c.timeouts),
+            "refused_connections": n(&c.refused),
+            "open_connections": n(&c.open),
             "splice_entries": {"sockets": socks, "peers": peers, "state": state},
         }))
     }
@@ -259,11 +304,28 @@ mod tests {
         assert!(plan.contains("decided in the kernel"), "{plan}");
         let plan = crate::cli::check(&agent_config(&dir, "http")).unwrap();
         assert!(
-            plan.contains("Routing (decided once per connection"),
+            plan.contains("Routing (decided per request") && !plan.contains("once per connection"),
             "{plan}"
         );
         assert!(
             plan.contains("beta-users       header X-User-Group is \"beta\" -> canary"),
+            "{plan}"
+        );
+        // Routing forms alone are a valid policy: the weight is the service's.
+        let only = dir.join("only.scm");
+        std::fs::write(
+            &only,
+            "(define-header-routing '((header . \"X-Canary\") (values . (\"true\"))))\n",
+        )
+        .unwrap();
+        let http = std::fs::read_to_string(agent_config(&dir, "http"))
+            .unwrap()
+            .replace("policy = ", "policy = \"only.scm\"\n#");
+        let http_path = dir.join("agent-only.toml");
+        std::fs::write(&http_path, http).unwrap();
+        let plan = crate::cli::check(&http_path).unwrap();
+        assert!(
+            plan.contains("header X-Canary: \"true\" -> canary"),
             "{plan}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -45,6 +45,12 @@ struct Args {
     /// HTTP/1.1 service address; repeat for more (e.g. IPv4 and IPv6).
     #[arg(long)]
     http: Vec<SocketAddr>,
+    /// h2c (HTTP/2 prior knowledge) address, gRPC-aware (see `backend::H2C_PORT`).
+    #[arg(long)]
+    h2c: Vec<SocketAddr>,
+    /// HTTP/1.1 address that answers an upgrade with 101 and then echoes every byte.
+    #[arg(long)]
+    upgrade: Vec<SocketAddr>,
     /// TCP address that writes "NAME\n" and closes.
     #[arg(long)]
     banner: Vec<SocketAddr>,
@@ -172,6 +178,8 @@ async fn main() -> Result<()> {
         .init();
     let args = Args::parse();
     if args.http.is_empty()
+        && args.h2c.is_empty()
+        && args.upgrade.is_empty()
         && args.banner.is_empty()
         && args.echo.is_empty()
         && args.udp.is_empty()
@@ -194,6 +202,12 @@ async fn main() -> Result<()> {
     }
     for addr in &args.admin {
         tokio::spawn(serve_admin(bind(*addr).await?, state.clone()));
+    }
+    for addr in &args.h2c {
+        tokio::spawn(serve_h2c(bind(*addr).await?, state.clone()));
+    }
+    for addr in &args.upgrade {
+        tokio::spawn(serve_upgrade(bind(*addr).await?, state.clone()));
     }
     for addr in &args.banner {
         tokio::spawn(serve_banner(bind(*addr).await?, name.clone()));
@@ -331,6 +345,149 @@ async fn serve_http(listener: TcpListener, state: Arc<State>) {
         }
     })
     .await
+}
+
+async fn serve_h2c(listener: TcpListener, state: Arc<State>) {
+    accept_loop(listener, |stream| {
+        let state = state.clone();
+        async move {
+            let svc = service_fn(move |req| handle_h2c(state.clone(), req));
+            let served =
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            if let Err(e) = served {
+                debug!(%e, "h2c connection");
+            }
+        }
+    })
+    .await
+}
+
+/// An h2c answer: plain requests as `handle_http` (faults give 503); a gRPC call gets
+/// a one-message body and `grpc-status` in its trailers (14 at the `error_rate`).
+async fn handle_h2c(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+    let faults = state.faults();
+    if faults.extra_latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.extra_latency_ms)).await;
+    }
+    let grpc = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    // The request body is read whole (small test calls) before the answer.
+    let _ = req.into_body().collect().await;
+    let failed = chance(faults.error_rate);
+    let status = if failed && !grpc {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    state
+        .requests
+        .get_or_create(&RequestLabels {
+            version: state.name.clone(),
+            code: status.as_u16(),
+        })
+        .inc();
+    let mut resp = if grpc {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert(
+            "grpc-status",
+            HeaderValue::from_static(if failed { "14" } else { "0" }),
+        );
+        // One length-prefixed message carrying the version name.
+        let mut msg = vec![0u8];
+        msg.extend_from_slice(&(state.name.len() as u32).to_be_bytes());
+        msg.extend_from_slice(state.name.as_bytes());
+        let frames = frames_body(vec![
+            hyper::body::Frame::data(Bytes::from(msg)),
+            hyper::body::Frame::trailers(trailers),
+        ]);
+        let mut resp = Response::new(frames);
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        resp
+    } else {
+        Response::new(Full::new(Bytes::from(state.name.clone())).boxed())
+    };
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(VERSION_HEADER, state.name_header.clone());
+    Ok(resp)
+}
+
+/// A body of the given frames, in order.
+fn frames_body(
+    frames: Vec<hyper::body::Frame<Bytes>>,
+) -> http_body_util::combinators::BoxBody<Bytes, Infallible> {
+    struct Frames(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+    impl hyper::body::Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+    Frames(frames.into()).boxed()
+}
+
+async fn serve_upgrade(listener: TcpListener, state: Arc<State>) {
+    accept_loop(listener, |stream| {
+        let state = state.clone();
+        async move {
+            let svc = service_fn(move |req| handle_upgrade(state.clone(), req));
+            let served = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades()
+                .await;
+            if let Err(e) = served {
+                debug!(%e, "upgrade connection");
+            }
+        }
+    })
+    .await
+}
+
+/// `101` to a request with `Upgrade`, then an echo of every byte; else 400.
+async fn handle_upgrade(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned() else {
+        let mut resp = Response::new(Full::new(Bytes::from_static(b"upgrade only\n")));
+        *resp.status_mut() = StatusCode::BAD_REQUEST;
+        return Ok(resp);
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on.await {
+            Ok(upgraded) => {
+                let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                if let Err(e) = tokio::io::copy(&mut r, &mut w).await {
+                    debug!(%e, "upgraded echo");
+                }
+                let _ = w.shutdown().await;
+            }
+            Err(e) => debug!(%e, "upgrade"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(hyper::header::UPGRADE, protocol);
+    h.insert(
+        hyper::header::CONNECTION,
+        HeaderValue::from_static("upgrade"),
+    );
+    h.insert(VERSION_HEADER, state.name_header.clone());
+    Ok(resp)
 }
 
 /// Decrements a gauge when dropped.
