@@ -981,146 +981,6 @@ fn a_hand_over_loses_no_request() -> Result<()> {
     Ok(())
 }
 
-/// What a client gets from a TCP connect to `target` and a UDP datagram to `udp`
-/// (answered by an echo on a socket bound to 0.0.0.0 in the node): `Ok(true)` when
-/// the TCP connect is refused and the datagram is not answered.
-fn refused(target: SocketAddr, udp: SocketAddr) -> Result<(bool, String)> {
-    let tcp = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
-        Err(e) => Some(format!("TCP {target}: {e}")),
-        Ok(_) => Some(format!("TCP {target}: connected")),
-    };
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    sock.connect(udp)?;
-    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
-    sock.send(b"ping")?;
-    let mut buf = [0u8; 64];
-    // A refused datagram comes back as ICMP port unreachable: ECONNREFUSED here.
-    let udp_seen = match sock.recv(&mut buf) {
-        Ok(n) => Some(format!(
-            "UDP {udp}: answered {:?}",
-            String::from_utf8_lossy(&buf[..n])
-        )),
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            None
-        }
-        Err(e) => Some(format!("UDP {udp}: {e}")),
-    };
-    let what: Vec<String> = tcp.into_iter().chain(udp_seen).collect();
-    Ok((what.is_empty(), what.join("; ")))
-}
-
-/// A TCP listener that accepts (and closes) and a UDP echo, served until dropped.
-struct Daemons {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Daemons {
-    fn serve(tcp: std::net::TcpListener, udp: std::net::UdpSocket) -> Result<Daemons> {
-        use std::sync::atomic::Ordering;
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        tcp.set_nonblocking(true)?;
-        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let s = stop.clone();
-        let accept = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                if tcp.accept().is_err() {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        });
-        let s = stop.clone();
-        let echo = std::thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !s.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(&buf[..n], from);
-                }
-            }
-        });
-        Ok(Daemons {
-            stop,
-            threads: vec![accept, echo],
-        })
-    }
-}
-
-impl Drop for Daemons {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-#[test]
-fn a_routed_service_address_exposes_only_the_service_port() -> Result<()> {
-    use canary_lab::topology::NODE_CLIENT_V4;
-    let topo = Topology::build()?;
-    let (_backends, mut agent, _) = start_web(&topo, "")?;
-    // Host daemons in the node bound to every address: TCP (as sshd or kubelet would
-    // be) and a UDP echo.
-    let (tcp, udp) = topo.node.enter(|| {
-        Ok((
-            std::net::TcpListener::bind("0.0.0.0:2222")?,
-            std::net::UdpSocket::bind("0.0.0.0:5300")?,
-        ))
-    })?;
-    let _daemons = Daemons::serve(tcp, udp)?;
-    let vip = |port| SocketAddr::new(VIP_V4.into(), port);
-    let node = |port| SocketAddr::new(NODE_CLIENT_V4.into(), port);
-    topo.client.enter(|| -> Result<()> {
-        // The daemons answer on the node's own address...
-        let (none, what) = refused(node(2222), node(5300))?;
-        ensure!(
-            !none && what.contains("connected") && what.contains("answered"),
-            "{what}"
-        );
-        // ...and nothing but the service answers on the service address.
-        let (none, what) = refused(vip(2222), vip(5300))?;
-        ensure!(none, "the service address exposes a host daemon: {what}");
-        let (status, _) = request(&mut connect(vip(80))?, "")?;
-        ensure!(status == 200, "the service itself: {status}");
-        Ok(())
-    })?;
-    // An agent that is gone leaves the address refusing (the sk_lookup link is
-    // pinned), its own port included, until the next agent listens again.
-    agent.signal_and_wait(libc::SIGKILL);
-    topo.client.enter(|| -> Result<()> {
-        let (none, what) = refused(vip(2222), vip(5300))?;
-        ensure!(none, "with the agent killed: {what}");
-        let (none, what) = refused(vip(80), vip(5300))?;
-        ensure!(none, "the service port with the agent killed: {what}");
-        Ok(())
-    })?;
-    agent.relaunch(&topo.node, &[])?;
-    topo.client.enter(|| -> Result<()> {
-        let (status, _) = request(&mut connect(vip(80))?, "")?;
-        ensure!(status == 200, "after the restart: {status}");
-        let (none, what) = refused(vip(2222), vip(5300))?;
-        ensure!(none, "after the restart: {what}");
-        Ok(())
-    })?;
-    // Uninstall takes the address's local route away with everything else.
-    let config = agent.config.to_string_lossy().into_owned();
-    agent.cli(&["--config", &config, "uninstall"])?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while agent.socket.exists() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let routes = topo.node.run(&["ip", "route", "show", "table", "local"])?;
-    ensure!(
-        !routes.contains(&VIP_V4.to_string()),
-        "local route left after uninstall: {routes}"
-
 /// Requests spread over a pool of `pool` keep-alive connections, one thread per
 /// connection, request `i` on connection `i % pool`: the version that answered each.
 fn pooled(target: SocketAddr, pool: usize, headers: &[String]) -> Result<Vec<String>> {
@@ -1625,6 +1485,149 @@ fn connection_caps_hold_per_client_and_per_service() -> Result<()> {
     ensure!(
         routing["refused_connections"].as_u64() == Some(2),
         "{routing}"
+    );
+    Ok(())
+}
+
+/// What a client gets from a TCP connect to `target` and a UDP datagram to `udp`
+/// (answered by an echo on a socket bound to 0.0.0.0 in the node): `Ok(true)` when
+/// the TCP connect is refused and the datagram is not answered.
+fn refused(target: SocketAddr, udp: SocketAddr) -> Result<(bool, String)> {
+    let tcp = match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+        Err(e) => Some(format!("TCP {target}: {e}")),
+        Ok(_) => Some(format!("TCP {target}: connected")),
+    };
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(udp)?;
+    sock.set_read_timeout(Some(Duration::from_secs(1)))?;
+    sock.send(b"ping")?;
+    let mut buf = [0u8; 64];
+    // A refused datagram comes back as ICMP port unreachable: ECONNREFUSED here.
+    let udp_seen = match sock.recv(&mut buf) {
+        Ok(n) => Some(format!(
+            "UDP {udp}: answered {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            None
+        }
+        Err(e) => Some(format!("UDP {udp}: {e}")),
+    };
+    let what: Vec<String> = tcp.into_iter().chain(udp_seen).collect();
+    Ok((what.is_empty(), what.join("; ")))
+}
+
+/// A TCP listener that accepts (and closes) and a UDP echo, served until dropped.
+struct Daemons {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Daemons {
+    fn serve(tcp: std::net::TcpListener, udp: std::net::UdpSocket) -> Result<Daemons> {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        tcp.set_nonblocking(true)?;
+        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let s = stop.clone();
+        let accept = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                if tcp.accept().is_err() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        let s = stop.clone();
+        let echo = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !s.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], from);
+                }
+            }
+        });
+        Ok(Daemons {
+            stop,
+            threads: vec![accept, echo],
+        })
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_routed_service_address_exposes_only_the_service_port() -> Result<()> {
+    use canary_lab::topology::NODE_CLIENT_V4;
+    let topo = Topology::build()?;
+    let (_backends, mut agent, _) = start_web(&topo, "")?;
+    // Host daemons in the node bound to every address: TCP (as sshd or kubelet would
+    // be) and a UDP echo.
+    let (tcp, udp) = topo.node.enter(|| {
+        Ok((
+            std::net::TcpListener::bind("0.0.0.0:2222")?,
+            std::net::UdpSocket::bind("0.0.0.0:5300")?,
+        ))
+    })?;
+    let _daemons = Daemons::serve(tcp, udp)?;
+    let vip = |port| SocketAddr::new(VIP_V4.into(), port);
+    let node = |port| SocketAddr::new(NODE_CLIENT_V4.into(), port);
+    topo.client.enter(|| -> Result<()> {
+        // The daemons answer on the node's own address...
+        let (none, what) = refused(node(2222), node(5300))?;
+        ensure!(
+            !none && what.contains("connected") && what.contains("answered"),
+            "{what}"
+        );
+        // ...and nothing but the service answers on the service address.
+        let (none, what) = refused(vip(2222), vip(5300))?;
+        ensure!(none, "the service address exposes a host daemon: {what}");
+        let (status, _) = request(&mut connect(vip(80))?, "")?;
+        ensure!(status == 200, "the service itself: {status}");
+        Ok(())
+    })?;
+    // An agent that is gone leaves the address refusing (the sk_lookup link is
+    // pinned), its own port included, until the next agent listens again.
+    agent.signal_and_wait(libc::SIGKILL);
+    topo.client.enter(|| -> Result<()> {
+        let (none, what) = refused(vip(2222), vip(5300))?;
+        ensure!(none, "with the agent killed: {what}");
+        let (none, what) = refused(vip(80), vip(5300))?;
+        ensure!(none, "the service port with the agent killed: {what}");
+        Ok(())
+    })?;
+    agent.relaunch(&topo.node, &[])?;
+    topo.client.enter(|| -> Result<()> {
+        let (status, _) = request(&mut connect(vip(80))?, "")?;
+        ensure!(status == 200, "after the restart: {status}");
+        let (none, what) = refused(vip(2222), vip(5300))?;
+        ensure!(none, "after the restart: {what}");
+        Ok(())
+    })?;
+    // Uninstall takes the address's local route away with everything else.
+    let config = agent.config.to_string_lossy().into_owned();
+    agent.cli(&["--config", &config, "uninstall"])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while agent.socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let routes = topo.node.run(&["ip", "route", "show", "table", "local"])?;
+    ensure!(
+        !routes.contains(&VIP_V4.to_string()),
+        "local route left after uninstall: {routes}"
     );
     Ok(())
 }

@@ -83,7 +83,10 @@ impl VersionCounters {
         }
         add(&mut self.conn_new, inc(next.conn_new, prev.conn_new));
         add(&mut self.conn_reset, inc(next.conn_reset, prev.conn_reset));
-        add(&mut self.conn_failed, inc(next.conn_failed, prev.conn_failed));
+        add(
+            &mut self.conn_failed,
+            inc(next.conn_failed, prev.conn_failed),
+        );
         self.latency.resize(LATENCY_BUCKETS, 0);
         for (i, acc) in self.latency.iter_mut().enumerate() {
             add(acc, inc(next.latency_at(i), prev.latency_at(i)));

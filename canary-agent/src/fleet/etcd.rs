@@ -588,7 +588,8 @@ impl Member {
             match checked {
                 Ok((node, report)) => {
                     self.link.accept(kv.key());
-                    self.seen.insert(node.clone(), (report.clone(), Instant::now()));
+                    self.seen
+                        .insert(node.clone(), (report.clone(), Instant::now()));
                     reports.insert(node, report);
                 }
                 Err(e) => self.link.reject(kv.key(), &e),
