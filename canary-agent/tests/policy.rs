@@ -252,7 +252,8 @@ fn plan_lists_steps_stages_metrics_and_rules() {
         "+0s       0%  internal-testing\n",
         "+1m     0.5%  beta-users  [gate waits first: operator approval]",
         "+5m       5%  beta-users\n",
-        "+10m      25%  gradual-rollout  [gate waits first: webhook http://hooks.example/approve, alert after 30s]",
+        // Shown without its path: a webhook URL may carry a token there.
+        "+10m      25%  gradual-rollout  [gate waits first: webhook http://hooks.example, alert after 30s]",
         "+1h     100%  full-deployment  [gate waits first: operator approval or webhook",
         "Reaching the last step promotes the canary.",
         "beta-users         0.01%–5%     gate: operator approval",
