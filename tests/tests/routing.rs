@@ -1462,6 +1462,16 @@ fn connection_caps_hold_per_client_and_per_service() -> Result<()> {
         // Another client address is not held up by this one.
         let (status, _) = request(&mut connect_from(other, target)?, "")?;
         ensure!(status == 200, "other client: {status}");
+        // Its place is given back once the proxy sees the close: wait for that, or the
+        // next connection would meet a full service.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while agent.status()?["services"][0]["routing"]["open_connections"] != 3 {
+            ensure!(
+                std::time::Instant::now() < deadline,
+                "the other client's closed connection still holds a place"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // The service cap (5): 3 + 2 from the other address, then nobody.
         let _b: Vec<TcpStream> = (0..2)
             .map(|_| connect_from(other, target))
