@@ -12,7 +12,7 @@ use crate::analysis::{
 };
 use crate::config::ServiceConfig;
 use crate::controller::{
-    Actor, AnalysisHold, Command, ControlError, Effect, Event, Rollout, RolloutState,
+    Actor, AnalysisHold, Command, ControlError, Effect, Event, Rollout, RolloutState, RolloutStatus,
 };
 use crate::policy::Policy;
 
@@ -119,23 +119,18 @@ impl LiveService {
                 if before == Some(v.verdict) {
                     continue;
                 }
-                fx.push(Effect::Transition(Event {
-                    service: name.clone(),
-                    at_ms: now_ms,
-                    from: status.state,
-                    to: status.state,
-                    step: status.step,
-                    stage: status.stage.clone(),
-                    weight_bp: status.weight_bp,
-                    actor: Actor::Analysis,
-                    reason: format!(
+                fx.push(analysis_event(
+                    &name,
+                    now_ms,
+                    &status,
+                    format!(
                         "verdict {}: {} -> {}: {}",
                         v.metric,
                         before.map_or("none".into(), label),
                         label(v.verdict),
                         v.reason
                     ),
-                }));
+                ));
             }
         }
         // A shared outage holds the step (its verdict is Inconclusive) and alerts once;
@@ -143,17 +138,7 @@ impl LiveService {
         let status = self.rollout.as_ref().map(|r| r.status(now_ms));
         let mut note = |reason: String| {
             if let (true, Some(status)) = (live, &status) {
-                fx.push(Effect::Transition(Event {
-                    service: name.clone(),
-                    at_ms: now_ms,
-                    from: status.state,
-                    to: status.state,
-                    step: status.step,
-                    stage: status.stage.clone(),
-                    weight_bp: status.weight_bp,
-                    actor: Actor::Analysis,
-                    reason,
-                }));
+                fx.push(analysis_event(&name, now_ms, status, reason));
             }
         };
         for o in eval.outages.iter().filter(|o| o.started) {
@@ -227,6 +212,22 @@ impl LiveService {
     pub fn verdicts(&self) -> &[Verdict] {
         self.analysis.as_ref().map_or(&[], |a| &a.verdicts)
     }
+}
+
+/// A history event of the analysis that leaves the rollout where it is (a verdict
+/// change, a shared outage beginning or ending).
+fn analysis_event(service: &str, at_ms: u64, status: &RolloutStatus, reason: String) -> Effect {
+    Effect::Transition(Event {
+        service: service.to_string(),
+        at_ms,
+        from: status.state,
+        to: status.state,
+        step: status.step,
+        stage: status.stage.clone(),
+        weight_bp: status.weight_bp,
+        actor: Actor::Analysis,
+        reason,
+    })
 }
 
 #[cfg(test)]
