@@ -258,38 +258,18 @@ fn starts_and_splits_on_a_host_without_bpffs() -> Result<()> {
     Ok(())
 }
 
+/// The kernel side of the config as desired state (the rest, restarts and refused
+/// configs included, is unit-tested on the fake dataplane in `agent/tests.rs`): reloads
+/// and a failed reload break no live connection, a removed service stops answering,
+/// and changed backends take new connections only.
 #[test]
 fn the_config_is_the_desired_state() -> Result<()> {
     let topo = Topology::build()?;
     let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let policy = "step = [{ at = 0, weight = 20 }, { at = \"1h\", weight = 100 }]\n";
-    let with_policy = lab_service("web", 80, ECHO_PORT, "weight = 10\npolicy = \"web.toml\"")
-        + &lab_service("other", 81, BANNER_PORT, "weight = 50");
-    let mut agent =
-        Agent::start_with_files(&topo.node, &with_policy, &[("web.toml", policy)], &[])?;
-    agent.cli(&["rollout", "start", "web"])?;
-    agent.cli(&["rollback", "web"])?;
-    ensure!(weight_bp(&agent, "web")? == 0);
-
-    // Restart with the same weight and no policy: the rolled-back rollout is gone
-    // with its policy, and the config's 10 % applies (the stale state used to win).
     let plain = lab_service("web", 80, ECHO_PORT, "weight = 10")
         + &lab_service("other", 81, BANNER_PORT, "weight = 50");
-    agent.stop()?;
-    agent.write_services(&plain)?;
-    agent.relaunch(&topo.node, &[])?;
-    let status = agent.status()?;
-    let web = service(&status, "web").context("web")?;
-    ensure!(web["weight_bp"] == 1000, "{web}");
-    ensure!(
-        web["rollout"].is_null(),
-        "a rollout survived its policy: {web}"
-    );
-
-    // An operator's set-weight survives a restart while the config is unchanged.
-    agent.cli(&["set-weight", "web", "15"])?;
-    agent.restart(&topo.node, &[])?;
-    ensure!(weight_bp(&agent, "web")? == 1500);
+    let agent = Agent::start(&topo.node, &plain, &[])?;
+    ensure!(weight_bp(&agent, "web")? == 1000);
 
     // Reloads with live connections: none may break.
     let long_lived = topo
@@ -300,17 +280,9 @@ fn the_config_is_the_desired_state() -> Result<()> {
     // A changed config weight applies.
     agent.write_services(&plain.replace("weight = 10", "weight = 30"))?;
     let out = agent.cli(&["reload"])?;
-    ensure!(out.contains("web: weight 15% -> 30%"), "{out}");
+    ensure!(out.contains("web: weight 10% -> 30%"), "{out}");
     ensure!(weight_bp(&agent, "web")? == 3000);
 
-    // A bad config is refused whole; the running one stays.
-    agent.write_services(&(plain.replace("weight = 10", "weight = 70") + "colour = \"red\"\n"))?;
-    let err = agent.cli(&["reload"]).unwrap_err().to_string();
-    ensure!(
-        err.contains("agent.toml") && err.contains("colour"),
-        "{err}"
-    );
-    ensure!(weight_bp(&agent, "web")? == 3000, "half-applied");
     // A reload that fails in the kernel (an interface that does not exist) is
     // reported, and the agent keeps running its services.
     agent.write_services(&plain.replace("weight = 10", "weight = 30"))?;
@@ -368,59 +340,6 @@ fn the_config_is_the_desired_state() -> Result<()> {
         report.by_backend() == placed,
         "reloads moved live connections"
     );
-
-    // The policy comes back: a fresh pending rollout, nothing from the old one.
-    agent.write_services(&lab_service(
-        "web",
-        80,
-        ECHO_PORT,
-        "weight = 30\npolicy = \"web.toml\"",
-    ))?;
-    agent.cli(&["reload"])?;
-    let status = agent.status()?;
-    let web = service(&status, "web").context("web")?;
-    ensure!(web["rollout"]["state"] == "pending", "{web}");
-    ensure!(web["weight_bp"] == 3000, "{web}");
-    Ok(())
-}
-
-#[test]
-fn a_rollout_whose_metrics_see_no_traffic_holds_at_its_first_step() -> Result<()> {
-    let topo = Topology::build()?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let policy = r#"step = [{ at = 0, weight = 10 }, { at = "2s", weight = 50 }, { at = "4s", weight = 100 }]
-[analysis]
-max_hold = "10s"
-[[metric]]
-name = "error-rate"
-threshold = 1.05
-window = "30s"
-"#;
-    let services = lab_service("web", 80, HTTP_PORT, "policy = \"web.toml\"");
-    let agent = Agent::start_with_files(
-        &topo.node,
-        &services,
-        &[("web.toml", policy)],
-        &["--time-scale", "10"],
-    )?;
-    agent.cli(&["rollout", "start", "web"])?;
-    // 3 s real = 30 s of rollout clock: fifteen times the first step's dwell.
-    std::thread::sleep(Duration::from_secs(3));
-    let rollout = agent.status()?["services"][0]["rollout"].clone();
-    ensure!(
-        rollout["step"] == 0 && rollout["state"] == "progressing",
-        "{rollout}"
-    );
-    let holding = rollout["holding"].as_str().unwrap_or_default();
-    ensure!(
-        holding.contains("error-rate"),
-        "status does not say why: {rollout}"
-    );
-    let human = agent.cli(&["status", "web"])?;
-    ensure!(human.contains("holding: inconclusive"), "{human}");
-    // max-hold (10 s of rollout clock past the due step) put an alert in history.
-    let history = agent.cli(&["history", "web"])?;
-    ensure!(history.contains("max-hold 10s"), "{history}");
     Ok(())
 }
 

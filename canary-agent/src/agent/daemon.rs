@@ -56,7 +56,12 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         Some(c) => c.clone(),
         None => clock,
     };
-    let (agent, uninstall) = Agent::start(config, clock)?;
+    let load = |config: &Config| -> Result<Box<dyn crate::datapath::Dataplane>> {
+        Ok(Box::new(crate::datapath::Datapath::load(
+            &config.agent.bpffs_dir,
+        )?))
+    };
+    let (agent, uninstall) = Agent::start(config, clock, load)?;
     let agent = Arc::new(Mutex::new(agent));
     if let (Some(fleet), Some(fleet_clock)) = (fleet, fleet_clock) {
         let link = crate::fleet::Link::new(&node);

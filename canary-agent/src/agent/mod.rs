@@ -13,6 +13,8 @@ mod prometheus;
 pub mod series;
 pub mod service;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -35,7 +37,7 @@ use crate::{
     api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
     config::{bp_to_percent, Config},
     controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
-    datapath::{self, encode_service, service_key_for, Datapath, KernelRouting},
+    datapath::{self, encode_service, service_key_for, Dataplane, KernelRouting},
     policy::{load_policy, OnRollback, Policy},
 };
 
@@ -54,7 +56,7 @@ pub struct GateCall {
 }
 
 pub struct Agent {
-    datapath: Datapath,
+    datapath: Box<dyn Dataplane>,
     services: Vec<LiveService>,
     clock: Arc<dyn Clock>,
     /// The configuration in force (the last one applied).
@@ -131,13 +133,70 @@ pub fn uninstall(bpffs_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     Ok(detached)
 }
 
+/// A service being applied: its config, the plan's decision, its policy and map key.
+type Applying = (
+    crate::config::ServiceConfig,
+    desired::ServicePlan,
+    Option<Policy>,
+    canary_common::ServiceKey,
+);
+
+/// The service-map writes of one apply, with what each key held before, so that a
+/// failed apply puts the map back as it was.
+struct Journal {
+    before: Vec<(canary_common::ServiceKey, canary_common::ServiceValue)>,
+    written: Vec<canary_common::ServiceKey>,
+}
+
+impl Journal {
+    fn new(installed: &[(canary_common::ServiceKey, canary_common::ServiceValue)]) -> Self {
+        Self {
+            before: installed.to_vec(),
+            written: Vec::new(),
+        }
+    }
+
+    fn install(
+        &mut self,
+        dp: &mut dyn Dataplane,
+        key: &canary_common::ServiceKey,
+        value: &canary_common::ServiceValue,
+    ) -> Result<()> {
+        dp.install(key, value)?;
+        self.written.push(*key);
+        Ok(())
+    }
+
+    fn uninstall(&mut self, dp: &mut dyn Dataplane, key: &canary_common::ServiceKey) -> Result<()> {
+        dp.uninstall(key)?;
+        self.written.push(*key);
+        Ok(())
+    }
+
+    /// Restores every key written, newest first. Best effort: a kernel that refused one
+    /// write may refuse the undo too, and that is logged.
+    fn undo(self, dp: &mut dyn Dataplane) {
+        for key in self.written.iter().rev() {
+            let result = match self.before.iter().find(|(k, _)| k == key) {
+                Some((_, value)) => dp.install(key, value),
+                None => dp.uninstall(key),
+            };
+            if let Err(e) = result {
+                tracing::error!(?key, error = %format!("{e:#}"), "undoing a failed apply");
+            }
+        }
+    }
+}
+
 impl Agent {
-    /// Loads the datapath (reusing what an earlier agent pinned), applies `config` as
-    /// the desired state and attaches to its interfaces. Returns the agent and the
-    /// signal an uninstall request raises.
+    /// Checks `config`'s files, loads the dataplane with `load` (the daemon's reuses
+    /// what an earlier agent pinned), applies `config` as the desired state and
+    /// attaches to its interfaces. Returns the agent and the signal an uninstall
+    /// request raises.
     pub fn start(
         config: Config,
         clock: Arc<dyn Clock>,
+        load: impl FnOnce(&Config) -> Result<Box<dyn Dataplane>>,
     ) -> Result<(Self, Arc<tokio::sync::Notify>)> {
         let policies = load_policies(&config)?;
         let state = StateDir::open(&config.agent.state_dir)?;
@@ -148,7 +207,7 @@ impl Agent {
                 rollouts.insert(svc.name.clone(), r);
             }
         }
-        let datapath = Datapath::load(&config.agent.bpffs_dir)?;
+        let datapath = load(&config)?;
         let uninstall = Arc::new(tokio::sync::Notify::new());
         let series = series::Series::new(&config.agent.state_dir);
         let mut agent = Self {
@@ -288,57 +347,31 @@ impl Agent {
         };
         let plan = desired::plan(&config.services, &policies, &current, now_ms);
         let mut changes = Vec::new();
-        // Kernel and disk first: if any of it fails, `self` still describes the running
-        // services (nothing in memory has been replaced yet).
-        let mut applied = Vec::new();
-        let mut cidr_tables = std::collections::BTreeSet::new();
-        self.datapath.set_replies_at_ingress(
-            config
-                .services
-                .iter()
-                .any(|s| s.forward == crate::config::Forward::Redirect),
-        )?;
-        for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
-            if decided.fresh {
-                self.datapath.clear_stats(decided.id)?;
+        // The kernel first, every write journaled: if one fails, the ones before it are
+        // undone and `self` and the disk still describe the running services.
+        let mut journal = Journal::new(&installed);
+        let applied = match self.write_kernel(&config, plan, policies, &mut journal, &mut changes) {
+            Ok(applied) => applied,
+            Err(e) => {
+                journal.undo(self.datapath.as_mut());
+                let redirect = self
+                    .config
+                    .services
+                    .iter()
+                    .any(|s| s.forward == crate::config::Forward::Redirect);
+                let _ = self.datapath.set_replies_at_ingress(redirect);
+                return Err(e);
             }
-            let routing = policy.as_ref().map(|p| &p.routing);
-            let key = service_key_for(svc, routing.unwrap_or(&Default::default()));
-            let mut value = encode_service(svc, decided.id, decided.weight_bp);
-            let table = routing.and_then(|r| r.kernel_table());
-            if let (Some(kernel), Some(table)) = (&decided.kernel, &table) {
-                // The new table under the other generation first; the value below
-                // switches to it.
-                self.datapath
-                    .write_cidr(decided.id, kernel.gen, table)
-                    .map_err(|e| anyhow!("service {:?}: {e:#}", svc.name))?;
-                kernel.apply(&mut value);
-                cidr_tables.insert((decided.id, kernel.gen));
-            }
-            self.datapath.install(&key, &value)?;
+        };
+        self.datapath.finish_upgrade()?;
+        for (svc, decided, _, _) in &applied {
             if decided.rollout_changed {
                 match &decided.rollout {
                     Some(r) => self.state.save_rollout(&svc.name, r)?,
                     None => self.state.remove_rollout(&svc.name)?,
                 }
             }
-            for note in &decided.notes {
-                changes.push(format!("{}: {note}", svc.name));
-            }
-            tracing::info!(
-                service = %svc.name, id = decided.id, weight_bp = decided.weight_bp,
-                rollout = ?decided.rollout.as_ref().map(|r| r.state()), notes = ?decided.notes,
-                "service applied"
-            );
-            applied.push((svc.clone(), decided, policy, key));
         }
-        for key in plan.stale {
-            self.datapath.uninstall(&key)?;
-            tracing::info!(?key, "removed a service no longer in the config");
-        }
-        // Old generations, and the tables of services removed or no longer decided in
-        // the kernel.
-        self.datapath.retain_cidr(&cidr_tables)?;
         for name in &previous {
             if !config.services.iter().any(|s| &s.name == name) {
                 self.state.remove_rollout(name)?;
@@ -346,21 +379,6 @@ impl Agent {
                 changes.push(format!("{name}: removed"));
             }
         }
-        let pinned = datapath::attached_interfaces(&config.agent.bpffs_dir)?;
-        for iface in pinned
-            .iter()
-            .filter(|i| !config.agent.interfaces.contains(i))
-        {
-            datapath::detach(&config.agent.bpffs_dir, iface)?;
-            changes.push(format!("interface {iface}: detached"));
-        }
-        for iface in &config.agent.interfaces {
-            self.datapath.attach(iface, config.agent.ingress_hook)?;
-            if !pinned.contains(iface) {
-                changes.push(format!("interface {iface}: attached"));
-            }
-        }
-        self.datapath.finish_upgrade()?;
         self.applied = Applied {
             services: config
                 .services
@@ -402,6 +420,78 @@ impl Agent {
         }
         self.config = config;
         Ok(changes)
+    }
+
+    /// The kernel's part of [`Agent::apply`]: services installed, stale ones removed,
+    /// interfaces attached, then removed interfaces detached and old client-address
+    /// tables dropped (the last two only once nothing can fail any more, as they are not
+    /// undone).
+    fn write_kernel(
+        &mut self,
+        config: &Config,
+        plan: desired::Plan,
+        policies: Vec<Option<Policy>>,
+        journal: &mut Journal,
+        changes: &mut Vec<String>,
+    ) -> Result<Vec<Applying>> {
+        let mut applied = Vec::new();
+        let mut cidr_tables = std::collections::BTreeSet::new();
+        self.datapath.set_replies_at_ingress(
+            config
+                .services
+                .iter()
+                .any(|s| s.forward == crate::config::Forward::Redirect),
+        )?;
+        for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
+            if decided.fresh {
+                self.datapath.clear_stats(decided.id)?;
+            }
+            let routing = policy.as_ref().map(|p| &p.routing);
+            let key = service_key_for(svc, routing.unwrap_or(&Default::default()));
+            let mut value = encode_service(svc, decided.id, decided.weight_bp);
+            let table = routing.and_then(|r| r.kernel_table());
+            if let (Some(kernel), Some(table)) = (&decided.kernel, &table) {
+                // The new table under the other generation first; the value below
+                // switches to it.
+                self.datapath
+                    .write_cidr(decided.id, kernel.gen, table)
+                    .map_err(|e| anyhow!("service {:?}: {e:#}", svc.name))?;
+                kernel.apply(&mut value);
+                cidr_tables.insert((decided.id, kernel.gen));
+            }
+            journal.install(self.datapath.as_mut(), &key, &value)?;
+            for note in &decided.notes {
+                changes.push(format!("{}: {note}", svc.name));
+            }
+            tracing::info!(
+                service = %svc.name, id = decided.id, weight_bp = decided.weight_bp,
+                rollout = ?decided.rollout.as_ref().map(|r| r.state()), notes = ?decided.notes,
+                "service applied"
+            );
+            applied.push((svc.clone(), decided, policy, key));
+        }
+        for key in plan.stale {
+            journal.uninstall(self.datapath.as_mut(), &key)?;
+            tracing::info!(?key, "removed a service no longer in the config");
+        }
+        let pinned = self.datapath.attached()?;
+        for iface in &config.agent.interfaces {
+            self.datapath.attach(iface, config.agent.ingress_hook)?;
+            if !pinned.contains(iface) {
+                changes.push(format!("interface {iface}: attached"));
+            }
+        }
+        for iface in pinned
+            .iter()
+            .filter(|i| !config.agent.interfaces.contains(i))
+        {
+            self.datapath.detach(iface)?;
+            changes.push(format!("interface {iface}: detached"));
+        }
+        // Old generations, and the tables of services removed or no longer decided in
+        // the kernel.
+        self.datapath.retain_cidr(&cidr_tables)?;
+        Ok(applied)
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut LiveService> {
@@ -657,7 +747,7 @@ impl Agent {
                 Ok(serde_json::json!({ "changes": changes }))
             }
             Request::Uninstall => {
-                let interfaces = datapath::attached_interfaces(&self.config.agent.bpffs_dir)?;
+                let interfaces = self.datapath.attached()?;
                 self.uninstall.notify_one();
                 Ok(serde_json::json!({ "uninstalling": true, "interfaces": interfaces }))
             }
@@ -984,7 +1074,7 @@ impl Agent {
             return self.datapath.unroute();
         }
         let addrs: Vec<_> = routed.iter().map(|r| r.cfg.listen.ip()).collect();
-        let splicer = self.datapath.splicer(&addrs)?;
+        let splicer = self.datapath.route(&addrs)?;
         self.router = Some(crate::router::Router::start(splicer, routed, inherited)?);
         Ok(())
     }

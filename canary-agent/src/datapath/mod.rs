@@ -5,7 +5,10 @@ mod bpffs;
 mod cidr;
 mod drain;
 pub(crate) mod encode;
+#[cfg(test)]
+pub mod fake;
 mod migrate;
+mod plane;
 mod route;
 pub mod test_run;
 
@@ -36,6 +39,7 @@ use canary_common::{
 use crate::config::IngressHook;
 pub use drain::{DrainProgress, DRAIN_QUIET};
 pub use encode::{encode_service, service_key, service_key_for, KernelRouting};
+pub use plane::Dataplane;
 pub use route::Splicer;
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -151,6 +155,10 @@ impl Datapath {
         migrate::remove_aside(&aside)?;
         tracing::info!(entries = n, "map upgrade finished");
         Ok(())
+    }
+
+    fn bpffs_dir(&self) -> &Path {
+        &self.bpffs_dir
     }
 
     fn link_pin(&self, kind: &str, iface: &str) -> PathBuf {

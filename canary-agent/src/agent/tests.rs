@@ -1,0 +1,362 @@
+//! The agent's core on the fake dataplane: the config as desired state across reloads
+//! and restarts, one map write per weight change, nothing half-applied when the kernel
+//! refuses a write, drains, and rollouts on a simulated clock. The kernel side of the
+//! same behaviour (live connections kept, removed services refused) stays in the
+//! network-namespace suites (`tests/tests/lifecycle.rs`).
+
+use std::{path::PathBuf, sync::Arc};
+
+use anyhow::{Context, Result};
+
+use super::Agent;
+use crate::{
+    api::{Request, RolloutAction, ServiceStatus},
+    config::Config,
+    controller::{RolloutState, SimClock},
+    datapath::fake::{FakeDataplane, Write},
+};
+
+/// A host for one agent: its files in a private directory, a fake kernel that
+/// outlives agent restarts (as pinned maps do), and a simulated clock.
+struct Host {
+    dir: PathBuf,
+    fake: FakeDataplane,
+    clock: Arc<SimClock>,
+}
+
+const START_MS: u64 = 1_000_000;
+
+fn service(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nlisten = \"198.18.0.10:{port}\"\nstable = [\"198.18.1.2:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n{extra}\n"
+    )
+}
+
+impl Host {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("canary-agent-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("test directory");
+        Self {
+            dir,
+            fake: FakeDataplane::new(&["eth0"]),
+            clock: Arc::new(SimClock::new(START_MS)),
+        }
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    /// Writes the config: the `[agent]` table (with `agent_extra`) and `services`.
+    fn write_config(&self, agent_extra: &str, services: &str) {
+        let text = format!(
+            "[agent]\ninterface = \"eth0\"\ncontrol_socket = \"{d}/ctl.sock\"\nbpffs_dir = \"{d}/bpf\"\nstate_dir = \"{d}/state\"\n{agent_extra}\n{services}",
+            d = self.dir.display()
+        );
+        std::fs::write(self.config_path(), text).expect("writing the config");
+    }
+
+    fn write_file(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.join(name), text).expect("writing a file");
+    }
+
+    fn start(&self) -> Result<Agent> {
+        let config = Config::load(&self.config_path())?;
+        let fake = self.fake.clone();
+        let (agent, _uninstall) = Agent::start(config, self.clock.clone(), move |_| {
+            Ok(Box::new(fake) as Box<dyn crate::datapath::Dataplane>)
+        })?;
+        Ok(agent)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn status(agent: &Agent, name: &str) -> Result<ServiceStatus> {
+    agent
+        .status(Some(name))?
+        .services
+        .into_iter()
+        .next()
+        .context("no such service in status")
+}
+
+fn weight_bp(agent: &Agent, name: &str) -> Result<u16> {
+    Ok(status(agent, name)?.weight_bp)
+}
+
+fn rollout(agent: &mut Agent, name: &str, action: RolloutAction) -> Result<()> {
+    agent.handle(Request::Rollout {
+        service: name.into(),
+        action,
+        by: "test".into(),
+    })?;
+    Ok(())
+}
+
+fn reload(agent: &mut Agent) -> Result<String> {
+    let reply = agent.handle(Request::Reload)?;
+    Ok(reply.to_string())
+}
+
+const TWO_STEPS: &str = "step = [{ at = 0, weight = 20 }, { at = \"1h\", weight = 100 }]\n";
+
+#[test]
+fn the_config_is_the_desired_state_across_restarts() -> Result<()> {
+    let host = Host::new("desired");
+    host.write_file("web.toml", TWO_STEPS);
+    let other = service("other", 81, "weight = 50");
+    host.write_config(
+        "",
+        &(service("web", 80, "weight = 10\npolicy = \"web.toml\"") + &other),
+    );
+    let mut agent = host.start()?;
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    rollout(
+        &mut agent,
+        "web",
+        RolloutAction::Rollback {
+            reason: "test".into(),
+        },
+    )?;
+    assert_eq!(weight_bp(&agent, "web")?, 0);
+    drop(agent);
+
+    // Restarted with the same weight and no policy: the rolled-back rollout is gone
+    // with its policy, and the config's 10 % applies (stale state must not win).
+    let plain = service("web", 80, "weight = 10") + &other;
+    host.write_config("", &plain);
+    let mut agent = host.start()?;
+    let web = status(&agent, "web")?;
+    assert_eq!(web.weight_bp, 1000, "{web:?}");
+    assert!(web.rollout.is_none(), "a rollout survived its policy: {web:?}");
+
+    // An operator's weight survives a restart while the config is unchanged.
+    agent.handle(Request::SetWeight {
+        service: "web".into(),
+        weight_bp: 1500,
+        by: "test".into(),
+        reason: String::new(),
+    })?;
+    drop(agent);
+    let mut agent = host.start()?;
+    assert_eq!(weight_bp(&agent, "web")?, 1500);
+
+    // A changed config weight applies on reload, and says so.
+    host.write_config("", &plain.replace("weight = 10", "weight = 30"));
+    let out = reload(&mut agent)?;
+    assert!(out.contains("web: weight 15% -> 30%"), "{out}");
+    assert_eq!(weight_bp(&agent, "web")?, 3000);
+    assert_eq!(host.fake.service(status_id(&agent, "web")?).map(|v| v.weight_bp), Some(3000));
+
+    // The policy comes back: a fresh pending rollout, nothing of the old one.
+    host.write_config("", &service("web", 80, "weight = 30\npolicy = \"web.toml\""));
+    let out = reload(&mut agent)?;
+    assert!(out.contains("other: removed"), "{out}");
+    let web = status(&agent, "web")?;
+    assert_eq!(web.weight_bp, 3000, "{web:?}");
+    assert_eq!(
+        web.rollout.as_ref().map(|r| r.state),
+        Some(RolloutState::Pending),
+        "{web:?}"
+    );
+    // The removed service left the map.
+    assert_eq!(host.fake.state().services.len(), 1);
+    Ok(())
+}
+
+fn status_id(agent: &Agent, name: &str) -> Result<u32> {
+    agent
+        .services
+        .iter()
+        .find(|s| s.cfg.name == name)
+        .map(|s| s.id)
+        .context("no such service")
+}
+
+#[test]
+fn a_refused_config_changes_nothing() -> Result<()> {
+    let host = Host::new("refused");
+    let plain = service("web", 80, "weight = 30") + &service("other", 81, "weight = 50");
+    host.write_config("", &plain);
+    let mut agent = host.start()?;
+    host.fake.take_writes();
+
+    // A field the schema does not have: refused with the file and the field named.
+    host.write_config("", &(plain.replace("weight = 30", "weight = 70") + "colour = \"red\"\n"));
+    let err = format!("{:#}", agent.reload().unwrap_err());
+    assert!(err.contains("agent.toml") && err.contains("colour"), "{err}");
+    assert_eq!(weight_bp(&agent, "web")?, 3000, "half-applied");
+    assert_eq!(host.fake.take_writes(), vec![], "a refused config wrote to the kernel");
+
+    // An interface the host lacks: refused before any service changes in the kernel.
+    let missing = plain.replace("weight = 30", "weight = 70");
+    host.write_config("", &missing);
+    let text = std::fs::read_to_string(host.config_path())?
+        .replace("interface = \"eth0\"", "interface = [\"eth0\", \"nosuch0\"]");
+    std::fs::write(host.config_path(), text)?;
+    let err = format!("{:#}", agent.reload().unwrap_err());
+    assert!(err.contains("nosuch0"), "{err}");
+    assert_eq!(weight_bp(&agent, "web")?, 3000);
+    assert_eq!(weight_bp(&agent, "other")?, 5000);
+    let web = host.fake.service(status_id(&agent, "web")?).context("web installed")?;
+    assert_eq!(web.weight_bp, 3000, "the kernel holds a half-applied config");
+
+    // The kernel refuses the second service's write: the first one's is undone.
+    host.write_config(
+        "",
+        &(service("web", 80, "weight = 40") + &service("other", 81, "weight = 60")),
+    );
+    host.fake.state().fail_install_after = Some(1);
+    let err = format!("{:#}", agent.reload().unwrap_err());
+    assert!(err.contains("injected failure"), "{err}");
+    for (name, bp) in [("web", 3000), ("other", 5000)] {
+        assert_eq!(weight_bp(&agent, name)?, bp, "{name} in memory");
+        let v = host.fake.service(status_id(&agent, name)?).context("installed")?;
+        assert_eq!(v.weight_bp, bp, "{name} in the kernel");
+    }
+
+    // And the same reload, once the kernel takes it, applies whole.
+    let out = reload(&mut agent)?;
+    assert!(out.contains("web: weight 30% -> 40%"), "{out}");
+    assert_eq!(weight_bp(&agent, "other")?, 6000);
+    Ok(())
+}
+
+#[test]
+fn a_rollback_is_one_map_write_and_drains_the_canary() -> Result<()> {
+    let host = Host::new("rollback");
+    host.write_file("web.toml", TWO_STEPS);
+    host.write_config("", &service("web", 80, "policy = \"web.toml\""));
+    let mut agent = host.start()?;
+    let id = status_id(&agent, "web")?;
+    host.fake.take_writes();
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    assert_eq!(
+        host.fake.take_writes(),
+        vec![Write::Install {
+            id,
+            weight_bp: 2000,
+            rolled_back: false
+        }]
+    );
+    host.fake.state().canary_open.insert(id, 7);
+    rollout(
+        &mut agent,
+        "web",
+        RolloutAction::Rollback {
+            reason: "test".into(),
+        },
+    )?;
+    assert_eq!(
+        host.fake.take_writes(),
+        vec![Write::Install {
+            id,
+            weight_bp: 0,
+            rolled_back: true
+        }],
+        "a rollback is exactly one write"
+    );
+    assert!(status(&agent, "web")?.draining);
+    host.clock.advance_ms(100);
+    agent.tick();
+    assert!(host.fake.state().canary_open.is_empty(), "the drain did not run");
+    assert!(!status(&agent, "web")?.draining, "still draining with nothing left");
+    Ok(())
+}
+
+#[test]
+fn a_rollout_whose_metrics_see_no_traffic_holds_at_its_first_step() -> Result<()> {
+    let host = Host::new("notraffic");
+    host.write_file(
+        "web.toml",
+        r#"step = [{ at = 0, weight = 10 }, { at = "2s", weight = 50 }, { at = "4s", weight = 100 }]
+[analysis]
+max_hold = "10s"
+[[metric]]
+name = "error-rate"
+threshold = 1.05
+window = "30s"
+"#,
+    );
+    host.write_config("", &service("web", 80, "policy = \"web.toml\""));
+    let mut agent = host.start()?;
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    // 30 s of rollout clock: fifteen times the first step's dwell.
+    for _ in 0..300 {
+        host.clock.advance_ms(100);
+        agent.tick();
+    }
+    let r = status(&agent, "web")?.rollout.context("rollout")?;
+    assert_eq!((r.step, r.state), (Some(0), RolloutState::Progressing), "{r:?}");
+    let holding = r.holding.unwrap_or_default();
+    assert!(holding.contains("error-rate"), "status does not say why: {holding}");
+    let human = crate::cli::render_status(&agent.status(Some("web"))?);
+    assert!(human.contains("holding: inconclusive"), "{human}");
+    // max-hold (10 s past the due step) put an alert in the history.
+    let history = agent.handle(Request::History {
+        service: "web".into(),
+    })?;
+    assert!(history.to_string().contains("max-hold 10s"), "{history}");
+    Ok(())
+}
+
+#[test]
+fn a_healthy_canary_progresses_on_counters_from_the_dataplane() -> Result<()> {
+    use crate::datapath::VersionSignals;
+    let host = Host::new("healthy");
+    host.write_file(
+        "web.toml",
+        r#"step = [{ at = 0, weight = 10 }, { at = "15s", weight = 50 }, { at = "30s", weight = 100 }]
+[[metric]]
+name = "error-rate"
+threshold = 1.05
+window = "300s"
+"#,
+    );
+    host.write_config("", &service("web", 80, "policy = \"web.toml\""));
+    let mut agent = host.start()?;
+    let id = status_id(&agent, "web")?;
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    // 150 requests a second, all answered 2xx, split by the weight in force.
+    let mut sent = [0u64; 2];
+    let mut promoted_at = None;
+    for tick in 0..3_000u64 {
+        host.clock.advance_ms(100);
+        if tick % 10 == 0 {
+            let w = host.fake.service(id).context("installed")?.weight_bp as u64;
+            let canary = 150 * w / 10_000;
+            sent[1] += canary;
+            sent[0] += 150 - canary;
+            let signals = sent.map(|n| VersionSignals {
+                connections: n,
+                counters: canary_common::VersionTelemetry {
+                    requests: n,
+                    responses: [0, n, 0, 0, 0],
+                    handshakes: n,
+                    ..Default::default()
+                },
+                latency: vec![0; canary_common::histogram::LATENCY_BUCKETS],
+            });
+            host.fake.state().signals.insert(id, signals);
+        }
+        agent.tick();
+        let state = status(&agent, "web")?.rollout.context("rollout")?.state;
+        assert_ne!(state, RolloutState::RolledBack, "a healthy canary was rolled back");
+        if state == RolloutState::Promoted {
+            promoted_at = Some(tick);
+            break;
+        }
+    }
+    let at = promoted_at.context("not promoted in 300 s of simulated clock")?;
+    assert_eq!(host.fake.service(id).map(|v| v.weight_bp), Some(10_000));
+    // The first step holds until ~500 error-free canary requests show it below the 1 %
+    // floor (about 33 s at 15 req/s), then the schedule runs.
+    assert!(at >= 300, "promoted after {} s: before the evidence could exist", at / 10);
+    Ok(())
+}
