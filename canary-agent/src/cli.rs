@@ -11,6 +11,7 @@ use crate::{
     config::{self, Config},
     controller::{Clock, Event, ScaledClock, SystemClock},
     policy::{self, percent},
+    units::{format_ms, round},
 };
 
 #[derive(Debug, Parser)]
@@ -135,7 +136,7 @@ pub fn parse_percent(s: &str) -> Result<u16, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a number (expected a percentage such as 12.5)"))?;
-    config::percent_to_bp(v)
+    crate::units::percent_to_bp(v)
 }
 
 impl Cli {
@@ -188,7 +189,7 @@ fn execute(cli: Cli) -> Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(crate::agent::run(config, clock))
+            rt.block_on(crate::daemon::run(config, clock))
         }
         Command::Check { file } => {
             print!("{}", check(file)?);
@@ -372,7 +373,7 @@ fn render_fleet(fleet: &api::FleetStatus) -> String {
         let weights: Vec<String> = node
             .weights
             .iter()
-            .map(|(svc, bp)| format!("{svc} {}%", crate::config::bp_to_percent(*bp)))
+            .map(|(svc, bp)| format!("{svc} {}%", crate::units::bp_to_percent(*bp)))
             .collect();
         let lag = node.apply_lag_ms.map_or(String::new(), |ms| {
             format!(", last weight applied {ms} ms after the decision")
@@ -599,30 +600,6 @@ pub fn render_history(events: &[Event]) -> String {
     out
 }
 
-/// UTC time of day with milliseconds.
-pub(crate) fn format_ms(ms: u64) -> String {
-    let s = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02}.{:03}Z",
-        (s / 3600) % 24,
-        (s / 60) % 60,
-        s % 60,
-        ms % 1000
-    )
-}
-
-/// A verdict number for people: four significant digits, `-` when there is none.
-pub(crate) fn round(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        None => "-".into(),
-        Some(x) if x == 0.0 || !x.is_finite() => format!("{x}"),
-        Some(x) => {
-            let digits = (3 - x.abs().log10().floor() as i32).clamp(0, 6) as usize;
-            format!("{x:.digits$}")
-        }
-    }
-}
-
 /// "  fired by window (20 s)" for a Fail's statistic, empty otherwise.
 fn fired_by(statistic: &serde_json::Value) -> String {
     let num = |k: &str| statistic[k].as_u64().unwrap_or(0);
@@ -802,5 +779,84 @@ mod tests {
         let err = execute(parse(&["agent"]).unwrap()).unwrap_err().to_string();
         assert!(parse(&["agent", "--time-scale", "0"]).is_err());
         assert!(err.contains("needs --config"), "{err}");
+    }
+
+    /// A routed service's rules, checked and printed by `canary check`.
+
+    fn agent_config(dir: &std::path::Path, protocol: &str) -> std::path::PathBuf {
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/routing.scm");
+        let path = dir.join(format!("agent-{protocol}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[agent]\ninterface = \"eth0\"\n[[service]]\nname = \"web\"\n\
+                 listen = \"198.19.0.10:80\"\nprotocol = \"{protocol}\"\n\
+                 stable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\n\
+                 policy = {:?}\n",
+                fixture.display().to_string()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn request_rules_need_an_http_service_and_check_prints_the_plan() {
+        let dir = std::env::temp_dir().join(format!("canary-router-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for protocol in ["tcp", "udp"] {
+            let err = check(&agent_config(&dir, protocol))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("service \"web\" is protocol = \"{protocol}\""))
+                    && err.contains("routing.scm has request routing rules"),
+                "{err}"
+            );
+        }
+        // A plan of client-cidr and default cohorts needs no head: fine on tcp too.
+        let cidr = dir.join("cidr.scm");
+        std::fs::write(
+            &cidr,
+            "(define-progression '((0 . 1)))\n\
+             (define-cohorts '((office (client-cidr . (\"10.0.0.0/8\")))))\n\
+             (define-user-cohorts '((office . canary)))\n",
+        )
+        .unwrap();
+        let tcp = std::fs::read_to_string(agent_config(&dir, "tcp"))
+            .unwrap()
+            .replace("policy = ", "policy = \"cidr.scm\"\n#");
+        let tcp_path = dir.join("agent-cidr.toml");
+        std::fs::write(&tcp_path, tcp).unwrap();
+        let plan = check(&tcp_path).unwrap();
+        assert!(plan.contains("decided in the kernel"), "{plan}");
+        let plan = check(&agent_config(&dir, "http")).unwrap();
+        assert!(
+            plan.contains("Routing (decided per request") && !plan.contains("once per connection"),
+            "{plan}"
+        );
+        assert!(
+            plan.contains("beta-users       header X-User-Group is \"beta\" -> canary"),
+            "{plan}"
+        );
+        // Routing forms alone are a valid policy: the weight is the service's.
+        let only = dir.join("only.scm");
+        std::fs::write(
+            &only,
+            "(define-header-routing '((header . \"X-Canary\") (values . (\"true\"))))\n",
+        )
+        .unwrap();
+        let http = std::fs::read_to_string(agent_config(&dir, "http"))
+            .unwrap()
+            .replace("policy = ", "policy = \"only.scm\"\n#");
+        let http_path = dir.join("agent-only.toml");
+        std::fs::write(&http_path, http).unwrap();
+        let plan = check(&http_path).unwrap();
+        assert!(
+            plan.contains("header X-Canary: \"true\" -> canary"),
+            "{plan}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

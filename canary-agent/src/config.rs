@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use canary_common::{MAX_GROUP_BACKENDS, MAX_SERVICES, WEIGHT_SCALE};
+use canary_common::{MAX_GROUP_BACKENDS, MAX_SERVICES};
 use serde::Deserialize;
 
 pub const DEFAULT_SOCKET: &str = "/run/canary/agent.sock";
@@ -354,20 +354,6 @@ fn parse_forward(
     Ok(forward)
 }
 
-/// Converts a percentage with at most two decimals (0.01 % steps) to basis points.
-pub fn percent_to_bp(percent: f64) -> Result<u16, String> {
-    if !percent.is_finite() || !(0.0..=100.0).contains(&percent) {
-        return Err(format!("{percent} is not a percentage between 0 and 100"));
-    }
-    let bp = (percent * 100.0).round();
-    if (percent * 100.0 - bp).abs() > 1e-6 {
-        return Err(format!(
-            "{percent} has more than two decimals (weights move in 0.01 % steps)"
-        ));
-    }
-    Ok(bp as u16)
-}
-
 /// What the kernel accepts as a network device name (`dev_valid_name`): 1 to 15
 /// bytes, not "." or "..", no '/', ':', NUL or byte the kernel's `isspace` matches
 /// (which includes 0xA0, a byte of many UTF-8 characters).
@@ -415,11 +401,6 @@ fn syntax_error(
         }
     };
     err(format!("line {line}"), format!("column {column}: {reason}"))
-}
-
-/// Formats basis points as a percentage, e.g. 1250 -> "12.5".
-pub fn bp_to_percent(bp: u16) -> f64 {
-    bp as f64 / (WEIGHT_SCALE as f64 / 100.0)
 }
 
 impl Config {
@@ -665,7 +646,8 @@ impl Config {
                     "at least one stable backend is required".into(),
                 ));
             }
-            let weight_bp = percent_to_bp(s.weight).map_err(|r| err(at("weight"), r))?;
+            let weight_bp =
+                crate::units::percent_to_bp(s.weight).map_err(|r| err(at("weight"), r))?;
             if canary.is_empty() && weight_bp > 0 {
                 return Err(err(
                     at("weight"),
@@ -1237,16 +1219,5 @@ sticky = "client-ip"
         let e = load_ui_token(&link).unwrap_err();
         assert!(e.contains("symbolic link"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn percent_conversion_is_exact() {
-        assert_eq!(percent_to_bp(0.01), Ok(1));
-        assert_eq!(percent_to_bp(33.33), Ok(3333));
-        assert_eq!(percent_to_bp(100.0), Ok(10_000));
-        assert!(percent_to_bp(-1.0).is_err());
-        assert!(percent_to_bp(f64::NAN).is_err());
-        assert!(percent_to_bp(0.005).is_err());
-        assert_eq!(bp_to_percent(1250), 12.5);
     }
 }

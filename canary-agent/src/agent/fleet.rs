@@ -11,16 +11,12 @@ use crate::{
     analysis::VersionCounters,
     api::Request,
     controller::{Actor, Command, Rollout, RolloutState},
-    fleet::{Link, NodeReport, ETCD_PAUSE},
+    fleet::{Host, Link, NodeReport, ETCD_PAUSE},
 };
 
 impl Agent {
     pub fn join_fleet(&mut self, link: Link) {
         self.fleet = Some(link);
-    }
-
-    pub fn fleet_link(&self) -> Option<Link> {
-        self.fleet.clone()
     }
 
     /// `/readyz`: the datapath is attached (the agent started), and in a fleet the node
@@ -72,10 +68,41 @@ impl Agent {
         Some((stable, canary))
     }
 
+    fn fleet_command(
+        &mut self,
+        which: impl Fn(RolloutState, &str) -> bool,
+        command: impl Fn() -> Command,
+    ) -> Vec<String> {
+        let now = self.clock.now_ms();
+        let names: Vec<String> = self
+            .services
+            .iter()
+            .filter(|s| {
+                s.rollout.as_ref().is_some_and(|r| {
+                    let status = r.status(now);
+                    which(status.state, &status.reason)
+                })
+            })
+            .map(|s| s.cfg.name.clone())
+            .collect();
+        for name in &names {
+            if let Err(e) = self.rollout_command(name, command(), Actor::Fleet) {
+                tracing::error!(service = %name, error = %format!("{e:#}"), "fleet rollout command");
+            }
+        }
+        names
+    }
+}
+
+impl Host for Agent {
+    fn fleet_link(&self) -> Option<Link> {
+        self.fleet.clone()
+    }
+
     /// Becoming leader: the rollouts stored in etcd replace this node's copies (same
     /// step, same dwell), a running rollout's weight is re-asserted, and every rollout
     /// is queued for etcd so the store holds them all.
-    pub fn fleet_adopt(&mut self, mut stored: BTreeMap<String, Rollout>) {
+    fn fleet_adopt(&mut self, mut stored: BTreeMap<String, Rollout>) {
         let names: Vec<String> = self.services.iter().map(|s| s.cfg.name.clone()).collect();
         for name in names {
             let Ok(svc) = self.service_mut(&name) else {
@@ -109,7 +136,7 @@ impl Agent {
     }
 
     /// How much faster than real time the controller clock runs.
-    pub fn clock_speed(&self) -> u32 {
+    fn clock_speed(&self) -> u32 {
         self.clock.speed()
     }
 
@@ -117,7 +144,7 @@ impl Agent {
     /// very policy this node's config gives it (a writer to etcd cannot bring in
     /// other steps, gates or webhooks), at a weight of at most 100 %. etcd holds the
     /// policy without webhook secrets: the rollout returned has the local one.
-    pub fn fleet_check_rollout(&self, service: &str, rollout: Rollout) -> Result<Rollout> {
+    fn fleet_check_rollout(&self, service: &str, rollout: Rollout) -> Result<Rollout> {
         let svc = self
             .services
             .iter()
@@ -136,7 +163,7 @@ impl Agent {
     }
 
     /// A follower keeps the leader's rollout (status shows it; a restart finds it).
-    pub fn fleet_mirror(&mut self, service: &str, rollout: Rollout) -> Result<()> {
+    fn fleet_mirror(&mut self, service: &str, rollout: Rollout) -> Result<()> {
         let Ok(svc) = self.service_mut(service) else {
             return Ok(());
         };
@@ -150,7 +177,7 @@ impl Agent {
 
     /// Applies the leader's desired weight to this node's map. A drop to 0 is a
     /// rollback: canary connections drain as the policy says.
-    pub fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> Result<()> {
+    fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> Result<()> {
         let svc = self
             .service_mut(service)
             .map_err(|_| anyhow!("no service named {service:?} on this node"))?;
@@ -167,7 +194,7 @@ impl Agent {
 
     /// This node's applied weights and cumulative kernel counters (without PromQL
     /// metrics, which the leader queries itself).
-    pub fn fleet_report(&self) -> NodeReport {
+    fn fleet_report(&self) -> NodeReport {
         let mut report = NodeReport::default();
         for (i, svc) in self.services.iter().enumerate() {
             report.weights.insert(svc.cfg.name.clone(), svc.weight_bp);
@@ -189,7 +216,7 @@ impl Agent {
 
     /// etcd is unreachable: the leader pauses every rollout that would move, so no
     /// decision is taken that the other nodes cannot hear. Returns the services paused.
-    pub fn fleet_pause(&mut self, reason: &str) -> Vec<String> {
+    fn fleet_pause(&mut self, reason: &str) -> Vec<String> {
         self.fleet_command(
             |state, _| {
                 matches!(
@@ -203,8 +230,8 @@ impl Agent {
         )
     }
 
-    /// etcd answers again: resumes the rollouts [`Agent::fleet_pause`] paused.
-    pub fn fleet_resume(&mut self) -> Vec<String> {
+    /// etcd answers again: resumes the rollouts [`Host::fleet_pause`] paused.
+    fn fleet_resume(&mut self) -> Vec<String> {
         self.fleet_command(
             |state, reason| state == RolloutState::Paused && reason.starts_with(ETCD_PAUSE),
             || Command::Resume {
@@ -213,28 +240,11 @@ impl Agent {
         )
     }
 
-    fn fleet_command(
-        &mut self,
-        which: impl Fn(RolloutState, &str) -> bool,
-        command: impl Fn() -> Command,
-    ) -> Vec<String> {
-        let now = self.clock.now_ms();
-        let names: Vec<String> = self
-            .services
-            .iter()
-            .filter(|s| {
-                s.rollout.as_ref().is_some_and(|r| {
-                    let status = r.status(now);
-                    which(status.state, &status.reason)
-                })
-            })
-            .map(|s| s.cfg.name.clone())
-            .collect();
-        for name in &names {
-            if let Err(e) = self.rollout_command(name, command(), Actor::Fleet) {
-                tracing::error!(service = %name, error = %format!("{e:#}"), "fleet rollout command");
-            }
-        }
-        names
+    fn now_ms(&self) -> u64 {
+        Agent::now_ms(self)
+    }
+
+    fn handle(&mut self, request: Request) -> Result<serde_json::Value> {
+        Agent::handle(self, request)
     }
 }

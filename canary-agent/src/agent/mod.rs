@@ -1,12 +1,11 @@
-//! The daemon's hub: owns the datapath and the services, applies the configuration as
+//! The agent's core: owns the dataplane (through [`Dataplane`], so it runs on the aya
+//! datapath or on a fake in unit tests) and the services, applies the configuration as
 //! desired state (on start and on reload), carries out rollout effects, and answers
-//! control requests. Roles live in submodules with narrow interfaces:
-//! [`desired`] decides what the kernel and disk should hold, [`service`] runs one
-//! service's rollout and analysis (plain Rust), [`state`] persists, [`control`] serves
-//! the socket and [`daemon`] runs the loop.
+//! control requests. Roles live in submodules with narrow interfaces: [`desired`]
+//! decides what the kernel and disk should hold, [`service`] runs one service's
+//! rollout and analysis (plain Rust), [`state`] persists; `crate::daemon` wires the
+//! control socket, dashboard, metrics and fleet to it.
 
-mod control;
-mod daemon;
 pub mod desired;
 mod fleet;
 mod prometheus;
@@ -25,7 +24,6 @@ use std::{
 use anyhow::{anyhow, bail, Result};
 use canary_common::MAX_GROUP_BACKENDS;
 
-pub use self::daemon::run;
 pub use self::state::last_clock_ms;
 use self::{
     desired::Current,
@@ -35,10 +33,11 @@ use self::{
 use crate::{
     analysis::MetricName,
     api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
-    config::{bp_to_percent, Config},
+    config::Config,
     controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
     datapath::{self, encode_service, service_key_for, Dataplane, KernelRouting},
     policy::{load_policy, OnRollback, Policy},
+    units::bp_to_percent,
 };
 
 /// A policy's PromQL metric, to be queried for both versions.
@@ -492,6 +491,21 @@ impl Agent {
         // the kernel.
         self.datapath.retain_cidr(&cidr_tables)?;
         Ok(applied)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The router, taken by the daemon to hand it over or drain it as it exits.
+    pub fn take_router(&mut self) -> Option<crate::router::Router> {
+        self.router.take()
+    }
+
+    /// A service's gate webhook call has ended: the next one may start.
+    pub fn gate_call_done(&mut self, service: &str) {
+        self.webhooks_in_flight.remove(service);
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut LiveService> {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 
 use super::Agent;
-use crate::config::bp_to_percent;
+use crate::units::bp_to_percent;
 
 impl Agent {
     /// Prometheus text for every service: kernel counters and latency per version,

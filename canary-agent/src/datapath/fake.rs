@@ -21,7 +21,11 @@ use crate::{config::IngressHook, policy::routing::KernelTable};
 /// One kernel-side act, as the fake saw it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
-    Install { id: u32, weight_bp: u16, rolled_back: bool },
+    Install {
+        id: u32,
+        weight_bp: u16,
+        rolled_back: bool,
+    },
     Uninstall(ServiceKey),
     ClearStats(u32),
     Attach(String),

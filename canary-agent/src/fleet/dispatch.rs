@@ -2,10 +2,7 @@
 //! etcd, and rollout commands given on a follower go to the leader through etcd.
 
 use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -15,10 +12,9 @@ use serde_json::Value;
 
 use super::{
     etcd::{op, Keys},
-    wall_ms, FleetView, Link, NodeReport,
+    lock, wall_ms, FleetView, Link, NodeReport, SharedHost,
 };
 use crate::{
-    agent::{lock, Agent},
     api::{FleetNode, FleetStatus, Request},
     controller::Event,
 };
@@ -31,7 +27,7 @@ const STATUS_WAIT: Duration = Duration::from_millis(300);
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers one control request: directly without a fleet, else as described above.
-pub async fn dispatch(agent: &Arc<Mutex<Agent>>, request: Request) -> Result<Value> {
+pub async fn dispatch(agent: &SharedHost, request: Request) -> Result<Value> {
     let link = lock(agent)?.fleet_link();
     let Some(link) = link else {
         return lock(agent)?.handle(request);

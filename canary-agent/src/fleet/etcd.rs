@@ -4,7 +4,7 @@
 use std::{
     collections::BTreeMap,
     future::Future,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,13 +15,10 @@ use etcd_client::{
 };
 
 use super::{
-    trust, wall_ms, DesiredWeight, FleetClock, Link, NodeReport, StoredRollout, Write, ETCD_PAUSE,
+    lock, trust, wall_ms, DesiredWeight, FleetClock, Link, NodeReport, SharedHost, StoredRollout,
+    Write, ETCD_PAUSE,
 };
-use crate::{
-    agent::{lock, Agent},
-    config::FleetConfig,
-    controller::Clock,
-};
+use crate::{config::FleetConfig, controller::Clock};
 
 /// Longest wait for one etcd request: past it etcd counts as unreachable.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(1);
@@ -134,7 +131,7 @@ async fn connect(cfg: &FleetConfig, options: &ConnectOptions) -> Client {
 pub async fn run(
     cfg: FleetConfig,
     link: Link,
-    agent: Arc<Mutex<Agent>>,
+    agent: SharedHost,
     clock: Arc<FleetClock>,
 ) -> Result<()> {
     let options = options(&cfg)?;
@@ -202,7 +199,7 @@ struct Member {
     lease_ttl: u64,
     client: Client,
     link: Link,
-    agent: Arc<Mutex<Agent>>,
+    agent: SharedHost,
     clock: Arc<FleetClock>,
     lease: Option<Lease>,
     last_keepalive: Instant,
@@ -605,7 +602,7 @@ impl Member {
 /// Applies desired weights as the leader writes them, and mirrors the stored rollouts
 /// on followers (for status, and so a new leader has them). Re-reads everything after
 /// an error: a watch that missed events while etcd was away starts from the state.
-async fn watch_weights(keys: Keys, link: Link, agent: Arc<Mutex<Agent>>) {
+async fn watch_weights(keys: Keys, link: Link, agent: SharedHost) {
     loop {
         // The member loop replaces a wedged connection; use the current one.
         let Some((client, _)) = link.client() else {
@@ -623,7 +620,7 @@ async fn watch_once(
     mut client: Client,
     keys: &Keys,
     link: &Link,
-    agent: &Arc<Mutex<Agent>>,
+    agent: &SharedHost,
 ) -> Result<()> {
     let generation = link.generation();
     let mut revision = 0;
@@ -676,7 +673,7 @@ async fn watch_once(
 
 /// Applies one weight or mirrors one rollout; a bad one is refused and reported, and
 /// the watch goes on with the others.
-fn apply(keys: &Keys, link: &Link, agent: &Arc<Mutex<Agent>>, kv: &etcd_client::KeyValue) {
+fn apply(keys: &Keys, link: &Link, agent: &SharedHost, kv: &etcd_client::KeyValue) {
     let result = if kv.key().starts_with(keys.weights().as_bytes()) {
         apply_weight(keys, link, agent, kv)
     } else if kv.key().starts_with(keys.rollouts().as_bytes()) {
@@ -693,7 +690,7 @@ fn apply(keys: &Keys, link: &Link, agent: &Arc<Mutex<Agent>>, kv: &etcd_client::
 fn apply_weight(
     keys: &Keys,
     link: &Link,
-    agent: &Arc<Mutex<Agent>>,
+    agent: &SharedHost,
     kv: &etcd_client::KeyValue,
 ) -> Result<()> {
     let service = trust::key_name(kv.key(), &keys.weights())?;
@@ -709,7 +706,7 @@ fn apply_weight(
 fn mirror_rollout(
     keys: &Keys,
     link: &Link,
-    agent: &Arc<Mutex<Agent>>,
+    agent: &SharedHost,
     kv: &etcd_client::KeyValue,
 ) -> Result<()> {
     if link.leading() {

@@ -37,8 +37,45 @@ pub use self::dispatch::dispatch;
 pub use self::etcd::run;
 use crate::{
     analysis::VersionCounters,
+    api::Request,
     controller::{Clock, Event, Rollout},
 };
+
+/// What the fleet asks of the agent it runs in. The agent implements it, so the fleet
+/// (a layer below the agent's core) never names the agent.
+pub trait Host: Send {
+    /// A control request, answered as the control socket would.
+    fn handle(&mut self, request: Request) -> anyhow::Result<serde_json::Value>;
+    fn fleet_link(&self) -> Option<Link>;
+    /// Becoming leader: the rollouts stored in etcd replace this node's copies.
+    fn fleet_adopt(&mut self, stored: std::collections::BTreeMap<String, Rollout>);
+    /// The controller clock now, and how much faster than real time it runs.
+    fn now_ms(&self) -> u64;
+    fn clock_speed(&self) -> u32;
+    /// A rollout read from etcd, checked against this node's own policy.
+    fn fleet_check_rollout(&self, service: &str, rollout: Rollout) -> anyhow::Result<Rollout>;
+    /// A follower keeps the leader's rollout.
+    fn fleet_mirror(&mut self, service: &str, rollout: Rollout) -> anyhow::Result<()>;
+    /// Applies the leader's desired weight to this node's map.
+    fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> anyhow::Result<()>;
+    /// This node's applied weights and cumulative counters.
+    fn fleet_report(&self) -> NodeReport;
+    /// etcd unreachable / reachable again: pauses or resumes the rollouts that would
+    /// move. Return the services concerned.
+    fn fleet_pause(&mut self, reason: &str) -> Vec<String>;
+    fn fleet_resume(&mut self) -> Vec<String>;
+}
+
+/// The agent as the fleet's tasks share it.
+pub type SharedHost = Arc<Mutex<dyn Host>>;
+
+/// The host behind its mutex; a panic while it was held is an error here.
+pub(crate) fn lock<'a>(
+    host: &'a Mutex<dyn Host + 'static>,
+) -> anyhow::Result<std::sync::MutexGuard<'a, dyn Host + 'static>> {
+    host.lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+}
 
 /// Refused keys remembered for status (the oldest make room).
 const MAX_REJECTED: usize = 64;

@@ -10,21 +10,16 @@ pub mod routing;
 mod scheme;
 mod toml;
 
-use std::fmt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::plan::percent;
 pub use self::routing::Routing;
 pub use self::scheme::parse_scheme;
 pub use self::toml::parse_toml;
-
-/// Canary weight in basis points: 1 bp = 0.01 %, 10_000 = 100 %.
-pub type WeightBp = u16;
-
-/// 100 % in basis points.
-pub const FULL_BP: WeightBp = 10_000;
+pub use crate::analysis::spec::{Action, Cmp, CustomQuery, MetricName, MetricSpec, RollbackRule};
+pub use crate::units::{percent, WeightBp, FULL_BP};
+pub(crate) use crate::units::{percent_float_to_bp, percent_int_to_bp};
 
 /// A validated rollout policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,138 +154,6 @@ pub struct Gate {
     /// Seconds of waiting after which the controller raises an alert (the
     /// gate keeps waiting); 0 = never.
     pub timeout_s: u64,
-}
-
-/// A metric the analysis compares between canary and stable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricSpec {
-    pub name: MetricName,
-    /// error-rate / latency-p99: maximum canary/stable ratio.
-    /// success-rate: minimum canary success fraction.
-    /// custom: minimum canary/stable ratio of events/trials.
-    pub threshold: f64,
-    pub window_s: u64,
-    pub on_fail: Action,
-    /// Required for (and only allowed on) custom metrics.
-    pub query: Option<CustomQuery>,
-}
-
-/// PromQL for a custom rate metric; `{version}` is substituted with
-/// `stable` or `canary`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CustomQuery {
-    pub events: String,
-    pub trials: String,
-}
-
-/// Built-in metrics have known queries; anything else needs a [`CustomQuery`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum MetricName {
-    ErrorRate,
-    LatencyP99,
-    SuccessRate,
-    Custom(String),
-}
-
-impl MetricName {
-    /// `p99-latency` is accepted as an alias because the seed's rules use it.
-    pub fn parse(name: &str) -> Self {
-        match name {
-            "error-rate" => Self::ErrorRate,
-            "latency-p99" | "p99-latency" => Self::LatencyP99,
-            "success-rate" => Self::SuccessRate,
-            other => Self::Custom(other.to_string()),
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::ErrorRate => "error-rate",
-            Self::LatencyP99 => "latency-p99",
-            Self::SuccessRate => "success-rate",
-            Self::Custom(name) => name,
-        }
-    }
-}
-
-impl From<String> for MetricName {
-    fn from(name: String) -> Self {
-        Self::parse(&name)
-    }
-}
-
-impl From<MetricName> for String {
-    fn from(name: MetricName) -> Self {
-        name.as_str().to_string()
-    }
-}
-
-impl fmt::Display for MetricName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `metric cmp baseline * factor`, where baseline is stable's value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RollbackRule {
-    pub name: String,
-    pub metric: MetricName,
-    pub cmp: Cmp,
-    pub factor: f64,
-    pub action: Action,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Cmp {
-    #[serde(rename = ">")]
-    Gt,
-    #[serde(rename = "<")]
-    Lt,
-}
-
-impl Cmp {
-    fn parse(op: &str) -> Option<Self> {
-        match op {
-            ">" => Some(Self::Gt),
-            "<" => Some(Self::Lt),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Gt => ">",
-            Self::Lt => "<",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Action {
-    ImmediateRollback,
-    PauseAndAlert,
-}
-
-impl Action {
-    fn parse(name: &str) -> Result<Self, String> {
-        match name {
-            "immediate-rollback" => Ok(Self::ImmediateRollback),
-            "pause-and-alert" => Ok(Self::PauseAndAlert),
-            other => Err(format!(
-                "unknown action `{other}` (expected immediate-rollback or pause-and-alert)"
-            )),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ImmediateRollback => "immediate-rollback",
-            Self::PauseAndAlert => "pause-and-alert",
-        }
-    }
 }
 
 impl Policy {
@@ -490,7 +353,7 @@ impl Draft {
                         "step {} ({}, {}) falls in no stage; stages: {}",
                         i + 1,
                         plan::offset(step.item.at_s),
-                        plan::percent(step.item.weight_bp),
+                        percent(step.item.weight_bp),
                         bands.join(", ")
                     ),
                 ));
@@ -651,43 +514,6 @@ impl Draft {
     }
 }
 
-/// Whole or decimal percent text ("5", "0.01", "12.5") to exact basis points.
-pub(crate) fn percent_text_to_bp(text: &str) -> Result<WeightBp, String> {
-    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if int.is_empty() || !digits(int) || !digits(frac) {
-        return Err(format!("weight `{text}` is not a percentage from 0 to 100"));
-    }
-    let frac = frac.trim_end_matches('0');
-    if frac.len() > 2 {
-        return Err(format!(
-            "weight {text} % has more than two decimals (the finest step is 0.01 %)"
-        ));
-    }
-    let too_big = || format!("weight {text} % is above 100 %");
-    let whole: u32 = int.parse().map_err(|_| too_big())?;
-    let hundredths: u32 = format!("{frac:0<2}").parse().unwrap_or(0);
-    let bp = whole
-        .checked_mul(100)
-        .and_then(|b| b.checked_add(hundredths))
-        .filter(|&b| b <= u32::from(FULL_BP))
-        .ok_or_else(too_big)?;
-    Ok(bp as WeightBp)
-}
-
-pub(crate) fn percent_int_to_bp(value: i64) -> Result<WeightBp, String> {
-    percent_text_to_bp(&value.to_string())
-}
-
-/// Uses the shortest round-trip decimal of the float, so `12.34` is exact
-/// and `12.345` is rejected rather than rounded.
-pub(crate) fn percent_float_to_bp(value: f64) -> Result<WeightBp, String> {
-    if !value.is_finite() {
-        return Err(format!("weight {value} is not a percentage from 0 to 100"));
-    }
-    percent_text_to_bp(&value.to_string())
-}
-
 /// "300", "300s", "5m", "1h" to seconds.
 pub(crate) fn parse_duration(text: &str) -> Result<u64, String> {
     let text = text.trim();
@@ -735,23 +561,6 @@ pub(crate) fn parse_condition(text: &str) -> Result<(MetricName, Cmp, f64), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn percent_is_exact_or_rejected() {
-        assert_eq!(percent_text_to_bp("5"), Ok(500));
-        assert_eq!(percent_text_to_bp("0.01"), Ok(1));
-        assert_eq!(percent_text_to_bp("12.50"), Ok(1250));
-        assert_eq!(percent_text_to_bp("100"), Ok(10_000));
-        assert_eq!(percent_float_to_bp(12.34), Ok(1234));
-        assert_eq!(percent_float_to_bp(0.1), Ok(10));
-        assert!(percent_float_to_bp(12.345)
-            .unwrap_err()
-            .contains("two decimals"));
-        assert!(percent_int_to_bp(101).unwrap_err().contains("above 100"));
-        assert!(percent_int_to_bp(-1).is_err());
-        assert!(percent_text_to_bp("1e3").is_err());
-        assert!(percent_text_to_bp("99999999999").is_err());
-    }
 
     #[test]
     fn durations() {

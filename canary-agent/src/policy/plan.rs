@@ -2,18 +2,9 @@
 
 use std::fmt::Write;
 
-use super::{Gate, MetricName, OnRollback, Policy, Stage, WeightBp, FULL_BP};
+use super::{Gate, MetricName, OnRollback, Policy, Stage, FULL_BP};
 use crate::analysis::check::fraction_as_percent;
-
-/// "12.5%", "0.01%", "100%": exact, no trailing zeros.
-pub fn percent(bp: WeightBp) -> String {
-    let (whole, frac) = (bp / 100, bp % 100);
-    match frac {
-        0 => format!("{whole}%"),
-        f if f % 10 == 0 => format!("{whole}.{}%", f / 10),
-        f => format!("{whole}.{f:02}%"),
-    }
-}
+use crate::units::percent;
 
 /// "+0s", "+90s", "+5m", "+1h": the largest unit that divides exactly.
 pub fn offset(seconds: u64) -> String {

@@ -9,8 +9,8 @@ use std::fmt::Write;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::plan::percent;
 use super::WeightBp;
+use crate::units::percent;
 
 /// A version a rule sends a request to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -449,7 +449,7 @@ impl Control {
                 let weight = self
                     .weight
                     .ok_or("set-weight needs a weight in percent (0 to 100)")?;
-                let weight_bp = crate::config::percent_to_bp(weight)?;
+                let weight_bp = crate::units::percent_to_bp(weight)?;
                 return Ok(Request::SetWeight {
                     service,
                     weight_bp,
@@ -574,7 +574,8 @@ async fn control(State(ui): State<Ui>, headers: HeaderMap, body: String) -> Resp
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     tracing::info!(?request, "dashboard control");
-    match crate::fleet::dispatch(&ui.agent, request).await {
+    let host: crate::fleet::SharedHost = ui.agent.clone();
+    match crate::fleet::dispatch(&host, request).await {
         Ok(v) => secure(Json(serde_json::json!({ "ok": true, "status": v })).into_response()),
         Err(e) => error(StatusCode::CONFLICT, format!("{e:#}")),
     }

@@ -1,15 +1,14 @@
 //! HTML pieces shared by the live dashboard and `canary report`: the charts of a
 //! service's per-second series, its history table and its live summary.
 
-use crate::cli::{format_ms, round};
-use crate::config::bp_to_percent;
+use crate::units::{bp_to_percent, format_ms, round};
 use std::fmt::Write;
 
 use super::svg::{self, esc, Chart, Line, Marker};
 use crate::agent::series::Sample;
 use crate::api::ServiceStatus;
 use crate::controller::{Actor, Event, RolloutState};
-use crate::policy::percent;
+use crate::units::percent;
 
 /// Whether an event is a verdict change (analysis, within a state) rather than a
 /// transition or step.

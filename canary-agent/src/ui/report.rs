@@ -12,9 +12,9 @@ use anyhow::{bail, Result};
 use super::render::{self, is_verdict};
 use super::svg::esc;
 use crate::agent::series::{self, Sample};
-use crate::cli::format_ms;
 use crate::controller::{Actor, Event, RolloutState};
-use crate::policy::percent;
+use crate::units::format_ms;
+use crate::units::percent;
 
 /// Most points drawn per line; longer series are thinned evenly.
 const MAX_POINTS: usize = 1500;

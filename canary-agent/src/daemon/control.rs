@@ -17,7 +17,7 @@ use tokio::{
     sync::Semaphore,
 };
 
-use super::Agent;
+use crate::agent::Agent;
 use crate::api::{Request, Response};
 
 /// Longest request line accepted; real requests are a few hundred bytes.
@@ -131,7 +131,8 @@ async fn serve_client(stream: UnixStream, agent: Arc<Mutex<Agent>>) -> Result<()
         Ok(line) => match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::Error(format!("bad request: {e}")),
             Ok(request) => {
-                let result = crate::fleet::dispatch(&agent, request).await;
+                let host: crate::fleet::SharedHost = agent.clone();
+                let result = crate::fleet::dispatch(&host, request).await;
                 match result {
                     Ok(v) => Response::Ok(v),
                     Err(e) => Response::Error(format!("{e:#}")),

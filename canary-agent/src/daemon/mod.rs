@@ -16,7 +16,9 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
-use super::{control, lock, Agent, GateCall};
+use crate::agent::{lock, Agent, GateCall};
+
+mod control;
 use crate::{
     config::Config,
     controller::{Actor, Clock, Command},
@@ -67,9 +69,9 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         let link = crate::fleet::Link::new(&node);
         lock(&agent)?.join_fleet(link.clone());
         tracing::info!(%node, endpoints = ?fleet.etcd, "joining the fleet through etcd");
-        let agent = agent.clone();
+        let host: crate::fleet::SharedHost = agent.clone();
         tokio::spawn(async move {
-            if let Err(e) = crate::fleet::run(fleet, link, agent, fleet_clock).await {
+            if let Err(e) = crate::fleet::run(fleet, link, host, fleet_clock).await {
                 tracing::error!(error = %format!("{e:#}"), "fleet membership stopped");
             }
         });
@@ -77,7 +79,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     tokio::spawn(control::serve(listener, agent.clone()));
     if let Some(ui_listener) = ui_listener {
         let agent = agent.clone();
-        let hosts = lock(&agent)?.config.agent.ui_hosts.clone();
+        let hosts = lock(&agent)?.config().agent.ui_hosts.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::ui::serve(ui_listener, agent, hosts).await {
                 tracing::error!(error = %format!("{e:#}"), "dashboard stopped");
@@ -88,7 +90,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     // Milliseconds since `started` of the loop's last tick, for the liveness probe.
     let started = std::time::Instant::now();
     let heartbeat = Arc::new(AtomicU64::new(0));
-    if let Some(listen) = lock(&agent)?.config.agent.metrics_listen {
+    if let Some(listen) = lock(&agent)?.config().agent.metrics_listen {
         let source = agent.clone();
         let render: crate::metrics::Render = Arc::new(move || lock(&source)?.metrics());
         let (live, ready) = (heartbeat.clone(), agent.clone());
@@ -124,7 +126,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             _ = int.recv() => break Exit::Stop,
             _ = uninstall.notified() => break Exit::Uninstall,
             _ = usr2.recv() => {
-                let config_path = lock(&agent)?.config.path.clone();
+                let config_path = lock(&agent)?.config().path.clone();
                 match check_successor(&exe, &config_path).await {
                     Ok(()) => break Exit::HandOver,
                     Err(e) => tracing::error!(error = %format!("{e:#}"), exe = %exe.display(), "hand-over refused; this agent keeps running"),
@@ -154,17 +156,17 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let (bpffs_dir, state_dir) = {
         let a = lock(&agent)?;
         (
-            a.config.agent.bpffs_dir.clone(),
-            a.config.agent.state_dir.clone(),
+            a.config().agent.bpffs_dir.clone(),
+            a.config().agent.state_dir.clone(),
         )
     };
     if let Exit::HandOver = exit {
-        let router = lock(&agent)?.router.take();
+        let router = lock(&agent)?.take_router();
         return hand_over(&exe, router).await;
     }
     if let Exit::Stop = exit {
         // Requests in flight finish; idle connections close at a request boundary.
-        let router = lock(&agent)?.router.take();
+        let router = lock(&agent)?.take_router();
         if let Some(r) = router {
             r.drain(crate::router::DRAIN_PATIENCE).await?;
             tracing::info!("routed connections drained");
@@ -172,7 +174,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     }
     if let Exit::Uninstall = exit {
         drop(agent);
-        let detached = super::uninstall(&bpffs_dir, &state_dir)?;
+        let detached = crate::agent::uninstall(&bpffs_dir, &state_dir)?;
         tracing::info!(
             ?detached,
             "uninstalled: programs detached, pins and state removed"
@@ -274,7 +276,7 @@ async fn call_gate(call: GateCall, agent: Arc<Mutex<Agent>>) {
         tokio::time::sleep(WEBHOOK_RETRY).await;
     }
     let Ok(mut agent) = agent.lock() else { return };
-    agent.webhooks_in_flight.remove(&call.service);
+    agent.gate_call_done(&call.service);
     if approved {
         let command = Command::Approve { by: shown.clone() };
         if let Err(e) = agent.rollout_command(&call.service, command, Actor::Webhook(shown)) {
@@ -291,7 +293,7 @@ async fn query_prometheus(agent: Arc<Mutex<Agent>>) {
         every.tick().await;
         let Ok((url, jobs)) = agent
             .lock()
-            .map(|a| (a.config.agent.prometheus_url.clone(), a.custom_queries()))
+            .map(|a| (a.config().agent.prometheus_url.clone(), a.custom_queries()))
         else {
             return;
         };
