@@ -9,12 +9,15 @@
 //! client address (a head-free routing plan: CANARY_CIDR lookup first) is timed the
 //! same way on a second service.
 
-use std::{net::Ipv4Addr, os::fd::AsFd, process::Command};
+#[path = "../tests/pins/mod.rs"]
+mod pins;
+
+use std::{net::Ipv4Addr, process::Command};
 
 use anyhow::Result;
 use canary_agent::{
     config::Config,
-    datapath::{encode_service, service_key, service_key_for, test_run, Datapath, KernelRouting},
+    datapath::{encode_service, service_key, service_key_for, Datapath, KernelRouting},
 };
 use canary_common::{FLOW_TABLE_SIZE, PROG_INGRESS, PROG_INGRESS_TC};
 use etherparse::PacketBuilder;
@@ -103,7 +106,7 @@ fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
     }
     .apply(&mut value);
     dp.install(&service_key_for(routed, &routing), &value)?;
-    let fd = dp.program_fd(prog)?;
+    let mut programs = pins::Programs::load(pins);
     let client = Ipv4Addr::new(198, 18, 1, 2);
     let mut rows = Vec::new();
     for (name, pkt) in [
@@ -120,17 +123,23 @@ fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
             packet(client, 40000, VIP, false)?,
         ),
     ] {
-        let ns = test_run::run(fd.as_fd(), &pkt, REPEAT)?.duration_ns as u64;
+        let ns = programs
+            .run(prog, &pkt, REPEAT)
+            .map_err(anyhow::Error::msg)?
+            .duration_ns;
         rows.push((name.to_string(), ns));
     }
     // Distinct tuples, one run each: mean ns over `range`.
-    let each = |range: std::ops::Range<u32>, dst: Ipv4Addr| -> Result<u64> {
+    let mut each = |range: std::ops::Range<u32>, dst: Ipv4Addr| -> Result<u64> {
         let n = range.len() as u64;
         let mut total = 0u64;
         for i in range {
             let (src, sport) = tuple(i);
-            total +=
-                test_run::run(fd.as_fd(), &packet(src, sport, dst, true)?, 1)?.duration_ns as u64;
+            let packet = packet(src, sport, dst, true)?;
+            total += programs
+                .run(prog, &packet, 1)
+                .map_err(anyhow::Error::msg)?
+                .duration_ns;
         }
         Ok(total / n)
     };

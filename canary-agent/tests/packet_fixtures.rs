@@ -3,14 +3,11 @@
 //! checksums recomputed from scratch by an independent implementation (etherparse).
 //! Needs root (CAP_BPF, CAP_SYS_ADMIN).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    os::fd::AsFd,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use canary_agent::{
     config::Config,
-    datapath::{encode_service, service_key, test_run, Datapath},
+    datapath::{encode_service, service_key, Datapath},
 };
 use canary_common::{
     FlowKey, FlowValue, TcpSeq, DIR_FORWARD, DIR_REPLY, FAMILY_V4, FAMILY_V6, FLOW_CLOSING,
@@ -24,12 +21,13 @@ const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
 
 mod pins;
-use pins::Pins;
+use pins::{Pins, Programs};
 
 /// A loaded datapath with maps pinned in a private bpffs mount. Fields drop in order:
 /// the datapath (closing the maps) before its mount.
 struct Fixture {
     dp: Datapath,
+    programs: std::cell::RefCell<Programs>,
     hook: Hook,
     config: Config,
     _pins: Pins,
@@ -66,6 +64,7 @@ impl Fixture {
         let dp = pins.load_with_services(&config);
         Fixture {
             dp,
+            programs: std::cell::RefCell::new(Programs::load(&pins.0)),
             hook,
             config,
             _pins: pins,
@@ -84,8 +83,7 @@ impl Fixture {
     }
 
     fn run(&self, prog: &str, packet: &[u8]) -> (u32, Vec<u8>) {
-        let fd = self.dp.program_fd(prog).unwrap();
-        let r = test_run::run(fd.as_fd(), packet, 1).unwrap();
+        let r = self.programs.borrow_mut().run(prog, packet, 1).unwrap();
         (r.retval, r.packet)
     }
 
@@ -1390,9 +1388,12 @@ forward = "redirect"
 "#,
         );
         f.dp().set_replies_at_ingress(true).unwrap();
-        let fd = f.dp.program_fd(PROG_INGRESS_TC).unwrap();
         let run_on = |ifindex: u32, packet: &[u8]| {
-            let r = test_run::run_arriving_on(fd.as_fd(), packet, ifindex).unwrap();
+            let r = f
+                .programs
+                .borrow_mut()
+                .run_arriving_on(PROG_INGRESS_TC, packet, ifindex)
+                .unwrap();
             (r.retval, r.packet)
         };
         let run = |packet: &[u8]| run_on(r0, packet);
@@ -1422,8 +1423,7 @@ forward = "redirect"
         // redirects its open flow still (and that flow's replies), not a new one.
         let mut web = f.config.services[0].clone();
         web.forward = canary_agent::config::Forward::Stack;
-        f.dp()
-            .install(&service_key(&web), &encode_service(&web, 0, 0))
+        f.dp.install(&service_key(&web), &encode_service(&web, 0, 0))
             .unwrap();
         let (verdict, _) = run(&tcp(
             sa("198.18.1.2:40000"),
@@ -1485,7 +1485,7 @@ forward = "redirect"
         );
         // No service redirects: TC ingress does not look for replies at all (the
         // egress program rewrites them, as for any flow).
-        f.dp().set_replies_at_ingress(false).unwrap();
+        f.dp.set_replies_at_ingress(false).unwrap();
         let reply = tcp(sa(STABLE), sa("198.18.1.2:40000"), false, b"");
         assert_eq!(
             run_on(s0, &reply),

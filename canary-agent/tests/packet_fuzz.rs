@@ -27,13 +27,12 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsFd, OwnedFd},
     time::Instant,
 };
 
 use canary_agent::{
     config::{Config, Mode, Protocol, Sticky},
-    datapath::{test_run, Datapath},
+    datapath::Datapath,
 };
 use canary_common::{
     backend_index, client_hash, flow_hash, hash_group, smooth_pick, GROUP_CANARY, PROG_EGRESS,
@@ -60,12 +59,12 @@ const EPOCH: usize = 25_000;
 // The datapath on a private bpffs mount (as in packet_fixtures.rs).
 
 mod pins;
-use pins::Pins;
+use pins::{Pins, Programs};
 
 /// Fields drop in order: program fds and the datapath before the mount.
 struct Fixture {
-    ingress: OwnedFd,
-    egress: OwnedFd,
+    programs: std::cell::RefCell<Programs>,
+    ingress: &'static str,
     dp: Datapath,
     _pins: Pins,
 }
@@ -119,18 +118,18 @@ impl Fixture {
         let pins = Pins::new("fuzz");
         let dp = pins.load_with_services(config);
         Fixture {
-            ingress: dp.program_fd(hook.program()).unwrap(),
-            egress: dp.program_fd(PROG_EGRESS).unwrap(),
+            programs: std::cell::RefCell::new(Programs::load(&pins.0)),
+            ingress: hook.program(),
             dp,
             _pins: pins,
         }
     }
 
     fn run(&self, ingress: bool, frame: &[u8]) -> Outcome {
-        let fd = if ingress { &self.ingress } else { &self.egress };
-        match test_run::run(fd.as_fd(), frame, 1) {
+        let prog = if ingress { self.ingress } else { PROG_EGRESS };
+        match self.programs.borrow_mut().run(prog, frame, 1) {
             Ok(r) => Outcome::Ran(r.retval, r.packet),
-            Err(e) => Outcome::Refused(e.to_string()),
+            Err(e) => Outcome::Refused(e),
         }
     }
 }

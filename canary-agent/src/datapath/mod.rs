@@ -10,12 +10,8 @@ pub mod fake;
 mod migrate;
 mod plane;
 mod route;
-pub mod test_run;
 
-use std::{
-    os::fd::AsFd,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -245,20 +241,6 @@ impl Datapath {
             .with_context(|| format!("pinning the TC link at {}", pin.display()))?;
         tracing::info!(%iface, program = name, "attached at TC {at:?}");
         Ok(())
-    }
-
-    /// File descriptor of a loaded program, for BPF_PROG_TEST_RUN.
-    pub fn program_fd(&self, name: &str) -> Result<std::os::fd::OwnedFd> {
-        let prog = self
-            .ebpf
-            .program(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the object"))?;
-        let fd = match prog {
-            aya::programs::Program::Xdp(p) => p.fd()?.as_fd().try_clone_to_owned()?,
-            aya::programs::Program::SchedClassifier(p) => p.fd()?.as_fd().try_clone_to_owned()?,
-            _ => return Err(anyhow!("program {name} has an unexpected type")),
-        };
-        Ok(fd)
     }
 
     /// Installs or replaces a service in one map update, so packets see either the old
