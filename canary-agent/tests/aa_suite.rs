@@ -37,7 +37,7 @@ const SEED_STRIDE: u64 = 100_000;
 /// Runs per scenario of the full table.
 const FULL_RUNS: usize = 5000;
 /// Runs per scenario in the normal test suite.
-const SUBSET_RUNS: usize = 30;
+const SUBSET_RUNS: usize = 20;
 /// The seed policy's traffic: 200 req/s, 10 % canary, 1 % errors.
 const RATE: f64 = 200.0;
 const SHARE: f64 = 0.1;
@@ -431,7 +431,7 @@ fn clustered(name: &str) -> bool {
 /// The bounded subset: every scenario's first seeds. A rate as high as 1 % would make
 /// these counts unlikely: the pooled rollbacks must not show a rate above 1 % (their
 /// 95 % interval must reach below it), and no scenario may roll back more than 2 of its
-/// runs (at 1 % that happens with probability 0.3 %) — except the clustered-error
+/// runs (at 1 % that happens with probability 0.1 %) — except the clustered-error
 /// scenarios, printed only.
 #[test]
 fn aa_suite_subset_at_most_one_percent() {
