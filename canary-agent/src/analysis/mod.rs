@@ -44,12 +44,24 @@
 //!   horizon-dependent worst case, not an anytime guarantee. The measured rate is far
 //!   lower (a healthy canary sits strictly inside the null and the start times
 //!   overlap): 0.6 % of 500 A/A runs of 30 min with all seed metrics and rules, on the
-//!   seeds the premium was chosen on (in-sample; see `tests/analysis_simulation.rs`).
+//!   seeds the premium was chosen on (in-sample; see `tests/analysis_simulation.rs`);
+//!   on held-out seeds and under drift, a shared incident, weight steps, restarts and
+//!   low traffic, see `tests/aa_suite.rs` and BENCHMARKS.md.
+//! - **Restarts and failovers**: an agent restart or a new fleet leader starts a fresh
+//!   analyzer (windows refill from the cumulative counters; both detector statistics
+//!   start again). Each restart is a new test: another α for the from-start statistic
+//!   and for the windowed test's first window, and a new CUSUM horizon.
+//! - **What every bound assumes**: given a second's trial counts, events are
+//!   independent (binomial). Errors that come in clusters on one version — a request
+//!   retried until it succeeds, a failing client that keeps failing — carry less
+//!   evidence than their count, and the statistics here overstate it: the held-out
+//!   suite rolls back nearly every healthy canary under such clusters within 30
+//!   minutes (BENCHMARKS.md). None of the bounds above holds for such traffic.
 //! - **Shared outage** (see [`Analyzer::evaluate`]): an absolute threshold that stable
 //!   misses too holds and alerts instead of acting. This adds no false rollback; a
 //!   restart of the detector during the outage makes it a fresh test (another α).
 //!
-//! Pass / Fail / Inconclusive and the data-sufficiency rules//! Pass / Fail / Inconclusive and the data-sufficiency rules are defined in [`check`].
+//! Pass / Fail / Inconclusive and the data-sufficiency rules are defined in [`check`].
 
 pub mod check;
 pub mod detector;
