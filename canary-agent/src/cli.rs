@@ -781,8 +781,7 @@ mod tests {
         assert!(err.contains("needs --config"), "{err}");
     }
 
-    /// A routed service's rules, checked and printed by `canary check`.
-
+    /// A config with one service `web` of `protocol` under the routing fixture policy.
     fn agent_config(dir: &std::path::Path, protocol: &str) -> std::path::PathBuf {
         let fixture =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/routing.scm");
