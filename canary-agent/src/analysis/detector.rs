@@ -58,7 +58,7 @@
 //! began (see [`super::Analyzer::begin_step`]).
 //! Cost: `2 K` multiply-adds and `K` logarithms per test per second.
 
-use super::check::{Question, Worse};
+use super::question::{Question, Worse};
 
 /// Effect sizes bet on, as multiples of the allowed odds.
 pub const BETS: [f64; 6] = [1.5, 2.0, 3.0, 5.0, 10.0, 30.0];
@@ -193,7 +193,7 @@ impl Detector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::analysis::check::Rate;
+    use crate::analysis::question::Rate;
 
     fn ratio(ec: u64, nc: u64, es: u64, ns: u64) -> Question {
         Question::Ratio {

@@ -67,6 +67,7 @@ pub mod check;
 pub mod detector;
 pub mod engine;
 pub mod latency;
+pub mod question;
 pub mod spec;
 pub mod stats;
 pub mod window;
