@@ -244,7 +244,7 @@ fn split(
                             | Path::SplitterRedirect
                             | Path::SplitterWeightZero
                     ))
-                .then(|| kernel::Profile::start(path.name()))
+                .then(|| kernel::Profile::start(&format!("keep-alive via {}", path.name())))
                 .transpose()?;
                 results[p][l].push(wrk::run(&topo, load, &path.target(), seconds)?);
                 if let Some(perf) = perf {
