@@ -1493,7 +1493,7 @@ fn h2c_load(
                 }
             };
             let driver = tokio::spawn(conn);
-            let streams = (0..4).map(|s| stream_calls(sender.clone(), (c + s) % 2 == 0));
+            let streams = (0..4).map(|s| stream_calls(sender.clone(), (c + s).is_multiple_of(2)));
             futures_join_all(streams).await;
             drop(sender);
             let _ = driver.await;
