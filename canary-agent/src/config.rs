@@ -1020,7 +1020,7 @@ sticky = "client-ip"
         );
         expect_err(&grace("\"0s\""), "agent.shutdown_grace", "use 1 s to 1 h");
         expect_err(&grace("\"2h\""), "agent.shutdown_grace", "use 1 s to 1 h");
-        expect_err(&grace("30"), "line 2", "string");
+        expect_err(&grace("30"), "line 3", "string");
     }
 
     #[test]
