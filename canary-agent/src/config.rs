@@ -7,6 +7,7 @@ use std::{
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use canary_common::{MAX_GROUP_BACKENDS, MAX_SERVICES};
@@ -95,7 +96,13 @@ pub struct AgentConfig {
     pub ui_hosts: Vec<String>,
     /// This node's name in a fleet (status, leader election); default: the host name.
     pub node_name: String,
+    /// How long SIGTERM waits for routed requests in flight before the agent exits.
+    pub shutdown_grace: Duration,
 }
+
+/// Default of `[agent] shutdown_grace`: well inside the 30 s most supervisors (systemd,
+/// Kubernetes) leave between SIGTERM and SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// `[fleet]`: agents on many nodes share one rollout per service through etcd.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,6 +207,7 @@ struct RawAgent {
     #[serde(default)]
     ui_hosts: Vec<String>,
     node_name: Option<String>,
+    shutdown_grace: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -533,6 +541,19 @@ impl Config {
                     }
                     Some(n) => n,
                     None => host_name(),
+                },
+                shutdown_grace: match a.shutdown_grace.as_deref() {
+                    None => DEFAULT_SHUTDOWN_GRACE,
+                    Some(text) => match crate::policy::parse_duration(text) {
+                        Ok(s) if (1..=3600).contains(&s) => Duration::from_secs(s),
+                        Ok(s) => {
+                            return Err(err(
+                                "agent.shutdown_grace".into(),
+                                format!("{s} s: use 1 s to 1 h"),
+                            ))
+                        }
+                        Err(e) => return Err(err("agent.shutdown_grace".into(), e)),
+                    },
                 },
             },
             None => return Err(err("agent".into(), "missing [agent] table".into())),
@@ -960,6 +981,28 @@ sticky = "client-ip"
             e.field
         );
         assert!(msg.contains(reason), "{msg:?} lacks {reason:?}");
+    }
+
+    #[test]
+    fn shutdown_grace_is_a_duration() {
+        let base = "[agent]\ninterface = \"cli0\"\n";
+        assert_eq!(
+            parse(base).unwrap().agent.shutdown_grace,
+            DEFAULT_SHUTDOWN_GRACE
+        );
+        let grace = |v: &str| format!("{base}shutdown_grace = {v}\n");
+        assert_eq!(
+            parse(&grace("\"2m\"")).unwrap().agent.shutdown_grace,
+            Duration::from_secs(120)
+        );
+        expect_err(
+            &grace("\"30 seconds\""),
+            "agent.shutdown_grace",
+            "bad duration",
+        );
+        expect_err(&grace("\"0s\""), "agent.shutdown_grace", "use 1 s to 1 h");
+        expect_err(&grace("\"2h\""), "agent.shutdown_grace", "use 1 s to 1 h");
+        expect_err(&grace("30"), "line 3", "string");
     }
 
     #[test]

@@ -1388,6 +1388,504 @@ fn h2c_streams_are_routed_per_request_and_a_failing_grpc_canary_is_rolled_back()
     Ok(())
 }
 
+/// What the h2c load of [`h2c_load`] saw.
+#[derive(Default)]
+struct H2Tally {
+    /// Calls answered 200 by the version their header asks for, `grpc-status: 0`.
+    done: std::sync::atomic::AtomicU64,
+    /// Calls a connection going away (GOAWAY) did not send: sent on the next one.
+    resent: std::sync::atomic::AtomicU64,
+    failures: std::sync::Mutex<Vec<String>>,
+}
+
+impl H2Tally {
+    fn fail(&self, why: String) {
+        self.failures.lock().unwrap().push(why);
+    }
+}
+
+/// gRPC calls over `connections` h2c connections, 4 streams at a time on each, until
+/// `stop`; every other stream carries `x-canary: true`. A connection that is going away
+/// is replaced by a new one, and a call it did not send goes on the next, as gRPC
+/// clients do; anything else that does not end in a healthy answer is a failure.
+fn h2c_load(
+    target: SocketAddr,
+    connections: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    tally: &H2Tally,
+) -> Result<()> {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stream_calls = |mut sender: hyper::client::conn::http2::SendRequest<_>, canary: bool| async move {
+        let want = if canary { "canary" } else { "stable" };
+        while !stop.load(Ordering::Relaxed) {
+            if sender.ready().await.is_err() {
+                return; // Going away: the connection is replaced.
+            }
+            let mut req = http::Request::post(format!("http://{target}/svc.Echo/Call"))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if canary {
+                req = req.header("x-canary", "true");
+            }
+            let body = http_body_util::Full::new(hyper::body::Bytes::from_static(b"\0\0\0\0\0"));
+            let resp = match sender.try_send_request(req.body(body).unwrap()).await {
+                Ok(resp) => resp,
+                Err(mut e) => {
+                    let why = e.error().to_string();
+                    match e.take_message() {
+                        Some(_) => tally.resent.fetch_add(1, Ordering::Relaxed),
+                        None => {
+                            tally.fail(format!("call sent, no answer: {why}"));
+                            0
+                        }
+                    };
+                    return;
+                }
+            };
+            let (status, version) = (
+                resp.status(),
+                resp.headers()
+                    .get(VERSION_HEADER)
+                    .map(|v| v.to_str().unwrap_or("").to_string())
+                    .unwrap_or_default(),
+            );
+            let grpc = match resp.into_body().collect().await {
+                Ok(b) => b
+                    .trailers()
+                    .and_then(|t| t.get("grpc-status"))
+                    .map(|s| s.to_str().unwrap_or("").to_string()),
+                Err(e) => {
+                    tally.fail(format!("body of a call: {e}"));
+                    return;
+                }
+            };
+            if status == 200 && version == want && grpc.as_deref() == Some("0") {
+                tally.done.fetch_add(1, Ordering::Relaxed);
+            } else {
+                tally.fail(format!("{status} from {version:?}, grpc-status {grpc:?}"));
+            }
+        }
+    };
+    let connection = |c: usize| async move {
+        while !stop.load(Ordering::Relaxed) {
+            let stream = match tokio::net::TcpStream::connect(target).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tally.fail(format!("connect: {e}"));
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (sender, conn) = match hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tally.fail(format!("h2 handshake: {e}"));
+                    continue;
+                }
+            };
+            let driver = tokio::spawn(conn);
+            let streams = (0..4).map(|s| stream_calls(sender.clone(), (c + s).is_multiple_of(2)));
+            futures_join_all(streams).await;
+            drop(sender);
+            let _ = driver.await;
+        }
+    };
+    rt.block_on(futures_join_all((0..connections).map(connection)));
+    Ok(())
+}
+
+/// Runs futures on the current task to their end (no `'static` needed, unlike spawn).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+/// SIGUSR2 under an h2c (gRPC) load of 8 connections with 4 streams each: the old
+/// image sends GOAWAY and finishes the streams in flight, the clients reconnect to the
+/// listener the next image took over, and no call fails.
+#[test]
+fn a_hand_over_under_h2c_load_fails_no_call() -> Result<()> {
+    use canary_lab::backend::H2C_PORT;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = lab_service(
+        "grpc",
+        90,
+        H2C_PORT,
+        "protocol = \"http\"\npolicy = \"route.scm\"",
+    );
+    let agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let pid = agent.pid().context("agent pid")?;
+    let target = SocketAddr::new(VIP_V4.into(), 90);
+    let (stop, tally) = (AtomicBool::new(false), H2Tally::default());
+    let log_count = |text: &str| agent.log().matches(text).count();
+    let listening = log_count("control API listening");
+    let (before, at_hand_over) = std::thread::scope(|scope| -> Result<(u64, u64)> {
+        let load = scope.spawn(|| topo.client.enter(|| h2c_load(target, 8, &stop, &tally)));
+        std::thread::sleep(Duration::from_millis(500));
+        let before = tally.done.load(Ordering::Relaxed);
+        agent.signal(libc::SIGUSR2);
+        let start = std::time::Instant::now();
+        while log_count("control API listening") == listening
+            && start.elapsed() < Duration::from_secs(20)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let at_hand_over = tally.done.load(Ordering::Relaxed);
+        println!("hand-over done in {:?}", start.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("h2c load panicked")?;
+        Ok((before, at_hand_over))
+    })?;
+    ensure!(
+        log_count("control API listening") == listening + 1,
+        "no hand-over: {}",
+        agent.log()
+    );
+    ensure!(
+        agent.pid() == Some(pid) && agent.running(),
+        "agent not running as pid {pid}"
+    );
+    let (done, resent) = (
+        tally.done.load(Ordering::Relaxed),
+        tally.resent.load(Ordering::Relaxed),
+    );
+    let failures = tally.failures.into_inner().unwrap();
+    println!(
+        "h2c calls: {before} before SIGUSR2, {} until the next image listened, {} after; \
+         {resent} not sent by a closing connection and sent on a new one; {} failed",
+        at_hand_over - before,
+        done - at_hand_over,
+        failures.len()
+    );
+    ensure!(
+        failures.is_empty(),
+        "failed calls: {:?}",
+        &failures[..failures.len().min(10)]
+    );
+    ensure!(
+        before > 0 && done > at_hand_over,
+        "no calls served after the hand-over"
+    );
+    Ok(())
+}
+
+/// One h2c call (gRPC when `grpc`) with `x-canary: true` when `canary`: the HTTP status
+/// and the `grpc-status` (of the trailers or of a trailers-only head).
+fn h2c_call(target: SocketAddr, grpc: bool, canary: bool) -> Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(target).await?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await?;
+        tokio::spawn(conn);
+        let mut req = http::Request::post(format!("http://{target}/svc.Echo/Call"));
+        if grpc {
+            req = req
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+        }
+        if canary {
+            req = req.header("x-canary", "true");
+        }
+        let body = http_body_util::Full::new(hyper::body::Bytes::from_static(b"\0\0\0\0\0"));
+        let resp = sender.send_request(req.body(body)?).await?;
+        let status = resp.status().as_u16();
+        let mut grpc_status = resp
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap_or("").to_string());
+        if let Some(t) = resp.into_body().collect().await?.trailers() {
+            if let Some(s) = t.get("grpc-status") {
+                grpc_status = Some(s.to_str().unwrap_or("").to_string());
+            }
+        }
+        Ok((status, grpc_status.unwrap_or_default()))
+    })
+}
+
+/// The agent's Prometheus text, read from the client namespace.
+fn metrics_text(topo: &Topology, port: u16) -> Result<String> {
+    use canary_lab::topology::NODE_CLIENT_V4;
+    topo.client.enter(|| {
+        let mut conn = TcpStream::connect((NODE_CLIENT_V4, port))?;
+        write!(
+            conn,
+            "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        Ok(text)
+    })
+}
+
+/// The value of the Prometheus sample `family` whose labels include all of `labels`.
+fn sample(metrics: &str, family: &str, labels: &[&str]) -> Option<u64> {
+    metrics.lines().find_map(|l| {
+        let rest = l.strip_prefix(family)?.strip_prefix('{')?;
+        let (set, value) = rest.split_once("} ")?;
+        labels
+            .iter()
+            .all(|want| set.split(',').any(|kv| kv == *want))
+            .then(|| value.trim().parse::<f64>().ok().map(|v| v as u64))?
+    })
+}
+
+/// A canary that refuses connections: an HTTP/1 request for it gets 502, an h2c call
+/// 502 and a gRPC call `grpc-status: 14` (UNAVAILABLE); each is a request of the
+/// canary answered 5xx in the counters the analysis reads (Prometheus
+/// `canary_http_requests_total` / `canary_http_responses_total`), and stable's
+/// requests stay healthy.
+#[test]
+fn a_refusing_backend_is_a_failed_request_of_its_version() -> Result<()> {
+    use canary_lab::backend::H2C_PORT;
+    use canary_lab::topology::NODE_CLIENT_V4;
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    // Nothing listens on the canary's port 9: its connections are refused.
+    let refusing = |name: &str, port: u16, stable_port: u16| {
+        format!(
+            "[[service]]\nname = \"{name}\"\nlisten = \"{VIP_V4}:{port}\"\nprotocol = \"http\"\n\
+             stable = [\"{STABLE_V4}:{stable_port}\"]\ncanary = [\"{CANARY_V4}:9\"]\n\
+             policy = \"route.scm\"\n"
+        )
+    };
+    let services = format!("metrics_listen = \"{NODE_CLIENT_V4}:9464\"\n")
+        + &refusing("web", 83, HTTP_PORT)
+        + &refusing("grpc", 91, H2C_PORT);
+    let _agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let (web, grpc) = (
+        SocketAddr::new(VIP_V4.into(), 83),
+        SocketAddr::new(VIP_V4.into(), 91),
+    );
+    topo.client.enter(|| -> Result<()> {
+        for _ in 0..3 {
+            let (status, _) = request(&mut connect(web)?, "X-Canary: true\r\n")?;
+            ensure!(status == 502, "HTTP/1 to a refusing canary: {status}");
+            let (status, version) = request(&mut connect(web)?, "")?;
+            ensure!(status == 200 && version == "stable", "{status} {version}");
+        }
+        let (status, _) = h2c_call(grpc, false, true)?;
+        ensure!(status == 502, "h2c to a refusing canary: {status}");
+        for _ in 0..4 {
+            let (status, grpc_status) = h2c_call(grpc, true, true)?;
+            ensure!(
+                status == 200 && grpc_status == "14",
+                "gRPC to a refusing canary: {status}, grpc-status {grpc_status:?}"
+            );
+            let (_, grpc_status) = h2c_call(grpc, true, false)?;
+            ensure!(
+                grpc_status == "0",
+                "gRPC to stable: grpc-status {grpc_status:?}"
+            );
+        }
+        Ok(())
+    })?;
+    let metrics = metrics_text(&topo, 9464)?;
+    let count = |family: &str, service: &str, version: &str, class: Option<&str>| {
+        let (s, v) = (
+            format!("service=\"{service}\""),
+            format!("version=\"{version}\""),
+        );
+        let c = class.map(|c| format!("class=\"{c}\""));
+        let mut labels = vec![s.as_str(), v.as_str()];
+        labels.extend(c.as_deref());
+        sample(&metrics, family, &labels).unwrap_or(0)
+    };
+    let got: Vec<u64> = [
+        ("web", "canary", Some("5xx")),
+        ("web", "canary", None),
+        ("web", "stable", Some("5xx")),
+        ("web", "stable", Some("2xx")),
+        ("grpc", "canary", Some("5xx")),
+        ("grpc", "canary", None),
+        ("grpc", "stable", Some("5xx")),
+        ("grpc", "stable", Some("2xx")),
+    ]
+    .iter()
+    .map(|&(service, version, class)| match class {
+        Some(class) => count("canary_http_responses_total", service, version, Some(class)),
+        None => count("canary_http_requests_total", service, version, None),
+    })
+    .collect();
+    println!(
+        "(canary 5xx, canary requests, stable 5xx, stable 2xx): web {:?}, grpc {:?}",
+        &got[..4],
+        &got[4..]
+    );
+    ensure!(
+        got == [3, 3, 0, 3, 5, 5, 0, 4],
+        "counters {got:?}:\n{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("canary_http_re"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Ok(())
+}
+
+/// SIGTERM under a pooled keep-alive load whose every response takes 500 ms: each
+/// request in flight is answered (saying `Connection: close`) before the agent exits,
+/// none is lost. Then requests slower than `[agent] shutdown_grace` (2 s): the agent
+/// waits for them that long, no longer, and exits.
+#[test]
+fn sigterm_drains_requests_in_flight_for_the_grace_period() -> Result<()> {
+    use canary_lab::backend::{set_faults, ADMIN_PORT};
+    use canary_lab::Faults;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let topo = Topology::build()?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let services = "shutdown_grace = \"2s\"\n".to_string()
+        + &lab_service(
+            "web",
+            80,
+            HTTP_PORT,
+            "protocol = \"http\"\npolicy = \"route.scm\"",
+        );
+    let mut agent = Agent::start_with_files(&topo.node, &services, &[("route.scm", POLICY)], &[])?;
+    let target = SocketAddr::new(VIP_V4.into(), 80);
+    let slow = |ms: u64| {
+        topo.client.enter(|| {
+            for addr in [STABLE_V4, CANARY_V4] {
+                set_faults(
+                    SocketAddr::new(addr.into(), ADMIN_PORT),
+                    &Faults {
+                        extra_latency_ms: ms,
+                        ..Default::default()
+                    },
+                )?;
+            }
+            Ok(())
+        })
+    };
+    // Waits (bounded) for the agent process to end; how long that took.
+    let exited = |pid: u32, limit: Duration| -> Result<Duration> {
+        let start = std::time::Instant::now();
+        loop {
+            let gone = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| s.contains(") Z "));
+            if gone {
+                return Ok(start.elapsed());
+            }
+            ensure!(
+                start.elapsed() < limit,
+                "agent {pid} still running after {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    slow(500)?;
+    let (done, closed, failed) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let pid = agent.pid().context("agent pid")?;
+    let took = std::thread::scope(|scope| -> Result<Duration> {
+        for c in 0..8 {
+            let (done, closed, failed, topo) = (&done, &closed, &failed, &topo);
+            scope.spawn(move || {
+                topo.client.enter(|| -> Result<()> {
+                    let header = if c % 2 == 0 { "X-Canary: true\r\n" } else { "" };
+                    let want = if c % 2 == 0 { "canary" } else { "stable" };
+                    let mut conn = Some(connect(target)?);
+                    // Until the drain closes the connection (bounded: 40 × 500 ms).
+                    for _ in 0..40 {
+                        match request_reconnecting(&mut conn, target, header) {
+                            Ok((200, v)) if v == want => done.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                println!("connection {c}: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        };
+                        if conn.is_none() {
+                            closed.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    Ok(())
+                })
+            });
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        agent.signal(libc::SIGTERM);
+        exited(pid, Duration::from_secs(10))
+    })?;
+    let (done, closed, failed) = (
+        done.load(Ordering::Relaxed),
+        closed.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    println!(
+        "SIGTERM under load: {done} requests answered, {closed} of 8 connections closed after \
+         their last answer, {failed} failed; the agent exited {took:?} after the signal"
+    );
+    ensure!(
+        failed == 0 && closed == 8,
+        "{failed} failed, {closed} of 8 closed"
+    );
+    ensure!(
+        agent.log().contains("routed connections drained"),
+        "{}",
+        agent.log()
+    );
+    // Requests slower (5 s) than the grace: the agent exits when the grace runs out.
+    agent.signal_and_wait(libc::SIGTERM);
+    agent.relaunch(&topo.node, &[])?;
+    slow(5000)?;
+    let pid = agent.pid().context("agent pid")?;
+    let took = std::thread::scope(|scope| -> Result<Duration> {
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    topo.client
+                        .enter(|| request(&mut connect(target)?, "").map(|(s, _)| s))
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        agent.signal(libc::SIGTERM);
+        let took = exited(pid, Duration::from_secs(10))?;
+        for w in waiting {
+            let answer = w.join().expect("client panicked");
+            ensure!(
+                answer.is_err(),
+                "a request slower than the grace got {answer:?}"
+            );
+        }
+        Ok(took)
+    })?;
+    println!("requests slower than the 2 s grace: the agent exited {took:?} after SIGTERM");
+    ensure!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(4500),
+        "exit {took:?} after SIGTERM with a 2 s grace and 5 s requests"
+    );
+    Ok(())
+}
+
 /// A WebSocket-style upgrade: decided by its upgrade request, answered 101, then the
 /// two sockets spliced in the kernel, which carries a 10 MiB echo intact.
 #[test]

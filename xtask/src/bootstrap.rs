@@ -27,6 +27,8 @@ const PACKAGES: &[(&str, &str)] = &[
         "/usr/lib/nginx/modules/ngx_stream_module.so",
     ),
     ("haproxy", "/usr/sbin/haproxy"),
+    // The routing bench's h2c load (wrk speaks HTTP/1 only).
+    ("nghttp2-client", "/usr/bin/h2load"),
     // `make bench`'s profile of where the datapath's time goes.
     ("linux-perf", "/usr/bin/perf"),
     ("bpftool", "/usr/sbin/bpftool"),

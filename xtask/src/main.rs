@@ -33,13 +33,14 @@ enum Task {
         quick: bool,
     },
     /// The splitter against direct, iptables, nginx and HAProxy; its per-packet cost;
-    /// header routing against direct, nginx http and HAProxy http.
+    /// request routing (the proxy) against direct, nginx http and HAProxy http.
     Bench {
         /// Interleaved rounds per path (each on a fresh lab).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
-        /// Also sample the whole machine with `perf record` during each path's
-        /// keep-alive load and print where the CPU time went.
+        /// Also sample the whole machine with `perf record` (split table: during each
+        /// path's keep-alive load; routing: extra loads through the proxy) and print
+        /// where the CPU time went.
         #[arg(long)]
         profile: bool,
         /// Run one table only: `split` or `routing` (default: both).

@@ -166,9 +166,12 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     }
     if let Exit::Stop = exit {
         // Requests in flight finish; idle connections close at a request boundary.
-        let router = lock(&agent)?.take_router();
+        let (router, grace) = {
+            let mut a = lock(&agent)?;
+            (a.take_router(), a.config().agent.shutdown_grace)
+        };
         if let Some(r) = router {
-            r.drain(crate::router::DRAIN_PATIENCE).await?;
+            r.drain(grace).await?;
             tracing::info!("routed connections drained");
         }
     }

@@ -24,7 +24,8 @@ use crate::config::{Protocol, ServiceConfig};
 use crate::datapath::Splicer;
 use crate::policy::Policy;
 
-/// How long a hand-over or a stop waits for requests in flight to finish.
+/// How long a hand-over waits for requests in flight to finish (a stop waits
+/// `[agent] shutdown_grace`).
 pub const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The running proxy: one listener per `http` service, one task per client connection.

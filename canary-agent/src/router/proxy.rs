@@ -632,9 +632,11 @@ async fn connection(
                 at: 0,
                 stream: client,
             };
-            http1(shared, svc, ctx, io, limits).await
+            // Boxed, here and for h2: a task is as large as its largest state, so an
+            // idle client that has sent nothing yet holds only the detection's.
+            Box::pin(http1(shared, svc, ctx, io, limits)).await
         }
-        Detected::Http2 => http2(shared, svc, ctx, client, limits).await,
+        Detected::Http2 => Box::pin(http2(shared, svc, ctx, client, limits)).await,
     }
 }
 

@@ -185,10 +185,7 @@ impl Profile {
             ])
             .arg(&self.data)
             .output()?;
-        println!(
-            "\nperf: where the CPU time went during keep-alive via {}",
-            self.what
-        );
+        println!("\nperf: where the CPU time went during {}", self.what);
         let text = String::from_utf8_lossy(&out.stdout);
         let lines: Vec<&str> = text
             .lines()

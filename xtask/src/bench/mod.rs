@@ -4,8 +4,8 @@
 //! a new connection per request, and 1 MiB transfers. Rounds are interleaved so drift on
 //! the machine hits every path alike. While the splitter carries the load it also reads
 //! each BPF program's run time per packet and the agent's CPU time and peak RSS. Then
-//! the header-routing table ([`routing`]: the agent's router against nginx and HAProxy
-//! HTTP routing), and ns/packet from BPF_PROG_TEST_RUN, including the placement path
+//! the request-routing table ([`routing`]: the agent's per-request proxy against nginx
+//! and HAProxy making the same decisions, HTTP/1 and h2c), and ns/packet from BPF_PROG_TEST_RUN, including the placement path
 //! over distinct tuples. `--only split|routing` runs one table.
 
 mod floor;
@@ -163,7 +163,7 @@ struct SplitterCost {
 pub enum Part {
     /// The connection split against direct, iptables, nginx stream, HAProxy tcp.
     Split,
-    /// Header routing against direct, nginx http and HAProxy http.
+    /// Request routing: the proxy against direct, nginx http and HAProxy http (h1, h2c).
     Routing,
 }
 
@@ -244,7 +244,7 @@ fn split(
                             | Path::SplitterRedirect
                             | Path::SplitterWeightZero
                     ))
-                .then(|| kernel::Profile::start(path.name()))
+                .then(|| kernel::Profile::start(&format!("keep-alive via {}", path.name())))
                 .transpose()?;
                 results[p][l].push(wrk::run(&topo, load, &path.target(), seconds)?);
                 if let Some(perf) = perf {

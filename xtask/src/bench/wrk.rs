@@ -1,4 +1,4 @@
-//! wrk from the lab's client namespace, and what it printed.
+//! wrk (HTTP/1) and h2load (h2c) from the lab's client namespace, and what they printed.
 
 use std::path::{Path, PathBuf};
 
@@ -40,23 +40,25 @@ pub struct WrkResult {
     pub output: String,
 }
 
-/// One load for `seconds` against `target`.
-/// One load for `seconds` against `target`; any failed request is an error.
+/// One load for `seconds` against `target` (one wrk thread); any failed request is an
+/// error.
 pub fn run(topo: &Topology, load: Load, target: &str, seconds: u32) -> Result<WrkResult> {
-    let r = run_script(topo, load, target, seconds, None)?;
+    let r = run_script(topo, load, target, seconds, 1, None)?;
     if r.failed > 0 {
         bail!("wrk saw errors on {target}:\n{}", r.output);
     }
     Ok(r)
 }
 
-/// Like [`run`], with a Lua script that writes the requests (the header-routing
-/// share, [`routing_script`]); failed requests are counted, not an error.
+/// Like [`run`] with `threads` wrk threads and a Lua script that writes the requests
+/// (the header-routing share, [`routing_script`]); failed requests are counted, not an
+/// error.
 pub fn run_script(
     topo: &Topology,
     load: Load,
     target: &str,
     seconds: u32,
+    threads: u32,
     script: Option<&Path>,
 ) -> Result<WrkResult> {
     let (conns, path, close) = match load {
@@ -66,7 +68,8 @@ pub fn run_script(
     };
     let url = format!("http://{target}{path}");
     let seconds = seconds.to_string();
-    let mut args = vec!["wrk", "-t1", "-c", conns, "-d", &seconds, "--latency"];
+    let threads = format!("-t{threads}");
+    let mut args = vec!["wrk", &threads, "-c", conns, "-d", &seconds, "--latency"];
     if close {
         args.extend(["-H", "Connection: close"]);
     }
@@ -102,13 +105,8 @@ pub fn run_script(
 
 /// One request in [`CANARY_EVERY`] carries `X-Canary: true`, every other one
 /// `X-Canary: false` (wrk's `-H` headers kept), so every path parses the header on
-/// every request and both versions get traffic: a per-request router (nginx, HAProxy)
-/// sends 1 request in 10 to canary. A router that decides per connection sees only
-/// each connection's first request, and wrk's Lua `request()` knows nothing of
-/// connections: wrk calls it once to check the script, then the next calls are the
-/// connections' first requests, so calls 1, 11, 21, 31 (0-based) make 4 of 32
-/// keep-alive connections and 1 of 4 bulk connections canary; a new connection per
-/// request gives 1 in 10 either way. The bench prints the router's own count.
+/// every request and both versions get traffic. The count is per wrk thread (each has
+/// its own Lua state), so the share holds whatever `-t`.
 pub const CANARY_EVERY: u32 = 10;
 
 /// Writes the script of [`CANARY_EVERY`] into `dir`.
@@ -144,5 +142,89 @@ fn parse_time(s: &str) -> Result<f64> {
         "ms" => v,
         "s" => v * 1000.0,
         other => bail!("unknown wrk time unit {other}"),
+    })
+}
+
+/// What h2load printed for one h2c load.
+#[derive(Clone)]
+pub struct H2Result {
+    pub rps: f64,
+    /// Mean time from a request's first frame to its last response frame.
+    pub mean_ms: f64,
+    /// Requests h2load counted failed (errors, timeouts, 4xx, 5xx), plus 3xx answers.
+    pub failed: u64,
+    pub output: String,
+}
+
+/// Connections of the h2c load, and concurrent streams on each.
+pub const H2_CONNECTIONS: u32 = 8;
+pub const H2_STREAMS: u32 = 16;
+
+/// Unary gRPC-shaped calls for `seconds` over [`H2_CONNECTIONS`] h2c connections
+/// (prior knowledge), [`H2_STREAMS`] at once on each, two h2load threads: a POST of an
+/// empty gRPC message (`body`, 5 bytes) with `content-type: application/grpc` and
+/// `te: trailers`.
+pub fn h2load(topo: &Topology, target: &str, seconds: u32, body: &Path) -> Result<H2Result> {
+    let url = format!("http://{target}/svc.Echo/Call");
+    let (conns, streams, secs) = (
+        H2_CONNECTIONS.to_string(),
+        H2_STREAMS.to_string(),
+        seconds.to_string(),
+    );
+    let body = body.to_string_lossy().into_owned();
+    let out = topo.client.run(&[
+        "h2load",
+        "-t2",
+        "-c",
+        &conns,
+        "-m",
+        &streams,
+        "-D",
+        &secs,
+        "-d",
+        &body,
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        &url,
+    ])?;
+    let line = |prefix: &str| {
+        out.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .with_context(|| format!("h2load printed no {prefix:?} for {url}:\n{out}"))
+    };
+    // "finished in 6.00s, 45678.50 req/s, 1.23MB/s"
+    let rps: f64 = line("finished in")?
+        .split(',')
+        .nth(1)
+        .and_then(|f| f.trim().strip_suffix(" req/s"))
+        .context("req/s")?
+        .parse()?;
+    // "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout"
+    let count = |text: &str, kind: &str| -> Result<u64> {
+        text.split(',')
+            .find_map(|f| f.trim().strip_suffix(kind))
+            .with_context(|| format!("h2load: no {kind:?} in {text:?}"))?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    };
+    let requests = line("requests:")?;
+    let codes = line("status codes:")?;
+    // h2load's "failed" includes the errored and timed-out requests and the answers
+    // it does not count as success; 4xx and 5xx are among them, 3xx are not.
+    let failed = count(requests, " failed")? + count(codes, " 3xx")?;
+    // "time for request:  123us  12.34ms  1.23ms  456us  78.90%": min, max, mean, …
+    let mean = line("time for request:")?
+        .split_whitespace()
+        .nth(2)
+        .context("mean time for request")?;
+    Ok(H2Result {
+        rps,
+        mean_ms: parse_time(mean)?,
+        failed,
+        output: out.clone(),
     })
 }
