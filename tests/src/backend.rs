@@ -46,6 +46,10 @@ pub struct Faults {
     pub error_rate: f64,
     /// Delay added before every response (also before resets and 503s).
     pub extra_latency_ms: u64,
+    /// The mean of a further, exponentially distributed delay per response (capped at
+    /// 20× the mean), so that latencies have a tail as a real service's do.
+    #[serde(default)]
+    pub latency_jitter_ms: u64,
     /// Share of requests whose connection is reset (SO_LINGER 0 close).
     pub reset_rate: f64,
     /// Share of successful `/checkout` requests that count a conversion.
@@ -64,11 +68,13 @@ impl Faults {
                 bail!("{field} must be within 0..=1, got {rate}");
             }
         }
-        if self.extra_latency_ms > 60_000 {
-            bail!(
-                "extra_latency_ms must be at most 60000, got {}",
-                self.extra_latency_ms
-            );
+        for (field, ms) in [
+            ("extra_latency_ms", self.extra_latency_ms),
+            ("latency_jitter_ms", self.latency_jitter_ms),
+        ] {
+            if ms > 60_000 {
+                bail!("{field} must be at most 60000, got {ms}");
+            }
         }
         Ok(())
     }

@@ -371,9 +371,7 @@ async fn handle_h2c(
     req: Request<Incoming>,
 ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
     let faults = state.faults();
-    if faults.extra_latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.extra_latency_ms)).await;
-    }
+    delay(&faults).await;
     let grpc = req
         .headers()
         .get(CONTENT_TYPE)
@@ -509,9 +507,7 @@ async fn handle_http(
         .map_or(0.0, |d| d.as_secs_f64());
     state.last_request.get_or_create(&state.version()).set(now);
     let faults = state.faults();
-    if faults.extra_latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.extra_latency_ms)).await;
-    }
+    delay(&faults).await;
     if chance(faults.reset_rate) {
         // The connection task drops this request's future and resets.
         reset.notify_one();
@@ -636,10 +632,26 @@ async fn update_faults(state: &State, body: Incoming) -> Result<Faults> {
 
 /// True with probability `p`. Each `RandomState` gets fresh keys, so hashing
 /// nothing with it yields a new pseudo-random value without a rand crate.
+/// The response delay the faults ask for: the fixed part plus an exponential tail.
+async fn delay(faults: &Faults) {
+    let mean = faults.latency_jitter_ms as f64;
+    let tail = (-(1.0 - uniform()).ln() * mean).min(20.0 * mean);
+    let delay =
+        Duration::from_millis(faults.extra_latency_ms) + Duration::from_secs_f64(tail / 1e3);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// A uniform draw from [0, 1).
+fn uniform() -> f64 {
+    let bits = RandomState::new().build_hasher().finish() >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
+
 fn chance(p: f64) -> bool {
     if p <= 0.0 {
         return false;
     }
-    let bits = RandomState::new().build_hasher().finish() >> 11;
-    (bits as f64 / (1u64 << 53) as f64) < p
+    uniform() < p
 }
