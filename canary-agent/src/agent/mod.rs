@@ -8,6 +8,7 @@
 
 pub mod desired;
 mod fleet;
+mod journal;
 mod prometheus;
 pub mod series;
 pub mod service;
@@ -27,6 +28,7 @@ use canary_common::MAX_GROUP_BACKENDS;
 pub use self::state::last_clock_ms;
 use self::{
     desired::Current,
+    journal::{Applying, Journal},
     service::{Analysis, LiveService},
     state::{Applied, AppliedService, StateDir},
 };
@@ -130,61 +132,6 @@ pub fn uninstall(bpffs_dir: &Path, state_dir: &Path) -> Result<Vec<String>> {
     let detached = datapath::remove_all(bpffs_dir)?;
     StateDir::remove_all(state_dir)?;
     Ok(detached)
-}
-
-/// A service being applied: its config, the plan's decision, its policy and map key.
-type Applying = (
-    crate::config::ServiceConfig,
-    desired::ServicePlan,
-    Option<Policy>,
-    canary_common::ServiceKey,
-);
-
-/// The service-map writes of one apply, with what each key held before, so that a
-/// failed apply puts the map back as it was.
-struct Journal {
-    before: Vec<(canary_common::ServiceKey, canary_common::ServiceValue)>,
-    written: Vec<canary_common::ServiceKey>,
-}
-
-impl Journal {
-    fn new(installed: &[(canary_common::ServiceKey, canary_common::ServiceValue)]) -> Self {
-        Self {
-            before: installed.to_vec(),
-            written: Vec::new(),
-        }
-    }
-
-    fn install(
-        &mut self,
-        dp: &mut dyn Dataplane,
-        key: &canary_common::ServiceKey,
-        value: &canary_common::ServiceValue,
-    ) -> Result<()> {
-        dp.install(key, value)?;
-        self.written.push(*key);
-        Ok(())
-    }
-
-    fn uninstall(&mut self, dp: &mut dyn Dataplane, key: &canary_common::ServiceKey) -> Result<()> {
-        dp.uninstall(key)?;
-        self.written.push(*key);
-        Ok(())
-    }
-
-    /// Restores every key written, newest first. Best effort: a kernel that refused one
-    /// write may refuse the undo too, and that is logged.
-    fn undo(self, dp: &mut dyn Dataplane) {
-        for key in self.written.iter().rev() {
-            let result = match self.before.iter().find(|(k, _)| k == key) {
-                Some((_, value)) => dp.install(key, value),
-                None => dp.uninstall(key),
-            };
-            if let Err(e) = result {
-                tracing::error!(?key, error = %format!("{e:#}"), "undoing a failed apply");
-            }
-        }
-    }
 }
 
 impl Agent {

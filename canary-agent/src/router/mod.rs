@@ -3,12 +3,15 @@
 //! (`decide`) and sends it to a backend of that version over pooled keep-alive
 //! connections; upgraded connections (WebSocket) are spliced in the kernel after 101.
 
+mod counts;
 pub mod decide;
 mod forward;
 pub mod handover;
 pub mod kernel;
+mod pool;
 mod proxy;
 mod splice;
+mod state;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -18,7 +21,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 
-pub use proxy::{HeadLimits, RoutedService};
+pub use state::{HeadLimits, RoutedService};
 
 use crate::config::{Protocol, ServiceConfig};
 use crate::datapath::Splicer;
@@ -30,7 +33,7 @@ pub const DRAIN_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The running proxy: one listener per `http` service, one task per client connection.
 pub struct Router {
-    shared: Arc<proxy::Shared>,
+    shared: Arc<state::Shared>,
 }
 
 /// What the proxy adds to a version's signals: everything of its requests (the
@@ -126,7 +129,7 @@ impl Router {
         }
     }
 
-    fn service(&self, id: u32) -> Option<&proxy::Service> {
+    fn service(&self, id: u32) -> Option<&state::Service> {
         self.shared
             .services
             .iter()

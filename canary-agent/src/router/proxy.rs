@@ -5,28 +5,26 @@
 //! forwarded on its own (`forward`). Connections are capped per service and per client
 //! address; a client has `head_timeout` to send its first bytes and each later head.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use canary_common::{histogram::LATENCY_BUCKETS, ServiceKey, MAX_BACKENDS};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
-use super::forward::{self, Clients, ConnCtx};
+use super::forward::{self, ConnCtx};
 use super::handover::{self, ClientFd, ListenerFd, Record};
 use super::splice::{cookie, Spliced};
-use crate::config::ServiceConfig;
-use crate::datapath::{service_key, Splicer};
-use crate::policy::routing::Routing;
+use super::state::{Admitted, HeadLimits, RoutedService, Service, Shared};
+use crate::datapath::Splicer;
 
 /// Accept queue of a proxy listener (the kernel caps it at `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -43,199 +41,6 @@ const H2_CONN_WINDOW: u32 = 1024 * 1024;
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Limits of a request head, per service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HeadLimits {
-    pub max_bytes: usize,
-    pub timeout: Duration,
-}
-
-/// A routed service as the proxy sees it.
-pub struct RoutedService {
-    pub id: u32,
-    pub cfg: ServiceConfig,
-    pub routing: Routing,
-    pub limits: HeadLimits,
-}
-
-/// Per-version counts of the proxy, in the kernel's units: every request and response
-/// (by class) and the latency from the request to its response head, as the analysis
-/// reads them; the backend connections it opened or failed to open; and the requests
-/// it answered 502 (backend refused or timed out), each a failed request of the version.
-pub struct VersionCounts {
-    pub requests: AtomicU64,
-    pub responses: [AtomicU64; 5],
-    pub latency: Box<[AtomicU64]>,
-    pub connections: AtomicU64,
-    pub connected: AtomicU64,
-    pub failed: AtomicU64,
-}
-
-impl Default for VersionCounts {
-    fn default() -> Self {
-        Self {
-            requests: AtomicU64::new(0),
-            responses: Default::default(),
-            latency: (0..LATENCY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            connections: AtomicU64::new(0),
-            connected: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-        }
-    }
-}
-
-/// Decisions by rule and version: the fixed rules in atomics, cohorts by name.
-#[derive(Default)]
-pub struct Decisions {
-    /// `[header, flag, split][version]`.
-    pub fixed: [[AtomicU64; 2]; 3],
-    pub cohorts: Mutex<HashMap<(String, usize), u64>>,
-}
-
-#[derive(Default)]
-pub struct Counts {
-    pub versions: [VersionCounts; 2],
-    /// Requests sent to each backend slot.
-    pub backends: [AtomicU64; MAX_BACKENDS],
-    pub decisions: Decisions,
-    /// Bytes of upgraded connections the agent copied (the kernel carries the rest).
-    pub userspace_bytes: AtomicU64,
-    pub bad_requests: AtomicU64,
-    pub too_large: AtomicU64,
-    pub timeouts: AtomicU64,
-    /// Connections closed at accept: over `max_connections` or `max_client_connections`.
-    pub refused: AtomicU64,
-    pub open: AtomicU64,
-    pub upgrades: AtomicU64,
-}
-
-pub(super) struct Service {
-    pub id: u32,
-    pub cfg: ServiceConfig,
-    pub key: ServiceKey,
-    /// The rules and head limits in force (a reload replaces them).
-    rules: RwLock<(Arc<Routing>, HeadLimits)>,
-    pub counts: Arc<Counts>,
-    /// The smooth counter of the per-request split.
-    pub exact: AtomicU32,
-    /// Round-robin position within each version's backends.
-    pub next: [AtomicUsize; 2],
-    /// Set by the agent each tick from the rollout state (the services map's own flag
-    /// is read per request too).
-    pub rolled_back: AtomicBool,
-    pub clients: Clients,
-    /// Open connections per client address (for `max_client_connections`).
-    per_client: Mutex<HashMap<IpAddr, u32>>,
-}
-
-pub(super) struct Shared {
-    splicer: RwLock<Splicer>,
-    pub services: Vec<Arc<Service>>,
-    /// Raised by a hand-over or a stop: accept loops give up their listeners,
-    /// connections finish their requests in flight and close (or are handed over).
-    stop: tokio::sync::watch::Sender<bool>,
-    /// A hand-over (not a stop): idle connections and listeners go to the next image.
-    handing: AtomicBool,
-    handed: Mutex<Record>,
-    /// Tasks (accept loops and connections) that have not yet ended or handed over.
-    tasks: AtomicU64,
-}
-
-impl Service {
-    pub fn rules(&self) -> (Arc<Routing>, HeadLimits) {
-        let rules = self.rules.read().unwrap_or_else(|e| e.into_inner());
-        (rules.0.clone(), rules.1)
-    }
-
-    /// New rules and limits for requests decided from now on.
-    pub fn set_rules(&self, routing: Routing, limits: HeadLimits) {
-        *self.rules.write().unwrap_or_else(|e| e.into_inner()) = (Arc::new(routing), limits);
-    }
-
-    /// Takes a place for a connection from `ip`, or says which cap refused it.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
-        let mut per = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-        let open = self.counts.open.load(Ordering::Relaxed);
-        let mine = per.get(&ip).copied().unwrap_or(0);
-        if open >= self.cfg.max_connections as u64 || mine >= self.cfg.max_client_connections {
-            return None;
-        }
-        per.insert(ip, mine + 1);
-        self.counts.open.fetch_add(1, Ordering::Relaxed);
-        Some(Admitted {
-            svc: self.clone(),
-            ip,
-        })
-    }
-}
-
-/// A connection's place under the caps, given back when it ends.
-struct Admitted {
-    svc: Arc<Service>,
-    ip: IpAddr,
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let mut per = self
-            .svc
-            .per_client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per.remove(&self.ip);
-            }
-        }
-        self.svc.counts.open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl Shared {
-    pub fn splicer(&self) -> Result<std::sync::RwLockReadGuard<'_, Splicer>> {
-        self.splicer
-            .read()
-            .map_err(|_| anyhow!("router splicer poisoned"))
-    }
-
-    pub fn splicer_mut(&self) -> Result<std::sync::RwLockWriteGuard<'_, Splicer>> {
-        self.splicer
-            .write()
-            .map_err(|_| anyhow!("router splicer poisoned"))
-    }
-
-    /// Runs a task counted in `tasks` (so a hand-over knows when all have ended).
-    pub fn spawn(self: &Arc<Self>, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tasks.fetch_add(1, Ordering::SeqCst);
-        let shared = self.clone();
-        tokio::spawn(async move {
-            task.await;
-            shared.tasks.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-
-    pub fn hand(&self, f: impl FnOnce(&mut Record) -> Result<()>) {
-        let kept = self
-            .handed
-            .lock()
-            .map_err(|_| anyhow!("hand-over record poisoned"))
-            .and_then(|mut r| f(&mut r));
-        if let Err(e) = kept {
-            tracing::warn!(error = %format!("{e:#}"), "a routed socket could not be kept for the next agent");
-        }
-    }
-
-    pub async fn stopping(&self) {
-        let mut rx = self.stop.subscribe();
-        let _ = rx.wait_for(|h| *h).await;
-    }
-
-    fn handing_over(&self) -> bool {
-        self.handing.load(Ordering::SeqCst)
-    }
-}
-
 /// Binds one loopback listener per routed service (or takes the one a previous agent
 /// handed over) and registers it for sk_lookup; adopts handed-over connections.
 pub(super) fn start(
@@ -245,30 +50,9 @@ pub(super) fn start(
 ) -> Result<Arc<Shared>> {
     let services = routed
         .into_iter()
-        .map(|routed| {
-            let counts = Arc::new(Counts::default());
-            Ok(Arc::new(Service {
-                id: routed.id,
-                key: service_key(&routed.cfg),
-                clients: Clients::new(&counts, routed.cfg.backend_protocol)?,
-                cfg: routed.cfg,
-                rules: RwLock::new((Arc::new(routed.routing), routed.limits)),
-                counts,
-                exact: AtomicU32::new(0),
-                next: Default::default(),
-                rolled_back: AtomicBool::new(false),
-                per_client: Mutex::new(HashMap::new()),
-            }))
-        })
+        .map(|routed| Service::new(routed).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    let shared = Arc::new(Shared {
-        splicer: RwLock::new(maps),
-        services,
-        stop: tokio::sync::watch::Sender::new(false),
-        handing: AtomicBool::new(false),
-        handed: Mutex::new(Record::default()),
-        tasks: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::new(maps, services));
     let mut inherited = inherited.unwrap_or_default();
     let find = |name: &str| shared.services.iter().find(|s| s.cfg.name == name).cloned();
     // Spliced (upgraded) pairs of services still routed are watched again; their map
@@ -372,23 +156,16 @@ fn bind_listener(v6: bool) -> Result<TcpListener> {
 /// what the next agent image takes over (`hand_over`) or closes it (a stop); waits at
 /// most `patience` for the connections to end.
 pub(super) async fn stop(shared: &Shared, hand_over: bool, patience: Duration) -> Result<Record> {
-    shared.handing.store(hand_over, Ordering::SeqCst);
-    shared.stop.send_replace(true);
+    shared.begin_stop(hand_over);
     let deadline = tokio::time::Instant::now() + patience;
-    while shared.tasks.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+    while shared.tasks_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let left = shared.tasks.load(Ordering::SeqCst);
+    let left = shared.tasks_left();
     if left > 0 {
         tracing::warn!(tasks = left, "routed connections not finished in time");
     }
-    let record = std::mem::take(
-        &mut *shared
-            .handed
-            .lock()
-            .map_err(|_| anyhow!("hand-over record poisoned"))?,
-    );
-    Ok(record)
+    shared.take_record()
 }
 
 /// The service address must be local for the kernel to look up a socket for it

@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::handover::{self, PairFd};
-use super::proxy::{Service, Shared};
+use super::state::{Service, Shared};
 
 /// How long a close waits for spliced bytes that make no progress towards the peer.
 const DRAIN_STALL: Duration = Duration::from_secs(5);
