@@ -37,6 +37,7 @@ seed-targets-quick:
 	$(CARGO) xtask lab verify-rollback --quick
 
 lint: ebpf
+	$(CARGO) xtask deps
 	$(CARGO) fmt --all -- --check
 	cd canary-ebpf && $(CARGO) fmt -- --check
 	$(CARGO) clippy --workspace --all-targets --features $(TEST_FEATURES) -- -D warnings
