@@ -136,6 +136,9 @@ pub struct ServiceStatus {
     /// node holds (spoofed or stray): passed untouched, no flow created.
     #[serde(default)]
     pub stray_segments: u64,
+    /// While verifying at 100 %: what stands in for stable in the analysis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
     /// Latest verdict per analysis metric (empty without metrics in the policy).
     /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
     /// are not numbers yet are null.

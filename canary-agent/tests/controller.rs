@@ -86,7 +86,9 @@ impl Sim {
 
     fn tick(&mut self, hold: AnalysisHold) -> Vec<Effect> {
         let fx = self.rollout.tick(self.clock.now_ms(), hold);
-        assert!(events(&fx).len() <= 1, "{fx:?}");
+        // One transition per tick, but reaching 100 % goes on to verifying or retiring.
+        let ev = events(&fx);
+        assert!(ev.len() <= 1 || ev[0].to == Promoted, "{fx:?}");
         self.effects.extend(fx.clone());
         fx
     }
@@ -960,4 +962,194 @@ fn event_log_appends_and_reads_back_json_lines() {
     let err = log.read().unwrap_err().to_string();
     assert!(err.contains("checkout.jsonl:3: not an event"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Three steps to 100 % in 20 s, then `extra` (the finish tables).
+fn finishing(extra: &str) -> Sim {
+    let text = format!(
+        "step = [{{ at = 0, weight = 10 }}, {{ at = \"10s\", weight = 50 }}, \
+         {{ at = \"20s\", weight = 100 }}]\n{extra}"
+    );
+    Sim::new(parse_toml(&text, "finish.toml").unwrap())
+}
+
+/// The rollout's own events (`Effect::Transition`) as (seconds, from, to).
+fn path(sim: &Sim) -> Vec<(u64, RolloutState, RolloutState)> {
+    events(&sim.effects)
+        .iter()
+        .filter(|e| e.from != e.to)
+        .map(|e| ((e.at_ms - T0) / S, e.from, e.to))
+        .collect()
+}
+
+fn observe(sim: &mut Sim, remaining: u64) -> Vec<Effect> {
+    let fx = sim.rollout.observe_retiring(sim.clock.now_ms(), remaining);
+    sim.effects.extend(fx.clone());
+    fx
+}
+
+#[test]
+fn a_finishing_release_verifies_retires_and_hands_over() {
+    let mut sim = finishing("[verify]\nduration = \"30s\"\n[retire]\ntimeout = \"1m\"\n");
+    sim.ok(Command::Start, alice());
+    sim.run(20);
+    assert_eq!((sim.state(), sim.weight()), (Verifying, 10_000));
+    let status = sim.rollout.status(sim.clock.now_ms());
+    assert_eq!(status.verify_left_s, Some(30.0));
+    assert_eq!(sim.rollout.retire_action(), None);
+    // Inconclusive analysis holds the verification past its time.
+    sim.at(50);
+    sim.tick(AnalysisHold::Hold("inconclusive".into()));
+    assert_eq!(sim.state(), Verifying);
+    sim.run(51);
+    assert_eq!(sim.state(), Retiring);
+    assert_eq!(
+        sim.rollout.retire_action(),
+        Some(canary_agent::controller::RetireAction::AtBoundaries)
+    );
+    // Retiring refuses what would move traffic; rollback still works (tested below).
+    sim.refused(
+        Command::Pause {
+            reason: reason("x"),
+        },
+        alice(),
+    );
+    sim.refused(Command::Promote { full: true }, alice());
+    sim.refused(Command::SetWeight { bp: 5000 }, alice());
+    assert!(observe(&mut sim, 12).is_empty());
+    let retiring = sim.rollout.status(sim.clock.now_ms()).retiring.unwrap();
+    assert_eq!((retiring.remaining, retiring.timed_out), (12, false));
+    sim.at(60);
+    let fx = observe(&mut sim, 0);
+    assert_eq!(fx.last(), Some(&Effect::Released));
+    assert_eq!(sim.state(), Finished);
+    assert!(sim.state().is_terminal() && !sim.state().is_running());
+    assert_eq!(
+        path(&sim),
+        [
+            (0, Pending, Progressing),
+            (20, Progressing, Promoted),
+            (20, Promoted, Verifying),
+            (51, Verifying, Retiring),
+            (60, Retiring, Finished),
+        ]
+    );
+    let released = sim.rollout.status(sim.clock.now_ms()).released.unwrap();
+    assert_eq!(released.at_ms, T0 + 60 * S);
+    sim.rollout.record_release(vec!["198.18.3.2:80".into()]);
+    assert_eq!(sim.rollout.released().unwrap().backends, ["198.18.3.2:80"]);
+    // Serialized and read back (a restart), the release is still there.
+    let text = serde_json::to_string(&sim.rollout).unwrap();
+    let back: Rollout = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, sim.rollout);
+    // No second release: it is over.
+    assert!(observe(&mut sim, 0).is_empty());
+}
+
+#[test]
+fn a_release_without_finish_tables_ends_at_promoted() {
+    let mut sim = finishing("");
+    sim.ok(Command::Start, alice());
+    sim.run(25);
+    assert_eq!(sim.state(), Promoted);
+    assert_eq!(sim.rollout.retire_action(), None);
+    assert!(observe(&mut sim, 0).is_empty());
+}
+
+#[test]
+fn verification_can_be_skipped_paused_and_rolled_back() {
+    let mut sim = finishing("[verify]\nduration = \"5m\"\n");
+    sim.ok(Command::Start, alice());
+    sim.run(20);
+    assert_eq!(sim.state(), Verifying);
+    // A pause stops the verification clock; resuming continues it.
+    sim.at(80);
+    sim.ok(
+        Command::Pause {
+            reason: reason("look"),
+        },
+        alice(),
+    );
+    sim.at(500);
+    sim.ok(
+        Command::Resume {
+            reason: reason("ok"),
+        },
+        alice(),
+    );
+    assert_eq!(sim.state(), Verifying);
+    let left = sim.rollout.status(sim.clock.now_ms()).verify_left_s;
+    assert_eq!(left, Some(240.0));
+    // An operator's promote skips the rest.
+    let fx = sim.ok(Command::Promote { full: false }, alice());
+    assert_eq!(last_event(&fx).to, Retiring);
+    assert!(last_event(&fx)
+        .reason
+        .contains("verification skipped by operator:alice"));
+    // A rollback while retiring returns to the old version.
+    let fx = sim.ok(
+        Command::Rollback {
+            reason: reason("no"),
+        },
+        alice(),
+    );
+    assert_eq!(fx[0], Effect::SetWeight(0));
+    assert_eq!(
+        (sim.state(), sim.rollout.retire_action()),
+        (RolledBack, None)
+    );
+
+    // A rule firing during verification rolls back like at any step.
+    let mut sim = finishing("[verify]\nduration = \"5m\"\n");
+    sim.ok(Command::Start, alice());
+    sim.run(30);
+    let rule = Command::AnalysisRollback {
+        rule: "error-spike".into(),
+        detail: "canary 5xx 8 %".into(),
+    };
+    let fx = sim.ok(rule, Actor::Analysis);
+    assert_eq!(last_event(&fx).to, RolledBack);
+    assert_eq!(sim.weight(), 0);
+}
+
+#[test]
+fn retirement_timeouts_close_the_rest_or_alert_once() {
+    use canary_agent::controller::RetireAction::*;
+    for (mode, before, after) in [
+        ("drain", AtBoundaries, CloseNow),
+        ("close-after", Wait, CloseNow),
+        ("keep", Wait, Wait),
+    ] {
+        let mut sim = finishing(&format!(
+            "[retire]\nconnections = \"{mode}\"\ntimeout = \"30s\"\n"
+        ));
+        sim.ok(Command::Start, alice());
+        sim.run(20);
+        // No verification time: straight to retiring at 100 %.
+        assert_eq!(sim.state(), Retiring, "{mode}");
+        assert_eq!(sim.rollout.retire_action(), Some(before), "{mode}");
+        sim.at(49);
+        assert!(observe(&mut sim, 3).is_empty(), "{mode}");
+        sim.at(50);
+        let fx = observe(&mut sim, 3);
+        assert_eq!(sim.rollout.retire_action(), Some(after), "{mode}");
+        match mode {
+            "keep" => {
+                let [Effect::Alert { kind, reason }] = &fx[..] else {
+                    panic!("{mode}: {fx:?}")
+                };
+                assert_eq!(kind, "retire-timeout");
+                assert!(reason.contains("3 connections"), "{reason}");
+            }
+            _ => assert!(
+                last_event(&fx).reason.contains("closing the 3 remaining"),
+                "{fx:?}"
+            ),
+        }
+        sim.at(55);
+        assert!(observe(&mut sim, 1).is_empty(), "{mode}: acts once");
+        sim.at(90);
+        observe(&mut sim, 0);
+        assert_eq!(sim.state(), Finished, "{mode}");
+    }
 }

@@ -779,3 +779,86 @@ fn the_verbatim_seed_rule_needs_its_custom_query() {
         "{text}"
     );
 }
+
+#[test]
+fn finish_forms_scheme_toml_and_stage_are_equal() {
+    use canary_agent::policy::{Finish, Retire, RetireConnections};
+    let toml = |extra: &str| parse_toml(&format!("{STEPS_TOML}{extra}"), "f.toml");
+    let scm = |extra: &str| parse_scheme(&format!("{STEPS_SCM}{extra}"), "f.scm");
+    let want = Some(Finish {
+        verify_s: 300,
+        retire: Retire {
+            connections: RetireConnections::CloseAfter,
+            timeout_s: 120,
+        },
+    });
+    let from_toml = toml(
+        "[verify]\nduration = \"5m\"\n[retire]\nconnections = \"close-after\"\ntimeout = \"2m\"\n",
+    )
+    .unwrap();
+    assert_eq!(from_toml.finish, want);
+    let forms = scm("(define-verification '((duration . 300)))\n\
+         (define-retirement '((connections . close-after) (timeout . \"2m\")))")
+    .unwrap();
+    assert_eq!(forms.finish, want);
+    let staged = parse_scheme(
+        "(define-progression '((0 . 10) (60 . 100)))\n\
+         (define-stages '((rollout (weights 0 50))\n\
+           (full-deployment (weights 50 100)\n\
+             (verification (duration . 300))\n\
+             (retirement (connections . close-after) (timeout . 120)))))",
+        "f.scm",
+    )
+    .unwrap();
+    assert_eq!(staged.finish, want);
+    // Either table alone turns finishing on, with the other's defaults.
+    let verify_only = toml("[verify]\nduration = \"30s\"\n")
+        .unwrap()
+        .finish
+        .unwrap();
+    assert_eq!(verify_only.retire, Retire::default());
+    assert_eq!(verify_only.retire.timeout_s, 600);
+    let retire_only = scm("(define-retirement '((connections . keep)))").unwrap();
+    assert_eq!(retire_only.finish.unwrap().verify_s, 0);
+    // Without them a release ends at promoted.
+    assert_eq!(toml("").unwrap().finish, None);
+    let plan = from_toml.render_plan();
+    assert!(plan.contains("Finish:"), "{plan}");
+    assert_eq!(plan, forms.render_plan());
+}
+
+#[test]
+fn finish_form_errors_are_located() {
+    let toml = |extra: &str| parse_toml(&format!("{STEPS_TOML}{extra}"), "f.toml");
+    let scm = |extra: &str| parse_scheme(&format!("{STEPS_SCM}{extra}"), "f.scm");
+    let err = toml("[retire]\nconnections = \"linger\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("f.toml") && err.contains("linger"), "{err}");
+    assert!(err.contains("drain, keep or close-after"), "{err}");
+    let err = toml("[verify]\nlength = \"5m\"\n").unwrap_err().to_string();
+    assert!(err.contains("length"), "{err}");
+    let err = scm("(define-retirement '((connections . linger)))")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("define-retirement connections") && err.contains("linger"),
+        "{err}"
+    );
+    let err =
+        scm("(define-verification '((duration . 60)))\n(define-verification '((duration . 60)))")
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("given twice"), "{err}");
+    let err = scm("(define-verification '())").unwrap_err().to_string();
+    assert!(err.contains("missing (duration . SECONDS)"), "{err}");
+    let err = parse_scheme(
+        "(define-progression '((0 . 10) (60 . 100)))\n\
+         (define-stages '((rollout (weights 0 50) (verification (duration . 60)))\n\
+           (full-deployment (weights 50 100))))",
+        "f.scm",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("only the stage that reaches 100 %"), "{err}");
+}

@@ -10,6 +10,10 @@
 //!   config weight, a new service or a removed policy apply the config weight;
 //! - a removed policy drops the rollout; a changed policy replaces a pending or
 //!   finished rollout with a fresh pending one, and is adopted by a running rollout;
+//! - a release that finished stays handed over (the canary backends hold the stable
+//!   role, weight 0) while the config's `canary` is the released version; a config
+//!   naming another canary (the next version, with the released one as `stable`)
+//!   starts a fresh pending rollout and moves no open connection;
 //! - services no longer configured are removed from the maps.
 
 use std::collections::BTreeMap;
@@ -39,6 +43,8 @@ pub struct ServicePlan {
     /// Decided in the kernel by client address: its table goes under the generation
     /// not in force (so the switch is one write of the service's value).
     pub kernel: Option<KernelRouting>,
+    /// The service's release finished: install [`ServiceConfig::released`].
+    pub released: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,8 +101,13 @@ pub fn plan(
             };
             let mut notes = Vec::new();
             let previous = current.rollouts.get(&svc.name);
-            let (rollout, kept_owner) =
-                reconcile_rollout(&svc.name, previous, policy.as_ref(), now_ms, &mut notes);
+            // A finished release stays handed over under whatever policy the config gives.
+            let released_before = previous.filter(|r| is_released_to(r, svc));
+            let (rollout, kept_owner) = match (released_before, policy) {
+                (Some(r), Some(p)) => (Some(r.clone().with_policy(p.clone())), true),
+                _ => reconcile_rollout(svc, previous, policy.as_ref(), now_ms, &mut notes),
+            };
+            let released = rollout.as_ref().is_some_and(|r| is_released_to(r, svc));
             let rollout_changed = rollout.as_ref() != previous;
             let config_changed = current
                 .applied
@@ -105,6 +116,7 @@ pub fn plan(
                 .is_none_or(|a| a.config_weight_bp != svc.weight_bp);
             let running = rollout.as_ref().filter(|r| r.state().is_running());
             let weight_bp = match (running, installed) {
+                _ if released => 0,
                 (Some(r), _) => r.weight_bp(),
                 (None, Some((_, v))) if !config_changed && kept_owner => v.weight_bp,
                 (None, Some((_, v))) => {
@@ -140,22 +152,44 @@ pub fn plan(
                 rollout_changed,
                 notes,
                 kernel,
+                released,
             }
         })
         .collect();
     Plan { services, stale }
 }
 
+/// A finished release whose released backends are still the config's canary.
+fn is_released_to(rollout: &Rollout, svc: &ServiceConfig) -> bool {
+    rollout.state() == RolloutState::Finished
+        && rollout.released().is_some_and(|r| {
+            let canary: Vec<String> = svc.canary.iter().map(|a| a.to_string()).collect();
+            r.backends == canary
+        })
+}
+
 /// The rollout a service has under `policy`, and whether whatever set the live weight
 /// (the previous rollout, or none) is still in place.
 fn reconcile_rollout(
-    service: &str,
+    svc: &ServiceConfig,
     previous: Option<&Rollout>,
     policy: Option<&Policy>,
     now_ms: u64,
     notes: &mut Vec<String>,
 ) -> (Option<Rollout>, bool) {
+    let service = svc.name.as_str();
     match (previous, policy) {
+        (Some(r), Some(p)) if r.state() == RolloutState::Finished => {
+            let released = r
+                .released()
+                .map(|r| r.backends.join(", "))
+                .unwrap_or_default();
+            notes.push(format!(
+                "the release of {released} finished and the config names another canary: \
+                 a new pending rollout (no connection moves)"
+            ));
+            (Some(Rollout::new(service, p.clone())), true)
+        }
         (None, None) => (None, true),
         (Some(_), None) => {
             notes.push("policy removed: rollout dropped".into());

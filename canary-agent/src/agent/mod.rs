@@ -36,8 +36,10 @@ use crate::{
     analysis::MetricName,
     api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
     config::Config,
-    controller::{Actor, Clock, Command, Effect, Rollout, RolloutState},
-    datapath::{self, encode_service, service_key_for, Dataplane, KernelRouting},
+    controller::{Actor, Clock, Command, Effect, RetireAction, Rollout, RolloutState},
+    datapath::{
+        self, encode_service, service_key_for, Dataplane, DrainGroup, DrainMode, KernelRouting,
+    },
     policy::{load_policy, OnRollback, Policy},
     units::bp_to_percent,
 };
@@ -389,6 +391,11 @@ impl Agent {
                 .any(|s| s.forward == crate::config::Forward::Redirect),
         )?;
         for ((svc, decided), policy) in config.services.iter().zip(plan.services).zip(policies) {
+            let svc = &if decided.released {
+                svc.released()
+            } else {
+                svc.clone()
+            };
             if decided.fresh {
                 self.datapath.clear_stats(decided.id)?;
             }
@@ -622,6 +629,7 @@ impl Agent {
                 backends,
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
+                baseline: svc.baseline(),
                 stray_segments: self.datapath.stray(svc.id)?,
                 routing: match (&svc.kernel, &svc.policy) {
                     (Some(_), Some(p)) => Some(crate::router::kernel::status(
@@ -742,6 +750,16 @@ impl Agent {
                  service's (`canary set-weight`); a rollout needs a progression"
             );
         }
+        if let Some(release) = svc.rollout.as_ref().and_then(|r| r.released()) {
+            if starting {
+                bail!(
+                    "service {name:?}'s release finished: {} holds the stable role. Name it \
+                     `stable` and the next version `canary` in the config and reload; a new \
+                     rollout then starts from there",
+                    release.backends.join(", ")
+                );
+            }
+        }
         if starting {
             svc.rollout = Some(Rollout::new(name, policy.clone()));
         }
@@ -762,6 +780,7 @@ impl Agent {
 
     fn apply_effects(&mut self, name: &str, effects: Vec<Effect>) -> Result<()> {
         let mut rolled_back = false;
+        let mut released = false;
         for effect in effects {
             match effect {
                 Effect::SetWeight(bp) => self.set_weight(name, bp)?,
@@ -785,10 +804,14 @@ impl Agent {
                     tracing::warn!(service = name, %kind, %reason, "rollout alert");
                     self.alert(name, &kind, &reason);
                 }
+                Effect::Released => released = true,
             }
         }
         if rolled_back {
             self.start_drain(name)?;
+        }
+        if released {
+            self.release(name)?;
         }
         let svc = self.services.iter().find(|s| s.cfg.name == name);
         if let Some(r) = svc.and_then(|s| s.rollout.as_ref()) {
@@ -801,6 +824,63 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// The old version holds nothing any more: the canary backends take the stable role
+    /// in one map write (canary group empty, weight 0), the rollout records them, and
+    /// the pipeline hears `released` on the alert webhook. A follower does the same when
+    /// the leader's rollout it mirrors has finished; doing it twice changes nothing.
+    fn release(&mut self, name: &str) -> Result<()> {
+        let svc = self.service_mut(name)?;
+        if svc.cfg.canary.is_empty() {
+            return Ok(());
+        }
+        let retired: Vec<String> = svc.cfg.stable.iter().map(|a| a.to_string()).collect();
+        let backends: Vec<String> = svc.cfg.canary.iter().map(|a| a.to_string()).collect();
+        if let Some(r) = svc.rollout.as_mut() {
+            r.record_release(backends.clone());
+        }
+        let released = svc.cfg.released();
+        let before = std::mem::replace(&mut svc.cfg, released);
+        if let Err(e) = self.write_weight(name, 0) {
+            self.service_mut(name)?.cfg = before;
+            return Err(e.context("handing the stable role to the released version"));
+        }
+        tracing::info!(service = name, stable = ?backends, retired = ?retired, "release finished: the old version may be deleted");
+        if self.fleet_leading() && self.config.agent.alert_webhook.is_some() {
+            let summary = self.release_summary(name)?;
+            self.alerts.push(serde_json::json!({
+                "event": "released",
+                "service": name,
+                "at_ms": self.clock.now_ms(),
+                "stable": backends,
+                "retired": retired,
+                "summary": summary,
+            }));
+        }
+        Ok(())
+    }
+
+    /// The finished rollout in brief, for the `released` webhook: when it started, was
+    /// promoted and finished, its steps, and the analysis' last verdicts.
+    fn release_summary(&self, name: &str) -> Result<serde_json::Value> {
+        let events = self.state.events(name).read()?;
+        let started = events
+            .iter()
+            .rposition(|e| e.reason.starts_with("rollout started"))
+            .unwrap_or(0);
+        let run = &events[started..];
+        let at = |state: RolloutState| run.iter().find(|e| e.to == state).map(|e| e.at_ms);
+        let svc = self.services.iter().find(|s| s.cfg.name == name);
+        Ok(serde_json::json!({
+            "started_at_ms": run.first().map(|e| e.at_ms),
+            "promoted_at_ms": at(RolloutState::Promoted),
+            "retiring_at_ms": at(RolloutState::Retiring),
+            "finished_at_ms": at(RolloutState::Finished),
+            "events": run.len(),
+            "steps": svc.and_then(|s| s.policy.as_ref()).map_or(0, |p| p.steps.len()),
+            "verdicts": svc.map_or(&[][..], |s| s.verdicts()),
+        }))
     }
 
     /// The PromQL metrics of every service's policy.
@@ -945,9 +1025,14 @@ impl Agent {
         if !effects.is_empty() {
             self.apply_effects(&name, effects)?;
         }
+        self.retire(i, now, leading)?;
         if self.services[i].draining {
             let id = self.services[i].id;
-            let progress = match self.datapath.drain_idle(id, std::time::Instant::now()) {
+            let now = std::time::Instant::now();
+            let scan = self
+                .datapath
+                .drain(id, DrainGroup::Canary, DrainMode::AtBoundaries, now);
+            let progress = match scan {
                 Ok(progress) => progress,
                 Err(e) => {
                     // Said once, not every tick: the canary keeps its open connections.
@@ -964,6 +1049,41 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// While service `i` retires its old version: one scan of the old stable's
+    /// connections (closed or counted as the rollout says), and on the leader the
+    /// count handed to the rollout, which finishes the release when none remain.
+    fn retire(&mut self, i: usize, now: u64, leading: bool) -> Result<()> {
+        let Some(action) = self.services[i]
+            .rollout
+            .as_ref()
+            .and_then(|r| r.retire_action())
+        else {
+            return Ok(());
+        };
+        let mode = match action {
+            RetireAction::AtBoundaries => DrainMode::AtBoundaries,
+            RetireAction::CloseNow => DrainMode::Now,
+            RetireAction::Wait => DrainMode::Count,
+        };
+        let (id, name) = (self.services[i].id, self.services[i].cfg.name.clone());
+        let progress = self
+            .datapath
+            .drain(id, DrainGroup::Stable, mode, std::time::Instant::now())
+            .map_err(|e| e.context("retiring the old version's connections"))?;
+        if progress.closed > 0 {
+            tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, ?mode, "closed connections of the old version");
+        }
+        if !leading {
+            return Ok(());
+        }
+        let remaining = progress.remaining as u64;
+        let effects = match self.services[i].rollout.as_mut() {
+            Some(r) => r.observe_retiring(now, remaining),
+            None => Vec::new(),
+        };
+        self.apply_effects(&name, effects)
     }
 
     /// This second's cumulative counters of stable and canary, for the analysis.

@@ -3,7 +3,7 @@
 //! hands them in, and carries out the returned [`Effect`]s — so the timing of holds,
 //! verdict events and rule firings is unit-tested with a simulated clock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use canary_common::ServiceKey;
 
@@ -14,7 +14,7 @@ use crate::config::ServiceConfig;
 use crate::controller::{
     Actor, AnalysisHold, Command, ControlError, Effect, Event, Rollout, RolloutState, RolloutStatus,
 };
-use crate::policy::Policy;
+use crate::policy::{Policy, FULL_BP};
 
 pub struct LiveService {
     pub cfg: ServiceConfig,
@@ -44,6 +44,93 @@ pub struct Analysis {
     last_observed_s: Option<u64>,
     /// The running rollout's step the analyzer's pass data began with.
     step: Option<usize>,
+    baseline: Baseline,
+}
+
+/// Stable as it was before promotion, standing in for it while the release is verified
+/// at 100 % (stable then carries nothing new to compare against): the readings of the
+/// last `span_s` seconds below 100 %, and once verifying, stable's counters at
+/// promotion growing at the rate those seconds had.
+struct Baseline {
+    span_s: u64,
+    recent: VecDeque<(u64, VersionCounters)>,
+    frozen: Option<Frozen>,
+}
+
+struct Frozen {
+    at_s: u64,
+    at_promotion: VersionCounters,
+    /// What stable saw over `span_s` seconds before promotion.
+    per_span: VersionCounters,
+    span_s: u64,
+}
+
+impl Baseline {
+    /// Spans the longest metric window (at least 10 s).
+    fn new(policy: &Policy) -> Self {
+        let longest = policy.metrics.iter().map(|m| m.window_s).max();
+        Self {
+            span_s: longest.unwrap_or(60).max(10),
+            recent: VecDeque::new(),
+            frozen: None,
+        }
+    }
+
+    /// A reading below 100 %: kept, and any earlier verification's stand-in dropped.
+    fn record(&mut self, now_s: u64, stable: &VersionCounters) {
+        self.frozen = None;
+        self.recent.push_back((now_s, stable.clone()));
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| at + self.span_s < now_s)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Stable's stand-in while verifying (the real reading when no second before
+    /// promotion was seen, e.g. after a restart at 100 %).
+    fn stand_in(&mut self, now_s: u64, stable: &VersionCounters) -> VersionCounters {
+        if self.frozen.is_none() {
+            let (Some((first_s, first)), Some((last_s, last))) =
+                (self.recent.front(), self.recent.back())
+            else {
+                return stable.clone();
+            };
+            let mut per_span = VersionCounters::zero();
+            per_span.accumulate(first, last);
+            self.frozen = Some(Frozen {
+                at_s: *last_s,
+                at_promotion: last.clone(),
+                per_span,
+                span_s: last_s.saturating_sub(*first_s).max(1),
+            });
+        }
+        let f = self.frozen.as_ref().expect("just set");
+        let grown = f
+            .per_span
+            .scaled(now_s.saturating_sub(f.at_s) as f64 / f.span_s as f64);
+        let mut counters = f.at_promotion.clone();
+        counters.accumulate(&VersionCounters::zero(), &grown);
+        counters
+    }
+
+    /// What `status` says the canary is judged against while verifying.
+    fn describe(&self) -> Option<String> {
+        let f = self.frozen.as_ref()?;
+        let rate = |n: u64| n as f64 / f.span_s as f64;
+        let errors = f.per_span.responses[4];
+        let requests = f.per_span.requests.max(1);
+        Some(format!(
+            "stable's baseline from the {}s before promotion: {:.1} requests/s, {:.2}% 5xx, \
+             {:.1} new connections/s",
+            f.span_s,
+            rate(f.per_span.requests),
+            100.0 * errors as f64 / requests as f64,
+            rate(f.per_span.conn_new)
+        ))
+    }
 }
 
 impl Analysis {
@@ -59,6 +146,7 @@ impl Analysis {
             hold: AnalysisHold::Hold("waiting for the first second of analysis".into()),
             last_observed_s: None,
             step: None,
+            baseline: Baseline::new(policy),
         })
     }
 }
@@ -104,6 +192,24 @@ impl LiveService {
                 None => analysis.analyzer.end_step(),
             }
         }
+        // At 100 % there is no stable traffic to compare with: while verifying, stable's
+        // baseline from before promotion stands in for it.
+        let verifying = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.state() == RolloutState::Verifying);
+        let full = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.weight_bp() == FULL_BP);
+        let stable = if verifying {
+            &analysis.baseline.stand_in(now_s, stable)
+        } else {
+            if !full {
+                analysis.baseline.record(now_s, stable);
+            }
+            stable
+        };
         analysis.analyzer.observe(now_s, stable, canary);
         let eval = analysis.analyzer.evaluate(now_s);
         let label = |o: Outcome| format!("{o:?}").to_lowercase();
@@ -168,7 +274,9 @@ impl LiveService {
         let acting = self.rollout.as_ref().is_some_and(|r| {
             matches!(
                 r.state(),
-                RolloutState::Progressing | RolloutState::AwaitingApproval
+                RolloutState::Progressing
+                    | RolloutState::AwaitingApproval
+                    | RolloutState::Verifying
             )
         });
         if let (true, Some(fired)) = (acting, eval.fired.first()) {
@@ -211,6 +319,18 @@ impl LiveService {
 
     pub fn verdicts(&self) -> &[Verdict] {
         self.analysis.as_ref().map_or(&[], |a| &a.verdicts)
+    }
+
+    /// While verifying: what the canary is judged against, in words.
+    pub fn baseline(&self) -> Option<String> {
+        let verifying = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.state() == RolloutState::Verifying);
+        self.analysis
+            .as_ref()
+            .filter(|_| verifying)
+            .and_then(|a| a.baseline.describe())
     }
 }
 

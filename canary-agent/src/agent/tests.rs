@@ -277,7 +277,7 @@ fn a_rollback_is_one_map_write_and_drains_the_canary() -> Result<()> {
             rolled_back: false
         }]
     );
-    host.fake.state().canary_open.insert(id, 7);
+    host.fake.state().open.insert((id, DrainGroup::Canary), 7);
     rollout(
         &mut agent,
         "web",
@@ -297,10 +297,7 @@ fn a_rollback_is_one_map_write_and_drains_the_canary() -> Result<()> {
     assert!(status(&agent, "web")?.draining);
     host.clock.advance_ms(100);
     agent.tick();
-    assert!(
-        host.fake.state().canary_open.is_empty(),
-        "the drain did not run"
-    );
+    assert!(host.fake.state().open.is_empty(), "the drain did not run");
     assert!(
         !status(&agent, "web")?.draining,
         "still draining with nothing left"

@@ -147,6 +147,18 @@ pub struct ServiceConfig {
     pub forward: Forward,
 }
 
+impl ServiceConfig {
+    /// The service once its release finished: the canary backends hold the stable role
+    /// and the canary group is empty, so nothing new reaches the old version.
+    pub fn released(&self) -> ServiceConfig {
+        ServiceConfig {
+            stable: self.canary.clone(),
+            canary: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
 /// Defaults of `head_limit` (bytes) and `head_timeout` (seconds).
 pub const DEFAULT_HEAD_LIMIT: usize = 16 * 1024;
 pub const DEFAULT_HEAD_TIMEOUT_S: u64 = 10;

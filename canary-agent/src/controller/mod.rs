@@ -16,6 +16,13 @@
 //!   remaining dwell (or reopens a pending gate).
 //! - Resuming an analysis pause needs a non-empty reason; promoting out of
 //!   one is refused.
+//! - With a policy that finishes its releases (`Policy::finish`), reaching
+//!   100 % is recorded as `promoted` and goes on to `verifying` (the rules
+//!   still judge the canary for `verify_s`; an operator's promote skips it),
+//!   then `retiring` (the agent closes the old version's connections and
+//!   reports how many remain, [`Rollout::observe_retiring`]), then `finished`
+//!   with one [`Effect::Released`] once none remain. Rollback stays possible
+//!   until `finished`.
 
 mod clock;
 mod events;
@@ -25,7 +32,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{percent, Policy, WeightBp, FULL_BP};
+use crate::policy::{percent, Policy, RetireConnections, WeightBp, FULL_BP};
 
 pub use self::clock::{Clock, ScaledClock, SimClock, SystemClock};
 pub use self::events::{EventLog, EventLogError};
@@ -38,6 +45,12 @@ pub enum RolloutState {
     Paused,
     AwaitingApproval,
     Promoted,
+    /// At 100 %, the rules still judging the canary before the old version goes.
+    Verifying,
+    /// The old version's open connections are being closed (or waited for).
+    Retiring,
+    /// The old version holds nothing: the canary is the service's stable version.
+    Finished,
     RolledBack,
 }
 
@@ -49,12 +62,15 @@ impl RolloutState {
             Self::Paused => "paused",
             Self::AwaitingApproval => "awaiting-approval",
             Self::Promoted => "promoted",
+            Self::Verifying => "verifying",
+            Self::Retiring => "retiring",
+            Self::Finished => "finished",
             Self::RolledBack => "rolled-back",
         }
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Promoted | Self::RolledBack)
+        matches!(self, Self::Promoted | Self::Finished | Self::RolledBack)
     }
 
     /// Progressing, paused or at a gate: the rollout, not the config, sets the weight.
@@ -173,10 +189,25 @@ pub enum Effect {
         webhook: Option<String>,
     },
     Alert {
-        /// `gate-timeout` or `max-hold`, as sent to the alert webhook.
+        /// `gate-timeout`, `max-hold` or `retire-timeout`, as sent to the alert webhook.
         kind: String,
         reason: String,
     },
+    /// The old version holds no connection: hand the stable role to the canary
+    /// backends and tell the pipeline the old version may be deleted.
+    Released,
+}
+
+/// What the agent does with the old version's connections while retiring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetireAction {
+    /// Close each at its next request boundary.
+    AtBoundaries,
+    /// Close every one now (the retirement timed out).
+    CloseNow,
+    /// Leave them until they close on their own (or the timeout).
+    Wait,
 }
 
 /// One line of the rollout history. `from == to` for changes within a
@@ -238,6 +269,42 @@ pub struct RolloutStatus {
     /// Why analysis is holding the next step back, when it is.
     pub holding: Option<String>,
     pub waiting_gate: Option<GateStatus>,
+    /// While verifying: seconds left before the old version is retired (frozen
+    /// while analysis holds).
+    #[serde(default)]
+    pub verify_left_s: Option<f64>,
+    #[serde(default)]
+    pub retiring: Option<RetireStatus>,
+    /// The hand-over (`finished`).
+    #[serde(default)]
+    pub released: Option<Release>,
+}
+
+/// A finished release: when the stable role went to the canary backends, and which.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub at_ms: u64,
+    /// The backends that became stable (the config's `canary` then); empty until the
+    /// agent records them.
+    pub backends: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetireStatus {
+    pub connections: RetireConnections,
+    /// The old version's connections still open at the last scan.
+    pub remaining: u64,
+    /// Seconds until the timeout acts (0 once it has).
+    pub timeout_in_s: f64,
+    pub timed_out: bool,
+}
+
+/// The retirement in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Retirement {
+    since_ms: u64,
+    remaining: u64,
+    timed_out: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -315,6 +382,10 @@ pub struct Rollout {
     /// The max-hold alert of the current hold was raised.
     #[serde(default)]
     hold_alerted: bool,
+    #[serde(default)]
+    retirement: Option<Retirement>,
+    #[serde(default)]
+    released: Option<Release>,
 }
 
 impl Rollout {
@@ -335,6 +406,8 @@ impl Rollout {
             holding: None,
             holding_since_ms: None,
             hold_alerted: false,
+            retirement: None,
+            released: None,
         }
     }
 
@@ -385,6 +458,18 @@ impl Rollout {
         self.weight_bp
     }
 
+    /// The hand-over of a finished release.
+    pub fn released(&self) -> Option<&Release> {
+        self.released.as_ref()
+    }
+
+    /// Records which backends took the stable role at [`Effect::Released`].
+    pub fn record_release(&mut self, backends: Vec<String>) {
+        if let Some(release) = &mut self.released {
+            release.backends = backends;
+        }
+    }
+
     /// Carries out an operator or analysis command. An illegal command leaves
     /// the rollout unchanged and says why.
     ///
@@ -423,6 +508,10 @@ impl Rollout {
             Command::Approve { by } => {
                 let step = self.gate.as_ref().map_or(0, |g| g.step);
                 self.enter_step(step, actor, &format!("approved by {by}"), now_ms, &mut fx);
+            }
+            Command::Promote { .. } if self.state == RolloutState::Verifying => {
+                let reason = format!("verification skipped by {actor}");
+                self.begin_retiring(actor, reason, now_ms, &mut fx);
             }
             Command::Promote { full: false } => {
                 let target = self
@@ -504,9 +593,154 @@ impl Rollout {
                     }
                 }
             }
+            RolloutState::Verifying => {
+                if self.verify_left_ms(now_ms) > 0 {
+                    return fx;
+                }
+                match analysis {
+                    AnalysisHold::Hold(why) => {
+                        self.check_max_hold(&why, now_ms, &mut fx);
+                        self.holding = Some(why);
+                    }
+                    AnalysisHold::Clear => {
+                        self.holding = None;
+                        let reason =
+                            format!("verification passed: {}s at 100%", self.finish().verify_s);
+                        self.begin_retiring(Actor::Schedule, reason, now_ms, &mut fx);
+                    }
+                }
+            }
             _ => {}
         }
         fx
+    }
+
+    /// What to do with the old version's connections now; `None` unless retiring.
+    pub fn retire_action(&self) -> Option<RetireAction> {
+        let retirement = self.retirement.as_ref()?;
+        Some(
+            match (self.finish().retire.connections, retirement.timed_out) {
+                (RetireConnections::Keep, _) => RetireAction::Wait,
+                (_, true) => RetireAction::CloseNow,
+                (RetireConnections::Drain, false) => RetireAction::AtBoundaries,
+                (RetireConnections::CloseAfter, false) => RetireAction::Wait,
+            },
+        )
+    }
+
+    /// Reports how many of the old version's connections are still open while
+    /// retiring: none finishes the release ([`Effect::Released`]); past the timeout,
+    /// `drain` and `close-after` turn to closing the rest and `keep` raises one alert.
+    pub fn observe_retiring(&mut self, now_ms: u64, remaining: u64) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let timeout_s = self.finish().retire.timeout_s;
+        let mode = self.finish().retire.connections;
+        let Some(retirement) = self.retirement.as_mut() else {
+            return fx;
+        };
+        retirement.remaining = remaining;
+        let waited_ms = now_ms.saturating_sub(retirement.since_ms);
+        if remaining == 0 {
+            self.retirement = None;
+            self.released = Some(Release {
+                at_ms: now_ms,
+                backends: Vec::new(),
+            });
+            let reason = format!(
+                "the old version holds no connection ({:.0}s after retiring began): released",
+                waited_ms as f64 / 1_000.0
+            );
+            self.transition(
+                RolloutState::Finished,
+                Actor::Schedule,
+                reason,
+                now_ms,
+                &mut fx,
+            );
+            fx.push(Effect::Released);
+        } else if !retirement.timed_out && waited_ms >= timeout_s * 1_000 {
+            retirement.timed_out = true;
+            if mode == RetireConnections::Keep {
+                fx.push(Effect::Alert {
+                    kind: "retire-timeout".into(),
+                    reason: format!(
+                        "{}: {remaining} connections of the old version still open after \
+                         {timeout_s}s (retire = keep: they stay until they close)",
+                        self.service
+                    ),
+                });
+            } else {
+                let reason = format!(
+                    "retire timeout ({timeout_s}s, {}): closing the {remaining} remaining \
+                     connections of the old version",
+                    mode.as_str()
+                );
+                self.transition(
+                    RolloutState::Retiring,
+                    Actor::Schedule,
+                    reason,
+                    now_ms,
+                    &mut fx,
+                );
+            }
+        }
+        fx
+    }
+
+    /// The policy's finish, or retiring at once with the default retirement (a
+    /// policy reloaded without one while verifying or retiring).
+    fn finish(&self) -> crate::policy::Finish {
+        self.policy.finish.unwrap_or(crate::policy::Finish {
+            verify_s: 0,
+            retire: crate::policy::Retire::default(),
+        })
+    }
+
+    fn verify_left_ms(&self, now_ms: u64) -> u64 {
+        (self.finish().verify_s * 1_000).saturating_sub(self.dwell.elapsed_ms(now_ms))
+    }
+
+    /// Reaching 100 %: `promoted`, then on to verifying when the policy finishes
+    /// its releases.
+    fn promoted(&mut self, actor: Actor, reason: String, now_ms: u64, fx: &mut Vec<Effect>) {
+        self.dwell.stop(now_ms);
+        self.transition(RolloutState::Promoted, actor, reason, now_ms, fx);
+        if self.policy.finish.is_some() {
+            self.begin_verifying(now_ms, fx);
+        }
+    }
+
+    fn begin_verifying(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        let verify_s = self.finish().verify_s;
+        if verify_s == 0 {
+            let reason = "no verification configured".to_string();
+            return self.begin_retiring(Actor::Schedule, reason, now_ms, fx);
+        }
+        self.dwell.restart(now_ms);
+        let reason = format!(
+            "verifying for {verify_s}s at 100% (against stable's baseline from before \
+             promotion) before retiring the old version"
+        );
+        self.transition(RolloutState::Verifying, Actor::Schedule, reason, now_ms, fx);
+    }
+
+    fn begin_retiring(&mut self, actor: Actor, why: String, now_ms: u64, fx: &mut Vec<Effect>) {
+        self.dwell.stop(now_ms);
+        self.holding = None;
+        self.holding_since_ms = None;
+        self.hold_alerted = false;
+        self.retirement = Some(Retirement {
+            since_ms: now_ms,
+            remaining: 0,
+            timed_out: false,
+        });
+        let retire = self.finish().retire;
+        let reason = format!(
+            "{why}; retiring the old version's connections ({}, timeout {}s)",
+            retire.connections.as_str(),
+            retire.timeout_s
+        );
+        self.transition(RolloutState::Retiring, actor, reason, now_ms, fx);
     }
 
     /// Raises one alert (and a history event) when inconclusive analysis has held the
@@ -544,6 +778,20 @@ impl Rollout {
             reason: self.reason.clone(),
             holding: self.holding.clone(),
             waiting_gate: self.gate_status(now_ms),
+            verify_left_s: (self.state == RolloutState::Verifying)
+                .then(|| self.verify_left_ms(now_ms) as f64 / 1_000.0),
+            retiring: self.retirement.as_ref().map(|r| {
+                let retire = self.finish().retire;
+                let timeout_ms =
+                    (retire.timeout_s * 1_000).saturating_sub(now_ms.saturating_sub(r.since_ms));
+                RetireStatus {
+                    connections: retire.connections,
+                    remaining: r.remaining,
+                    timeout_in_s: timeout_ms as f64 / 1_000.0,
+                    timed_out: r.timed_out,
+                }
+            }),
+            released: self.released.clone(),
         }
     }
 
@@ -574,6 +822,11 @@ impl Rollout {
         }
         let analysis_pause = state == Paused && self.paused_by_analysis;
         match cmd {
+            Command::Promote { .. } | Command::Pause { .. } | Command::SetWeight { .. }
+                if state == Retiring =>
+            {
+                refuse("it is retiring the old version; roll back to return to it")
+            }
             Command::Pause { .. } if state == Paused => refuse("it is already paused"),
             Command::AnalysisPause { .. } if analysis_pause => refuse("analysis already paused it"),
             Command::Resume { .. } if state != Paused => refuse("it is not paused"),
@@ -648,7 +901,15 @@ impl Rollout {
             self.push_gate_waiting(step, fx);
         } else {
             self.dwell.resume(now_ms);
-            self.transition(RolloutState::Progressing, actor, reason, now_ms, fx);
+            let verifying = self.policy.finish.is_some()
+                && self.step == Some(self.policy.steps.len() - 1)
+                && step_weight == FULL_BP;
+            let to = if verifying {
+                RolloutState::Verifying
+            } else {
+                RolloutState::Progressing
+            };
+            self.transition(to, actor, reason, now_ms, fx);
         }
     }
 
@@ -716,9 +977,8 @@ impl Rollout {
         self.dwell.restart(now_ms);
         self.set_weight(weight, fx);
         if promotes {
-            self.dwell.stop(now_ms);
             let reason = format!("{reason}; last step reached, promoted");
-            self.transition(RolloutState::Promoted, actor, reason, now_ms, fx);
+            self.promoted(actor, reason, now_ms, fx);
         } else {
             self.transition(RolloutState::Progressing, actor, reason, now_ms, fx);
         }
@@ -728,16 +988,16 @@ impl Rollout {
         self.gate = None;
         self.holding = None;
         self.step = Some(self.policy.steps.len() - 1);
-        self.dwell.stop(now_ms);
         self.set_weight(FULL_BP, fx);
         let reason = format!("promoted to 100% by {actor}");
-        self.transition(RolloutState::Promoted, actor, reason, now_ms, fx);
+        self.promoted(actor, reason, now_ms, fx);
     }
 
     fn roll_back(&mut self, actor: Actor, reason: String, now_ms: u64, fx: &mut Vec<Effect>) {
         self.gate = None;
         self.holding = None;
         self.paused_by_analysis = false;
+        self.retirement = None;
         self.dwell.stop(now_ms);
         self.set_weight(0, fx);
         self.transition(RolloutState::RolledBack, actor, reason, now_ms, fx);

@@ -1,6 +1,7 @@
-//! Drain: closes a rolled-back service's canary connections at a request boundary, so
-//! keep-alive clients reconnect (and land on stable) without an in-flight request
-//! failing.
+//! Drain: closes one version's connections at a request boundary, so keep-alive
+//! clients reconnect (and land on the other version) without an in-flight request
+//! failing: a rolled-back service's canary, or a finishing release's old stable
+//! ([`DrainGroup`]). Once a retirement times out, the rest are reset ([`DrainMode::Now`]).
 //!
 //! The node is an L4 NAT router with no socket of its own for these connections, so it
 //! closes them the way a server closes an idle keep-alive connection, by emitting TCP
@@ -78,13 +79,31 @@ const FIN_WINDOW: u16 = 0xFFFF;
 const TTL: u8 = 64;
 use canary_common::{TCP_FLAG_ACK as TCP_ACK, TCP_FLAG_FIN as TCP_FIN, TCP_FLAG_RST as TCP_RST};
 
-/// Outcome of one [`Datapath::drain_idle`] scan.
+/// Which version's connections a drain closes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DrainGroup {
+    Stable,
+    Canary,
+}
+
+/// How a drain scan treats the connections it finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DrainMode {
+    /// Each at a request boundary (the module documentation says when).
+    AtBoundaries,
+    /// Every one now: at a boundary gracefully, otherwise reset both ends.
+    Now,
+    /// None: only count them.
+    Count,
+}
+
+/// Outcome of one [`Datapath::drain`] scan.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainProgress {
-    /// Canary connections closed by this scan.
+    /// Connections closed by this scan.
     pub closed: usize,
-    /// Canary TCP connections of the service still open (not closed by either end nor
-    /// by a drain) after this scan.
+    /// TCP connections of the version still open (not closed by either end nor by a
+    /// drain) after this scan.
     pub remaining: usize,
 }
 
@@ -163,14 +182,26 @@ impl Datapath {
         }
     }
 
-    /// Closes the idle canary connections of service `service_id` (see the module
-    /// documentation) and reports how many were closed and how many remain. Meant to be
-    /// called periodically (every ~100 ms) while a rolled-back service drains: a flow is
-    /// only closed once its state has been seen unchanged for [`DRAIN_QUIET`], which
-    /// takes at least two scans, or, if it is busy with requests, at a boundary after
-    /// [`DRAIN_PATIENCE`]. Flows of other services and stable flows are never touched;
-    /// UDP flows are not drained (there is no boundary to close them at).
+    /// [`Datapath::drain`] of the canary at request boundaries, as after a rollback.
     pub fn drain_idle(&mut self, service_id: u32, now: Instant) -> Result<DrainProgress> {
+        self.drain(service_id, DrainGroup::Canary, DrainMode::AtBoundaries, now)
+    }
+
+    /// Closes the `group` connections of service `service_id` as `mode` says (see the
+    /// module documentation) and reports how many were closed and how many remain.
+    /// Meant to be called periodically (every ~100 ms) while a service drains: at
+    /// boundaries, a flow is only closed once its state has been seen unchanged for
+    /// [`DRAIN_QUIET`], which takes at least two scans, or, if it is busy with
+    /// requests, at a boundary after [`DRAIN_PATIENCE`]. Flows of other services and of
+    /// the other group are never touched; UDP flows are not drained (there is no
+    /// boundary to close them at).
+    pub fn drain(
+        &mut self,
+        service_id: u32,
+        group: DrainGroup,
+        mode: DrainMode,
+        now: Instant,
+    ) -> Result<DrainProgress> {
         let service = self
             .installed()?
             .into_iter()
@@ -181,7 +212,7 @@ impl Datapath {
         let mut replies = StdHashMap::new();
         let mut open = Vec::new();
         for (key, value) in entries {
-            if !is_canary_tcp_of(&service, service_id, &key, &value) {
+            if !is_tcp_of(&service, service_id, group, &key, &value) {
                 continue;
             }
             if key.dir == DIR_REPLY {
@@ -205,6 +236,23 @@ impl Datapath {
                 // The backend is closing it already.
                 continue;
             }
+            match mode {
+                DrainMode::Count => {
+                    progress.remaining += 1;
+                    continue;
+                }
+                DrainMode::Now => {
+                    let graceful = at_request_boundary(&fwd, &reply, true);
+                    if drain.close(&key, &fwd, &rkey, &reply, graceful)? {
+                        drain.seen.remove(&key);
+                        progress.closed += 1;
+                    } else {
+                        progress.remaining += 1;
+                    }
+                    continue;
+                }
+                DrainMode::AtBoundaries => {}
+            }
             scanned.push(key);
             let state = [fwd.tcp, reply.tcp];
             let seen = drain.seen.entry(key).or_insert(Seen {
@@ -221,7 +269,7 @@ impl Datapath {
                 Some(Why::Busy) => at_request_boundary(&fwd, &reply, true),
                 None => false,
             };
-            if idle && drain.close(&key, &fwd, &rkey, &reply)? {
+            if idle && drain.close(&key, &fwd, &rkey, &reply, true)? {
                 drain.seen.remove(&key);
                 progress.closed += 1;
                 busy += usize::from(why == Some(Why::Busy));
@@ -239,19 +287,28 @@ impl Datapath {
                 closed = progress.closed,
                 busy,
                 remaining = progress.remaining,
-                "closed canary connections at request boundaries (busy: never quiet for 100 ms)"
+                ?group,
+                ?mode,
+                "closed connections (busy: at a boundary but never quiet for 100 ms)"
             );
         }
         Ok(progress)
     }
 }
 
-/// A TCP flow entry (either direction) of `service`, placed on one of its canary
+/// A TCP flow entry (either direction) of `service`, placed on one of its `group`
 /// backends. The addresses are checked as well as the id, so a stale flow of a service
 /// whose id was given to another is not taken for one of its flows.
-fn is_canary_tcp_of(service: &ServiceKey, id: u32, key: &FlowKey, value: &FlowValue) -> bool {
+fn is_tcp_of(
+    service: &ServiceKey,
+    id: u32,
+    group: DrainGroup,
+    key: &FlowKey,
+    value: &FlowValue,
+) -> bool {
+    let canary = value.slot as usize >= MAX_GROUP_BACKENDS;
     if value.service != id
-        || (value.slot as usize) < MAX_GROUP_BACKENDS
+        || canary != (group == DrainGroup::Canary)
         || key.proto != PROTO_TCP
         || key.proto != service.proto
         || key.family != service.family
@@ -277,14 +334,16 @@ fn at_request_boundary(fwd: &FlowValue, reply: &FlowValue, busy: bool) -> bool {
 }
 
 impl Drain {
-    /// Closes one idle flow; `false` if it changed since the scan read it (it is
-    /// looked at again on the next scan).
+    /// Closes one flow, `graceful`ly at a boundary (FIN to the client) or by resetting
+    /// both ends; `false` if it changed since the scan read it (it is looked at again
+    /// on the next scan).
     fn close(
         &mut self,
         key: &FlowKey,
         fwd: &FlowValue,
         rkey: &FlowKey,
         reply: &FlowValue,
+        graceful: bool,
     ) -> Result<bool> {
         // Re-read just before acting, to narrow the window in which a request that
         // starts now would meet the close (the race any server closing an idle
@@ -295,7 +354,11 @@ impl Drain {
         if fwd_now != *fwd || reply_now != *reply {
             return Ok(false);
         }
-        let [rst, fin] = close_segments(key, fwd, reply);
+        let [rst, fin] = if graceful {
+            close_segments(key, fwd, reply)
+        } else {
+            reset_segments(key, fwd, reply)
+        };
         // Marked before sending: the client's answer to the FIN (and the backend's
         // reset of it) may cross the node before sendto returns.
         let mark = |v: &FlowValue| FlowValue {
@@ -312,7 +375,7 @@ impl Drain {
         let sent = self
             .send(&rst)
             .and_then(|()| self.send(&fin))
-            .with_context(|| format!("closing canary flow {}", describe(key)));
+            .with_context(|| format!("closing flow {}", describe(key)));
         if let Err(e) = sent {
             // Leave the flow as it was; a later scan tries again.
             let _ = self.flows.insert(key, fwd, BPF_EXIST);
@@ -361,6 +424,23 @@ fn close_segments(key: &FlowKey, fwd: &FlowValue, reply: &FlowValue) -> [Segment
             bytes: ip_tcp(service, client, b, c, TCP_FIN | TCP_ACK, FIN_WINDOW),
         },
     ]
+}
+
+/// The two segments that end a flow that may be mid-request: [`close_segments`]' RST
+/// to the backend, and an RST|ACK to the client from the service address at the
+/// backend's next sequence number (exactly what the client expects, so it is taken).
+fn reset_segments(key: &FlowKey, fwd: &FlowValue, reply: &FlowValue) -> [Segment; 2] {
+    let [to_backend, _] = close_segments(key, fwd, reply);
+    let (client, service) = (
+        decode(key.family, &key.src, key.sport),
+        decode(key.family, &key.dst, key.dport),
+    );
+    let (c, b) = (fwd.tcp.next, reply.tcp.next);
+    let to_client = Segment {
+        dst: client.ip(),
+        bytes: ip_tcp(service, client, b, c, TCP_RST | TCP_ACK, 0),
+    };
+    [to_backend, to_client]
 }
 
 /// An address and port as stored in the maps (network byte order as loaded).
@@ -692,6 +772,37 @@ mod tests {
     }
 
     #[test]
+    fn reset_segments_end_both_sides_at_the_tracked_sequence_numbers() {
+        let (client, service, backend) = ("198.18.1.2:40000", "198.19.0.10:80", "198.18.3.2:8080");
+        let (key, fwd, reply) = flow(client, service, backend);
+        let [to_backend, to_client] = reset_segments(&key, &fwd, &reply);
+        assert_eq!(to_backend.dst, sa(backend).ip());
+        assert_eq!(
+            parse(&to_backend.bytes),
+            (
+                sa(client),
+                sa(backend),
+                1_000_101,
+                4_000_201,
+                TCP_RST | TCP_ACK,
+                0
+            )
+        );
+        assert_eq!(to_client.dst, sa(client).ip());
+        assert_eq!(
+            parse(&to_client.bytes),
+            (
+                sa(service),
+                sa(client),
+                4_000_201,
+                1_000_101,
+                TCP_RST | TCP_ACK,
+                0
+            )
+        );
+    }
+
+    #[test]
     fn idle_only_at_a_request_boundary() {
         let (_, fwd, reply) = flow("198.18.1.2:1", "198.19.0.10:80", "198.18.3.2:8080");
         for busy in [false, true] {
@@ -759,7 +870,7 @@ mod tests {
     }
 
     #[test]
-    fn only_canary_tcp_flows_of_the_service_are_candidates() {
+    fn only_tcp_flows_of_the_service_and_group_are_candidates() {
         let (key, fwd, reply) = flow("198.18.1.2:1", "198.19.0.10:80", "198.18.3.2:8080");
         let svc = ServiceKey {
             addr: key.dst,
@@ -768,18 +879,26 @@ mod tests {
             family: FAMILY_V4,
         };
         let rkey = key.reply(&fwd);
-        assert!(is_canary_tcp_of(&svc, 3, &key, &fwd));
-        assert!(is_canary_tcp_of(&svc, 3, &rkey, &reply));
-        assert!(!is_canary_tcp_of(&svc, 4, &key, &fwd), "other service id");
+        let canary = |svc: &ServiceKey, id, key: &FlowKey, value: &FlowValue| {
+            is_tcp_of(svc, id, DrainGroup::Canary, key, value)
+        };
+        assert!(canary(&svc, 3, &key, &fwd));
+        assert!(canary(&svc, 3, &rkey, &reply));
+        assert!(!canary(&svc, 4, &key, &fwd), "other service id");
         let stable = FlowValue { slot: 0, ..fwd };
-        assert!(!is_canary_tcp_of(&svc, 3, &key, &stable), "stable slot");
+        assert!(!canary(&svc, 3, &key, &stable), "stable slot");
+        assert!(is_tcp_of(&svc, 3, DrainGroup::Stable, &key, &stable));
+        assert!(
+            !is_tcp_of(&svc, 3, DrainGroup::Stable, &key, &fwd),
+            "canary slot"
+        );
         let other = ServiceKey { port: 81, ..svc };
         assert!(
-            !is_canary_tcp_of(&other, 3, &key, &fwd),
+            !canary(&other, 3, &key, &fwd),
             "same id, other address: a stale flow of a previous owner of the id"
         );
         let udp = FlowKey { proto: 17, ..key };
-        assert!(!is_canary_tcp_of(&svc, 3, &udp, &fwd));
+        assert!(!canary(&svc, 3, &udp, &fwd));
     }
 
     #[test]

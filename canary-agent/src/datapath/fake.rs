@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, Result};
 use canary_common::{BackendStats, ServiceKey, ServiceValue, DECISION_RULES, MAX_BACKENDS};
 
-use super::{plane::Dataplane, DrainProgress, Splicer, VersionSignals};
+use super::{plane::Dataplane, DrainGroup, DrainMode, DrainProgress, Splicer, VersionSignals};
 use crate::{config::IngressHook, policy::routing::KernelTable};
 
 /// One kernel-side act, as the fake saw it.
@@ -40,8 +40,9 @@ pub struct State {
     pub interfaces: BTreeSet<String>,
     pub cidr: BTreeSet<(u32, u8)>,
     pub signals: BTreeMap<u32, [VersionSignals; 2]>,
-    /// Open canary connections per service id, closed by the next drain scan.
-    pub canary_open: BTreeMap<u32, usize>,
+    /// Open connections per service id and group: counted by a `Count` scan, closed by
+    /// any other.
+    pub open: BTreeMap<(u32, DrainGroup), usize>,
     pub replies_at_ingress: bool,
     pub writes: Vec<Write>,
     /// The next `install` fails once this many more have succeeded.
@@ -177,12 +178,25 @@ impl Dataplane for FakeDataplane {
         Ok(vec![[0; 2]; DECISION_RULES as usize])
     }
 
-    fn drain_idle(&mut self, id: u32, _now: Instant) -> Result<DrainProgress> {
+    fn drain(
+        &mut self,
+        id: u32,
+        group: DrainGroup,
+        mode: DrainMode,
+        _now: Instant,
+    ) -> Result<DrainProgress> {
         let mut s = self.state();
         if !s.services.iter().any(|(_, v)| v.id == id) {
             bail!("no installed service has id {id}");
         }
-        let closed = s.canary_open.remove(&id).unwrap_or(0);
+        if mode == DrainMode::Count {
+            let remaining = s.open.get(&(id, group)).copied().unwrap_or(0);
+            return Ok(DrainProgress {
+                closed: 0,
+                remaining,
+            });
+        }
+        let closed = s.open.remove(&(id, group)).unwrap_or(0);
         Ok(DrainProgress {
             closed,
             remaining: 0,

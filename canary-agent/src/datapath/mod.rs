@@ -33,7 +33,7 @@ use canary_common::{
 };
 
 use crate::config::IngressHook;
-pub use drain::{DrainProgress, DRAIN_QUIET};
+pub use drain::{DrainGroup, DrainMode, DrainProgress, DRAIN_QUIET};
 pub use encode::{encode_service, service_key, service_key_for, KernelRouting};
 pub use plane::Dataplane;
 pub use route::Splicer;

@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, net::IpAddr, time::Instant};
 use anyhow::Result;
 use canary_common::{BackendStats, ServiceKey, ServiceValue, MAX_BACKENDS};
 
-use super::{Datapath, DrainProgress, Splicer, VersionSignals};
+use super::{Datapath, DrainGroup, DrainMode, DrainProgress, Splicer, VersionSignals};
 use crate::{config::IngressHook, policy::routing::KernelTable};
 
 pub trait Dataplane: Send {
@@ -42,8 +42,14 @@ pub trait Dataplane: Send {
     fn signals(&self, id: u32) -> Result<[VersionSignals; 2]>;
     /// Connections decided in the kernel by client address, per rule slot.
     fn decisions(&self, id: u32) -> Result<Vec<[u64; 2]>>;
-    /// Closes the idle canary connections of service `id` at request boundaries.
-    fn drain_idle(&mut self, id: u32, now: Instant) -> Result<DrainProgress>;
+    /// Closes (or counts) the `group` connections of service `id` as `mode` says.
+    fn drain(
+        &mut self,
+        id: u32,
+        group: DrainGroup,
+        mode: DrainMode,
+        now: Instant,
+    ) -> Result<DrainProgress>;
     /// Steers `addrs` to the router's listeners and hands it the splice maps.
     fn route(&mut self, addrs: &[IpAddr]) -> Result<Splicer>;
     /// No routed service: undoes what an earlier agent's [`Dataplane::route`] set up.
@@ -96,8 +102,14 @@ impl Dataplane for Datapath {
     fn decisions(&self, id: u32) -> Result<Vec<[u64; 2]>> {
         Datapath::decisions(self, id)
     }
-    fn drain_idle(&mut self, id: u32, now: Instant) -> Result<DrainProgress> {
-        Datapath::drain_idle(self, id, now)
+    fn drain(
+        &mut self,
+        id: u32,
+        group: DrainGroup,
+        mode: DrainMode,
+        now: Instant,
+    ) -> Result<DrainProgress> {
+        Datapath::drain(self, id, group, mode, now)
     }
     fn route(&mut self, addrs: &[IpAddr]) -> Result<Splicer> {
         Datapath::splicer(self, addrs)

@@ -45,6 +45,74 @@ pub struct Policy {
     /// empty for a weight-only policy.
     #[serde(default)]
     pub routing: Routing,
+    /// How a release ends after 100 % (`[verify]`, `[retire]`; `define-verification`,
+    /// `define-retirement` or those keys in the stage that reaches 100 %). `None`: the
+    /// rollout ends at `promoted` and the old version keeps its connections.
+    #[serde(default)]
+    pub finish: Option<Finish>,
+}
+
+/// Finishing a release: verification at 100 %, then retirement of the old version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finish {
+    /// Seconds at 100 % during which the rules still judge the canary (against
+    /// stable's baseline from before promotion); 0 = retire at once.
+    pub verify_s: u64,
+    pub retire: Retire,
+}
+
+/// Default of [`Retire::timeout_s`]: 10 minutes, the seed's longest window.
+pub const DEFAULT_RETIRE_TIMEOUT_S: u64 = 600;
+
+/// What happens to the old version's open connections once the canary is verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retire {
+    pub connections: RetireConnections,
+    /// `drain`: the rest are closed after it; `close-after`: they are closed after it;
+    /// `keep`: an alert is raised after it (they stay until they close).
+    pub timeout_s: u64,
+}
+
+impl Default for Retire {
+    fn default() -> Self {
+        Self {
+            connections: RetireConnections::Drain,
+            timeout_s: DEFAULT_RETIRE_TIMEOUT_S,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetireConnections {
+    /// Closed at request boundaries (as a rolled-back canary's), the rest at the timeout.
+    #[default]
+    Drain,
+    /// Left until they close on their own.
+    Keep,
+    /// Left until the timeout, then closed.
+    CloseAfter,
+}
+
+impl RetireConnections {
+    pub(crate) fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "drain" => Ok(Self::Drain),
+            "keep" => Ok(Self::Keep),
+            "close-after" => Ok(Self::CloseAfter),
+            other => Err(format!(
+                "unknown connections `{other}` (expected drain, keep or close-after)"
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Drain => "drain",
+            Self::Keep => "keep",
+            Self::CloseAfter => "close-after",
+        }
+    }
 }
 
 impl Policy {
@@ -284,6 +352,10 @@ pub(crate) struct Draft {
     pub analysis: AnalysisSettings,
     pub on_rollback: OnRollback,
     pub routing: Routing,
+    /// `[verify]` / `define-verification` (seconds), `[retire]` / `define-retirement`;
+    /// either one makes the policy finish its releases.
+    pub verify_s: Option<u64>,
+    pub retire: Option<Retire>,
     /// Where the cohorts and the cohort assignments were written.
     pub routing_sites: (Option<Site>, Option<Site>),
 }
@@ -300,6 +372,8 @@ impl Draft {
             analysis: AnalysisSettings::default(),
             on_rollback: OnRollback::default(),
             routing: Routing::default(),
+            verify_s: None,
+            retire: None,
             routing_sites: (None, None),
         }
     }
@@ -339,6 +413,10 @@ impl Draft {
             analysis: self.analysis,
             on_rollback: self.on_rollback,
             routing: self.routing.clone(),
+            finish: (self.verify_s.is_some() || self.retire.is_some()).then(|| Finish {
+                verify_s: self.verify_s.unwrap_or(0),
+                retire: self.retire.unwrap_or_default(),
+            }),
         };
         for (i, step) in self.steps.iter().enumerate() {
             if policy.stage_index(step.item.weight_bp).is_none() {

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{Gate, MetricName, OnRollback, Policy, Stage, FULL_BP};
+use super::{Gate, MetricName, OnRollback, Policy, RetireConnections, Stage, FULL_BP};
 use crate::analysis::check::fraction_as_percent;
 use crate::units::percent;
 
@@ -143,6 +143,25 @@ impl Policy {
                 OnRollback::Keep => "keep the canary's open connections until they close (only new ones go to stable)",
             }
         );
+        match &self.finish {
+            None => out
+                .push_str("Finish: ends at promoted; the old version keeps its open connections\n"),
+            Some(f) => {
+                let verify = match f.verify_s {
+                    0 => "no verification".to_string(),
+                    s => format!(
+                        "verify {} at 100% (rules judge the canary against stable's baseline)",
+                        duration(s)
+                    ),
+                };
+                let retire = match f.retire.connections {
+                    RetireConnections::Drain => format!("drain the old version's connections at request boundaries, close the rest after {}", duration(f.retire.timeout_s)),
+                    RetireConnections::Keep => format!("keep the old version's connections until they close (alert after {})", duration(f.retire.timeout_s)),
+                    RetireConnections::CloseAfter => format!("close the old version's connections after {}", duration(f.retire.timeout_s)),
+                };
+                let _ = writeln!(out, "Finish: {verify}; then {retire}; then finished (the canary becomes stable, `released` is sent)");
+            }
+        }
         if !self.routing.is_empty() {
             out += &self.routing.render();
         }

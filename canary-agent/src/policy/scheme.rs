@@ -15,7 +15,12 @@
 //!                      (events . "...{version}...") (trials . "...{version}..."))))
 //! (define-analysis '((error-floor . 0.01) (max-hold . 1800)))  ; or "30m"; 0 = never
 //! (define-rollback '((connections . drain)))                  ; or keep
+//! (define-verification '((duration . 300)))    ; seconds at 100 % before retiring
+//! (define-retirement '((connections . drain) (timeout . 600))) ; drain | keep | close-after
 //! ```
+//!
+//! The stage that reaches 100 % may carry the last two instead:
+//! `(full-deployment (weights 50 100) (verification (duration . 300)) (retirement ...))`.
 
 use std::cell::Cell;
 
@@ -28,10 +33,11 @@ use super::routing::{
 use super::{
     check_error_floor, percent_float_to_bp, percent_int_to_bp, Action, AnalysisSettings, Cmp,
     CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
-    PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step, WeightBp, FULL_BP,
+    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, WeightBp,
+    FULL_BP,
 };
 
-const FORMS: [&str; 12] = [
+const FORMS: [&str; 14] = [
     "define-canary-split",
     "define-progression",
     "define-stages",
@@ -39,6 +45,8 @@ const FORMS: [&str; 12] = [
     "define-rollback-rules",
     "define-analysis",
     "define-rollback",
+    "define-verification",
+    "define-retirement",
     "define-header-routing",
     "define-cohorts",
     "define-user-key",
@@ -177,11 +185,25 @@ impl Reader<'_> {
         match name {
             "define-canary-split" => draft.split = Some(self.split(data)?),
             "define-progression" => draft.steps = self.progression(data)?,
-            "define-stages" => draft.stages = Some(self.stages(data)?),
+            "define-stages" => self.stages(data, draft)?,
             "define-canary-metrics" => draft.metrics = self.metrics(data)?,
             "define-rollback-rules" => draft.rules = self.rules(data)?,
             "define-analysis" => draft.analysis = self.analysis(data)?,
             "define-rollback" => draft.on_rollback = self.on_rollback(data)?,
+            "define-verification" => {
+                if draft
+                    .verify_s
+                    .replace(self.verification(data, name)?)
+                    .is_some()
+                {
+                    return Err(self.err(form, name, "given twice (also in define-stages)"));
+                }
+            }
+            "define-retirement" => {
+                if draft.retire.replace(self.retirement(data, name)?).is_some() {
+                    return Err(self.err(form, name, "given twice (also in define-stages)"));
+                }
+            }
             "define-header-routing" => draft.routing.header = Some(self.header_routing(data)?),
             "define-cohorts" => {
                 draft.routing.cohorts = self.cohorts(data)?;
@@ -386,6 +408,33 @@ impl Reader<'_> {
         Ok(on_rollback)
     }
 
+    /// `((duration . SECONDS))`.
+    fn verification(&self, data: Ref<'_>, ctx: &str) -> Result<u64, PolicyError> {
+        let mut props = self.props(data, ctx)?;
+        let duration = props
+            .take("duration")
+            .ok_or_else(|| self.err(data, ctx, "missing (duration . SECONDS)"))?;
+        let duration_s = self.seconds(duration, &format!("{ctx} duration"))?;
+        self.done(props, ctx)?;
+        Ok(duration_s)
+    }
+
+    /// `((connections . drain|keep|close-after) (timeout . SECONDS))`, both optional.
+    fn retirement(&self, data: Ref<'_>, ctx: &str) -> Result<Retire, PolicyError> {
+        let mut props = self.props(data, ctx)?;
+        let mut retire = Retire::default();
+        if let Some(v) = props.take("connections") {
+            let name = v.as_symbol().map_or_else(|| brief(v), str::to_string);
+            retire.connections = RetireConnections::parse(&name)
+                .map_err(|r| self.err(v, &format!("{ctx} connections"), r))?;
+        }
+        if let Some(v) = props.take("timeout") {
+            retire.timeout_s = self.seconds(v, &format!("{ctx} timeout"))?;
+        }
+        self.done(props, ctx)?;
+        Ok(retire)
+    }
+
     fn split(&self, data: Ref<'_>) -> Result<WeightBp, PolicyError> {
         let ctx = "define-canary-split";
         let mut props = self.props(data, ctx)?;
@@ -422,7 +471,9 @@ impl Reader<'_> {
         Ok(steps)
     }
 
-    fn stages(&self, data: Ref<'_>) -> Result<Vec<Sourced<Stage>>, PolicyError> {
+    /// The stages, and the verification and retirement the stage that reaches 100 %
+    /// may carry (as `define-verification` and `define-retirement` do).
+    fn stages(&self, data: Ref<'_>, draft: &mut Draft) -> Result<(), PolicyError> {
         let mut stages = Vec::new();
         for entry in self.list(data, "define-stages")? {
             let (name, rest) = self.named(entry, "define-stages")?;
@@ -439,6 +490,33 @@ impl Reader<'_> {
                 .take("gate")
                 .map(|g| self.gate(g, &format!("{here} gate")))
                 .transpose()?;
+            let finishing = [
+                props.take("verification").map(|v| ("verification", v)),
+                props.take("retirement").map(|v| ("retirement", v)),
+            ];
+            for (key, value) in finishing.into_iter().flatten() {
+                let ctx = format!("{here} {key}");
+                if bounds[1] != FULL_BP {
+                    return Err(self.err(
+                        value,
+                        &ctx,
+                        "only the stage that reaches 100 % may carry it",
+                    ));
+                }
+                let twice = || self.err(value, &ctx, format!("given twice (also define-{key})"));
+                if key == "verification" {
+                    let duration_s = self.verification(value, &ctx)?;
+                    if draft.verify_s.replace(duration_s).is_some() {
+                        return Err(twice());
+                    }
+                } else if draft
+                    .retire
+                    .replace(self.retirement(value, &ctx)?)
+                    .is_some()
+                {
+                    return Err(twice());
+                }
+            }
             self.done(props, &here)?;
             stages.push(Sourced {
                 item: Stage {
@@ -450,7 +528,8 @@ impl Reader<'_> {
                 site: self.site(entry, here),
             });
         }
-        Ok(stages)
+        draft.stages = Some(stages);
+        Ok(())
     }
 
     fn gate(&self, data: Ref<'_>, ctx: &str) -> Result<Gate, PolicyError> {

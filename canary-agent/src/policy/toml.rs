@@ -39,6 +39,13 @@
 //! [rollback]
 //! connections = "drain"         # or "keep"; default drain
 //!
+//! [verify]                      # with [retire], the release finishes after 100 %
+//! duration = "5m"               # rules still judge the canary this long at 100 %
+//!
+//! [retire]                      # the old version's open connections
+//! connections = "drain"         # drain (default) | keep | close-after
+//! timeout = "10m"               # default 10m
+//!
 //! [routing.header]              # define-header-routing
 //! header = "X-Canary"
 //! values = ["true", "test", "qa"]
@@ -75,7 +82,8 @@ use super::routing::{
 use super::{
     check_error_floor, parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp,
     Action, CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
-    PolicyErrorKind, RollbackRule, Site, Sourced, Stage, Step, WeightBp, FULL_BP,
+    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, WeightBp,
+    DEFAULT_RETIRE_TIMEOUT_S, FULL_BP,
 };
 
 #[derive(Deserialize)]
@@ -92,6 +100,8 @@ struct RawPolicy {
     analysis: Option<RawAnalysis>,
     rollback: Option<RawRollback>,
     routing: Option<RawRouting>,
+    verify: Option<RawVerify>,
+    retire: Option<RawRetire>,
 }
 
 #[derive(Deserialize)]
@@ -188,6 +198,31 @@ struct RawAnalysis {
 #[serde(deny_unknown_fields)]
 struct RawRollback {
     connections: Option<OnRollback>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    duration: Seconds,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetire {
+    connections: Option<RetireName>,
+    timeout: Option<Seconds>,
+}
+
+/// `drain`, `keep` or `close-after`.
+struct RetireName(RetireConnections);
+
+impl<'de> Deserialize<'de> for RetireName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        RetireConnections::parse(&name)
+            .map(RetireName)
+            .map_err(de::Error::custom)
+    }
 }
 
 #[derive(Deserialize)]
@@ -362,6 +397,11 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     if let Some(connections) = raw.rollback.and_then(|r| r.connections) {
         draft.on_rollback = connections;
     }
+    draft.verify_s = raw.verify.map(|v| v.duration.0);
+    draft.retire = raw.retire.map(|r| Retire {
+        connections: r.connections.map_or_else(Default::default, |c| c.0),
+        timeout_s: r.timeout.map_or(DEFAULT_RETIRE_TIMEOUT_S, |t| t.0),
+    });
     for (i, step) in raw.step.into_iter().enumerate() {
         let site = site(step.span(), "step", i + 1);
         let step = step.into_inner();

@@ -19,8 +19,11 @@ pub fn is_verdict(e: &Event) -> bool {
 fn state_color(state: RolloutState) -> &'static str {
     match state {
         RolloutState::RolledBack => svg::LIMIT,
-        RolloutState::Promoted => svg::PASS,
-        RolloutState::Paused | RolloutState::AwaitingApproval => "#b8860b",
+        RolloutState::Promoted | RolloutState::Finished => svg::PASS,
+        RolloutState::Paused
+        | RolloutState::AwaitingApproval
+        | RolloutState::Verifying
+        | RolloutState::Retiring => "#b8860b",
         _ => svg::GREY,
     }
 }

@@ -104,7 +104,7 @@ pub fn render(service: &str, events: &[Event], samples: &[Sample], generated_ms:
         (Some(state), Some(e)) => (
             match state {
                 RolloutState::RolledBack => "rolled-back",
-                RolloutState::Promoted => "promoted",
+                RolloutState::Promoted | RolloutState::Finished => "promoted",
                 _ => "other",
             },
             format!(
