@@ -670,4 +670,58 @@ mod tests {
         }
         assert!(rolled_back);
     }
+
+    /// FAST_AA verified for 60 s with the seed's error-spike rule; 100 req/s, the canary
+    /// at `bad` 5xx from second `from` on (stable never errs). Returns the final state
+    /// and when it was reached.
+    fn verify_run(seed: u64, bad: f64, from: u64) -> (RolloutState, u64, Option<String>) {
+        let policy = format!(
+            "{FAST_AA}[verify]\nduration = \"60s\"\n[[rule]]\nname = \"error-spike\"\n\
+             when = \"error-rate > baseline * 1.5\"\naction = \"immediate-rollback\"\n"
+        );
+        let mut svc = service(&policy);
+        start(&mut svc, 0);
+        let mut traffic = Traffic::new(seed);
+        let mut baseline = None;
+        for t in 1..=600u64 {
+            let status = svc.rollout.as_ref().unwrap().status(t * 1000);
+            let canary_errors = if t >= from { bad } else { 0.0 };
+            traffic.second_split(100, status.weight_bp, 0.0, canary_errors);
+            let [s, c] = &traffic.counters;
+            svc.observe(t * 1000, s, c).unwrap();
+            for tick in 0..10 {
+                svc.tick(t * 1000 + tick * 100);
+            }
+            baseline = baseline.or(svc.baseline());
+            let state = svc.rollout.as_ref().unwrap().state();
+            if matches!(state, RolloutState::RolledBack | RolloutState::Retiring) {
+                return (state, t, baseline);
+            }
+        }
+        (svc.rollout.as_ref().unwrap().state(), 600, baseline)
+    }
+
+    #[test]
+    fn verification_judges_the_canary_against_stables_baseline() {
+        for seed in 1..=3 {
+            // Healthy: verified, then retiring.
+            let (state, at, baseline) = verify_run(seed, 0.0, u64::MAX);
+            assert_eq!(state, RolloutState::Retiring, "seed {seed} at {at}");
+            let baseline = baseline.expect("status says what stands in for stable");
+            assert!(
+                baseline.contains("stable's baseline from the 20s before promotion"),
+                "{baseline}"
+            );
+            // Turns bad at 100 % (stable gets no request any more): rolled back before
+            // the verification ends.
+            let (_, promoted_at, _) = verify_run(seed, 0.0, u64::MAX);
+            let promoted_at = promoted_at - 60;
+            let (state, at, _) = verify_run(seed, 0.2, promoted_at + 5);
+            assert_eq!(state, RolloutState::RolledBack, "seed {seed}");
+            assert!(
+                at < promoted_at + 60,
+                "seed {seed}: rolled back at {at}, promoted at {promoted_at}"
+            );
+        }
+    }
 }

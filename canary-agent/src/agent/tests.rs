@@ -13,7 +13,10 @@ use crate::{
     api::{Request, RolloutAction, ServiceStatus},
     config::Config,
     controller::{RolloutState, SimClock},
-    datapath::fake::{FakeDataplane, Write},
+    datapath::{
+        fake::{FakeDataplane, Write},
+        DrainGroup,
+    },
 };
 
 /// A host for one agent: its files in a private directory, a fake kernel that
@@ -408,5 +411,142 @@ window = "300s"
         "promoted after {} s: before the evidence could exist",
         at / 10
     );
+    Ok(())
+}
+
+/// A service whose stable and canary are the given backends.
+fn versions(stable: &str, canary: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\nstable = [\"{stable}\"]\ncanary = [\"{canary}\"]\nweight = 0\npolicy = \"web.toml\"\n"
+    )
+}
+
+/// Stable and canary backend addresses installed for service `id` (non-empty slots).
+fn installed_groups(host: &Host, id: u32) -> (Vec<String>, Vec<String>) {
+    let v = host.fake.service(id).expect("installed");
+    let addr = |slot: usize| {
+        let b = v.backends[slot];
+        let ip = std::net::Ipv4Addr::from(u32::from_be(b.addr[0]));
+        format!("{ip}:{}", u16::from_be(b.port))
+    };
+    let n = canary_common::MAX_GROUP_BACKENDS;
+    (
+        (0..v.n_stable as usize).map(addr).collect(),
+        (0..v.n_canary as usize).map(|i| addr(n + i)).collect(),
+    )
+}
+
+fn tick_for(host: &Host, agent: &mut Agent, ms: u64) {
+    for _ in 0..ms / 100 {
+        host.clock.advance_ms(100);
+        agent.tick();
+    }
+}
+
+#[test]
+fn a_finished_release_hands_over_and_the_next_config_moves_nothing() -> Result<()> {
+    let host = Host::new("release");
+    host.write_file(
+        "web.toml",
+        &format!("{TWO_STEPS}[verify]\nduration = \"10s\"\n[retire]\ntimeout = \"1m\"\n"),
+    );
+    let hook = "alert_webhook = \"http://198.18.0.1:9/hook\"";
+    host.write_config(hook, &versions("198.18.1.2:8080", "198.18.1.3:8080"));
+    let mut agent = host.start()?;
+    let id = status_id(&agent, "web")?;
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    let promote = RolloutAction::Promote {
+        full: true,
+        reason: "looks good".into(),
+    };
+    rollout(&mut agent, "web", promote)?;
+    let r = status(&agent, "web")?.rollout.context("rollout")?;
+    assert_eq!((r.state, r.weight_bp), (RolloutState::Verifying, 10_000));
+    // Seven keep-alive connections still on the old stable.
+    host.fake.state().open.insert((id, DrainGroup::Stable), 7);
+    tick_for(&host, &mut agent, 9_000);
+    assert_eq!(
+        status(&agent, "web")?.rollout.context("rollout")?.state,
+        RolloutState::Verifying
+    );
+    assert_eq!(host.fake.state().open.len(), 1, "closed while verifying");
+    host.fake.take_writes();
+    tick_for(&host, &mut agent, 1_100);
+    let r = status(&agent, "web")?.rollout.context("rollout")?;
+    assert_eq!(r.state, RolloutState::Finished, "{r:?}");
+    assert!(
+        host.fake.state().open.is_empty(),
+        "the old stable was not drained"
+    );
+    let release = r.released.context("released")?;
+    assert_eq!(release.backends, ["198.18.1.3:8080"]);
+    // The hand-over is one map write: the new version is the stable group, weight 0.
+    assert_eq!(
+        host.fake.take_writes(),
+        vec![Write::Install {
+            id,
+            weight_bp: 0,
+            rolled_back: false
+        }]
+    );
+    let swapped = (vec!["198.18.1.3:8080".to_string()], vec![]);
+    assert_eq!(installed_groups(&host, id), swapped);
+    let backends = status(&agent, "web")?.backends;
+    assert_eq!(
+        backends
+            .iter()
+            .map(|b| (b.group.as_str(), b.address.as_str()))
+            .collect::<Vec<_>>(),
+        [("stable", "198.18.1.3:8080")]
+    );
+    let (_, alerts) = agent.take_alerts().context("the released event")?;
+    let released = alerts
+        .iter()
+        .find(|a| a["event"] == "released")
+        .context("no released event")?;
+    assert_eq!(released["retired"][0], "198.18.1.2:8080");
+    assert_eq!(released["stable"][0], "198.18.1.3:8080");
+    assert!(released["summary"]["promoted_at_ms"].is_u64(), "{released}");
+    let history = agent.handle(Request::History {
+        service: "web".into(),
+    })?;
+    for state in ["\"verifying\"", "\"retiring\"", "\"finished\""] {
+        assert!(history.to_string().contains(state), "{state}: {history}");
+    }
+    // An unchanged config: start is refused and says what to do.
+    let err = rollout(&mut agent, "web", RolloutAction::Start).unwrap_err();
+    assert!(err.to_string().contains("Name it `stable`"), "{err:#}");
+    drop(agent);
+
+    // A restart keeps the hand-over.
+    let mut agent = host.start()?;
+    assert_eq!(installed_groups(&host, id), swapped);
+    assert_eq!(weight_bp(&agent, "web")?, 0);
+
+    // The pipeline names the new version stable and the next one canary: a fresh
+    // pending rollout at weight 0, so no open connection moves.
+    host.write_config(hook, &versions("198.18.1.3:8080", "198.18.1.4:8080"));
+    host.fake.take_writes();
+    let changes = reload(&mut agent)?;
+    assert!(changes.contains("new pending rollout"), "{changes}");
+    let r = status(&agent, "web")?.rollout.context("rollout")?;
+    assert_eq!((r.state, r.weight_bp), (RolloutState::Pending, 0));
+    assert_eq!(
+        installed_groups(&host, id),
+        (
+            vec!["198.18.1.3:8080".into()],
+            vec!["198.18.1.4:8080".into()]
+        )
+    );
+    assert_eq!(
+        host.fake.take_writes(),
+        vec![Write::Install {
+            id,
+            weight_bp: 0,
+            rolled_back: false
+        }]
+    );
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    assert_eq!(weight_bp(&agent, "web")?, 2_000);
     Ok(())
 }
