@@ -103,6 +103,10 @@ pub struct FleetStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FleetNode {
     pub name: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
     /// Weight applied to each service's map on that node, in basis points.
     pub weights: std::collections::BTreeMap<String, u16>,
     pub heartbeat_age_s: f64,

@@ -337,7 +337,7 @@ fn run(sc: &Aa, seed: u64) -> Outcome {
                         .map(|(n, r)| (["a", "b", "c"][n], r)),
                 );
                 let sums = totals.sums();
-                let Some([s, c]) = sums.get("svc") else {
+                let Some([s, c]) = sums.get("svc").and_then(|r| r.get(&None)) else {
                     continue;
                 };
                 analyzer.observe(t, s, c);

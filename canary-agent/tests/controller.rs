@@ -1153,3 +1153,130 @@ fn retirement_timeouts_close_the_rest_or_alert_once() {
         assert_eq!(sim.state(), Finished, "{mode}");
     }
 }
+
+/// `finishing` with waves `(a) (b c)`, the second behind an approval gate.
+fn in_waves(extra: &str) -> Sim {
+    finishing(&format!(
+        "[verify]\nduration = \"10s\"\n[[wave]]\nregions = [\"a\"]\n\
+         [[wave]]\nregions = [\"b\", \"c\"]\ngate = {{ approval = true }}\n{extra}"
+    ))
+}
+
+fn wave_weights(sim: &Sim) -> [u16; 2] {
+    [sim.rollout.wave_weight(0), sim.rollout.wave_weight(1)]
+}
+
+#[test]
+fn waves_run_the_progression_region_by_region() {
+    let mut sim = in_waves("");
+    sim.ok(Command::Start, alice());
+    assert_eq!(sim.rollout.wave(), Some(0));
+    sim.run(10);
+    assert_eq!((sim.state(), wave_weights(&sim)), (Progressing, [5_000, 0]));
+    sim.run(20);
+    // The first wave at 100 % verifies; the second stays at 0 meanwhile.
+    assert_eq!((sim.state(), wave_weights(&sim)), (Verifying, [10_000, 0]));
+    sim.run(30);
+    assert_eq!(sim.state(), AwaitingApproval);
+    assert_eq!(wave_weights(&sim), [10_000, 0]);
+    let status = sim.rollout.status(sim.clock.now_ms());
+    let wave = status.wave.unwrap();
+    assert_eq!(
+        (wave.index, wave.of, wave.regions),
+        (1, 2, vec!["b".into(), "c".into()])
+    );
+    assert_eq!(status.waiting_gate.unwrap().stage, "wave 2");
+    assert!(sim
+        .effects
+        .iter()
+        .any(|e| matches!(e, Effect::GateWaiting { stage, .. } if stage == "wave 2")));
+    // Nothing moves until approved; then the second wave starts from the first step.
+    sim.run(100);
+    assert_eq!(sim.state(), AwaitingApproval);
+    sim.ok(Command::Approve { by: "bob".into() }, alice());
+    assert_eq!(
+        (sim.state(), sim.step(), wave_weights(&sim)),
+        (Progressing, Some(0), [10_000, 1_000])
+    );
+    sim.run(120);
+    assert_eq!(
+        (sim.state(), wave_weights(&sim)),
+        (Verifying, [10_000, 10_000])
+    );
+    sim.run(130);
+    assert_eq!(sim.state(), Retiring);
+    assert_eq!(
+        path(&sim),
+        [
+            (0, Pending, Progressing),
+            (20, Progressing, Verifying),
+            (30, Verifying, AwaitingApproval),
+            (100, AwaitingApproval, Progressing),
+            (120, Progressing, Promoted),
+            (120, Promoted, Verifying),
+            (130, Verifying, Retiring),
+        ]
+    );
+    // A restart keeps the wave.
+    let back: Rollout =
+        serde_json::from_str(&serde_json::to_string(&sim.rollout).unwrap()).unwrap();
+    assert_eq!(back, sim.rollout);
+}
+
+#[test]
+fn a_rollback_in_a_later_wave_resets_every_wave_or_only_that_one() {
+    for (choice, after) in [("all", [0, 0]), ("wave", [10_000, 0])] {
+        let mut sim = in_waves(&format!("[rollback]\nwaves = \"{choice}\"\n"));
+        sim.ok(Command::Start, alice());
+        sim.run(30);
+        sim.ok(Command::Approve { by: "bob".into() }, alice());
+        sim.run(40);
+        assert_eq!(wave_weights(&sim), [10_000, 5_000], "{choice}");
+        let fx = sim.ok(
+            Command::AnalysisRollback {
+                rule: "error-spike".into(),
+                detail: "5xx".into(),
+            },
+            alice(),
+        );
+        assert_eq!(sim.state(), RolledBack);
+        assert_eq!(wave_weights(&sim), after, "{choice}");
+        // One decision: one weight effect.
+        let weights = fx
+            .iter()
+            .filter(|e| matches!(e, Effect::SetWeight(_)))
+            .count();
+        assert_eq!(weights, 1, "{fx:?}");
+    }
+}
+
+#[test]
+fn waves_without_nodes_are_skipped_with_an_event() {
+    // Only region c has nodes: wave 1 (a) is skipped at the start; wave 2 waits at
+    // its gate as usual.
+    let mut sim = in_waves("");
+    sim.ok(Command::Start, alice());
+    let fx = sim.rollout.skip_empty_waves(sim.clock.now_ms(), |w| w == 1);
+    let skipped: Vec<_> = events(&fx).iter().map(|e| e.reason.clone()).collect();
+    assert!(
+        skipped[0].contains("wave 1/2 (a) has no node: skipped"),
+        "{skipped:?}"
+    );
+    assert_eq!(
+        (sim.state(), sim.rollout.wave()),
+        (AwaitingApproval, Some(1))
+    );
+    // A wave past its first step is not skipped when its nodes go away for a while.
+    sim.ok(Command::Approve { by: "bob".into() }, alice());
+    sim.run(10);
+    assert_eq!(sim.step(), Some(1));
+    assert!(sim
+        .rollout
+        .skip_empty_waves(sim.clock.now_ms(), |_| false)
+        .is_empty());
+    // No node at all in the remaining waves: the progression ends as at 100 %.
+    let mut sim = in_waves("");
+    sim.ok(Command::Start, alice());
+    sim.rollout.skip_empty_waves(sim.clock.now_ms(), |_| false);
+    assert_eq!((sim.state(), sim.weight()), (Verifying, 10_000));
+}

@@ -862,3 +862,70 @@ fn finish_form_errors_are_located() {
     .to_string();
     assert!(err.contains("only the stage that reaches 100 %"), "{err}");
 }
+
+#[test]
+fn wave_forms_scheme_and_toml_are_equal_and_checked() {
+    use canary_agent::policy::{Wave, WaveRollback};
+    let toml = |extra: &str| parse_toml(&format!("{STEPS_TOML}{extra}"), "w.toml");
+    let scm = |extra: &str| parse_scheme(&format!("{STEPS_SCM}{extra}"), "w.scm");
+    let from_toml = toml(
+        "[rollback]\nwaves = \"wave\"\n[[wave]]\nregions = [\"eu-1\"]\n\
+         [[wave]]\nregions = [\"us-1\", \"us-2\"]\ngate = { approval = true }\n",
+    )
+    .unwrap();
+    let from_scm = scm("(define-rollback '((waves . wave)))\n\
+         (define-waves '((\"eu-1\") (\"us-1\" \"us-2\" (gate (approval . #t)))))")
+    .unwrap();
+    let gate = Gate {
+        approval: true,
+        webhook: None,
+        timeout_s: 0,
+    };
+    let want = vec![
+        Wave {
+            regions: vec!["eu-1".into()],
+            gate: None,
+        },
+        Wave {
+            regions: vec!["us-1".into(), "us-2".into()],
+            gate: Some(gate),
+        },
+    ];
+    assert_eq!(from_toml.waves, want);
+    assert_eq!(from_scm.waves, want);
+    assert_eq!(from_toml.wave_rollback, WaveRollback::Wave);
+    assert_eq!(from_toml.render_plan(), from_scm.render_plan());
+    assert!(from_toml
+        .render_plan()
+        .contains("Waves: 1. eu-1; 2. us-1, us-2 after approval"));
+    // Nodes of unlisted regions (and without one) join the last wave.
+    assert_eq!(from_toml.wave_of(Some("us-2")), Some(1));
+    assert_eq!(from_toml.wave_of(Some("ap-1")), Some(1));
+    assert_eq!(from_toml.wave_of(None), Some(1));
+    assert_eq!(toml("").unwrap().wave_of(Some("eu-1")), None);
+    assert_eq!(toml("").unwrap().wave_rollback, WaveRollback::All);
+    // Errors name the file and the wave.
+    let err = toml("[[wave]]\nregions = [\"a\"]\n[[wave]]\nregions = [\"b\", \"a\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("w.toml") && err.contains("region \"a\" is already in wave 1"),
+        "{err}"
+    );
+    let err = toml("[[wave]]\nregions = []\n").unwrap_err().to_string();
+    assert!(err.contains("at least one region"), "{err}");
+    let err = toml("[[wave]]\nregions = [\"a\"]\ngate = {}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gate needs approval"), "{err}");
+    let err = toml("[rollback]\nwaves = \"some\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("expected all or wave"), "{err}");
+    let err = scm("(define-waves '((\"a\" (hold . 1))))")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("define-waves wave 1"), "{err}");
+    let err = scm("(define-waves '((\"a\" 5)))").unwrap_err().to_string();
+    assert!(err.contains("define-waves wave 1"), "{err}");
+}

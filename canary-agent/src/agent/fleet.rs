@@ -57,7 +57,13 @@ impl Agent {
     /// this node's queries.
     pub(super) fn fleet_counters(&self, i: usize) -> Option<(VersionCounters, VersionCounters)> {
         let svc = &self.services[i];
-        let [mut stable, mut canary] = self.fleet.as_ref()?.summed(&svc.cfg.name)?;
+        // While waves run, only the running wave's nodes count.
+        let wave = svc
+            .rollout
+            .as_ref()
+            .and_then(|r| r.wave().map(|w| (r.policy(), w)));
+        let in_wave = |region: Option<&str>| wave.is_none_or(|(p, w)| p.wave_of(region) == Some(w));
+        let [mut stable, mut canary] = self.fleet.as_ref()?.summed(&svc.cfg.name, in_wave)?;
         for (version, counters) in [&mut stable, &mut canary].into_iter().enumerate() {
             counters.custom = svc
                 .custom
@@ -177,10 +183,21 @@ impl Host for Agent {
 
     /// Applies the leader's desired weight to this node's map. A drop to 0 is a
     /// rollback: canary connections drain as the policy says.
-    fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> Result<()> {
+    /// A release names the backends that took the stable role: a node whose canary
+    /// they are hands over too (weight 0 on the released config).
+    fn fleet_apply_weight(
+        &mut self,
+        service: &str,
+        weight_bp: u16,
+        released: &[String],
+    ) -> Result<()> {
         let svc = self
             .service_mut(service)
             .map_err(|_| anyhow!("no service named {service:?} on this node"))?;
+        let canary: Vec<String> = svc.cfg.canary.iter().map(|a| a.to_string()).collect();
+        if !released.is_empty() && canary == released {
+            return self.release(service);
+        }
         let before = svc.weight_bp;
         if before == weight_bp {
             return Ok(());
@@ -196,8 +213,13 @@ impl Host for Agent {
     /// metrics, which the leader queries itself).
     fn fleet_report(&self) -> NodeReport {
         let mut report = NodeReport::default();
+        report.region = self.config.agent.region.clone();
+        report.zone = self.config.agent.zone.clone();
         for (i, svc) in self.services.iter().enumerate() {
             report.weights.insert(svc.cfg.name.clone(), svc.weight_bp);
+            if let Some(remaining) = svc.retiring {
+                report.retiring.insert(svc.cfg.name.clone(), remaining);
+            }
             match self.read_counters(i) {
                 Ok((mut stable, mut canary)) => {
                     stable.custom.clear();

@@ -214,6 +214,8 @@ impl Agent {
             ("[agent] ui_listen", old.ui_listen != new.ui_listen),
             ("[agent] ui_hosts", old.ui_hosts != new.ui_hosts),
             ("[agent] node_name", old.node_name != new.node_name),
+            ("[agent] region", old.region != new.region),
+            ("[agent] zone", old.zone != new.zone),
             ("[fleet]", self.config.fleet != config.fleet),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
@@ -355,6 +357,7 @@ impl Agent {
             };
             self.services.push(LiveService {
                 kernel: decided.kernel,
+                retiring: None,
                 cfg,
                 id: decided.id,
                 key,
@@ -493,12 +496,18 @@ impl Agent {
     /// Changes a service's canary weight with one map write. In a fleet the weight
     /// goes to etcd instead, and every node (this one too) writes its map when the
     /// watch brings it: no node changes a weight that etcd has not recorded.
+    ///
+    /// While a rollout runs in waves each region has its weight: this node writes its
+    /// own region's, and etcd gets every region's.
     pub fn set_weight(&mut self, name: &str, weight_bp: u16) -> Result<()> {
-        let Some(link) = &self.fleet else {
-            return self.write_weight(name, weight_bp);
-        };
         let svc = self.services.iter().find(|s| s.cfg.name == name);
         let svc = svc.ok_or_else(|| anyhow!("no service named {name:?}"))?;
+        let (others, regions) = svc.wave_weights(weight_bp);
+        let Some(link) = &self.fleet else {
+            let region = self.config.agent.region.as_deref();
+            let own = region.and_then(|r| regions.get(r)).copied();
+            return self.write_weight(name, own.unwrap_or(others));
+        };
         if weight_bp > canary_common::WEIGHT_SCALE {
             bail!("weight {weight_bp} bp is above 100 %");
         }
@@ -507,7 +516,9 @@ impl Agent {
         }
         link.push(crate::fleet::Write::Weight {
             service: name.into(),
-            weight_bp,
+            weight_bp: others,
+            regions,
+            released: Vec::new(),
         });
         Ok(())
     }
@@ -847,6 +858,15 @@ impl Agent {
             return Err(e.context("handing the stable role to the released version"));
         }
         tracing::info!(service = name, stable = ?backends, retired = ?retired, "release finished: the old version may be deleted");
+        // The other nodes hand over in the same way when they read this weight.
+        if let Some(link) = self.fleet.as_ref().filter(|l| l.leading()) {
+            link.push(crate::fleet::Write::Weight {
+                service: name.into(),
+                weight_bp: 0,
+                regions: Default::default(),
+                released: backends.clone(),
+            });
+        }
         if self.fleet_leading() && self.config.agent.alert_webhook.is_some() {
             let summary = self.release_summary(name)?;
             self.alerts.push(serde_json::json!({
@@ -1017,6 +1037,9 @@ impl Agent {
                 tracing::warn!(service = %name, error = %format!("{e:#}"), "recording the series");
             }
         }
+        if leading {
+            self.skip_empty_waves(i, now)?;
+        }
         let effects = if leading {
             self.services[i].tick(now)
         } else {
@@ -1051,6 +1074,37 @@ impl Agent {
         Ok(())
     }
 
+    /// Skips the waves ahead of service `i`'s rollout that no node is in (the fleet's
+    /// reporting nodes, or this node alone); nothing before the fleet's first reports.
+    fn skip_empty_waves(&mut self, i: usize, now: u64) -> Result<()> {
+        let Some(rollout) = self.services[i]
+            .rollout
+            .as_ref()
+            .filter(|r| r.wave().is_some())
+        else {
+            return Ok(());
+        };
+        let policy = rollout.policy().clone();
+        let regions: Vec<Option<String>> = match &self.fleet {
+            Some(link) => link.regions().into_values().collect(),
+            None => vec![self.config.agent.region.clone()],
+        };
+        if regions.is_empty() {
+            return Ok(());
+        }
+        let has_nodes = |wave: usize| {
+            regions
+                .iter()
+                .any(|r| policy.wave_of(r.as_deref()) == Some(wave))
+        };
+        let effects = match self.services[i].rollout.as_mut() {
+            Some(r) => r.skip_empty_waves(now, has_nodes),
+            None => Vec::new(),
+        };
+        let name = self.services[i].cfg.name.clone();
+        self.apply_effects(&name, effects)
+    }
+
     /// While service `i` retires its old version: one scan of the old stable's
     /// connections (closed or counted as the rollout says), and on the leader the
     /// count handed to the rollout, which finishes the release when none remain.
@@ -1060,6 +1114,7 @@ impl Agent {
             .as_ref()
             .and_then(|r| r.retire_action())
         else {
+            self.services[i].retiring = None;
             return Ok(());
         };
         let mode = match action {
@@ -1075,10 +1130,17 @@ impl Agent {
         if progress.closed > 0 {
             tracing::info!(service = %name, closed = progress.closed, remaining = progress.remaining, ?mode, "closed connections of the old version");
         }
+        self.services[i].retiring = Some(progress.remaining as u64);
         if !leading {
             return Ok(());
         }
-        let remaining = progress.remaining as u64;
+        // In a fleet the others' count too; one that has not begun retiring holds
+        // the release back.
+        let elsewhere = match &self.fleet {
+            Some(link) => link.retiring_elsewhere(&name).unwrap_or(1),
+            None => 0,
+        };
+        let remaining = (progress.remaining as u64).saturating_add(elsewhere);
         let effects = match self.services[i].rollout.as_mut() {
             Some(r) => r.observe_retiring(now, remaining),
             None => Vec::new(),

@@ -298,6 +298,7 @@ mod tests {
             custom: BTreeMap::new(),
             draining: false,
             kernel: None,
+            retiring: None,
         }
     }
 

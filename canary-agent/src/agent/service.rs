@@ -31,6 +31,8 @@ pub struct LiveService {
     pub draining: bool,
     /// Decided in the kernel by client address: how its map value is marked.
     pub kernel: Option<crate::datapath::KernelRouting>,
+    /// While retiring: the old version's connections this node still holds.
+    pub retiring: Option<u64>,
 }
 
 /// The analysis of a service whose policy has metrics or rules.
@@ -44,6 +46,8 @@ pub struct Analysis {
     last_observed_s: Option<u64>,
     /// The running rollout's step the analyzer's pass data began with.
     step: Option<usize>,
+    /// The wave whose nodes' counters this analysis has seen.
+    wave: Option<usize>,
     baseline: Baseline,
 }
 
@@ -89,25 +93,28 @@ impl Baseline {
         }
     }
 
+    /// Stable over the last `span_s` seconds seen below 100 %.
+    fn snapshot(&self) -> Option<Frozen> {
+        let ((first_s, first), (last_s, last)) = (self.recent.front()?, self.recent.back()?);
+        let mut per_span = VersionCounters::zero();
+        per_span.accumulate(first, last);
+        Some(Frozen {
+            at_s: *last_s,
+            at_promotion: last.clone(),
+            per_span,
+            span_s: last_s.saturating_sub(*first_s).max(1),
+        })
+    }
+
     /// Stable's stand-in while verifying (the real reading when no second before
     /// promotion was seen, e.g. after a restart at 100 %).
     fn stand_in(&mut self, now_s: u64, stable: &VersionCounters) -> VersionCounters {
         if self.frozen.is_none() {
-            let (Some((first_s, first)), Some((last_s, last))) =
-                (self.recent.front(), self.recent.back())
-            else {
-                return stable.clone();
-            };
-            let mut per_span = VersionCounters::zero();
-            per_span.accumulate(first, last);
-            self.frozen = Some(Frozen {
-                at_s: *last_s,
-                at_promotion: last.clone(),
-                per_span,
-                span_s: last_s.saturating_sub(*first_s).max(1),
-            });
+            self.frozen = self.snapshot();
         }
-        let f = self.frozen.as_ref().expect("just set");
+        let Some(f) = self.frozen.as_ref() else {
+            return stable.clone();
+        };
         let grown = f
             .per_span
             .scaled(now_s.saturating_sub(f.at_s) as f64 / f.span_s as f64);
@@ -117,8 +124,16 @@ impl Baseline {
     }
 
     /// What `status` says the canary is judged against while verifying.
+    /// Also between promotion and the first reading that uses the stand-in.
     fn describe(&self) -> Option<String> {
-        let f = self.frozen.as_ref()?;
+        let snapshot;
+        let f = match &self.frozen {
+            Some(f) => f,
+            None => {
+                snapshot = self.snapshot()?;
+                &snapshot
+            }
+        };
         let rate = |n: u64| n as f64 / f.span_s as f64;
         let errors = f.per_span.responses[4];
         let requests = f.per_span.requests.max(1);
@@ -146,6 +161,7 @@ impl Analysis {
             hold: AnalysisHold::Hold("waiting for the first second of analysis".into()),
             last_observed_s: None,
             step: None,
+            wave: None,
             baseline: Baseline::new(policy),
         })
     }
@@ -173,6 +189,14 @@ impl LiveService {
             .as_ref()
             .is_some_and(|r| r.state().is_running());
         let name = self.cfg.name.clone();
+        // The next wave's nodes: its analysis starts over on their counters.
+        let wave = self.rollout.as_ref().and_then(Rollout::wave);
+        if self.analysis.as_ref().is_some_and(|a| a.wave != wave) {
+            self.analysis = self.policy.as_ref().and_then(Analysis::new);
+            if let Some(a) = self.analysis.as_mut() {
+                a.wave = wave;
+            }
+        }
         let Some(analysis) = self.analysis.as_mut() else {
             return Ok(Vec::new());
         };
@@ -321,6 +345,27 @@ impl LiveService {
         self.analysis.as_ref().map_or(&[], |a| &a.verdicts)
     }
 
+    /// The desired weight in a fleet: the weight of nodes in no listed region, and
+    /// each listed region's while the rollout runs in waves (`weight_bp` otherwise).
+    pub fn wave_weights(&self, weight_bp: u16) -> (u16, BTreeMap<String, u16>) {
+        let Some(r) = self.rollout.as_ref().filter(|r| {
+            r.wave().is_some() && r.weight_bp() == weight_bp && r.state() != RolloutState::Finished
+        }) else {
+            return (weight_bp, BTreeMap::new());
+        };
+        let waves = &r.policy().waves;
+        let regions = waves
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                w.regions
+                    .iter()
+                    .map(move |region| (region.clone(), r.wave_weight(i)))
+            })
+            .collect();
+        (r.wave_weight(waves.len() - 1), regions)
+    }
+
     /// While verifying: what the canary is judged against, in words.
     pub fn baseline(&self) -> Option<String> {
         let verifying = self
@@ -372,6 +417,7 @@ mod tests {
             custom: BTreeMap::new(),
             draining: false,
             kernel: None,
+            retiring: None,
         }
     }
 

@@ -95,6 +95,10 @@ pub struct AgentConfig {
     pub ui_hosts: Vec<String>,
     /// This node's name in a fleet (status, leader election); default: the host name.
     pub node_name: String,
+    /// This node's region and zone (`[agent] region`, `zone`): a policy's waves roll
+    /// out region by region; a node without a region joins the last wave.
+    pub region: Option<String>,
+    pub zone: Option<String>,
     /// How long SIGTERM waits for routed requests in flight before the agent exits.
     pub shutdown_grace: Duration,
 }

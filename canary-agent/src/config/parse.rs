@@ -12,6 +12,17 @@ use canary_common::{MAX_GROUP_BACKENDS, MAX_SERVICES};
 use super::raw::{OneOrMany, RawConfig, RawFleet};
 use super::*;
 
+/// A region or zone: a name as a node's (waves and status show it).
+fn checked_label(label: Option<String>, field: &str) -> Result<Option<String>, (String, String)> {
+    match label {
+        Some(l) if !valid_node_name(&l) => Err((
+            field.to_string(),
+            format!("{l:?}: 1 to 63 letters, digits, '-', '_' or '.'"),
+        )),
+        other => Ok(other),
+    }
+}
+
 fn valid_node_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
         && name
@@ -298,6 +309,8 @@ impl Config {
                     Some(n) => n,
                     None => host_name(),
                 },
+                region: checked_label(a.region, "agent.region").map_err(|(f, r)| err(f, r))?,
+                zone: checked_label(a.zone, "agent.zone").map_err(|(f, r)| err(f, r))?,
                 shutdown_grace: match a.shutdown_grace.as_deref() {
                     None => DEFAULT_SHUTDOWN_GRACE,
                     Some(text) => match crate::policy::parse_duration(text) {

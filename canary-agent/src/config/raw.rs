@@ -37,6 +37,8 @@ pub(super) struct RawAgent {
     #[serde(default)]
     pub(super) ui_hosts: Vec<String>,
     pub(super) node_name: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) zone: Option<String>,
     pub(super) shutdown_grace: Option<String>,
 }
 

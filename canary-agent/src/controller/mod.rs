@@ -32,7 +32,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{percent, Policy, RetireConnections, WeightBp, FULL_BP};
+use crate::policy::{percent, Gate, Policy, RetireConnections, WaveRollback, WeightBp, FULL_BP};
 
 pub use self::clock::{Clock, ScaledClock, SimClock, SystemClock};
 pub use self::events::{EventLog, EventLogError};
@@ -278,6 +278,17 @@ pub struct RolloutStatus {
     /// The hand-over (`finished`).
     #[serde(default)]
     pub released: Option<Release>,
+    /// While the policy rolls out region by region: the wave running.
+    #[serde(default)]
+    pub wave: Option<WaveStatus>,
+}
+
+/// The wave a rollout is in: `index` counts from 0, of `of` waves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveStatus {
+    pub index: usize,
+    pub of: usize,
+    pub regions: Vec<String>,
 }
 
 /// A finished release: when the stable role went to the canary backends, and which.
@@ -323,6 +334,9 @@ pub struct GateStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct PendingGate {
     step: usize,
+    /// The gate of this wave (before its first step) rather than a stage's.
+    #[serde(default)]
+    wave: Option<usize>,
     /// `None` while the rollout is paused: the wait restarts on resume.
     since_ms: Option<u64>,
     alerted: bool,
@@ -386,6 +400,9 @@ pub struct Rollout {
     retirement: Option<Retirement>,
     #[serde(default)]
     released: Option<Release>,
+    /// Index into the policy's waves (0 without waves).
+    #[serde(default)]
+    wave: usize,
 }
 
 impl Rollout {
@@ -408,6 +425,7 @@ impl Rollout {
             hold_alerted: false,
             retirement: None,
             released: None,
+            wave: 0,
         }
     }
 
@@ -423,6 +441,7 @@ impl Rollout {
                 gate.since_ms = Some(now_ms);
             }
         }
+        self.wave = self.wave.min(policy.waves.len().saturating_sub(1));
         self.policy = policy;
         self.holding_since_ms = None;
         self.hold_alerted = false;
@@ -456,6 +475,63 @@ impl Rollout {
 
     pub fn weight_bp(&self) -> WeightBp {
         self.weight_bp
+    }
+
+    /// The weight the nodes of `wave` split with: the finished waves at 100 % (0 after
+    /// a rollback of every wave), the running one at the rollout's weight, the later
+    /// ones at 0. Without waves, the rollout's weight.
+    pub fn wave_weight(&self, wave: usize) -> WeightBp {
+        if self.policy.waves.is_empty() || wave == self.wave {
+            return self.weight_bp;
+        }
+        let all_back = self.state == RolloutState::RolledBack
+            && self.policy.wave_rollback == WaveRollback::All;
+        if wave < self.wave && !all_back {
+            FULL_BP
+        } else {
+            0
+        }
+    }
+
+    /// Skips the waves ahead that no node is in (`has_nodes(wave)` says), each with an
+    /// event, while the current one is at its first step or gate. Skipping the last wave
+    /// finishes the progression as reaching 100 % would.
+    pub fn skip_empty_waves(
+        &mut self,
+        now_ms: u64,
+        has_nodes: impl Fn(usize) -> bool,
+    ) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        let waves = self.policy.waves.len();
+        for _ in 0..waves {
+            let starting = self.step.is_none_or(|s| s == 0)
+                && matches!(
+                    self.state,
+                    RolloutState::Progressing | RolloutState::AwaitingApproval
+                );
+            if !starting || has_nodes(self.wave) {
+                break;
+            }
+            let why = format!(
+                "wave {}/{waves} ({}) has no node: skipped",
+                self.wave + 1,
+                self.policy.waves[self.wave].regions.join(", ")
+            );
+            if self.wave + 1 < waves {
+                self.begin_wave(self.wave + 1, Actor::Schedule, &why, now_ms, &mut fx);
+            } else {
+                self.gate = None;
+                self.step = Some(self.policy.steps.len() - 1);
+                self.set_weight(FULL_BP, &mut fx);
+                self.promoted(Actor::Schedule, why, now_ms, &mut fx);
+            }
+        }
+        fx
+    }
+
+    /// The wave running, when the policy has waves.
+    pub fn wave(&self) -> Option<usize> {
+        (!self.policy.waves.is_empty()).then_some(self.wave)
     }
 
     /// The hand-over of a finished release.
@@ -506,12 +582,19 @@ impl Rollout {
             }
             Command::Resume { reason } => self.resume(reason, actor, now_ms, &mut fx),
             Command::Approve { by } => {
-                let step = self.gate.as_ref().map_or(0, |g| g.step);
-                self.enter_step(step, actor, &format!("approved by {by}"), now_ms, &mut fx);
+                let (step, wave) = self.gate.as_ref().map_or((0, None), |g| (g.step, g.wave));
+                let why = format!("approved by {by}");
+                if wave.is_some() {
+                    // The wave's gate passed: its first step may wait at a stage's.
+                    self.gate = None;
+                    self.advance_to(step, actor, false, &why, now_ms, &mut fx);
+                } else {
+                    self.enter_step(step, actor, &why, now_ms, &mut fx);
+                }
             }
             Command::Promote { .. } if self.state == RolloutState::Verifying => {
                 let reason = format!("verification skipped by {actor}");
-                self.begin_retiring(actor, reason, now_ms, &mut fx);
+                self.verified(actor, reason, now_ms, &mut fx);
             }
             Command::Promote { full: false } => {
                 let target = self
@@ -606,7 +689,7 @@ impl Rollout {
                         self.holding = None;
                         let reason =
                             format!("verification passed: {}s at 100%", self.finish().verify_s);
-                        self.begin_retiring(Actor::Schedule, reason, now_ms, &mut fx);
+                        self.verified(Actor::Schedule, reason, now_ms, &mut fx);
                     }
                 }
             }
@@ -700,14 +783,87 @@ impl Rollout {
         (self.finish().verify_s * 1_000).saturating_sub(self.dwell.elapsed_ms(now_ms))
     }
 
+    /// Whether a wave follows the current one.
+    fn wave_ahead(&self) -> bool {
+        self.wave + 1 < self.policy.waves.len()
+    }
+
     /// Reaching 100 %: `promoted`, then on to verifying when the policy finishes
-    /// its releases.
+    /// its releases. A wave with others after it verifies (when the policy does) and
+    /// hands on to the next.
     fn promoted(&mut self, actor: Actor, reason: String, now_ms: u64, fx: &mut Vec<Effect>) {
         self.dwell.stop(now_ms);
-        self.transition(RolloutState::Promoted, actor, reason, now_ms, fx);
-        if self.policy.finish.is_some() {
-            self.begin_verifying(now_ms, fx);
+        if !self.wave_ahead() {
+            self.transition(RolloutState::Promoted, actor, reason, now_ms, fx);
+            if self.policy.finish.is_some() {
+                self.begin_verifying(now_ms, fx);
+            }
+            return;
         }
+        match self.policy.finish {
+            Some(f) if f.verify_s > 0 => {
+                self.dwell.restart(now_ms);
+                let reason = format!(
+                    "{reason}; wave {}/{} verifying for {}s before the next wave",
+                    self.wave + 1,
+                    self.policy.waves.len(),
+                    f.verify_s
+                );
+                self.transition(RolloutState::Verifying, actor, reason, now_ms, fx);
+            }
+            _ => self.begin_wave(self.wave + 1, actor, &reason, now_ms, fx),
+        }
+    }
+
+    /// Verification passed (or was skipped): the next wave begins, or the last one
+    /// retires the old version.
+    fn verified(&mut self, actor: Actor, reason: String, now_ms: u64, fx: &mut Vec<Effect>) {
+        if self.wave_ahead() {
+            self.begin_wave(self.wave + 1, actor, &reason, now_ms, fx);
+        } else {
+            self.begin_retiring(actor, reason, now_ms, fx);
+        }
+    }
+
+    /// Starts wave `wave` from the first step (its nodes at 0 % until then), behind
+    /// the wave's gate when it has one.
+    fn begin_wave(
+        &mut self,
+        wave: usize,
+        actor: Actor,
+        why: &str,
+        now_ms: u64,
+        fx: &mut Vec<Effect>,
+    ) {
+        self.wave = wave;
+        self.step = None;
+        self.holding = None;
+        self.holding_since_ms = None;
+        self.hold_alerted = false;
+        self.dwell = Dwell::default();
+        let Some(w) = self.policy.waves.get(wave) else {
+            return self.advance_to(0, actor, false, why, now_ms, fx);
+        };
+        let why = format!(
+            "{why}; wave {}/{} ({})",
+            wave + 1,
+            self.policy.waves.len(),
+            w.regions.join(", ")
+        );
+        let gated = w.gate.is_some();
+        self.set_weight(0, fx);
+        if !gated {
+            return self.advance_to(0, actor, false, &why, now_ms, fx);
+        }
+        self.gate = Some(PendingGate {
+            step: 0,
+            wave: Some(wave),
+            since_ms: Some(now_ms),
+            alerted: false,
+        });
+        let reason = format!("{why} waits for approval to begin");
+        self.transition(RolloutState::AwaitingApproval, actor, reason, now_ms, fx);
+        self.push_gate_waiting(fx);
     }
 
     fn begin_verifying(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
@@ -792,6 +948,11 @@ impl Rollout {
                 }
             }),
             released: self.released.clone(),
+            wave: self.policy.waves.get(self.wave).map(|w| WaveStatus {
+                index: self.wave,
+                of: self.policy.waves.len(),
+                regions: w.regions.clone(),
+            }),
         }
     }
 
@@ -876,7 +1037,7 @@ impl Rollout {
             state: from,
             ..fresh
         };
-        self.advance_to(0, actor, false, "rollout started", now_ms, fx);
+        self.begin_wave(0, actor, "rollout started", now_ms, fx);
         if self.state == RolloutState::AwaitingApproval {
             fx.insert(0, Effect::SetWeight(0));
         }
@@ -896,9 +1057,8 @@ impl Rollout {
         if let Some(gate) = &mut self.gate {
             gate.since_ms = Some(now_ms);
             gate.alerted = false;
-            let step = gate.step;
             self.transition(RolloutState::AwaitingApproval, actor, reason, now_ms, fx);
-            self.push_gate_waiting(step, fx);
+            self.push_gate_waiting(fx);
         } else {
             self.dwell.resume(now_ms);
             let verifying = self.policy.finish.is_some()
@@ -933,6 +1093,7 @@ impl Rollout {
                 self.holding = None;
                 self.gate = Some(PendingGate {
                     step,
+                    wave: None,
                     since_ms: Some(now_ms),
                     alerted: false,
                 });
@@ -942,7 +1103,7 @@ impl Rollout {
                     percent(self.policy.steps[step].weight_bp)
                 );
                 self.transition(RolloutState::AwaitingApproval, actor, reason, now_ms, fx);
-                self.push_gate_waiting(step, fx);
+                self.push_gate_waiting(fx);
             }
             Some(stage) => {
                 let why = format!("{why}, passing the gate of stage {stage}");
@@ -1038,12 +1199,26 @@ impl Rollout {
         self.reason = reason;
     }
 
-    fn push_gate_waiting(&self, step: usize, fx: &mut Vec<Effect>) {
-        if let Some((stage, gate)) = self.policy.gate_before(step) {
+    fn push_gate_waiting(&self, fx: &mut Vec<Effect>) {
+        if let Some((stage, gate)) = self.gate.as_ref().and_then(|g| self.pending_gate(g)) {
             fx.push(Effect::GateWaiting {
-                stage: stage.name.clone(),
+                stage,
                 webhook: gate.webhook.clone(),
             });
+        }
+    }
+
+    /// The gate a rollout waits at, and its name: a wave's (`wave 2`) or a stage's.
+    fn pending_gate(&self, pending: &PendingGate) -> Option<(String, &Gate)> {
+        match pending.wave {
+            Some(w) => {
+                let gate = self.policy.waves.get(w)?.gate.as_ref()?;
+                Some((format!("wave {}", w + 1), gate))
+            }
+            None => {
+                let (stage, gate) = self.policy.gate_before(pending.step)?;
+                Some((stage.name.clone(), gate))
+            }
         }
     }
 
@@ -1067,12 +1242,12 @@ impl Rollout {
 
     fn gate_status(&self, now_ms: u64) -> Option<GateStatus> {
         let pending = self.gate.as_ref()?;
-        let (stage, gate) = self.policy.gate_before(pending.step)?;
+        let (stage, gate) = self.pending_gate(pending)?;
         let waited_ms = pending
             .since_ms
             .map_or(0, |since| now_ms.saturating_sub(since));
         Some(GateStatus {
-            stage: stage.name.clone(),
+            stage,
             step: pending.step,
             approval: gate.approval,
             webhook: gate.webhook.as_deref().map(crate::webhook::redact_url),

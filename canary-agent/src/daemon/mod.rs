@@ -50,6 +50,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let listener = control::bind(&socket)?;
     let fleet = config.fleet.clone();
     let node = config.agent.node_name.clone();
+    let region = config.agent.region.clone();
     // A fleet member's controller clock can be moved forward to a stored rollout's.
     let fleet_clock = fleet
         .as_ref()
@@ -66,7 +67,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let (agent, uninstall) = Agent::start(config, clock, load)?;
     let agent = Arc::new(Mutex::new(agent));
     if let (Some(fleet), Some(fleet_clock)) = (fleet, fleet_clock) {
-        let link = crate::fleet::Link::new(&node);
+        let link = crate::fleet::Link::new(&node, region.as_deref());
         lock(&agent)?.join_fleet(link.clone());
         tracing::info!(%node, endpoints = ?fleet.etcd, "joining the fleet through etcd");
         let host: crate::fleet::SharedHost = agent.clone();

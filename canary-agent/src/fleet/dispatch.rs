@@ -95,6 +95,8 @@ async fn fleet_status(link: &Link) -> FleetStatus {
             };
             nodes.push(FleetNode {
                 name: name.to_string(),
+                region: report.region,
+                zone: report.zone,
                 heartbeat_age_s: now.saturating_sub(report.at_ms) as f64 / 1000.0,
                 weights: report.weights,
                 weights_revision: report.weights_revision,

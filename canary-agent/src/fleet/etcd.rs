@@ -434,11 +434,18 @@ impl Member {
         let now = self.clock.now_ms();
         for write in &writes {
             let (key, value) = match write {
-                Write::Weight { service, weight_bp } => (
+                Write::Weight {
+                    service,
+                    weight_bp,
+                    regions,
+                    released,
+                } => (
                     format!("{}{service}", self.keys.weights()),
                     serde_json::to_vec(&DesiredWeight {
                         weight_bp: *weight_bp,
                         at_ms: wall_ms(),
+                        regions: regions.clone(),
+                        released: released.clone(),
                     })?,
                 ),
                 Write::Rollout { service, rollout } => (
@@ -595,6 +602,7 @@ impl Member {
         self.totals
             .update(reports.iter().map(|(n, r)| (n.as_str(), r)));
         self.link.set_sums(self.totals.sums());
+        self.link.set_nodes(reports);
         Ok(())
     }
 }
@@ -695,7 +703,8 @@ fn apply_weight(
 ) -> Result<()> {
     let service = trust::key_name(kv.key(), &keys.weights())?;
     let desired = trust::weight(kv.value())?;
-    lock(agent)?.fleet_apply_weight(service, desired.weight_bp)?;
+    let weight_bp = desired.for_region(link.region());
+    lock(agent)?.fleet_apply_weight(service, weight_bp, &desired.released)?;
     let lag = wall_ms().saturating_sub(desired.at_ms);
     link.set_applied(kv.mod_revision(), lag);
     link.shared.wake.notify_one();

@@ -57,7 +57,14 @@ pub trait Host: Send {
     /// A follower keeps the leader's rollout.
     fn fleet_mirror(&mut self, service: &str, rollout: Rollout) -> anyhow::Result<()>;
     /// Applies the leader's desired weight to this node's map.
-    fn fleet_apply_weight(&mut self, service: &str, weight_bp: u16) -> anyhow::Result<()>;
+    /// `released`: the leader's release handed the stable role to these backends; a
+    /// node whose canary they are does the same.
+    fn fleet_apply_weight(
+        &mut self,
+        service: &str,
+        weight_bp: u16,
+        released: &[String],
+    ) -> anyhow::Result<()>;
     /// This node's applied weights and cumulative counters.
     fn fleet_report(&self) -> NodeReport;
     /// etcd unreachable / reachable again: pauses or resumes the rollouts that would
@@ -88,9 +95,26 @@ pub const ETCD_PAUSE: &str = "etcd unreachable";
 /// key's etcd mod revision is the weight's revision.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DesiredWeight {
+    /// The weight of nodes in no region of `regions`.
     pub weight_bp: u16,
     /// Leader's wall clock at the decision, for the apply lag each node reports.
     pub at_ms: u64,
+    /// While a policy rolls out in waves: the weight of each region it names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub regions: BTreeMap<String, u16>,
+    /// Set by a finished release: the backends that took the stable role (weight 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub released: Vec<String>,
+}
+
+impl DesiredWeight {
+    /// The weight a node of `region` splits with.
+    pub fn for_region(&self, region: Option<&str>) -> u16 {
+        region
+            .and_then(|r| self.regions.get(r))
+            .copied()
+            .unwrap_or(self.weight_bp)
+    }
 }
 
 /// A service's rollout as the leader stored it (`PREFIX/rollouts/SERVICE`), with the
@@ -106,6 +130,15 @@ pub struct StoredRollout {
 pub struct NodeReport {
     /// Wall clock of the report: the heartbeat.
     pub at_ms: u64,
+    /// `[agent] region` and `zone`, for the waves and status.
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// While a service retires its old version: that version's connections still
+    /// open on this node at the last scan.
+    #[serde(default)]
+    pub retiring: BTreeMap<String, u64>,
     /// Weight applied to each service's map, in basis points.
     pub weights: BTreeMap<String, u16>,
     /// Highest weight revision applied, and how long after the leader's decision the
@@ -122,6 +155,9 @@ pub enum Write {
     Weight {
         service: String,
         weight_bp: u16,
+        /// Per region while waves run (see [`DesiredWeight`]).
+        regions: BTreeMap<String, u16>,
+        released: Vec<String>,
     },
     Rollout {
         service: String,
@@ -138,11 +174,15 @@ pub struct Link {
 
 struct Shared {
     node: String,
+    region: Option<String>,
     leading: AtomicBool,
     /// The fleet's weights were read and applied at least once.
     synced: AtomicBool,
     outbox: Mutex<Vec<Write>>,
-    sums: Mutex<BTreeMap<String, [VersionCounters; 2]>>,
+    /// Per service, per region (`None`: no region): the fleet's totals.
+    sums: Mutex<BTreeMap<String, RegionTotals>>,
+    /// What the nodes reported last: each one's region and old-version connections.
+    nodes: Mutex<BTreeMap<String, NodeReport>>,
     wake: tokio::sync::Notify,
     /// Highest weight revision applied here and its lag from the leader's decision.
     applied: Mutex<(i64, Option<u64>)>,
@@ -166,14 +206,16 @@ pub(crate) struct FleetView {
 }
 
 impl Link {
-    pub fn new(node: &str) -> Self {
+    pub fn new(node: &str, region: Option<&str>) -> Self {
         Self {
             shared: Arc::new(Shared {
                 node: node.into(),
+                region: region.map(str::to_string),
                 leading: AtomicBool::new(false),
                 synced: AtomicBool::new(false),
                 outbox: Mutex::new(Vec::new()),
                 sums: Mutex::new(BTreeMap::new()),
+                nodes: Mutex::new(BTreeMap::new()),
                 wake: tokio::sync::Notify::new(),
                 applied: Mutex::new((0, None)),
                 etcd: Mutex::new(None),
@@ -186,6 +228,42 @@ impl Link {
 
     pub fn node(&self) -> &str {
         &self.shared.node
+    }
+
+    pub fn region(&self) -> Option<&str> {
+        self.shared.region.as_deref()
+    }
+
+    /// The region of every node that reported last second (this one included, once
+    /// its own report was read), by node name.
+    pub fn regions(&self) -> BTreeMap<String, Option<String>> {
+        let Ok(nodes) = self.shared.nodes.lock() else {
+            return BTreeMap::new();
+        };
+        nodes
+            .iter()
+            .map(|(n, r)| (n.clone(), r.region.clone()))
+            .collect()
+    }
+
+    /// The old version's connections the other nodes still hold for `service`, or
+    /// `None` while one of the nodes that have the service has not begun retiring.
+    pub fn retiring_elsewhere(&self, service: &str) -> Option<u64> {
+        let nodes = self.shared.nodes.lock().ok()?;
+        let mut sum = 0u64;
+        for (node, report) in nodes.iter() {
+            if *node == self.shared.node || !report.counters.contains_key(service) {
+                continue;
+            }
+            sum = sum.saturating_add(*report.retiring.get(service)?);
+        }
+        Some(sum)
+    }
+
+    fn set_nodes(&self, reports: BTreeMap<String, NodeReport>) {
+        if let Ok(mut nodes) = self.shared.nodes.lock() {
+            *nodes = reports;
+        }
     }
 
     /// Whether this agent holds the fleet's controller.
@@ -230,10 +308,24 @@ impl Link {
         }
     }
 
-    /// The fleet-wide cumulative counters of a service, [stable, canary], once the
-    /// leader has read every node's report.
-    pub fn summed(&self, service: &str) -> Option<[VersionCounters; 2]> {
-        self.shared.sums.lock().ok()?.get(service).cloned()
+    /// The cumulative counters of a service, [stable, canary], summed over the nodes
+    /// of the regions `include` accepts, once the leader has read every report.
+    pub fn summed(
+        &self,
+        service: &str,
+        include: impl Fn(Option<&str>) -> bool,
+    ) -> Option<[VersionCounters; 2]> {
+        let sums = self.shared.sums.lock().ok()?;
+        let mut total = [VersionCounters::zero(), VersionCounters::zero()];
+        let zero = VersionCounters::zero();
+        for (region, counters) in sums.get(service)? {
+            if include(region.as_deref()) {
+                for (t, c) in total.iter_mut().zip(counters) {
+                    t.accumulate(&zero, c);
+                }
+            }
+        }
+        Some(total)
     }
 
     fn set_applied(&self, revision: i64, lag_ms: u64) {
@@ -305,7 +397,7 @@ impl Link {
         self.shared.view.lock().ok()?.clone()
     }
 
-    fn set_sums(&self, sums: BTreeMap<String, [VersionCounters; 2]>) {
+    fn set_sums(&self, sums: BTreeMap<String, RegionTotals>) {
         if let Ok(mut s) = self.shared.sums.lock() {
             *s = sums;
         }
@@ -328,9 +420,13 @@ impl Link {
 pub struct FleetTotals {
     /// Each reporting node's latest raw counters, per service.
     last: BTreeMap<String, BTreeMap<String, [VersionCounters; 2]>>,
-    /// Per service: the sum of all increments since this leader began summing.
-    totals: BTreeMap<String, [VersionCounters; 2]>,
+    /// Per service and region: the sum of all increments since this leader began
+    /// summing (a wave's analysis sums its regions).
+    totals: BTreeMap<String, RegionTotals>,
 }
+
+/// [stable, canary] totals per region (`None`: nodes without one).
+pub type RegionTotals = BTreeMap<Option<String>, [VersionCounters; 2]>;
 
 impl FleetTotals {
     /// Takes the reports present now, by node name; nodes missing from them are
@@ -343,6 +439,8 @@ impl FleetTotals {
                 let total = self
                     .totals
                     .entry(service.clone())
+                    .or_default()
+                    .entry(report.region.clone())
                     .or_insert_with(|| [VersionCounters::zero(), VersionCounters::zero()]);
                 // A service new on this node sets its baseline.
                 let base = prev.get(service).unwrap_or(next);
@@ -355,8 +453,8 @@ impl FleetTotals {
         self.last = last;
     }
 
-    /// The fleet's totals, [stable, canary] per service.
-    pub fn sums(&self) -> BTreeMap<String, [VersionCounters; 2]> {
+    /// The fleet's totals, [stable, canary] per service and region.
+    pub fn sums(&self) -> BTreeMap<String, RegionTotals> {
         self.totals.clone()
     }
 }
@@ -430,7 +528,7 @@ mod tests {
         let mut totals = FleetTotals::default();
         let mut feed = |reports: Vec<(String, NodeReport)>| {
             totals.update(reports.iter().map(|(n, r)| (n.as_str(), r)));
-            let [stable, _] = totals.sums()["web"].clone();
+            let [stable, _] = totals.sums()["web"][&None].clone();
             (stable.requests, stable.responses[4])
         };
         // Two nodes with long histories: the first reading is a baseline.
@@ -493,7 +591,7 @@ mod tests {
             let (ra, rb) = (at(a), at(b));
             totals.update([("a", &ra), ("b", &rb)]);
         }
-        assert_eq!(totals.sums()["web"][0].requests, u64::MAX);
+        assert_eq!(totals.sums()["web"][&None][0].requests, u64::MAX);
     }
 
     #[test]
@@ -510,10 +608,12 @@ mod tests {
 
     #[test]
     fn requeued_writes_stay_ahead_of_newer_ones() {
-        let link = Link::new("n1");
+        let link = Link::new("n1", None);
         let w = |bp| Write::Weight {
             service: "web".into(),
             weight_bp: bp,
+            regions: BTreeMap::new(),
+            released: Vec::new(),
         };
         link.push(w(1));
         let taken = link.take_outbox();

@@ -42,6 +42,16 @@ pub fn weight(value: &[u8]) -> Result<DesiredWeight> {
     if desired.weight_bp > canary_common::WEIGHT_SCALE {
         bail!("weight {} bp is above 100 %", desired.weight_bp);
     }
+    if let Some((region, bp)) = desired
+        .regions
+        .iter()
+        .find(|(_, bp)| **bp > canary_common::WEIGHT_SCALE)
+    {
+        bail!("weight {bp} bp of region {region:?} is above 100 %");
+    }
+    if !desired.released.is_empty() && desired.weight_bp != 0 {
+        bail!("a release's weight must be 0, not {} bp", desired.weight_bp);
+    }
     Ok(desired)
 }
 

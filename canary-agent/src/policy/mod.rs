@@ -10,6 +10,7 @@ pub mod routing;
 mod scheme;
 mod toml;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +51,49 @@ pub struct Policy {
     /// rollout ends at `promoted` and the old version keeps its connections.
     #[serde(default)]
     pub finish: Option<Finish>,
+    /// Region by region (`[[wave]]` / `define-waves`): the progression runs in each
+    /// wave's regions in turn; empty = every node at once.
+    #[serde(default)]
+    pub waves: Vec<Wave>,
+    /// What a rollback during waves returns to 0 % (`[rollback] waves`).
+    #[serde(default)]
+    pub wave_rollback: WaveRollback,
+}
+
+/// One wave: the regions whose nodes run the progression together, and the gate
+/// (approval or webhook, as a stage's) before the wave begins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    pub regions: Vec<String>,
+    pub gate: Option<Gate>,
+}
+
+/// Which waves a rollback returns to 0 %.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WaveRollback {
+    /// Every wave, the finished ones too: the fleet runs one version again.
+    #[default]
+    All,
+    /// Only the wave running; the finished ones keep the new version.
+    Wave,
+}
+
+impl WaveRollback {
+    pub(crate) fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "all" => Ok(Self::All),
+            "wave" => Ok(Self::Wave),
+            other => Err(format!("unknown waves `{other}` (expected all or wave)")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Wave => "wave",
+        }
+    }
 }
 
 /// Finishing a release: verification at 100 %, then retirement of the old version.
@@ -120,10 +164,24 @@ impl Policy {
     /// may be shown or stored outside the config).
     pub fn redacted(&self) -> Policy {
         let mut p = self.clone();
-        for gate in p.stages.iter_mut().filter_map(|s| s.gate.as_mut()) {
+        let stage_gates = p.stages.iter_mut().filter_map(|s| s.gate.as_mut());
+        let wave_gates = p.waves.iter_mut().filter_map(|w| w.gate.as_mut());
+        for gate in stage_gates.chain(wave_gates) {
             gate.webhook = gate.webhook.as_deref().map(crate::webhook::redact_url);
         }
         p
+    }
+
+    /// The wave a node of `region` belongs to: the one listing it, else the last
+    /// (a node without a region too); `None` without waves.
+    pub fn wave_of(&self, region: Option<&str>) -> Option<usize> {
+        let last = self.waves.len().checked_sub(1)?;
+        let listed = region.and_then(|r| {
+            self.waves
+                .iter()
+                .position(|w| w.regions.iter().any(|x| x == r))
+        });
+        Some(listed.unwrap_or(last))
     }
 }
 
@@ -356,6 +414,8 @@ pub(crate) struct Draft {
     /// either one makes the policy finish its releases.
     pub verify_s: Option<u64>,
     pub retire: Option<Retire>,
+    pub waves: Vec<Sourced<Wave>>,
+    pub wave_rollback: WaveRollback,
     /// Where the cohorts and the cohort assignments were written.
     pub routing_sites: (Option<Site>, Option<Site>),
 }
@@ -374,6 +434,8 @@ impl Draft {
             routing: Routing::default(),
             verify_s: None,
             retire: None,
+            waves: Vec::new(),
+            wave_rollback: WaveRollback::default(),
             routing_sites: (None, None),
         }
     }
@@ -417,6 +479,8 @@ impl Draft {
                 verify_s: self.verify_s.unwrap_or(0),
                 retire: self.retire.unwrap_or_default(),
             }),
+            waves: self.checked_waves()?,
+            wave_rollback: self.wave_rollback,
         };
         for (i, step) in self.steps.iter().enumerate() {
             if policy.stage_index(step.item.weight_bp).is_none() {
@@ -440,6 +504,28 @@ impl Draft {
         self.check_metrics()?;
         self.check_rules()?;
         Ok(policy)
+    }
+
+    /// Every wave names at least one region, and no region is in two waves.
+    fn checked_waves(&self) -> Result<Vec<Wave>, PolicyError> {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, wave) in self.waves.iter().enumerate() {
+            if wave.item.regions.is_empty() {
+                return Err(self.error(&wave.site, "a wave needs at least one region"));
+            }
+            for region in &wave.item.regions {
+                if region.trim().is_empty() {
+                    return Err(self.error(&wave.site, "a region name cannot be empty"));
+                }
+                if let Some(first) = seen.insert(region, i) {
+                    return Err(self.error(
+                        &wave.site,
+                        format!("region {region:?} is already in wave {}", first + 1),
+                    ));
+                }
+            }
+        }
+        Ok(self.waves.iter().map(|w| w.item.clone()).collect())
     }
 
     fn checked_steps(&self) -> Result<Vec<Step>, PolicyError> {

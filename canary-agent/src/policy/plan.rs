@@ -162,6 +162,30 @@ impl Policy {
                 let _ = writeln!(out, "Finish: {verify}; then {retire}; then finished (the canary becomes stable, `released` is sent)");
             }
         }
+        if !self.waves.is_empty() {
+            let waves: Vec<String> = self
+                .waves
+                .iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let gate = match &w.gate {
+                        Some(g) if g.approval => " after approval",
+                        Some(_) => " after the webhook approves",
+                        None => "",
+                    };
+                    format!("{}. {}{gate}", i + 1, w.regions.join(", "))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "Waves: {} (unlisted regions join the last); a rollback resets {}",
+                waves.join("; "),
+                match self.wave_rollback {
+                    crate::policy::WaveRollback::All => "every wave",
+                    crate::policy::WaveRollback::Wave => "only the running wave",
+                }
+            );
+        }
         if !self.routing.is_empty() {
             out += &self.routing.render();
         }

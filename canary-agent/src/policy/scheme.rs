@@ -14,9 +14,10 @@
 //!   '((conversion-rate (threshold . 0.9) (window . 600) (on-fail . pause-and-alert)
 //!                      (events . "...{version}...") (trials . "...{version}..."))))
 //! (define-analysis '((error-floor . 0.01) (max-hold . 1800)))  ; or "30m"; 0 = never
-//! (define-rollback '((connections . drain)))                  ; or keep
+//! (define-rollback '((connections . drain) (waves . all)))    ; or keep; waves: all | wave
 //! (define-verification '((duration . 300)))    ; seconds at 100 % before retiring
 //! (define-retirement '((connections . drain) (timeout . 600))) ; drain | keep | close-after
+//! (define-waves '(("eu-1") ("us-1" "us-2" (gate (approval . #t))))) ; regions in order
 //! ```
 //!
 //! The stage that reaches 100 % may carry the last two instead:
@@ -33,11 +34,11 @@ use super::routing::{
 use super::{
     check_error_floor, percent_float_to_bp, percent_int_to_bp, Action, AnalysisSettings, Cmp,
     CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
-    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, WeightBp,
-    FULL_BP,
+    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, Wave,
+    WaveRollback, WeightBp, FULL_BP,
 };
 
-const FORMS: [&str; 14] = [
+const FORMS: [&str; 15] = [
     "define-canary-split",
     "define-progression",
     "define-stages",
@@ -47,6 +48,7 @@ const FORMS: [&str; 14] = [
     "define-rollback",
     "define-verification",
     "define-retirement",
+    "define-waves",
     "define-header-routing",
     "define-cohorts",
     "define-user-key",
@@ -189,7 +191,10 @@ impl Reader<'_> {
             "define-canary-metrics" => draft.metrics = self.metrics(data)?,
             "define-rollback-rules" => draft.rules = self.rules(data)?,
             "define-analysis" => draft.analysis = self.analysis(data)?,
-            "define-rollback" => draft.on_rollback = self.on_rollback(data)?,
+            "define-rollback" => {
+                (draft.on_rollback, draft.wave_rollback) = self.on_rollback(data)?;
+            }
+            "define-waves" => draft.waves = self.waves(data)?,
             "define-verification" => {
                 if draft
                     .verify_s
@@ -395,17 +400,53 @@ impl Reader<'_> {
         Ok(settings)
     }
 
-    fn on_rollback(&self, data: Ref<'_>) -> Result<OnRollback, PolicyError> {
+    fn on_rollback(&self, data: Ref<'_>) -> Result<(OnRollback, WaveRollback), PolicyError> {
         let ctx = "define-rollback";
         let mut props = self.props(data, ctx)?;
         let mut on_rollback = OnRollback::default();
+        let mut waves = WaveRollback::default();
+        let symbol = |v: Ref<'_>| v.as_symbol().map_or_else(|| brief(v), str::to_string);
         if let Some(v) = props.take("connections") {
-            let name = v.as_symbol().map_or_else(|| brief(v), str::to_string);
-            on_rollback = OnRollback::parse(&name)
+            on_rollback = OnRollback::parse(&symbol(v))
                 .map_err(|r| self.err(v, &format!("{ctx} connections"), r))?;
         }
+        if let Some(v) = props.take("waves") {
+            waves = WaveRollback::parse(&symbol(v))
+                .map_err(|r| self.err(v, &format!("{ctx} waves"), r))?;
+        }
         self.done(props, ctx)?;
-        Ok(on_rollback)
+        Ok((on_rollback, waves))
+    }
+
+    /// `(("eu-1") ("us-1" "us-2" (gate ...)))`: each wave its region strings, then an
+    /// optional gate as a stage's.
+    fn waves(&self, data: Ref<'_>) -> Result<Vec<Sourced<Wave>>, PolicyError> {
+        let mut waves = Vec::new();
+        for (i, entry) in self.list(data, "define-waves")?.into_iter().enumerate() {
+            let here = format!("define-waves wave {}", i + 1);
+            let mut regions = Vec::new();
+            let mut gate = None;
+            for item in self.list(entry, &here)? {
+                if item.as_pair().is_some() {
+                    let (key, rest) = self.named(item, &here)?;
+                    if key != "gate" || gate.is_some() {
+                        return Err(self.err(
+                            item,
+                            &here,
+                            "expected region strings and one (gate ...)",
+                        ));
+                    }
+                    gate = Some(self.gate(rest, &format!("{here} gate"))?);
+                } else {
+                    regions.push(self.string(item, &here)?);
+                }
+            }
+            waves.push(Sourced {
+                item: Wave { regions, gate },
+                site: self.site(entry, here),
+            });
+        }
+        Ok(waves)
     }
 
     /// `((duration . SECONDS))`.

@@ -38,6 +38,7 @@
 //!
 //! [rollback]
 //! connections = "drain"         # or "keep"; default drain
+//! waves = "all"                 # or "wave": what a rollback during waves resets
 //!
 //! [verify]                      # with [retire], the release finishes after 100 %
 //! duration = "5m"               # rules still judge the canary this long at 100 %
@@ -45,6 +46,10 @@
 //! [retire]                      # the old version's open connections
 //! connections = "drain"         # drain (default) | keep | close-after
 //! timeout = "10m"               # default 10m
+//!
+//! [[wave]]                      # region by region, in order; nodes of regions
+//! regions = ["eu-1"]            # not listed join the last wave
+//! gate = { approval = true }    # optional, as a stage's gate, before the wave
 //!
 //! [routing.header]              # define-header-routing
 //! header = "X-Canary"
@@ -82,8 +87,8 @@ use super::routing::{
 use super::{
     check_error_floor, parse_condition, parse_duration, percent_float_to_bp, percent_int_to_bp,
     Action, CustomQuery, Draft, Gate, MetricName, MetricSpec, OnRollback, Policy, PolicyError,
-    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, WeightBp,
-    DEFAULT_RETIRE_TIMEOUT_S, FULL_BP,
+    PolicyErrorKind, Retire, RetireConnections, RollbackRule, Site, Sourced, Stage, Step, Wave,
+    WaveRollback, WeightBp, DEFAULT_RETIRE_TIMEOUT_S, FULL_BP,
 };
 
 #[derive(Deserialize)]
@@ -102,6 +107,27 @@ struct RawPolicy {
     routing: Option<RawRouting>,
     verify: Option<RawVerify>,
     retire: Option<RawRetire>,
+    #[serde(default)]
+    wave: Vec<Spanned<RawWave>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWave {
+    regions: Vec<String>,
+    gate: Option<RawGate>,
+}
+
+/// `all` or `wave`.
+struct WaveRollbackName(WaveRollback);
+
+impl<'de> Deserialize<'de> for WaveRollbackName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        WaveRollback::parse(&name)
+            .map(WaveRollbackName)
+            .map_err(de::Error::custom)
+    }
 }
 
 #[derive(Deserialize)]
@@ -198,6 +224,7 @@ struct RawAnalysis {
 #[serde(deny_unknown_fields)]
 struct RawRollback {
     connections: Option<OnRollback>,
+    waves: Option<WaveRollbackName>,
 }
 
 #[derive(Deserialize)]
@@ -254,6 +281,20 @@ struct RawGate {
     approval: bool,
     webhook: Option<String>,
     timeout: Option<Seconds>,
+}
+
+/// A stage's or wave's gate: approval, a webhook or both.
+fn checked_gate(gate: Option<RawGate>) -> Result<Option<Gate>, &'static str> {
+    match gate {
+        Some(g) if !g.approval && g.webhook.is_none() => {
+            Err("gate needs approval = true or a webhook")
+        }
+        g => Ok(g.map(|g| Gate {
+            approval: g.approval,
+            webhook: g.webhook,
+            timeout_s: g.timeout.map_or(0, |t| t.0),
+        })),
+    }
 }
 
 #[derive(Deserialize)]
@@ -394,8 +435,25 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
             draft.analysis.max_hold_s = hold.0;
         }
     }
-    if let Some(connections) = raw.rollback.and_then(|r| r.connections) {
-        draft.on_rollback = connections;
+    if let Some(rollback) = raw.rollback {
+        if let Some(connections) = rollback.connections {
+            draft.on_rollback = connections;
+        }
+        if let Some(waves) = rollback.waves {
+            draft.wave_rollback = waves.0;
+        }
+    }
+    for (i, wave) in raw.wave.into_iter().enumerate() {
+        let site = site(wave.span(), "wave", i + 1);
+        let wave = wave.into_inner();
+        let gate = checked_gate(wave.gate).map_err(|why| draft.error(&site, why))?;
+        draft.waves.push(Sourced {
+            item: Wave {
+                regions: wave.regions,
+                gate,
+            },
+            site,
+        });
     }
     draft.verify_s = raw.verify.map(|v| v.duration.0);
     draft.retire = raw.retire.map(|r| Retire {
@@ -418,16 +476,7 @@ pub fn parse_toml(text: &str, origin: &str) -> Result<Policy, PolicyError> {
         for (i, stage) in stages.into_iter().enumerate() {
             let site = site(stage.span(), "stage", i + 1);
             let stage = stage.into_inner();
-            let gate = match stage.gate {
-                Some(g) if !g.approval && g.webhook.is_none() => {
-                    return Err(draft.error(&site, "gate needs approval = true or a webhook"))
-                }
-                g => g.map(|g| Gate {
-                    approval: g.approval,
-                    webhook: g.webhook,
-                    timeout_s: g.timeout.map_or(0, |t| t.0),
-                }),
-            };
+            let gate = checked_gate(stage.gate).map_err(|why| draft.error(&site, why))?;
             out.push(Sourced {
                 item: Stage {
                     name: stage.name,
