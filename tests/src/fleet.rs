@@ -268,8 +268,22 @@ impl FleetLab {
         lease_s: u64,
         extra_args: &[&str],
     ) -> Result<Agent> {
+        self.start_agent_in(i, None, services, files, lease_s, extra_args)
+    }
+
+    /// [`FleetLab::start_agent`] with `[agent] region`.
+    pub fn start_agent_in(
+        &self,
+        i: usize,
+        region: Option<&str>,
+        services: &str,
+        files: &[(&str, &str)],
+        lease_s: u64,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let region = region.map_or_else(String::new, |r| format!("region = \"{r}\"\n"));
         let text = format!(
-            "node_name = \"n{}\"\nmetrics_listen = \"{}\"\n[fleet]\netcd = [\"http://{ETCD_V4}:2379\"]\nlease = {lease_s}\n{services}",
+            "node_name = \"n{}\"\n{region}metrics_listen = \"{}\"\n[fleet]\netcd = [\"http://{ETCD_V4}:2379\"]\nlease = {lease_s}\n{services}",
             i + 1,
             probe_addr(i),
         );

@@ -212,9 +212,11 @@ impl Host for Agent {
     /// This node's applied weights and cumulative kernel counters (without PromQL
     /// metrics, which the leader queries itself).
     fn fleet_report(&self) -> NodeReport {
-        let mut report = NodeReport::default();
-        report.region = self.config.agent.region.clone();
-        report.zone = self.config.agent.zone.clone();
+        let mut report = NodeReport {
+            region: self.config.agent.region.clone(),
+            zone: self.config.agent.zone.clone(),
+            ..NodeReport::default()
+        };
         for (i, svc) in self.services.iter().enumerate() {
             report.weights.insert(svc.cfg.name.clone(), svc.weight_bp);
             if let Some(remaining) = svc.retiring {

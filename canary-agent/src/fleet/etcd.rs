@@ -468,8 +468,20 @@ impl Member {
                     (key, serde_json::to_vec(event)?)
                 }
             };
-            ops.push(TxnOp::put(key, value, None));
+            ops.push((key, value));
         }
+        // etcd refuses a key twice in one transaction: only a key's last value counts.
+        let last: BTreeMap<&str, usize> = ops
+            .iter()
+            .enumerate()
+            .map(|(i, (key, _))| (key.as_str(), i))
+            .collect();
+        let ops: Vec<TxnOp> = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, (key, _))| last[key.as_str()] == *i)
+            .map(|(_, (key, value))| TxnOp::put(key.as_str(), value.clone(), None))
+            .collect();
         for chunk in ops.chunks(TXN_OPS) {
             let txn = Txn::new()
                 .when([Compare::value(
