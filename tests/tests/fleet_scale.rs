@@ -67,6 +67,7 @@ fn report(node: u64, second: u64) -> NodeReport {
         weights_revision: 42,
         apply_lag_ms: Some(3),
         counters: [("web".to_string(), [version(9), version(1)])].into(),
+        ..NodeReport::default()
     }
 }
 
