@@ -378,9 +378,14 @@ fn render_fleet(fleet: &api::FleetStatus) -> String {
         let lag = node.apply_lag_ms.map_or(String::new(), |ms| {
             format!(", last weight applied {ms} ms after the decision")
         });
+        let region = match (&node.region, &node.zone) {
+            (Some(r), Some(z)) => format!("  region {r}/{z}"),
+            (Some(r), None) => format!("  region {r}"),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "  {:<16} heartbeat {:.1}s ago   weights: {}   (revision {}{lag})",
+            "  {:<16}{region} heartbeat {:.1}s ago   weights: {}   (revision {}{lag})",
             node.name,
             node.heartbeat_age_s,
             weights.join(", "),
@@ -656,9 +661,36 @@ pub fn render_status(status: &Status) -> String {
                 out += &format!("  next step in {t:.0}s");
             }
             out += &format!("\n  reason: {}\n", r.reason);
-            if let Some(g) = &r.waiting_gate {
+            if let Some(w) = &r.wave {
                 out += &format!(
-                    "  gate: stage {} waits for approval{} ({:.0}s)\n",
+                    "  wave {}/{}: regions {} (the others wait at 0 %, the earlier ones stay at 100 %)\n",
+                    w.index + 1,
+                    w.of,
+                    w.regions.join(", ")
+                );
+            }
+            if let Some(left) = r.verify_left_s {
+                out += &format!("  verifying: {left:.0}s left at 100 %\n");
+            }
+            if let Some(b) = &s.baseline {
+                out += &format!("  judged against {b}\n");
+            }
+            if let Some(ret) = &r.retiring {
+                out += &format!(
+                    "  retiring: {} old-version connections open ({}, {:.0}s to the timeout)\n",
+                    ret.remaining,
+                    ret.connections.as_str(),
+                    ret.timeout_in_s
+                );
+            }
+            if let Some(g) = &r.waiting_gate {
+                let what = if g.stage.starts_with("wave ") {
+                    ""
+                } else {
+                    "stage "
+                };
+                out += &format!(
+                    "  gate: {what}{} waits for approval{} ({:.0}s)\n",
                     g.stage,
                     g.webhook
                         .as_deref()

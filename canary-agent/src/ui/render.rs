@@ -316,11 +316,43 @@ pub fn live_panel(
                 "<div class=\"why\"><span class=\"label\">reason</span> {}</div>",
                 esc(&r.reason)
             );
+            if let Some(w) = &r.wave {
+                let _ = write!(
+                    out,
+                    "<div class=\"wave\"><span class=\"label\">wave</span> {}/{}: regions {}</div>",
+                    w.index + 1,
+                    w.of,
+                    esc(&w.regions.join(", "))
+                );
+            }
+            if let Some(left) = r.verify_left_s {
+                let judged = status.baseline.as_deref().map(esc).unwrap_or_default();
+                let _ = write!(
+                    out,
+                    "<div class=\"verify\"><span class=\"label\">verifying</span> {left:.0}s left at 100 %; judged against {judged}</div>"
+                );
+            }
+            if let Some(ret) = &r.retiring {
+                let _ = write!(
+                    out,
+                    "<div class=\"retiring\"><span class=\"label\">retiring</span> {} old-version connections open ({}, {:.0}s to the timeout)</div>",
+                    ret.remaining,
+                    ret.connections.as_str(),
+                    ret.timeout_in_s
+                );
+            }
+            if let Some(rel) = &r.released {
+                let _ = write!(
+                    out,
+                    "<div class=\"released\"><span class=\"label\">released</span> stable is now {}: the old version may be deleted</div>",
+                    esc(&rel.backends.join(", "))
+                );
+            }
             if let Some(g) = &r.waiting_gate {
                 let _ = write!(
                     out,
-                    "<div class=\"gate\"><span class=\"label\">gate</span> stage {} waits for approval{} ({:.0}s)</div>",
-                    esc(&g.stage),
+                    "<div class=\"gate\"><span class=\"label\">gate</span> {} waits for approval{} ({:.0}s)</div>",
+                    esc(&if g.stage.starts_with("wave ") { g.stage.clone() } else { format!("stage {}", g.stage) }),
                     g.webhook
                         .as_deref()
                         .map(|w| format!(" or webhook {}", esc(w)))
