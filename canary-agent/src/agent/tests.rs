@@ -550,3 +550,79 @@ fn a_finished_release_hands_over_and_the_next_config_moves_nothing() -> Result<(
     assert_eq!(weight_bp(&agent, "web")?, 2_000);
     Ok(())
 }
+
+#[test]
+fn a_follower_hands_over_when_the_leaders_weight_names_its_canary() -> Result<()> {
+    use crate::fleet::Host as _;
+    let host = Host::new("follower-release");
+    host.write_file("web.toml", TWO_STEPS);
+    host.write_config("", &versions("198.18.1.2:8080", "198.18.1.3:8080"));
+    let mut agent = host.start()?;
+    agent.join_fleet(crate::fleet::Link::new("n2", Some("b")));
+    let id = status_id(&agent, "web")?;
+    agent.fleet_apply_weight("web", 10_000, &[])?;
+    host.fake.take_writes();
+    // A release of some earlier version is only a weight: nothing is swapped.
+    agent.fleet_apply_weight("web", 0, &["198.18.1.9:8080".to_string()])?;
+    let both = (
+        vec!["198.18.1.2:8080".to_string()],
+        vec!["198.18.1.3:8080".to_string()],
+    );
+    assert_eq!(installed_groups(&host, id), both);
+    agent.fleet_apply_weight("web", 10_000, &[])?;
+    host.fake.take_writes();
+    // This node's canary released: the same hand-over as the leader's, in one write.
+    agent.fleet_apply_weight("web", 0, &["198.18.1.3:8080".to_string()])?;
+    assert_eq!(
+        host.fake.take_writes(),
+        vec![Write::Install {
+            id,
+            weight_bp: 0,
+            rolled_back: false
+        }]
+    );
+    assert_eq!(
+        installed_groups(&host, id),
+        (vec!["198.18.1.3:8080".to_string()], vec![])
+    );
+    // Read again (a watch restart), it changes nothing.
+    agent.fleet_apply_weight("web", 0, &["198.18.1.3:8080".to_string()])?;
+    assert!(host.fake.take_writes().is_empty());
+    // The report carries the region for the leader's waves.
+    assert_eq!(agent.fleet_report().region, None);
+    Ok(())
+}
+
+#[test]
+fn a_lone_node_skips_the_waves_of_other_regions() -> Result<()> {
+    let host = Host::new("waves");
+    host.write_file(
+        "web.toml",
+        &format!("{TWO_STEPS}[[wave]]\nregions = [\"a\"]\n[[wave]]\nregions = [\"b\"]\n"),
+    );
+    host.write_config(
+        "region = \"b\"",
+        &versions("198.18.1.2:8080", "198.18.1.3:8080"),
+    );
+    let mut agent = host.start()?;
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    tick_for(&host, &mut agent, 200);
+    let r = status(&agent, "web")?.rollout.context("rollout")?;
+    let wave = r.wave.context("wave")?;
+    assert_eq!(
+        (r.state, wave.index, r.weight_bp),
+        (RolloutState::Progressing, 1, 2_000)
+    );
+    // The node of region b splits with wave 2's weight.
+    assert_eq!(weight_bp(&agent, "web")?, 2_000);
+    let history = agent.handle(Request::History {
+        service: "web".into(),
+    })?;
+    assert!(
+        history
+            .to_string()
+            .contains("wave 1/2 (a) has no node: skipped"),
+        "{history}"
+    );
+    Ok(())
+}

@@ -203,6 +203,24 @@ mod tests {
         let e = weight(br#"{"weight_bp":10001,"at_ms":1}"#).unwrap_err();
         assert!(e.to_string().contains("above 100 %"), "{e}");
         assert!(weight(br#"{"weight_bp":-1,"at_ms":1}"#).is_err());
+        // Per region, and a release, as waves and finished releases write them.
+        let w = weight(br#"{"weight_bp":0,"at_ms":1,"regions":{"a":10000,"b":0}}"#).unwrap();
+        assert_eq!(
+            (
+                w.for_region(Some("a")),
+                w.for_region(Some("c")),
+                w.for_region(None)
+            ),
+            (10_000, 0, 0)
+        );
+        let e = weight(br#"{"weight_bp":0,"at_ms":1,"regions":{"a":10001}}"#).unwrap_err();
+        assert!(e.to_string().contains("region \"a\" is above 100 %"), "{e}");
+        let e =
+            weight(br#"{"weight_bp":500,"at_ms":1,"released":["198.18.3.2:8080"]}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("a release's weight must be 0"),
+            "{e}"
+        );
     }
 
     fn stored(service: &str, clock_ms: u64) -> Vec<u8> {
