@@ -98,8 +98,9 @@ impl Fleet {
         Ok(self.agents[0].status()?["services"][0]["rollout"]["wave"]["index"].as_u64())
     }
 
-    /// HTTP load through every node at once, `rps` per node.
-    fn load(&self, rps: u32, secs: u64) -> Result<Vec<HttpReport>> {
+    /// HTTP load through every node at once, `rps` per node over `conns` keep-alive
+    /// connections (enough that hashing them splits near the weight).
+    fn load(&self, rps: u32, secs: u64, conns: usize) -> Result<Vec<HttpReport>> {
         let vip = SocketAddr::new(VIP_V4.into(), 80);
         std::thread::scope(|scope| {
             let handles: Vec<_> = self
@@ -108,7 +109,7 @@ impl Fleet {
                 .iter()
                 .map(|c| {
                     scope.spawn(move || {
-                        c.enter(|| http_load(vip, "/", rps, Duration::from_secs(secs), 8))
+                        c.enter(|| http_load(vip, "/", rps, Duration::from_secs(secs), conns))
                     })
                 })
                 .collect();
@@ -254,10 +255,10 @@ fn a_canary_failing_in_wave_2_returns_every_node_to_0_in_one_decision() -> Resul
     fleet.agents[0].cli(&["rollout", "start", "web"])?;
     let canary_admin = SocketAddr::new(CANARY_V4.into(), ADMIN_PORT);
     let result = std::thread::scope(|scope| -> Result<Instant> {
-        let load = scope.spawn(|| fleet.load(60, 30));
+        let load = scope.spawn(|| fleet.load(100, 45, 32));
         let mut wave_2_load = None;
         let result = (|| {
-            fleet.until("wave 2 started", Duration::from_secs(30), |f| {
+            fleet.until("wave 2 started", Duration::from_secs(40), |f| {
                 let seen = f.observe()?;
                 ensure!(
                     seen[0].1 != "rolled-back",
@@ -267,7 +268,7 @@ fn a_canary_failing_in_wave_2_returns_every_node_to_0_in_one_decision() -> Resul
             })?;
             // The load's keep-alive connections in region b were all placed on stable
             // while it stood at 0 %: new clients reach the canary there now.
-            wave_2_load = Some(scope.spawn(|| fleet.load(60, 20)));
+            wave_2_load = Some(scope.spawn(|| fleet.load(100, 20, 32)));
             ensure!(fleet.observe()?[0].0 == 10_000, "{:?}", fleet.observe()?);
             fleet.lab.canary.enter(|| {
                 set_faults(
