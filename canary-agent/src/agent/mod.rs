@@ -505,8 +505,8 @@ impl Agent {
         let (others, regions) = svc.wave_weights(weight_bp);
         let Some(link) = &self.fleet else {
             let region = self.config.agent.region.as_deref();
-            let own = region.and_then(|r| regions.get(r)).copied();
-            return self.write_weight(name, own.unwrap_or(others));
+            let own = crate::fleet::region_weight(&regions, others, region);
+            return self.write_weight(name, own);
         };
         if weight_bp > canary_common::WEIGHT_SCALE {
             bail!("weight {weight_bp} bp is above 100 %");
@@ -1037,10 +1037,8 @@ impl Agent {
                 tracing::warn!(service = %name, error = %format!("{e:#}"), "recording the series");
             }
         }
-        if leading {
-            self.skip_empty_waves(i, now)?;
-        }
         let effects = if leading {
+            self.skip_empty_waves(i, now)?;
             self.services[i].tick(now)
         } else {
             Vec::new()

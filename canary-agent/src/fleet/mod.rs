@@ -110,11 +110,17 @@ pub struct DesiredWeight {
 impl DesiredWeight {
     /// The weight a node of `region` splits with.
     pub fn for_region(&self, region: Option<&str>) -> u16 {
-        region
-            .and_then(|r| self.regions.get(r))
-            .copied()
-            .unwrap_or(self.weight_bp)
+        region_weight(&self.regions, self.weight_bp, region)
     }
+}
+
+/// The weight of `region` in per-region weights: its own, else that of the regions
+/// not listed (`others`).
+pub fn region_weight(regions: &BTreeMap<String, u16>, others: u16, region: Option<&str>) -> u16 {
+    region
+        .and_then(|r| regions.get(r))
+        .copied()
+        .unwrap_or(others)
 }
 
 /// A service's rollout as the leader stored it (`PREFIX/rollouts/SERVICE`), with the
