@@ -143,6 +143,9 @@ pub struct ServiceStatus {
     /// While verifying at 100 %: what stands in for stable in the analysis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// What the backends' health checks are, when the service has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<String>,
     /// Latest verdict per analysis metric (empty without metrics in the policy).
     /// (`metric`, `verdict`, `canary`, `stable`, `confidence`, `reason`); values that
     /// are not numbers yet are null.
@@ -159,6 +162,19 @@ pub struct BackendStatus {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub flow_misses: u64,
+    /// With `[service.health]`: "up" or "down", why, and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<BackendHealthStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BackendHealthStatus {
+    pub state: String,
+    pub reason: String,
+    /// Controller clock (ms) of the last change; 0: never changed.
+    pub since_ms: u64,
+    pub checks: u64,
+    pub failures: u64,
 }
 
 /// Sends one request to the agent and returns the `ok` payload.

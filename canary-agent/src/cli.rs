@@ -729,6 +729,16 @@ pub fn render_status(status: &Status) -> String {
                 b.bytes_in,
                 b.bytes_out
             );
+            if let Some(h) = b
+                .health
+                .as_ref()
+                .filter(|h| h.state != "up" || h.failures > 0)
+            {
+                out += &format!("          health {}: {}\n", h.state, h.reason);
+            }
+        }
+        if let Some(check) = &s.health_check {
+            out += &format!("  health checks: {check}\n");
         }
     }
     out

@@ -10,6 +10,7 @@ pub mod controller;
 pub mod daemon;
 pub mod datapath;
 pub mod fleet;
+pub mod health;
 pub mod httpd;
 pub mod metrics;
 pub mod policy;

@@ -53,6 +53,13 @@ pub struct RoutingLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    pub service: String,
+    pub version: String,
+    pub backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerdictLabels {
     pub service: String,
     pub metric: String,
@@ -103,6 +110,8 @@ pub struct Families {
     pub state: Family<StateLabels, Gauge>,
     pub verdict: Family<VerdictLabels, Gauge>,
     pub routing: Family<RoutingLabels, Counter>,
+    pub backend_up: Family<BackendLabels, Gauge>,
+    pub health_failures: Family<BackendLabels, Counter>,
 }
 
 impl Families {
@@ -149,6 +158,16 @@ impl Families {
             "Connections of http services routed, by the rule that decided (header, flag, \
              cohort:NAME, split) and version",
             self.routing,
+        );
+        r.register(
+            "backend_up",
+            "1 while a health-checked backend is in the selection, 0 once its checks failed",
+            self.backend_up,
+        );
+        r.register(
+            "health_check_failures",
+            "Failed health checks per backend",
+            self.health_failures,
         );
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &r)?;

@@ -45,6 +45,14 @@ pub async fn get_json(url: &str, timeout: Duration) -> Result<(u16, serde_json::
     ))
 }
 
+/// GETs `path` from the HTTP server at `addr` (a backend's health check) and returns
+/// the status; the caller bounds the time.
+pub async fn get_status(addr: std::net::SocketAddr, path: &str) -> Result<u16> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (status, _) = exchange(stream, &addr.to_string(), path, None).await?;
+    Ok(status)
+}
+
 async fn request(
     url: &str,
     body: Option<&serde_json::Value>,

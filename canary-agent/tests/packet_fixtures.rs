@@ -243,6 +243,57 @@ fn at_weight_100_new_connections_go_to_canary(hook: Hook) {
 }
 at_both_hooks!(at_weight_100_new_connections_go_to_canary);
 
+const THREE_STABLE: &str = r#"
+[[service]]
+name = "web"
+listen = "198.19.0.10:80"
+stable = ["198.18.2.2:8080", "198.18.2.3:8080", "198.18.2.4:8080"]
+canary = ["198.18.3.2:9090"]
+weight = 50
+"#;
+
+/// Where the SYNs of 60 client ports to the service go, with `down` in the value.
+fn placements(f: &mut Fixture, down: u32, first_port: u16) -> Vec<SocketAddr> {
+    let svc = f.config.services[0].clone();
+    let mut value = encode_service(&svc, 0, svc.weight_bp);
+    value.down = down;
+    f.dp().install(&service_key(&svc), &value).unwrap();
+    (first_port..first_port + 60)
+        .map(|port| {
+            let syn = tcp(
+                sa(&format!("198.18.1.2:{port}")),
+                sa("198.19.0.10:80"),
+                true,
+                b"",
+            );
+            endpoints(&f.ingress(&syn)).1
+        })
+        .collect()
+}
+
+fn a_backend_marked_down_gets_no_new_connection_and_a_dead_canary_falls_back(hook: Hook) {
+    let mut f = Fixture::new(hook, THREE_STABLE);
+    let all = placements(&mut f, 0, 41000);
+    assert!(all.contains(&sa("198.18.2.3:8080")) && all.contains(&sa("198.18.3.2:9090")));
+    // Stable slot 1 down: every stable placement avoids it, canary is unchanged.
+    let without = placements(&mut f, 0b010, 42000);
+    assert!(!without.contains(&sa("198.18.2.3:8080")), "{without:?}");
+    assert!(without.contains(&sa("198.18.2.2:8080")) && without.contains(&sa("198.18.2.4:8080")));
+    assert!(without.contains(&sa("198.18.3.2:9090")));
+    // The canary's only backend down: its share goes to stable.
+    let no_canary = placements(&mut f, 1 << 16, 43000);
+    assert!(
+        no_canary
+            .iter()
+            .all(|b| b.ip().to_string().starts_with("198.18.2.")),
+        "{no_canary:?}"
+    );
+    // Ports already placed keep their backend: pinned flows are not moved.
+    let again = placements(&mut f, 0b010, 41000);
+    assert_eq!(again, all, "open connections moved");
+}
+at_both_hooks!(a_backend_marked_down_gets_no_new_connection_and_a_dead_canary_falls_back);
+
 fn reply_gets_the_service_address_back_as_source(hook: Hook) {
     let f = Fixture::new(hook, WEB);
     f.ingress(&tcp(

@@ -129,6 +129,10 @@ pub struct ServiceValue {
     pub _pad: [u8; 2],
     /// Stable backends in `0..n_stable`, canary ones in `16..16 + n_canary`.
     pub backends: [Backend; MAX_BACKENDS],
+    /// Bit `slot` set: that backend failed its health checks and takes no new
+    /// connection (`select::pick_up`). Appended, so a value carried over from an
+    /// older layout reads 0: every backend up.
+    pub down: u32,
 }
 
 impl Default for ServiceValue {
@@ -146,6 +150,7 @@ impl Default for ServiceValue {
             forward: FORWARD_STACK,
             _pad: [0; 2],
             backends: [Backend::default(); MAX_BACKENDS],
+            down: 0,
         }
     }
 }
@@ -440,10 +445,11 @@ mod tests {
     }
 
     #[test]
-    fn service_value_keeps_its_size_and_cidr_key_its_fixed_prefix() {
+    fn service_value_only_grew_at_its_end_and_cidr_key_keeps_its_fixed_prefix() {
         // The routing fields took the old padding: pinned values keep their layout
-        // and read as ROUTING_NONE.
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 656);
+        // and read as ROUTING_NONE; `down` was appended.
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 660);
+        assert_eq!(core::mem::offset_of!(ServiceValue, down), 656);
         assert_eq!(core::mem::offset_of!(ServiceValue, routing), 10);
         assert_eq!(
             core::mem::offset_of!(CidrKey, addr) as u32 * 8,

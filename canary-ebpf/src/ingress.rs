@@ -3,11 +3,11 @@
 //! ingress (see [`crate::frame`] for which and why).
 
 use canary_common::{
-    backend_index, bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick,
-    stats_index, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
-    CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING,
-    FLOW_ESTABLISHED, FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE, MAX_BACKENDS,
-    MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
+    bucket, client_hash, decision_index, flow_hash, group_down, hash_group, pick_up, smooth_pick,
+    stats_index, up_count, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq,
+    CIDR_CANARY, CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, DIR_REPLY,
+    FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE,
+    MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
 };
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
@@ -245,15 +245,7 @@ fn from_reply(
     hash: u64,
     group: u8,
 ) -> Option<FlowValue> {
-    let (base, count) = if group == GROUP_CANARY {
-        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
-    } else {
-        (0, svc.n_stable)
-    };
-    if count == 0 {
-        return None;
-    }
-    let slot = base + backend_index(hash, count);
+    let slot = pick_slot(svc, group, hash)?;
     let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;
     let reply_key = FlowKey {
         src: backend.addr,
@@ -295,6 +287,31 @@ fn from_reply(
     Some(flow)
 }
 
+/// A group's base slot, configured backends and down bits.
+#[inline(always)]
+fn group_of(svc: &ServiceValue, group: u8) -> (u8, u8, u16) {
+    let (base, count) = if group == GROUP_CANARY {
+        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
+    } else {
+        (0, svc.n_stable)
+    };
+    (base, count, group_down(svc.down, base))
+}
+
+/// How many of `group`'s backends take new connections.
+#[inline(always)]
+fn group_up(svc: &ServiceValue, group: u8) -> u8 {
+    let (_, count, down) = group_of(svc, group);
+    up_count(count, down)
+}
+
+/// The slot of the backend the hash picks among `group`'s backends that are up.
+#[inline(always)]
+fn pick_slot(svc: &ServiceValue, group: u8, hash: u64) -> Option<u8> {
+    let (base, count, down) = group_of(svc, group);
+    Some(base + pick_up(hash, count, down)?)
+}
+
 /// Chooses a backend for a new flow (a SYN, or a UDP datagram) from the service's
 /// current weight, pins both directions and counts the connection. `tcp`: the
 /// segment's payload length and ack, which start the forward entry's sequence state.
@@ -324,10 +341,11 @@ fn place(
             (DECISION_SPLIT, group)
         }
     };
-    // A group without backends cannot take traffic: fall back to the other one.
-    if group == GROUP_CANARY && svc.n_canary == 0 {
+    // A group without a backend up cannot take traffic: fall back to the other one
+    // (the agent never marks every stable backend down: stable fails open).
+    if group == GROUP_CANARY && group_up(svc, GROUP_CANARY) == 0 {
         group = 1 - GROUP_CANARY;
-    } else if group != GROUP_CANARY && svc.n_stable == 0 {
+    } else if group != GROUP_CANARY && group_up(svc, GROUP_STABLE) == 0 {
         group = GROUP_CANARY;
     }
     if svc.routing == ROUTING_CIDR {
@@ -336,15 +354,7 @@ fn place(
             unsafe { *n += 1 };
         }
     }
-    let (base, count) = if group == GROUP_CANARY {
-        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
-    } else {
-        (0, svc.n_stable)
-    };
-    if count == 0 {
-        return None;
-    }
-    let slot = base + backend_index(hash, count);
+    let slot = pick_slot(svc, group, hash)?;
     // The mask is a no-op (slot < MAX_BACKENDS, a power of two) that lets the
     // verifier see the bound.
     let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;

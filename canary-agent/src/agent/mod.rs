@@ -8,6 +8,7 @@
 
 pub mod desired;
 mod fleet;
+mod health;
 mod journal;
 mod prometheus;
 pub mod series;
@@ -25,6 +26,7 @@ use std::{
 use anyhow::{anyhow, bail, Result};
 use canary_common::MAX_GROUP_BACKENDS;
 
+pub use self::health::{HealthTarget, HEALTH_RULE};
 pub use self::state::last_clock_ms;
 use self::{
     desired::Current,
@@ -34,7 +36,7 @@ use self::{
 };
 use crate::{
     analysis::MetricName,
-    api::{BackendStatus, Request, RolloutAction, ServiceStatus, Status},
+    api::{BackendHealthStatus, BackendStatus, Request, RolloutAction, ServiceStatus, Status},
     config::Config,
     controller::{Actor, Clock, Command, Effect, RetireAction, Rollout, RolloutState},
     datapath::{
@@ -351,11 +353,14 @@ impl Agent {
             // drain in progress goes on.
             let before = old.remove(&cfg.name).filter(|b| b.id == decided.id);
             let draining = before.as_ref().is_some_and(|b| b.draining);
+            let health =
+                crate::health::for_config(&cfg, before.as_ref().and_then(|b| b.health.as_ref()));
             let analysis = match before {
                 Some(b) if b.policy == policy => b.analysis,
                 _ => policy.as_ref().and_then(Analysis::new),
             };
             self.services.push(LiveService {
+                health,
                 kernel: decided.kernel,
                 retiring: None,
                 cfg,
@@ -405,6 +410,10 @@ impl Agent {
             let routing = policy.as_ref().map(|p| &p.routing);
             let key = service_key_for(svc, routing.unwrap_or(&Default::default()));
             let mut value = encode_service(svc, decided.id, decided.weight_bp);
+            // A reload keeps what the checks found: a down backend stays out.
+            let known = self.services.iter().find(|s| s.cfg.name == svc.name);
+            value.down = crate::health::for_config(svc, known.and_then(|s| s.health.as_ref()))
+                .map_or(0, |h| h.selection().down);
             let table = routing.and_then(|r| r.kernel_table());
             if let (Some(kernel), Some(table)) = (&decided.kernel, &table) {
                 // The new table under the other generation first; the value below
@@ -533,6 +542,7 @@ impl Agent {
             bail!("service {name:?} has no canary backends");
         }
         let mut value = encode_service(&svc.cfg, svc.id, weight_bp);
+        value.down = svc.sync_health();
         // A rollback's weight and the cohorts' closing on canary: one write.
         let rolled_back = svc
             .rollout
@@ -611,7 +621,19 @@ impl Agent {
                 })
                 .map(|(group, addr, slot)| {
                     let s = &stats[slot];
+                    let health = svc.health.as_ref().and_then(|h| {
+                        let b = h.groups[(slot >= MAX_GROUP_BACKENDS) as usize]
+                            .get(slot % MAX_GROUP_BACKENDS)?;
+                        Some(BackendHealthStatus {
+                            state: b.state.as_str().into(),
+                            reason: b.reason.clone(),
+                            since_ms: b.since_ms,
+                            checks: b.checks,
+                            failures: b.failures,
+                        })
+                    });
                     BackendStatus {
+                        health,
                         group: group.into(),
                         address: addr.to_string(),
                         connections: s.connections + routed.as_ref().map_or(0, |r| r[slot]),
@@ -641,6 +663,7 @@ impl Agent {
                 rollout: svc.rollout.as_ref().map(|r| r.status(self.clock.now_ms())),
                 draining: svc.draining,
                 baseline: svc.baseline(),
+                health_check: svc.health.as_ref().map(|h| h.describe()),
                 stray_segments: self.datapath.stray(svc.id)?,
                 routing: match (&svc.kernel, &svc.policy) {
                     (Some(_), Some(p)) => Some(crate::router::kernel::status(

@@ -110,6 +110,18 @@ impl Agent {
                     })
                     .inc_by(n);
             }
+            for (group, backends) in svc.health.iter().flat_map(|h| h.groups.iter().enumerate()) {
+                for b in backends {
+                    let labels = BackendLabels {
+                        service: service.clone(),
+                        version: ["stable", "canary"][group].into(),
+                        backend: b.addr.to_string(),
+                    };
+                    let up = b.state == crate::health::State::Up;
+                    f.backend_up.get_or_create(&labels).set(up as i64);
+                    f.health_failures.get_or_create(&labels).inc_by(b.failures);
+                }
+            }
             for v in svc.verdicts() {
                 let verdict = serde_json::to_value(v.verdict)?;
                 f.verdict

@@ -299,6 +299,7 @@ mod tests {
             draining: false,
             kernel: None,
             retiring: None,
+            health: None,
         }
     }
 

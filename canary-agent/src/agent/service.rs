@@ -14,6 +14,7 @@ use crate::config::ServiceConfig;
 use crate::controller::{
     Actor, AnalysisHold, Command, ControlError, Effect, Event, Rollout, RolloutState, RolloutStatus,
 };
+use crate::health::{self, ServiceHealth};
 use crate::policy::{Policy, FULL_BP};
 
 pub struct LiveService {
@@ -33,6 +34,9 @@ pub struct LiveService {
     pub kernel: Option<crate::datapath::KernelRouting>,
     /// While retiring: the old version's connections this node still holds.
     pub retiring: Option<u64>,
+    /// With `[service.health]`: each backend's checks (kept in step with `cfg` by
+    /// [`LiveService::sync_health`]).
+    pub health: Option<ServiceHealth>,
 }
 
 /// The analysis of a service whose policy has metrics or rules.
@@ -168,6 +172,13 @@ impl Analysis {
 }
 
 impl LiveService {
+    /// Brings the health state in step with the config (after a release swapped the
+    /// groups, or a reload changed them) and returns the map value's down bits.
+    pub fn sync_health(&mut self) -> u32 {
+        self.health = health::for_config(&self.cfg, self.health.as_ref());
+        self.health.as_ref().map_or(0, |h| h.selection().down)
+    }
+
     /// Whether the analysis wants this second's counters.
     pub fn wants_observation(&self, now_s: u64) -> bool {
         self.analysis
@@ -418,6 +429,7 @@ mod tests {
             draining: false,
             kernel: None,
             retiring: None,
+            health: None,
         }
     }
 

@@ -626,3 +626,76 @@ fn a_lone_node_skips_the_waves_of_other_regions() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -> Result<()> {
+    let host = Host::new("health");
+    host.write_file("web.toml", TWO_STEPS);
+    let services = "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\n\
+        stable = [\"198.18.1.2:8080\", \"198.18.1.4:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n\
+        policy = \"web.toml\"\n[service.health]\nfall = 2\nrise = 2\n";
+    host.write_config("", services);
+    let mut agent = host.start()?;
+    let id = status_id(&agent, "web")?;
+    let targets = agent.health_targets();
+    assert_eq!(targets.len(), 3);
+    let (s1, s2, c1) = (targets[0].backend, targets[1].backend, targets[2].backend);
+    let down = |host: &Host| host.fake.service(id).expect("installed").down;
+    let refused = || Err("connection refused".to_string());
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    host.fake.take_writes();
+    // One failure is not enough; the second takes the backend out, in one write.
+    agent.record_health("web", s2, refused())?;
+    assert!(host.fake.take_writes().is_empty());
+    agent.record_health("web", s2, refused())?;
+    assert_eq!(host.fake.take_writes().len(), 1);
+    assert_eq!(down(&host), 0b10);
+    let st = status(&agent, "web")?;
+    let health = st.backends[1].health.as_ref().expect("health in status");
+    assert_eq!(health.state, "down");
+    assert!(
+        health.reason.contains("2 checks failed in a row"),
+        "{}",
+        health.reason
+    );
+    let metrics = agent.metrics()?;
+    let line =
+        "canary_backend_up{service=\"web\",version=\"stable\",backend=\"198.18.1.4:8080\"} 0";
+    assert!(metrics.contains(line), "{metrics}");
+    // A reload keeps it out.
+    reload(&mut agent)?;
+    assert_eq!(down(&host), 0b10);
+    // Every stable backend down: stable fails open, nothing is taken out.
+    agent.record_health("web", s1, refused())?;
+    agent.record_health("web", s1, refused())?;
+    assert_eq!(down(&host), 0);
+    // Back after `rise` passes.
+    for backend in [s1, s1, s2, s2] {
+        agent.record_health("web", backend, Ok(()))?;
+    }
+    assert_eq!(down(&host), 0);
+    assert_eq!(
+        status(&agent, "web")?.backends[1]
+            .health
+            .as_ref()
+            .unwrap()
+            .state,
+        "up"
+    );
+    // The only canary backend down: out of the selection, and the rollout rolls back,
+    // naming the health check.
+    agent.record_health("web", c1, refused())?;
+    agent.record_health("web", c1, refused())?;
+    assert_eq!(down(&host), 1 << 16);
+    let st = status(&agent, "web")?;
+    assert_eq!(st.weight_bp, 0);
+    let rollout = st.rollout.expect("rollout");
+    assert_eq!(rollout.state, RolloutState::RolledBack);
+    assert!(
+        rollout.reason.contains("rule health-check fired")
+            && rollout.reason.contains("198.18.1.3:8080"),
+        "{}",
+        rollout.reason
+    );
+    Ok(())
+}

@@ -4,12 +4,14 @@
 //! file, the field and the reason, and nothing is applied unless the whole file is
 //! valid) and `host` (what is read from the host: its name, the dashboard token).
 
+mod health;
 mod host;
 mod parse;
 mod raw;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use health::{CheckKind, HealthCheck};
 pub use host::{host_name, load_ui_token, MIN_UI_TOKEN};
 
 pub const DEFAULT_SOCKET: &str = "/run/canary/agent.sock";
@@ -149,6 +151,8 @@ pub struct ServiceConfig {
     pub max_client_connections: u32,
     /// Its own `forward`, else the agent's.
     pub forward: Forward,
+    /// `[service.health]`: none, every backend is taken to be up.
+    pub health: Option<HealthCheck>,
 }
 
 impl ServiceConfig {

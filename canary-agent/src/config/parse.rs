@@ -533,7 +533,14 @@ impl Config {
             }
             let forward = parse_forward(s.forward.as_deref(), agent.forward, agent.ingress_hook)
                 .map_err(|r| err(at("forward"), r))?;
+            let health = match s.health {
+                Some(h) => {
+                    Some(super::health::parse(h, protocol).map_err(|(f, r)| err(at(&f), r))?)
+                }
+                None => None,
+            };
             services.push(ServiceConfig {
+                health,
                 backend_protocol,
                 max_connections: caps[0],
                 max_client_connections: caps[1],

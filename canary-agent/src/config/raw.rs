@@ -73,4 +73,18 @@ pub(super) struct RawService {
     pub(super) max_connections: Option<u32>,
     pub(super) max_client_connections: Option<u32>,
     pub(super) forward: Option<String>,
+    pub(super) health: Option<RawHealth>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealth {
+    pub(super) check: Option<String>,
+    pub(super) path: Option<String>,
+    pub(super) status: Option<u16>,
+    pub(super) port: Option<u16>,
+    pub(super) interval: Option<String>,
+    pub(super) timeout: Option<String>,
+    pub(super) rise: Option<u32>,
+    pub(super) fall: Option<u32>,
 }

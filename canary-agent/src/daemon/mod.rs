@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::agent::{lock, Agent, GateCall};
 
 mod control;
+mod health;
 use crate::{
     config::Config,
     controller::{Actor, Clock, Command},
@@ -88,6 +89,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         });
     }
     tokio::spawn(query_prometheus(agent.clone()));
+    tokio::spawn(health::run(agent.clone()));
     // Milliseconds since `started` of the loop's last tick, for the liveness probe.
     let started = std::time::Instant::now();
     let heartbeat = Arc::new(AtomicU64::new(0));

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use canary_common::{
-    client_hash, histogram::latency_bucket, Backend, ServiceValue, MAX_GROUP_BACKENDS,
-    STICKY_CLIENT_IP,
+    client_hash, group_down, histogram::latency_bucket, nth_up, up_count, Backend, ServiceValue,
+    MAX_GROUP_BACKENDS, STICKY_CLIENT_IP,
 };
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
@@ -163,16 +163,22 @@ fn socket_addr(b: &Backend, v6: bool) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// The version's next backend (round robin), its group and slot; a version with no
-/// backend sends to the other's.
+/// The version's next backend that is up (round robin), its group and slot; a version
+/// with none up sends to the other's.
 fn pick(svc: &Service, value: &ServiceValue, version: Version) -> Option<(SocketAddr, u8, usize)> {
-    let (base, n, group) = match version {
-        Version::Canary if value.n_canary > 0 => (MAX_GROUP_BACKENDS, value.n_canary, 1u8),
-        _ if value.n_stable > 0 => (0, value.n_stable, 0),
+    let group_of = |base: usize, count: u8| {
+        let down = group_down(value.down, base as u8);
+        (base, count, down, up_count(count, down))
+    };
+    let stable = group_of(0, value.n_stable);
+    let canary = group_of(MAX_GROUP_BACKENDS, value.n_canary);
+    let ((base, count, down, up), group) = match version {
+        Version::Canary if canary.3 > 0 => (canary, 1u8),
+        _ if stable.3 > 0 => (stable, 0),
         _ => return None,
     };
-    let i = svc.next[group as usize].fetch_add(1, Ordering::Relaxed) % n as usize;
-    let slot = base + i;
+    let n = svc.next[group as usize].fetch_add(1, Ordering::Relaxed) % up as usize;
+    let slot = base + nth_up(count, down, n as u8)? as usize;
     Some((
         socket_addr(&value.backends[slot], svc.cfg.listen.is_ipv6()),
         group,

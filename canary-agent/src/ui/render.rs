@@ -410,11 +410,21 @@ pub fn live_panel(
         out.push_str(&chart);
     }
     out.push_str("</div>");
-    out.push_str("<table class=\"backends\"><thead><tr><th>group</th><th>backend</th><th>connections</th><th>packets in</th><th>packets out</th><th>bytes in</th><th>bytes out</th><th>flow misses</th></tr></thead><tbody>");
+    out.push_str("<table class=\"backends\"><thead><tr><th>group</th><th>backend</th><th>connections</th><th>packets in</th><th>packets out</th><th>bytes in</th><th>bytes out</th><th>flow misses</th><th>health</th></tr></thead><tbody>");
     for b in &status.backends {
+        let health = b.health.as_ref().map_or_else(
+            || "not checked".to_string(),
+            |h| {
+                format!(
+                    "<span title=\"{}\">{}</span>",
+                    esc(&h.reason),
+                    esc(&h.state)
+                )
+            },
+        );
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&b.group),
             esc(&b.address),
             b.connections,
@@ -422,7 +432,8 @@ pub fn live_panel(
             b.packets_out,
             b.bytes_in,
             b.bytes_out,
-            b.flow_misses
+            b.flow_misses,
+            health
         );
     }
     out.push_str("</tbody></table>");

@@ -1,0 +1,220 @@
+//! `[service.health]`: how each backend of a service is checked. Without the table
+//! every backend is taken to be up (no checks), as before health checks existed.
+
+use std::time::Duration;
+
+use super::{raw::RawHealth, Protocol};
+
+/// Defaults, as README documents them.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 2;
+pub const DEFAULT_PATH: &str = "/";
+pub const DEFAULT_STATUS: u16 = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A TCP connect that completes within the timeout.
+    Tcp,
+    /// `GET path` answered with `status` within the timeout.
+    Http { path: String, status: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port checked on each backend's address; none: the backend's own port.
+    pub port: Option<u16>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive passes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend out of the selection.
+    pub fall: u32,
+}
+
+/// "500ms", "2s", "1m", or a bare number of seconds.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let bad = || format!("bad duration {text:?} (use e.g. 500ms, 2s or 1m)");
+    let at = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(at);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        _ => None,
+    };
+    ms.map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// The checked table, or the field (under `health.`) and why it is refused.
+pub(super) fn parse(raw: RawHealth, protocol: Protocol) -> Result<HealthCheck, (String, String)> {
+    let field = |f: &str| format!("health.{f}");
+    let kind = match raw.check.as_deref().unwrap_or("tcp") {
+        "tcp" => {
+            for (name, given) in [
+                ("path", raw.path.is_some()),
+                ("status", raw.status.is_some()),
+            ] {
+                if given {
+                    return Err((field(name), "only for check = \"http\"".into()));
+                }
+            }
+            CheckKind::Tcp
+        }
+        "http" => {
+            let path = raw.path.unwrap_or_else(|| DEFAULT_PATH.into());
+            if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                return Err((
+                    field("path"),
+                    format!("{path:?}: an absolute path without spaces or control characters"),
+                ));
+            }
+            let status = raw.status.unwrap_or(DEFAULT_STATUS);
+            if !(100..=599).contains(&status) {
+                return Err((
+                    field("status"),
+                    format!("{status}: an HTTP status 100 to 599"),
+                ));
+            }
+            CheckKind::Http { path, status }
+        }
+        other => {
+            return Err((
+                field("check"),
+                format!("{other:?}: use \"tcp\" or \"http\""),
+            ))
+        }
+    };
+    if protocol == Protocol::Udp && raw.port.is_none() {
+        return Err((
+            field("port"),
+            "a UDP service's backends are checked over TCP: name the port to check".into(),
+        ));
+    }
+    if raw.port == Some(0) {
+        return Err((field("port"), "port 0".into()));
+    }
+    let duration = |name: &str, given: Option<String>, default: Duration| match given {
+        None => Ok(default),
+        Some(text) => {
+            let d = parse_interval(&text).map_err(|r| (field(name), r))?;
+            if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&d) {
+                return Err((field(name), format!("{text:?}: use 10ms to 1h")));
+            }
+            Ok(d)
+        }
+    };
+    let interval = duration("interval", raw.interval, DEFAULT_INTERVAL)?;
+    let timeout = duration("timeout", raw.timeout, DEFAULT_TIMEOUT.min(interval))?;
+    if timeout > interval {
+        return Err((
+            field("timeout"),
+            format!("{timeout:?} is longer than the interval {interval:?}"),
+        ));
+    }
+    let count = |name: &str, given: Option<u32>, default: u32| {
+        let n = given.unwrap_or(default);
+        if (1..=100).contains(&n) {
+            Ok(n)
+        } else {
+            Err((field(name), format!("{n}: use 1 to 100 checks")))
+        }
+    };
+    Ok(HealthCheck {
+        kind,
+        port: raw.port,
+        interval,
+        timeout,
+        rise: count("rise", raw.rise, DEFAULT_RISE)?,
+        fall: count("fall", raw.fall, DEFAULT_FALL)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn service(health: &str) -> Result<Option<HealthCheck>, String> {
+        let text = format!(
+            "[agent]\ninterface = \"cli0\"\n[[service]]\nname = \"web\"\n\
+             listen = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\n\
+             [service.health]\n{health}"
+        );
+        Config::parse(&text, Path::new("/etc/canary/agent.toml"))
+            .map(|c| c.services[0].health.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_a_tcp_connect_every_second() {
+        assert_eq!(
+            service("").unwrap(),
+            Some(HealthCheck {
+                kind: CheckKind::Tcp,
+                port: None,
+                interval: DEFAULT_INTERVAL,
+                timeout: DEFAULT_TIMEOUT,
+                rise: 2,
+                fall: 2,
+            })
+        );
+        let h = service("check = \"http\"\npath = \"/healthz\"\ninterval = \"200ms\"\nrise = 3\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            h.kind,
+            CheckKind::Http {
+                path: "/healthz".into(),
+                status: 200
+            }
+        );
+        assert_eq!(h.interval, Duration::from_millis(200));
+        // The default timeout is never longer than the interval.
+        assert_eq!(h.timeout, Duration::from_millis(200));
+        assert_eq!(h.rise, 3);
+    }
+
+    #[test]
+    fn bad_health_fields_are_located_errors() {
+        for (table, field, reason) in [
+            (
+                "check = \"icmp\"",
+                "health.check",
+                "use \"tcp\" or \"http\"",
+            ),
+            ("path = \"/x\"", "health.path", "only for check = \"http\""),
+            (
+                "check = \"http\"\npath = \"x\"",
+                "health.path",
+                "absolute path",
+            ),
+            (
+                "check = \"http\"\nstatus = 99",
+                "health.status",
+                "100 to 599",
+            ),
+            ("interval = \"1d\"", "health.interval", "bad duration"),
+            ("interval = \"5ms\"", "health.interval", "10ms to 1h"),
+            (
+                "interval = \"1s\"\ntimeout = \"2s\"",
+                "health.timeout",
+                "longer than",
+            ),
+            ("fall = 0", "health.fall", "1 to 100"),
+            ("port = 0", "health.port", "port 0"),
+            ("every = \"1s\"", "line 8", "unknown field `every`"),
+        ] {
+            let e = service(table).expect_err(table);
+            assert!(e.contains(field) && e.contains(reason), "{table}: {e}");
+        }
+    }
+}
