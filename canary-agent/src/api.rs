@@ -143,6 +143,9 @@ pub struct ServiceStatus {
     /// While verifying at 100 %: what stands in for stable in the analysis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub baseline: Option<String>,
+    /// Backend names (DNS) and what they answer now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<NameStatus>,
     /// What the backends' health checks are, when the service has them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<String>,
@@ -165,6 +168,14 @@ pub struct BackendStatus {
     /// With `[service.health]`: "up" or "down", why, and since when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<BackendHealthStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NameStatus {
+    pub name: String,
+    pub addresses: Vec<String>,
+    /// The last lookup's failure, while it fails (the addresses are the last answer).
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

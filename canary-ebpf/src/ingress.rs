@@ -341,12 +341,11 @@ fn place(
             (DECISION_SPLIT, group)
         }
     };
-    // A group without a backend up cannot take traffic: fall back to the other one
-    // (the agent never marks every stable backend down: stable fails open).
+    // A canary without a backend up cannot take traffic: stable takes it. Never the
+    // other way: stable without backends (a name not answered yet) places nothing,
+    // and the agent never marks every stable backend down (stable fails open).
     if group == GROUP_CANARY && group_up(svc, GROUP_CANARY) == 0 {
-        group = 1 - GROUP_CANARY;
-    } else if group != GROUP_CANARY && group_up(svc, GROUP_STABLE) == 0 {
-        group = GROUP_CANARY;
+        group = GROUP_STABLE;
     }
     if svc.routing == ROUTING_CIDR {
         if let Some(n) = DECISIONS.get_ptr_mut(decision_index(svc.id, rule, group)) {

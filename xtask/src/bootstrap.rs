@@ -38,6 +38,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The fleet tests run a real etcd; etcdctl for people and the cost simulation's checks.
     ("etcd-server", "/usr/bin/etcd"),
     ("etcd-client", "/usr/bin/etcdctl"),
+    // The discovery test serves backend names from a real DNS server.
+    ("dnsmasq-base", "/usr/sbin/dnsmasq"),
     // The TLS fleet test makes a throwaway CA and certificates with it.
     ("openssl", "/usr/bin/openssl"),
     // etcd-client (the agent's etcd API) compiles etcd's .proto files at build time:

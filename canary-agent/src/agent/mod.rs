@@ -7,6 +7,7 @@
 //! control socket, dashboard, metrics and fleet to it.
 
 pub mod desired;
+mod discovery;
 mod fleet;
 mod health;
 mod journal;
@@ -80,6 +81,9 @@ pub struct Agent {
     router: Option<crate::router::Router>,
     /// Set in a fleet (`[fleet]`): who leads, queued etcd writes, fleet-wide counters.
     fleet: Option<crate::fleet::Link>,
+    /// Each backend name's latest answer, and the names whose last lookup failed.
+    resolved: crate::config::Resolved,
+    lookup_errors: BTreeMap<crate::config::BackendName, String>,
 }
 
 /// The agent behind the daemon's mutex; a panic while it was held is an error here.
@@ -173,6 +177,8 @@ impl Agent {
             uninstall: uninstall.clone(),
             router: None,
             fleet: None,
+            resolved: Default::default(),
+            lookup_errors: BTreeMap::new(),
         };
         let routings = routings(&policies);
         agent.apply(config, policies, rollouts)?;
@@ -200,7 +206,12 @@ impl Agent {
     /// changes what only a restart can (sockets, directories), is refused whole and
     /// the running one stays. Returns what changed.
     pub fn reload(&mut self) -> Result<Vec<String>> {
-        let config = Config::load(&self.config.path)?;
+        let config = Config::load(&self.config.path)?.with_resolved(&self.resolved);
+        self.reload_config(config)
+    }
+
+    /// [`Agent::reload`] of an already loaded config.
+    fn reload_config(&mut self, config: Config) -> Result<Vec<String>> {
         let (old, new) = (&self.config.agent, &config.agent);
         let fixed = [
             (
@@ -218,6 +229,11 @@ impl Agent {
             ("[agent] node_name", old.node_name != new.node_name),
             ("[agent] region", old.region != new.region),
             ("[agent] zone", old.zone != new.zone),
+            (
+                "[agent] dns",
+                (&old.dns, old.dns_min_ttl, old.dns_max_ttl)
+                    != (&new.dns, new.dns_min_ttl, new.dns_max_ttl),
+            ),
             ("[fleet]", self.config.fleet != config.fleet),
         ];
         if let Some((field, _)) = fixed.iter().find(|(_, changed)| *changed) {
@@ -664,6 +680,7 @@ impl Agent {
                 draining: svc.draining,
                 baseline: svc.baseline(),
                 health_check: svc.health.as_ref().map(|h| h.describe()),
+                names: self.discovery_status(&svc.cfg),
                 stray_segments: self.datapath.stray(svc.id)?,
                 routing: match (&svc.kernel, &svc.policy) {
                     (Some(_), Some(p)) => Some(crate::router::kernel::status(

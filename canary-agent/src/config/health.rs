@@ -34,6 +34,24 @@ pub struct HealthCheck {
     pub fall: u32,
 }
 
+/// Defaults of `[agent] dns_min_ttl` and `dns_max_ttl`.
+pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(300);
+
+/// A bound on how soon backend names are resolved again: 100ms to 1h.
+pub(super) fn ttl_bound(
+    text: Option<&str>,
+    field: &str,
+    default: Duration,
+) -> Result<Duration, (String, String)> {
+    let Some(text) = text else { return Ok(default) };
+    let d = parse_interval(text).map_err(|r| (field.to_string(), r))?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+        return Err((field.to_string(), format!("{text:?}: use 100ms to 1h")));
+    }
+    Ok(d)
+}
+
 /// "500ms", "2s", "1m", or a bare number of seconds.
 fn parse_interval(text: &str) -> Result<Duration, String> {
     let text = text.trim();

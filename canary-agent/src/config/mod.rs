@@ -4,6 +4,7 @@
 //! file, the field and the reason, and nothing is applied unless the whole file is
 //! valid) and `host` (what is read from the host: its name, the dashboard token).
 
+mod discovery;
 mod health;
 mod host;
 mod parse;
@@ -11,6 +12,7 @@ mod raw;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use discovery::{BackendName, BackendSource, Resolved};
 pub use health::{CheckKind, HealthCheck};
 pub use host::{host_name, load_ui_token, MIN_UI_TOKEN};
 
@@ -103,6 +105,11 @@ pub struct AgentConfig {
     pub zone: Option<String>,
     /// How long SIGTERM waits for routed requests in flight before the agent exits.
     pub shutdown_grace: Duration,
+    /// DNS servers for backend names (`[agent] dns`); empty: the system's.
+    pub dns: Vec<SocketAddr>,
+    /// Bounds on how soon a name is resolved again (its records' TTL, clamped).
+    pub dns_min_ttl: Duration,
+    pub dns_max_ttl: Duration,
 }
 
 /// Default of `[agent] shutdown_grace`: well inside the 30 s most supervisors (systemd,
@@ -133,8 +140,12 @@ pub struct ServiceConfig {
     pub name: String,
     pub listen: SocketAddr,
     pub protocol: Protocol,
+    /// The addresses in force: `sources` with each name's latest answer in its place
+    /// (`Config::with_resolved`), in slot order.
     pub stable: Vec<SocketAddr>,
     pub canary: Vec<SocketAddr>,
+    /// Stable (`[0]`) and canary (`[1]`) backends as configured: addresses and names.
+    pub sources: [Vec<BackendSource>; 2],
     /// Canary share when the service is first installed, in basis points.
     pub weight_bp: u16,
     pub mode: Mode,
@@ -162,6 +173,7 @@ impl ServiceConfig {
         ServiceConfig {
             stable: self.canary.clone(),
             canary: Vec::new(),
+            sources: [self.sources[1].clone(), Vec::new()],
             ..self.clone()
         }
     }

@@ -311,6 +311,36 @@ impl Config {
                 },
                 region: checked_label(a.region, "agent.region").map_err(|(f, r)| err(f, r))?,
                 zone: checked_label(a.zone, "agent.zone").map_err(|(f, r)| err(f, r))?,
+                dns: a
+                    .dns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        d.parse::<SocketAddr>()
+                            .or_else(|_| {
+                                d.parse::<std::net::IpAddr>()
+                                    .map(|ip| SocketAddr::new(ip, 53))
+                            })
+                            .map_err(|_| {
+                                err(
+                                    format!("agent.dns[{i}]"),
+                                    format!("{d:?} is not addr or addr:port"),
+                                )
+                            })
+                    })
+                    .collect::<Result<_, _>>()?,
+                dns_min_ttl: super::health::ttl_bound(
+                    a.dns_min_ttl.as_deref(),
+                    "agent.dns_min_ttl",
+                    super::health::DEFAULT_MIN_TTL,
+                )
+                .map_err(|(f, r)| err(f, r))?,
+                dns_max_ttl: super::health::ttl_bound(
+                    a.dns_max_ttl.as_deref(),
+                    "agent.dns_max_ttl",
+                    super::health::DEFAULT_MAX_TTL,
+                )
+                .map_err(|(f, r)| err(f, r))?,
                 shutdown_grace: match a.shutdown_grace.as_deref() {
                     None => DEFAULT_SHUTDOWN_GRACE,
                     Some(text) => match crate::policy::parse_duration(text) {
@@ -327,6 +357,15 @@ impl Config {
             },
             None => return Err(err("agent".into(), "missing [agent] table".into())),
         };
+        if agent.dns_min_ttl > agent.dns_max_ttl {
+            return Err(err(
+                "agent.dns_min_ttl".into(),
+                format!(
+                    "{:?} is above dns_max_ttl {:?}",
+                    agent.dns_min_ttl, agent.dns_max_ttl
+                ),
+            ));
+        }
         agent.forward = parse_forward(agent_forward.as_deref(), Forward::Stack, agent.ingress_hook)
             .map_err(|r| err("agent.forward".into(), r))?;
         if agent.interfaces.is_empty() {
@@ -399,7 +438,9 @@ impl Config {
                     format!("{listen}/{protocol:?} is already used by another service"),
                 ));
             }
-            let backends = |field: &str, list: &[String]| -> Result<Vec<SocketAddr>, ConfigError> {
+            let backends = |field: &str,
+                            list: &[String]|
+             -> Result<Vec<BackendSource>, ConfigError> {
                 if list.len() > MAX_GROUP_BACKENDS {
                     return Err(err(
                         at(field),
@@ -409,12 +450,11 @@ impl Config {
                 list.iter()
                     .enumerate()
                     .map(|(j, a)| {
-                        let addr: SocketAddr = a.parse().map_err(|_| {
-                            err(
-                                format!("{}[{j}]", at(field)),
-                                format!("{a:?} is not addr:port"),
-                            )
-                        })?;
+                        let Ok(addr) = a.parse::<SocketAddr>() else {
+                            return super::discovery::parse_name(a)
+                                .map(BackendSource::Name)
+                                .map_err(|r| err(format!("{}[{j}]", at(field)), r));
+                        };
                         if addr.is_ipv4() != listen.is_ipv4() {
                             return Err(err(
                                 format!("{}[{j}]", at(field)),
@@ -424,13 +464,25 @@ impl Config {
                         if addr.port() == 0 {
                             return Err(err(format!("{}[{j}]", at(field)), "port 0".into()));
                         }
-                        Ok(addr)
+                        Ok(BackendSource::Addr(addr))
                     })
                     .collect()
             };
-            let stable = backends("stable", &s.stable)?;
-            let canary = backends("canary", &s.canary)?;
-            if stable.is_empty() {
+            let sources = [
+                backends("stable", &s.stable)?,
+                backends("canary", &s.canary)?,
+            ];
+            let literal = |group: &[BackendSource]| -> Vec<SocketAddr> {
+                group
+                    .iter()
+                    .filter_map(|b| match b {
+                        BackendSource::Addr(a) => Some(*a),
+                        BackendSource::Name(_) => None,
+                    })
+                    .collect()
+            };
+            let (stable, canary) = (literal(&sources[0]), literal(&sources[1]));
+            if sources[0].is_empty() {
                 return Err(err(
                     at("stable"),
                     "at least one stable backend is required".into(),
@@ -438,7 +490,7 @@ impl Config {
             }
             let weight_bp =
                 crate::units::percent_to_bp(s.weight).map_err(|r| err(at("weight"), r))?;
-            if canary.is_empty() && weight_bp > 0 {
+            if sources[1].is_empty() && weight_bp > 0 {
                 return Err(err(
                     at("weight"),
                     "a non-zero weight needs canary backends".into(),
@@ -540,6 +592,7 @@ impl Config {
                 None => None,
             };
             services.push(ServiceConfig {
+                sources,
                 health,
                 backend_protocol,
                 max_connections: caps[0],

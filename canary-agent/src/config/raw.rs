@@ -40,6 +40,10 @@ pub(super) struct RawAgent {
     pub(super) region: Option<String>,
     pub(super) zone: Option<String>,
     pub(super) shutdown_grace: Option<String>,
+    #[serde(default)]
+    pub(super) dns: Vec<String>,
+    pub(super) dns_min_ttl: Option<String>,
+    pub(super) dns_max_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]

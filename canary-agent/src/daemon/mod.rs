@@ -19,6 +19,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::agent::{lock, Agent, GateCall};
 
 mod control;
+mod discovery;
 mod health;
 use crate::{
     config::Config,
@@ -65,7 +66,20 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             &config.agent.bpffs_dir,
         )?))
     };
-    let (agent, uninstall) = Agent::start(config, clock, load)?;
+    // Backend names are answered before the services are installed, so a restart
+    // does not install a service without the addresses its names give.
+    let resolver = discovery::resolver(&config.agent);
+    let resolved = match &resolver {
+        Ok(r) => discovery::resolve_all(r, &config).await,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "no DNS resolver: backend names stay unanswered");
+            Default::default()
+        }
+    };
+    let (dns_min, dns_max) = (config.agent.dns_min_ttl, config.agent.dns_max_ttl);
+    let config = config.with_resolved(&resolved);
+    let (mut agent, uninstall) = Agent::start(config, clock, load)?;
+    agent.seed_resolved(resolved);
     let agent = Arc::new(Mutex::new(agent));
     if let (Some(fleet), Some(fleet_clock)) = (fleet, fleet_clock) {
         let link = crate::fleet::Link::new(&node, region.as_deref());
@@ -90,6 +104,9 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     }
     tokio::spawn(query_prometheus(agent.clone()));
     tokio::spawn(health::run(agent.clone()));
+    if let Ok(resolver) = resolver {
+        tokio::spawn(discovery::run(agent.clone(), resolver, dns_min, dns_max));
+    }
     // Milliseconds since `started` of the loop's last tick, for the liveness probe.
     let started = std::time::Instant::now();
     let heartbeat = Arc::new(AtomicU64::new(0));

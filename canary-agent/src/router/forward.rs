@@ -163,8 +163,8 @@ fn socket_addr(b: &Backend, v6: bool) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
-/// The version's next backend that is up (round robin), its group and slot; a version
-/// with none up sends to the other's.
+/// The version's next backend that is up (round robin), its group and slot; a canary
+/// with none up sends to stable (never the other way).
 fn pick(svc: &Service, value: &ServiceValue, version: Version) -> Option<(SocketAddr, u8, usize)> {
     let group_of = |base: usize, count: u8| {
         let down = group_down(value.down, base as u8);
