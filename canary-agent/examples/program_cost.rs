@@ -7,7 +7,8 @@
 //! not ours, which carries the same per-run set-up; once with room in the flow table
 //! and once with the table full, where every insert makes the LRU evict. Placement by
 //! client address (a head-free routing plan: CANARY_CIDR lookup first) is timed the
-//! same way on a second service.
+//! same way on a second service, and placement among 256 backends per version on a
+//! third (the first has 16 per version).
 
 #[path = "../tests/pins/mod.rs"]
 mod pins;
@@ -26,6 +27,8 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 99);
 /// The service decided by client address.
 const ROUTED: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 11);
+/// The service with 256 backends per version.
+const WIDE: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 12);
 const REPEAT: u32 = 1_000_000;
 /// Distinct tuples per timed placement run (two flow entries each).
 const TUPLES: u32 = 20_000;
@@ -76,13 +79,31 @@ fn run(pins: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// `n` backends `198.18.{net}.1..`, as a TOML list.
+fn backends(net: u8, n: usize) -> String {
+    let list: Vec<String> = (0..n)
+        .map(|i| format!("\"198.18.{}.{}:8080\"", net as usize + i / 250, 1 + i % 250))
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
 fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
-    let text = "[agent]\ninterface = \"lo\"\n[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n\
-        [[service]]\nname = \"routed\"\nlisten = \"198.19.0.11:80\"\nprotocol = \"http\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n";
-    let config = Config::parse(text, std::path::Path::new("bench.toml"))?;
+    let text = format!(
+        "[agent]\ninterface = \"lo\"\n\
+         [[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = {}\ncanary = {}\nweight = 10\n\
+         [[service]]\nname = \"routed\"\nlisten = \"198.19.0.11:80\"\nprotocol = \"http\"\nstable = [\"198.18.2.2:8080\"]\ncanary = [\"198.18.3.2:8080\"]\nweight = 10\n\
+         [[service]]\nname = \"wide\"\nlisten = \"198.19.0.12:80\"\nstable = {}\ncanary = {}\nweight = 10\n",
+        backends(2, 16),
+        backends(3, 16),
+        backends(4, 256),
+        backends(6, 256),
+    );
+    let config = Config::parse(&text, std::path::Path::new("bench.toml"))?;
     let mut dp = Datapath::load(pins)?;
     let svc = &config.services[0];
     dp.install(&service_key(svc), &encode_service(svc, 0, svc.weight_bp))?;
+    let wide = &config.services[2];
+    dp.install(&service_key(wide), &encode_service(wide, 2, wide.weight_bp))?;
     // 100 client ranges (the timed clients are in the first) to canary, 10 % of the
     // rest by client address.
     let ranges: Vec<String> = (0..100)
@@ -98,14 +119,14 @@ fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
     let table = routing.kernel_table().expect("a head-free plan");
     let routed = &config.services[1];
     dp.write_cidr(1, 0, &table)?;
-    let mut value = encode_service(routed, 1, routed.weight_bp);
+    let mut entry = encode_service(routed, 1, routed.weight_bp);
     KernelRouting {
         gen: 0,
         client_key: false,
         rolled_back: false,
     }
-    .apply(&mut value);
-    dp.install(&service_key_for(routed, &routing), &value)?;
+    .apply(&mut entry.value);
+    dp.install(&service_key_for(routed, &routing), &entry)?;
     let mut programs = pins::Programs::load(pins);
     let client = Ipv4Addr::new(198, 18, 1, 2);
     let mut rows = Vec::new();
@@ -148,17 +169,21 @@ fn measure(pins: &std::path::Path, prog: &str) -> Result<Vec<(String, u64)>> {
         each(0..TUPLES, OTHER)?,
     ));
     rows.push((
-        format!("placement, {TUPLES} new tuples × 1, table with room"),
+        format!("placement, 16 backends per version, {TUPLES} new tuples × 1, table with room"),
         each(0..TUPLES, VIP)?,
     ));
     rows.push((
+        format!("placement, 256 backends per version, {TUPLES} new tuples × 1, table with room"),
+        each(TUPLES..2 * TUPLES, WIDE)?,
+    ));
+    rows.push((
         format!("placement by client cidr (100 ranges), {TUPLES} new tuples × 1, room"),
-        each(0..TUPLES, ROUTED)?,
+        each(2 * TUPLES..3 * TUPLES, ROUTED)?,
     ));
     // Fill the table past its size (two entries per flow), then time placement while
     // the LRU evicts, as on a busy node whose table has filled.
     let full = FLOW_TABLE_SIZE / 2;
-    each(TUPLES..full, VIP)?;
+    each(3 * TUPLES..full, VIP)?;
     rows.push((
         format!("placement, {TUPLES} new tuples × 1, full table (LRU evicts)"),
         each(full..full + TUPLES, VIP)?,

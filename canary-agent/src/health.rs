@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 
-use canary_common::MAX_GROUP_BACKENDS;
 use serde::Serialize;
 
 use crate::config::{CheckKind, HealthCheck, ServiceConfig};
@@ -74,8 +73,8 @@ pub struct Change {
 /// What the datapath and the rollout are told after the changes of a check round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
-    /// `ServiceValue::down`: bit `slot` for a backend out of the selection.
-    pub down: u32,
+    /// `down[g][i]`: backend `i` of version `g` is out of the selection.
+    pub down: [Vec<bool>; 2],
     /// Every stable backend failed its checks: they stay in (fail open).
     pub stable_fails_open: bool,
     /// Every canary backend failed its checks (and there is at least one).
@@ -209,17 +208,20 @@ impl ServiceHealth {
 
     /// The selection the datapath is told.
     pub fn selection(&self) -> Selection {
-        let bits = |group: usize| -> u32 {
+        let down = |group: usize| -> Vec<bool> {
             self.groups[group]
                 .iter()
-                .enumerate()
-                .filter(|(_, b)| b.state == State::Down)
-                .fold(0, |m, (i, _)| m | 1 << i)
+                .map(|b| b.state == State::Down)
+                .collect()
         };
         let stable_fails_open = !self.groups[0].is_empty() && self.up(0) == 0;
-        let stable = if stable_fails_open { 0 } else { bits(0) };
+        let stable = if stable_fails_open {
+            vec![false; self.groups[0].len()]
+        } else {
+            down(0)
+        };
         Selection {
-            down: stable | bits(1) << MAX_GROUP_BACKENDS,
+            down: [stable, down(1)],
             stable_fails_open,
             canary_down: !self.groups[1].is_empty() && self.up(1) == 0,
         }
@@ -271,7 +273,8 @@ mod tests {
     #[test]
     fn a_backend_leaves_after_fall_failures_in_a_row_and_returns_after_rise_passes() {
         let mut h = ServiceHealth::new(spec(), &[addr(2), addr(3)], &[addr(9)], None);
-        assert_eq!(h.selection().down, 0);
+        let none = [vec![false, false], vec![false]];
+        assert_eq!(h.selection().down, none);
         // A pass between failures restarts the count.
         for outcome in [fail(), fail(), Ok(()), fail(), fail()] {
             assert!(h.record(addr(3), outcome, 1).is_empty());
@@ -282,11 +285,11 @@ mod tests {
         assert!(changes[0]
             .reason
             .contains("3 checks failed in a row, the last: connection refused"));
-        assert_eq!(h.selection().down, 0b10);
+        assert_eq!(h.selection().down, [vec![false, true], vec![false]]);
         assert_eq!(h.groups[0][1].since_ms, 7);
         assert!(h.record(addr(3), Ok(()), 8).is_empty());
         assert_eq!(h.record(addr(3), Ok(()), 9)[0].state, State::Up);
-        assert_eq!(h.selection().down, 0);
+        assert_eq!(h.selection().down, none);
         assert_eq!((h.groups[0][1].checks, h.groups[0][1].failures), (8, 5));
     }
 
@@ -298,14 +301,14 @@ mod tests {
             h.record(addr(10), fail(), 1);
         }
         let s = h.selection();
-        assert_eq!(s.down, 0b11 << 16);
+        assert_eq!(s.down, [vec![false], vec![true, true]]);
         assert!(s.canary_down && !s.stable_fails_open);
         for _ in 0..3 {
             h.record(addr(2), fail(), 2);
         }
         let s = h.selection();
         assert!(s.stable_fails_open);
-        assert_eq!(s.down & 0xffff, 0, "stable stays in the selection");
+        assert_eq!(s.down[0], [false], "stable stays in the selection");
     }
 
     #[test]
@@ -316,7 +319,7 @@ mod tests {
         }
         // addr(3) moves to slot 0; a new backend starts up.
         let next = ServiceHealth::new(spec(), &[addr(3), addr(4)], &[], Some(&h));
-        assert_eq!(next.selection().down, 0b01);
+        assert_eq!(next.selection().down, [vec![true, false], vec![]]);
         assert_eq!(next.groups[0][1].state, State::Up);
         assert_eq!(next.addrs(), vec![addr(3), addr(4)]);
     }

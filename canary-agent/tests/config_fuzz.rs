@@ -7,8 +7,8 @@
 //! * every error names the file (`file` and the message's prefix) and a field
 //!   (`agent...`, `service...`) or a line (`line N` within the text);
 //! * whatever it accepts is within the datapath's limits and usable as is
-//!   (interface names the kernel accepts, at most 64 services and 16 backends per
-//!   group, weights within 0..=100 %, no port 0, one address family per service).
+//!   (interface names the kernel accepts, at most 1 024 services and 256 backends
+//!   per group, weights within 0..=100 %, no port 0, one address family per service).
 
 use std::{collections::HashSet, panic::AssertUnwindSafe, path::Path};
 
@@ -183,7 +183,7 @@ fn sane(c: &Config) -> Result<(), String> {
             return Err(format!("interface name {i:?} accepted"));
         }
     }
-    if c.services.len() > 64 {
+    if c.services.len() > canary_common::MAX_SERVICES as usize {
         return Err(format!("{} services accepted", c.services.len()));
     }
     let mut names = HashSet::new();
@@ -200,10 +200,12 @@ fn sane(c: &Config) -> Result<(), String> {
         {
             return Err(format!("service name {:?} accepted", s.name));
         }
-        if s.stable.is_empty() || s.stable.len() > 16 || s.canary.len() > 16 {
+        let most = canary_common::MAX_GROUP_BACKENDS;
+        // A group of names is empty until they are resolved.
+        if s.sources[0].is_empty() || s.stable.len() > most || s.canary.len() > most {
             return Err(format!("backend counts of {s:?}"));
         }
-        if s.weight_bp > 10_000 || (s.weight_bp > 0 && s.canary.is_empty()) {
+        if s.weight_bp > 10_000 || (s.weight_bp > 0 && s.sources[1].is_empty()) {
             return Err(format!("weight of {s:?}"));
         }
         if s.mode == Mode::Exact && s.sticky == Sticky::ClientIp {
@@ -352,7 +354,7 @@ proptest! {
     }
 
     #[test]
-    fn generated_services(n in 0usize..70, picks in vec((any::<u8>(), any::<u8>()), 1..64)) {
+    fn generated_services(n in prop_oneof![0usize..70, 1020usize..1030], picks in vec((any::<u8>(), any::<u8>()), 1..64)) {
         check(&generated(n, &picks))?;
     }
 }

@@ -252,12 +252,12 @@ canary = ["198.18.3.2:9090"]
 weight = 50
 "#;
 
-/// Where the SYNs of 60 client ports to the service go, with `down` in the value.
-fn placements(f: &mut Fixture, down: u32, first_port: u16) -> Vec<SocketAddr> {
+/// Where the SYNs of 60 client ports to the service go, with `down` (stable, canary)
+/// out of the selection.
+fn placements(f: &mut Fixture, down: [&[bool]; 2], first_port: u16) -> Vec<SocketAddr> {
     let svc = f.config.services[0].clone();
-    let mut value = encode_service(&svc, 0, svc.weight_bp);
-    value.down = down;
-    f.dp().install(&service_key(&svc), &value).unwrap();
+    let entry = encode_service(&svc, 0, svc.weight_bp).with_down(down.map(|d| d.to_vec()));
+    f.dp().install(&service_key(&svc), &entry).unwrap();
     (first_port..first_port + 60)
         .map(|port| {
             let syn = tcp(
@@ -273,15 +273,15 @@ fn placements(f: &mut Fixture, down: u32, first_port: u16) -> Vec<SocketAddr> {
 
 fn a_backend_marked_down_gets_no_new_connection_and_a_dead_canary_falls_back(hook: Hook) {
     let mut f = Fixture::new(hook, THREE_STABLE);
-    let all = placements(&mut f, 0, 41000);
+    let all = placements(&mut f, [&[], &[]], 41000);
     assert!(all.contains(&sa("198.18.2.3:8080")) && all.contains(&sa("198.18.3.2:9090")));
     // Stable slot 1 down: every stable placement avoids it, canary is unchanged.
-    let without = placements(&mut f, 0b010, 42000);
+    let without = placements(&mut f, [&[false, true], &[]], 42000);
     assert!(!without.contains(&sa("198.18.2.3:8080")), "{without:?}");
     assert!(without.contains(&sa("198.18.2.2:8080")) && without.contains(&sa("198.18.2.4:8080")));
     assert!(without.contains(&sa("198.18.3.2:9090")));
     // The canary's only backend down: its share goes to stable.
-    let no_canary = placements(&mut f, 1 << 16, 43000);
+    let no_canary = placements(&mut f, [&[], &[true]], 43000);
     assert!(
         no_canary
             .iter()
@@ -289,10 +289,126 @@ fn a_backend_marked_down_gets_no_new_connection_and_a_dead_canary_falls_back(hoo
         "{no_canary:?}"
     );
     // Ports already placed keep their backend: pinned flows are not moved.
-    let again = placements(&mut f, 0b010, 41000);
+    let again = placements(&mut f, [&[false, true], &[]], 41000);
     assert_eq!(again, all, "open connections moved");
 }
 at_both_hooks!(a_backend_marked_down_gets_no_new_connection_and_a_dead_canary_falls_back);
+
+/// `n` backends `198.18.{base}.x:8080`, as a TOML list.
+fn backend_list(base: u8, n: usize) -> String {
+    let list: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "\"198.18.{}.{}:8080\"",
+                base as usize + i / 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
+fn the_largest_service_uses_all_256_backends_of_each_version(hook: Hook) {
+    let config = format!(
+        "[[service]]\nname = \"big\"\nlisten = \"198.19.0.10:80\"\nstable = {}\n\
+         canary = {}\nweight = 50\n",
+        backend_list(2, 256),
+        backend_list(4, 256)
+    );
+    let f = Fixture::new(hook, &config);
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 0..8000u16 {
+        let client = sa(&format!(
+            "198.18.{}.{}:{}",
+            100 + port / 4000,
+            1 + port % 200,
+            10_000 + port
+        ));
+        let out = f.ingress(&tcp(client, sa("198.19.0.10:80"), true, b""));
+        seen.insert(endpoints(&out).1);
+    }
+    let stable = seen.iter().filter(|a| *a < &sa("198.18.4.0:0")).count();
+    assert_eq!(
+        (stable, seen.len() - stable),
+        (256, 256),
+        "backends reached"
+    );
+}
+at_both_hooks!(the_largest_service_uses_all_256_backends_of_each_version);
+
+fn a_thousand_services_are_installed_and_each_is_split(hook: Hook) {
+    let config: String = (0..1024)
+        .map(|i| {
+            format!(
+                "[[service]]\nname = \"s{i}\"\nlisten = \"198.19.{}.{}:80\"\n\
+                 stable = [\"198.18.2.{}:8080\"]\ncanary = [\"198.18.3.{}:8080\"]\nweight = 50\n",
+                i / 250,
+                1 + i % 250,
+                1 + i % 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let f = Fixture::new(hook, &config);
+    for i in 0..1024usize {
+        let vip = format!("198.19.{}.{}:80", i / 250, 1 + i % 250);
+        let mut versions = std::collections::BTreeSet::new();
+        for port in 0..40u16 {
+            let b = f.syn_to(&format!("198.18.1.2:{}", 20_000 + port), &vip);
+            let last = match b.ip() {
+                std::net::IpAddr::V4(v4) => v4.octets()[3] as usize,
+                std::net::IpAddr::V6(_) => 0,
+            };
+            assert_eq!(last, 1 + i % 250, "service {i} went to {b}");
+            versions.insert(b.ip().to_string().starts_with("198.18.3."));
+        }
+        assert_eq!(versions.len(), 2, "service {i} is split");
+    }
+}
+at_both_hooks!(a_thousand_services_are_installed_and_each_is_split);
+
+/// The share of 10 000 `client-ip` sticky clients that reach another backend after one
+/// of 64 stable backends is taken out (a health check or a scale-down).
+fn taking_one_of_64_backends_out_moves_few_sticky_clients(hook: Hook) {
+    let config = format!(
+        "[[service]]\nname = \"web\"\nlisten = \"198.19.0.10:80\"\nstable = {}\n\
+         sticky = \"client-ip\"\nweight = 0\n",
+        backend_list(2, 64)
+    );
+    let mut f = Fixture::new(hook, &config);
+    let client = |c: u32, port: u16| {
+        sa(&format!(
+            "198.18.{}.{}:{}",
+            100 + c / 250,
+            1 + c % 250,
+            port
+        ))
+    };
+    let before: Vec<SocketAddr> = (0..10_000)
+        .map(|c| f.syn_to(&client(c, 30_000).to_string(), VIP))
+        .collect();
+    let mut down = vec![false; 64];
+    down[17] = true;
+    let svc = f.config.services[0].clone();
+    let entry = encode_service(&svc, 0, 0).with_down([down, Vec::new()]);
+    f.dp().install(&service_key(&svc), &entry).unwrap();
+    // New connections (other ports) of the same clients.
+    let after: Vec<SocketAddr> = (0..10_000)
+        .map(|c| f.syn_to(&client(c, 31_000).to_string(), VIP))
+        .collect();
+    let removed = sa("198.18.2.18:8080");
+    assert!(after.iter().all(|b| *b != removed));
+    let own = before.iter().filter(|b| **b == removed).count();
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    println!(
+        "1 of 64 backends out: {moved} of 10000 client-ip sticky clients moved, {own} were on it"
+    );
+    assert!(
+        moved as f64 / 10_000.0 <= 1.0 / 64.0 + 0.02,
+        "{moved} of 10000 moved ({own} were on the removed backend)"
+    );
+}
+at_both_hooks!(taking_one_of_64_backends_out_moves_few_sticky_clients);
 
 fn reply_gets_the_service_address_back_as_source(hook: Hook) {
     let f = Fixture::new(hook, WEB);
@@ -1162,15 +1278,15 @@ impl Fixture {
             .routing;
         let table = routing.kernel_table().expect("a head-free plan");
         self.dp().write_cidr(idx as u32, gen, &table).unwrap();
-        let mut value = encode_service(&svc, idx as u32, svc.weight_bp);
+        let mut entry = encode_service(&svc, idx as u32, svc.weight_bp);
         KernelRouting {
             gen,
             client_key: table.client_key,
             rolled_back,
         }
-        .apply(&mut value);
+        .apply(&mut entry.value);
         self.dp()
-            .install(&service_key_for(&svc, &routing), &value)
+            .install(&service_key_for(&svc, &routing), &entry)
             .unwrap();
     }
 

@@ -35,8 +35,8 @@ use canary_agent::{
     datapath::Datapath,
 };
 use canary_common::{
-    backend_index, client_hash, flow_hash, hash_group, smooth_pick, GROUP_CANARY, PROG_EGRESS,
-    PROG_INGRESS, PROG_INGRESS_TC,
+    client_hash, flow_hash, hash_group, smooth_pick, GROUP_CANARY, PROG_EGRESS, PROG_INGRESS,
+    PROG_INGRESS_TC,
 };
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use rand::{seq::SliceRandom, Rng, SeedableRng};
@@ -446,6 +446,8 @@ struct Service {
     weight_bp: u16,
     stable: Vec<Ep>,
     canary: Vec<Ep>,
+    /// Stable's and canary's rings, built as the agent builds them.
+    rings: [Box<canary_common::Group>; 2],
     /// Exact mode's smooth counter on the one CPU the test runs on.
     acc: u32,
 }
@@ -503,6 +505,13 @@ impl Model {
                 weight_bp: s.weight_bp,
                 stable: s.stable.iter().map(|a| Ep::of(*a)).collect(),
                 canary: s.canary.iter().map(|a| Ep::of(*a)).collect(),
+                rings: [&s.stable, &s.canary].map(|list| {
+                    let spec = canary_agent::datapath::GroupSpec {
+                        backends: list.clone(),
+                        down: vec![false; list.len()],
+                    };
+                    Box::new(spec.encode(&[]))
+                }),
                 acc: 0,
             })
             .collect();
@@ -541,10 +550,8 @@ impl Model {
             } else {
                 &s.stable
             };
-            if list.is_empty() {
-                return None;
-            }
-            let b = list[backend_index(hash, list.len() as u8) as usize];
+            let (i, _) = s.rings[group as usize].pick(hash)?;
+            let b = list[i as usize];
             let pin = self.reply.get(&reply_key(t, b))?;
             (pin.to == t.dst).then_some(b)
         })
@@ -568,7 +575,8 @@ impl Model {
         } else {
             &s.stable
         };
-        list[backend_index(hash, list.len() as u8) as usize]
+        let (i, _) = s.rings[group as usize].pick(hash).expect("a backend");
+        list[i as usize]
     }
 
     /// Ingress decision for `f`; updates pins as the datapath does.

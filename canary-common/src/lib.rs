@@ -6,6 +6,7 @@
 pub mod csum;
 pub mod histogram;
 pub mod maps;
+pub mod ring;
 pub mod select;
 
 pub use maps::*;

@@ -7,10 +7,18 @@
 pub const WEIGHT_SCALE: u16 = 10_000;
 
 /// Upper bounds sized for one node's services; the agent rejects configs beyond them.
-pub const MAX_SERVICES: u32 = 64;
-pub const MAX_GROUP_BACKENDS: usize = 16;
-/// Backend slots per service: stable in `0..16`, canary in `16..32`.
+pub const MAX_SERVICES: u32 = 1024;
+/// Backends of one version of a service (a ring entry is a `u8` index into them).
+pub const MAX_GROUP_BACKENDS: usize = 256;
+/// Backend positions of a service in userspace views (status, the router's counts):
+/// stable's `i` at `i`, canary's at `MAX_GROUP_BACKENDS + i`.
 pub const MAX_BACKENDS: usize = 2 * MAX_GROUP_BACKENDS;
+/// Per-backend counter slots of the node, shared by every service (Katran's reals
+/// pool): slot 0 is never given out, so a flow carrying 0 counts nowhere.
+pub const MAX_BACKEND_SLOTS: u32 = 32_768;
+/// Entries of a version's Maglev lookup ring, a prime well above
+/// [`MAX_GROUP_BACKENDS`] so that every backend holds at least 63 entries.
+pub const RING_SIZE: usize = 16_381;
 /// Entries in the flow table; each connection uses two (forward and reply).
 pub const FLOW_TABLE_SIZE: u32 = 131_072;
 
@@ -57,6 +65,7 @@ pub const TCP_FLAG_ACK: u8 = 0x10;
 
 /// Map names, shared so the agent finds the maps (and their bpffs pins) by name.
 pub const MAP_SERVICES: &str = "CANARY_SERVICES";
+pub const MAP_GROUPS: &str = "CANARY_GROUPS";
 /// One u32 of node-wide switches ([`SETTING_REPLIES_AT_INGRESS`]).
 pub const MAP_SETTINGS: &str = "CANARY_SETTINGS";
 /// Some service forwards by redirect: TC ingress also looks for replies of its flows.
@@ -99,21 +108,26 @@ pub struct ServiceKey {
 pub struct Backend {
     pub addr: [u32; 4],
     pub port: u16,
-    pub _pad: u16,
+    /// Its counters' slot in CANARY_STATS (`1..MAX_BACKEND_SLOTS`), given out by the
+    /// agent and kept across reloads while the backend stays.
+    pub stats: u16,
 }
 
-/// Everything the datapath needs to place a new connection, in one map value so a
-/// single map update swaps weight and backends together.
+/// What the datapath needs to place a new connection of a service: the split, and
+/// the generation of its two [`Group`]s in force. The agent writes new groups under a
+/// new generation and then this value, so one map update swaps weight and backends
+/// together.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceValue {
-    /// Index into the stats and exact-mode maps.
+    /// Index into the per-service counter maps.
     pub id: u32,
     pub weight_bp: u16,
     pub mode: u8,
     pub sticky: u8,
-    pub n_stable: u8,
-    pub n_canary: u8,
+    /// Held the backend counts when the backends lived here; kept so the fields
+    /// after it keep their offsets in a value carried over by an upgrade.
+    pub _was_counts: [u8; 2],
     /// [`ROUTING_CIDR`]: new connections are decided by the client address
     /// (CANARY_CIDR) before the weight split; [`ROUTING_NONE`]: the weight split only.
     pub routing: u8,
@@ -127,12 +141,9 @@ pub struct ServiceValue {
     /// to the next hop's interface; [`FORWARD_STACK`]: the stack forwards it.
     pub forward: u8,
     pub _pad: [u8; 2],
-    /// Stable backends in `0..n_stable`, canary ones in `16..16 + n_canary`.
-    pub backends: [Backend; MAX_BACKENDS],
-    /// Bit `slot` set: that backend failed its health checks and takes no new
-    /// connection (`select::pick_up`). Appended, so a value carried over from an
-    /// older layout reads 0: every backend up.
-    pub down: u32,
+    /// The [`GroupKey::gen`] of the service's groups in force; every install
+    /// writes the next one, so a reader caching a group by key never sees it change.
+    pub gen: u32,
 }
 
 impl Default for ServiceValue {
@@ -142,16 +153,78 @@ impl Default for ServiceValue {
             weight_bp: 0,
             mode: MODE_HASH,
             sticky: STICKY_CONNECTION,
-            n_stable: 0,
-            n_canary: 0,
+            _was_counts: [0; 2],
             routing: ROUTING_NONE,
             cidr_gen: 0,
             rolled_back: 0,
             forward: FORWARD_STACK,
             _pad: [0; 2],
-            backends: [Backend::default(); MAX_BACKENDS],
-            down: 0,
+            gen: 0,
         }
+    }
+}
+
+/// Key of one version's backends (CANARY_GROUPS).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupKey {
+    pub service: u32,
+    pub gen: u32,
+    pub group: u8,
+    pub _pad: [u8; 3],
+}
+
+/// One version's backends and the Maglev ring that picks among those up: a hash's
+/// entry on the ring (its high 32 bits scaled to the ring) is an index into `backends`. Taking one of
+/// N backends out moves only the hashes on its entries (about 1/N), so client-ip
+/// sticky clients of the others stay where they are.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// Configured backends, in `backends[..count]`.
+    pub count: u16,
+    /// Backends on the ring: 0 when none is up (the ring is then unused).
+    pub up: u16,
+    pub _pad: u32,
+    /// Bit `i` set: `backends[i]` failed its health checks and is off the ring.
+    pub down: [u32; MAX_GROUP_BACKENDS / 32],
+    pub backends: [Backend; MAX_GROUP_BACKENDS],
+    pub ring: [u8; RING_SIZE],
+    pub _tail: [u8; 3],
+}
+
+impl Default for Group {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            up: 0,
+            _pad: 0,
+            down: [0; MAX_GROUP_BACKENDS / 32],
+            backends: [Backend::default(); MAX_GROUP_BACKENDS],
+            ring: [0; RING_SIZE],
+            _tail: [0; 3],
+        }
+    }
+}
+
+impl Group {
+    /// Whether `backends[i]` is marked down.
+    #[inline(always)]
+    pub fn is_down(&self, i: usize) -> bool {
+        i < MAX_GROUP_BACKENDS && self.down[i / 32] & (1 << (i % 32)) != 0
+    }
+
+    /// The backend a placement hash picks among those up, and its index.
+    #[inline(always)]
+    pub fn pick(&self, hash: u64) -> Option<(u8, &Backend)> {
+        if self.up == 0 {
+            return None;
+        }
+        // Multiply-shift instead of `%`: the same uniform reduction, and a bound the
+        // verifier can follow (a constant modulo compiles to arithmetic it cannot).
+        let entry = ((hash >> 32) * RING_SIZE as u64) >> 32;
+        let index = *self.ring.get(entry as usize)?;
+        Some((index, self.backends.get(index as usize)?))
     }
 }
 
@@ -253,8 +326,8 @@ impl FlowKey {
 pub struct FlowValue {
     pub addr: [u32; 4],
     pub port: u16,
-    /// Backend slot (`0..MAX_BACKENDS`) for the stats index.
-    pub slot: u8,
+    /// The version the flow was placed on ([`GROUP_STABLE`] or [`GROUP_CANARY`]).
+    pub group: u8,
     pub flags: u8,
     pub service: u32,
     /// Reply entry: when the pending request (or the SYN) was seen, 0 if none.
@@ -262,7 +335,8 @@ pub struct FlowValue {
     /// Sequence number of the last request (forward) or response (reply) counted,
     /// so a retransmitted segment is not counted twice.
     pub last_seq: u32,
-    pub _pad: u32,
+    /// The backend's counter slot ([`Backend::stats`]).
+    pub stats: u32,
     /// TCP: the sequence state of this direction's sender (forward: the client's,
     /// reply: the backend's), enough for the node to close the connection itself at a
     /// request boundary (drain). Written with one 8-byte store per segment.
@@ -397,22 +471,16 @@ pub struct SpliceState {
     pub carried: u64,
 }
 
-/// Index of a version's telemetry: the group of a backend slot.
+/// Index of a version's telemetry.
 #[inline(always)]
-pub fn telemetry_index(service: u32, slot: u8) -> u32 {
-    service * 2 + (slot as usize >= MAX_GROUP_BACKENDS) as u32
+pub fn telemetry_index(service: u32, group: u8) -> u32 {
+    service * 2 + (group == GROUP_CANARY) as u32
 }
 
 /// Index of a latency histogram bucket for `telemetry_index` `version`.
 #[inline(always)]
 pub fn latency_index(version: u32, bucket: u32) -> u32 {
     version * crate::histogram::LATENCY_BUCKETS as u32 + bucket
-}
-
-/// Index of a backend's counters in the stats array.
-#[inline(always)]
-pub fn stats_index(service: u32, slot: u8) -> u32 {
-    service * MAX_BACKENDS as u32 + slot as u32
 }
 
 #[cfg(feature = "user")]
@@ -422,6 +490,8 @@ mod pod {
     unsafe impl aya::Pod for super::SplicePeer {}
     unsafe impl aya::Pod for super::SpliceState {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::GroupKey {}
+    unsafe impl aya::Pod for super::Group {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::BackendStats {}
@@ -446,11 +516,11 @@ mod tests {
 
     #[test]
     fn service_value_only_grew_at_its_end_and_cidr_key_keeps_its_fixed_prefix() {
-        // The routing fields took the old padding: pinned values keep their layout
-        // and read as ROUTING_NONE; `down` was appended.
-        assert_eq!(core::mem::size_of::<ServiceValue>(), 660);
-        assert_eq!(core::mem::offset_of!(ServiceValue, down), 656);
+        // A value carried over from an earlier layout keeps its fields' offsets.
+        assert_eq!(core::mem::size_of::<ServiceValue>(), 20);
         assert_eq!(core::mem::offset_of!(ServiceValue, routing), 10);
+        assert_eq!(core::mem::offset_of!(ServiceValue, forward), 13);
+        assert_eq!(core::mem::size_of::<Group>() % 4, 0);
         assert_eq!(
             core::mem::offset_of!(CidrKey, addr) as u32 * 8,
             CIDR_KEY_FIXED_BITS

@@ -74,59 +74,11 @@ pub fn hash_group(hash: u64, weight_bp: u16) -> u8 {
     }
 }
 
-/// Index of the backend inside its group, from the hash bits `bucket` does not use.
+/// Hash of a backend's address and port under `seed`: the two seeds give its
+/// Maglev permutation ([`crate::ring`]).
 #[inline(always)]
-pub fn backend_index(hash: u64, count: u8) -> u8 {
-    if count == 0 {
-        return 0;
-    }
-    ((hash >> 32) % count as u64) as u8
-}
-
-/// The down bits of one group's slots (`group_base` 0 or `MAX_GROUP_BACKENDS`) out of
-/// [`crate::ServiceValue::down`].
-#[inline(always)]
-pub fn group_down(down: u32, group_base: u8) -> u16 {
-    (down >> group_base) as u16
-}
-
-/// How many of a group's `count` backends take new connections.
-#[inline(always)]
-pub fn up_count(count: u8, down: u16) -> u8 {
-    let configured = if count >= 16 {
-        u16::MAX
-    } else {
-        (1u16 << count) - 1
-    };
-    count - (down & configured).count_ones() as u8
-}
-
-/// The index (in the group) of the `n`-th backend that is up, counting from 0.
-#[inline(always)]
-pub fn nth_up(count: u8, down: u16, mut n: u8) -> Option<u8> {
-    let mut i = 0u8;
-    while i < 16 {
-        if i < count && down & (1 << i) == 0 {
-            if n == 0 {
-                return Some(i);
-            }
-            n -= 1;
-        }
-        i += 1;
-    }
-    None
-}
-
-/// Index inside its group of the backend a hash picks among those up; with none down,
-/// exactly [`backend_index`], so flows placed before any health change keep theirs.
-/// `None` when no backend of the group is up.
-#[inline(always)]
-pub fn pick_up(hash: u64, count: u8, down: u16) -> Option<u8> {
-    let up = up_count(count, down);
-    if up == 0 {
-        return None;
-    }
-    nth_up(count, down, backend_index(hash, up))
+pub fn backend_hash(addr: &[u32; 4], port: u16, seed: u64) -> u64 {
+    finish(absorb(absorb_addr(K1 ^ seed, addr), port as u64))
 }
 
 /// Exact mode: a smooth weighted counter. Over any N picks starting from any state the
@@ -220,34 +172,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn a_down_backend_is_skipped_and_with_none_down_the_pick_is_unchanged() {
-        for i in 0..2000u64 {
-            let h = finish(i);
-            assert_eq!(pick_up(h, 5, 0), Some(backend_index(h, 5)));
-            let picked = pick_up(h, 5, 0b00100).unwrap();
-            assert!(picked < 5 && picked != 2);
-            assert_eq!(pick_up(h, 5, 0b11111), None);
-            // Bits past the configured backends are ignored.
-            assert_eq!(pick_up(h, 3, 0b1000), Some(backend_index(h, 3)));
-        }
-        assert_eq!(up_count(16, 0x8001), 14);
-        assert_eq!(up_count(0, 0), 0);
-        assert_eq!(nth_up(4, 0b0101, 1), Some(3));
-        assert_eq!(nth_up(4, 0b0101, 2), None);
-        assert_eq!(group_down(0x0003_0001, 16), 3);
-        assert_eq!(group_down(0x0003_0001, 0), 1);
-    }
-
-    #[test]
-    fn backend_index_is_in_range() {
-        for i in 0..1000u64 {
-            let h = finish(i);
-            assert!(backend_index(h, 3) < 3);
-            assert_eq!(backend_index(h, 1), 0);
-        }
-        assert_eq!(backend_index(42, 0), 0);
     }
 }

@@ -7,7 +7,7 @@
 //! next hop: a connection then skips IP forwarding both ways.
 
 use aya_ebpf::programs::TcContext;
-use canary_common::{stats_index, FlowKey, DIR_REPLY, FLOW_CLOSING, FLOW_REDIRECT, PROTO_TCP};
+use canary_common::{FlowKey, DIR_REPLY, FLOW_CLOSING, FLOW_REDIRECT, PROTO_TCP};
 
 use crate::{
     checksum::{tc_rewrite, Side},
@@ -66,7 +66,7 @@ pub fn handle(ctx: &TcContext, at: At) -> Option<Rewritten> {
         }
     }
     tc_rewrite(ctx, &pkt, Side::Source, &flow.addr, flow.port).ok()?;
-    if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
+    if let Some(stats) = STATS.get_ptr_mut(flow.stats) {
         // SAFETY: per-CPU slot.
         unsafe {
             (*stats).packets_out += 1;

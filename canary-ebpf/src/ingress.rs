@@ -3,18 +3,18 @@
 //! ingress (see [`crate::frame`] for which and why).
 
 use canary_common::{
-    bucket, client_hash, decision_index, flow_hash, group_down, hash_group, pick_up, smooth_pick,
-    stats_index, up_count, CidrKey, FlowKey, FlowValue, ServiceKey, ServiceValue, TcpSeq,
-    CIDR_CANARY, CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, DIR_REPLY,
-    FLOW_CLOSING, FLOW_ESTABLISHED, FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE,
-    MAX_BACKENDS, MAX_GROUP_BACKENDS, MODE_EXACT, PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
+    bucket, client_hash, decision_index, flow_hash, hash_group, smooth_pick, Backend, CidrKey,
+    FlowKey, FlowValue, Group, GroupKey, ServiceKey, ServiceValue, TcpSeq, CIDR_CANARY,
+    CIDR_KEY_BITS, CIDR_PERCENT, CIDR_STABLE, DECISION_SPLIT, DIR_FORWARD, DIR_REPLY, FLOW_CLOSING,
+    FLOW_ESTABLISHED, FLOW_REDIRECT, FORWARD_REDIRECT, GROUP_CANARY, GROUP_STABLE, MODE_EXACT,
+    PROTO_TCP, ROUTING_CIDR, STICKY_CLIENT_IP,
 };
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 
 use crate::{
     frame::Frame,
-    maps::{CIDR, DECISIONS, EXACT, FLOWS, SERVICES, STATS, STRAY},
+    maps::{CIDR, DECISIONS, EXACT, FLOWS, GROUPS, SERVICES, STATS, STRAY},
     parse::{parse, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     telemetry,
 };
@@ -117,7 +117,7 @@ pub fn handle<F: Frame>(ctx: &F) -> Option<Rewritten> {
         }
     }
     ctx.rewrite_destination(&pkt, &flow.addr, flow.port)?;
-    if let Some(stats) = STATS.get_ptr_mut(stats_index(flow.service, flow.slot)) {
+    if let Some(stats) = STATS.get_ptr_mut(flow.stats) {
         // SAFETY: per-CPU slot, no other writer on this CPU during the program run.
         unsafe {
             (*stats).packets_in += 1;
@@ -226,7 +226,7 @@ fn replace(
         Some(flow) => flow,
         None => from_reply(key, pkt, svc, tcp, hash, 1 - first)?,
     };
-    if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, flow.slot)) {
+    if let Some(stats) = STATS.get_ptr_mut(flow.stats) {
         // SAFETY: per-CPU slot.
         unsafe { (*stats).flow_misses += 1 };
     }
@@ -245,8 +245,7 @@ fn from_reply(
     hash: u64,
     group: u8,
 ) -> Option<FlowValue> {
-    let slot = pick_slot(svc, group, hash)?;
-    let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;
+    let backend = pick(svc, group, hash)?;
     let reply_key = FlowKey {
         src: backend.addr,
         dst: pkt.src,
@@ -270,12 +269,12 @@ fn from_reply(
     let flow = FlowValue {
         addr: backend.addr,
         port: backend.port,
-        slot,
+        group,
         flags,
         service: svc.id,
         ts_ns: 0,
         last_seq: 0,
-        _pad: 0,
+        stats: backend.stats as u32,
         tcp: TcpSeq::default().advance(
             u32::from_be(pkt.seq),
             len,
@@ -287,29 +286,24 @@ fn from_reply(
     Some(flow)
 }
 
-/// A group's base slot, configured backends and down bits.
+/// The backends of `group` in force for the service.
 #[inline(always)]
-fn group_of(svc: &ServiceValue, group: u8) -> (u8, u8, u16) {
-    let (base, count) = if group == GROUP_CANARY {
-        (MAX_GROUP_BACKENDS as u8, svc.n_canary)
-    } else {
-        (0, svc.n_stable)
+fn group_of(svc: &ServiceValue, group: u8) -> Option<&'static Group> {
+    let key = GroupKey {
+        service: svc.id,
+        gen: svc.gen,
+        group,
+        _pad: [0; 3],
     };
-    (base, count, group_down(svc.down, base))
+    // SAFETY: GROUPS is not preallocated: an install writes a new generation under
+    // another key and deletes the old one, whose element outlives this program run.
+    unsafe { GROUPS.get(&key) }
 }
 
-/// How many of `group`'s backends take new connections.
+/// The backend the hash picks among `group`'s backends that are up.
 #[inline(always)]
-fn group_up(svc: &ServiceValue, group: u8) -> u8 {
-    let (_, count, down) = group_of(svc, group);
-    up_count(count, down)
-}
-
-/// The slot of the backend the hash picks among `group`'s backends that are up.
-#[inline(always)]
-fn pick_slot(svc: &ServiceValue, group: u8, hash: u64) -> Option<u8> {
-    let (base, count, down) = group_of(svc, group);
-    Some(base + pick_up(hash, count, down)?)
+fn pick(svc: &ServiceValue, group: u8, hash: u64) -> Option<Backend> {
+    group_of(svc, group)?.pick(hash).map(|(_, b)| *b)
 }
 
 /// Chooses a backend for a new flow (a SYN, or a UDP datagram) from the service's
@@ -344,7 +338,7 @@ fn place(
     // A canary without a backend up cannot take traffic: stable takes it. Never the
     // other way: stable without backends (a name not answered yet) places nothing,
     // and the agent never marks every stable backend down (stable fails open).
-    if group == GROUP_CANARY && group_up(svc, GROUP_CANARY) == 0 {
+    if group == GROUP_CANARY && group_of(svc, GROUP_CANARY).is_none_or(|g| g.up == 0) {
         group = GROUP_STABLE;
     }
     if svc.routing == ROUTING_CIDR {
@@ -353,14 +347,11 @@ fn place(
             unsafe { *n += 1 };
         }
     }
-    let slot = pick_slot(svc, group, hash)?;
-    // The mask is a no-op (slot < MAX_BACKENDS, a power of two) that lets the
-    // verifier see the bound.
-    let backend = svc.backends.get(slot as usize & (MAX_BACKENDS - 1))?;
+    let backend = pick(svc, group, hash)?;
     let flow = FlowValue {
         addr: backend.addr,
         port: backend.port,
-        slot,
+        group,
         flags: if svc.forward == FORWARD_REDIRECT {
             FLOW_REDIRECT
         } else {
@@ -369,13 +360,12 @@ fn place(
         service: svc.id,
         ts_ns: 0,
         last_seq: 0,
-        _pad: 0,
+        stats: backend.stats as u32,
         tcp: TcpSeq::default(),
     };
     let reply = FlowValue {
         addr: pkt.dst,
         port: pkt.dport,
-        slot,
         // SYN time, for the handshake time measured at the backend's SYN-ACK.
         ts_ns: if pkt.proto == PROTO_TCP {
             unsafe { bpf_ktime_get_ns() }
@@ -400,7 +390,7 @@ fn place(
     };
     let _ = FLOWS.insert(key.reply(&flow), reply, 0);
     let _ = FLOWS.insert(key, forward, 0);
-    if let Some(stats) = STATS.get_ptr_mut(stats_index(svc.id, slot)) {
+    if let Some(stats) = STATS.get_ptr_mut(flow.stats) {
         // SAFETY: per-CPU slot.
         unsafe { (*stats).connections += 1 };
     }

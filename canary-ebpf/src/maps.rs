@@ -7,16 +7,24 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use canary_common::{
-    histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, RouteAddr,
-    ServiceKey, ServiceValue, SplicePeer, SpliceState, VersionTelemetry, DECISION_RULES,
-    FLOW_TABLE_SIZE, MAX_BACKENDS, MAX_CIDR_ENTRIES, MAX_SERVICES, MAX_SPLICED,
+    histogram::LATENCY_BUCKETS, BackendStats, CidrKey, CidrValue, FlowKey, FlowValue, Group,
+    GroupKey, RouteAddr, ServiceKey, ServiceValue, SplicePeer, SpliceState, VersionTelemetry,
+    DECISION_RULES, FLOW_TABLE_SIZE, MAX_BACKEND_SLOTS, MAX_CIDR_ENTRIES, MAX_SERVICES,
+    MAX_SPLICED,
 };
 
-/// Service address -> weight and backends. Not preallocated, so replacing a value
-/// swaps in a fresh element instead of overwriting the one a packet may be reading.
+/// Service address -> weight and the generation of its backends. Not preallocated,
+/// so replacing a value swaps in a fresh element instead of overwriting the one a
+/// packet may be reading.
 #[map(name = "CANARY_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
     HashMap::pinned(MAX_SERVICES, BPF_F_NO_PREALLOC);
+
+/// (service, generation, version) -> backends and their ring: the generation in force
+/// and the one an install is writing, so four per service at most. Not preallocated:
+/// memory only for the services configured.
+#[map(name = "CANARY_GROUPS")]
+pub static GROUPS: HashMap<GroupKey, Group> = HashMap::pinned(MAX_SERVICES * 4, BPF_F_NO_PREALLOC);
 
 /// Node-wide switches (SETTING_*), written by the agent.
 #[map(name = "CANARY_SETTINGS")]
@@ -32,9 +40,9 @@ pub static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::pinned(FLOW_TABLE
 #[map(name = "CANARY_STRAY")]
 pub static STRAY: PerCpuArray<u64> = PerCpuArray::pinned(MAX_SERVICES, 0);
 
+/// Per-backend counters, indexed by [`canary_common::Backend::stats`].
 #[map(name = "CANARY_STATS")]
-pub static STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::pinned(MAX_SERVICES * MAX_BACKENDS as u32, 0);
+pub static STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(MAX_BACKEND_SLOTS, 0);
 
 /// Exact mode's smooth-counter accumulator, per service and per CPU.
 #[map(name = "CANARY_EXACT")]

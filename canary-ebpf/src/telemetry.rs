@@ -19,7 +19,7 @@ const METHODS: [[u8; 4]; 9] = [
 
 #[inline(always)]
 fn version(flow: &FlowValue) -> Option<&'static mut canary_common::VersionTelemetry> {
-    let p = TELEMETRY.get_ptr_mut(telemetry_index(flow.service, flow.slot))?;
+    let p = TELEMETRY.get_ptr_mut(telemetry_index(flow.service, flow.group))?;
     // SAFETY: per-CPU slot, only this program run on this CPU touches it.
     Some(unsafe { &mut *p })
 }
@@ -69,7 +69,7 @@ pub fn response(reply: *mut FlowValue, seq: u32, class_digit: u8) {
         }
         (*reply).last_seq = seq;
         let flow = &*reply;
-        let index = telemetry_index(flow.service, flow.slot);
+        let index = telemetry_index(flow.service, flow.group);
         if let Some(v) = version(flow) {
             v.responses[((class_digit - b'1') & 7) as usize % 5] += 1;
         }

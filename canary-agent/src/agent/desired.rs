@@ -298,8 +298,11 @@ mod tests {
         let cfg = services(3, "10");
         let other = services(5, "10");
         let installed = vec![
-            (service_key(&cfg[1]), encode_service(&cfg[1], 0, 5000)),
-            (service_key(&other[4]), encode_service(&other[4], 1, 100)),
+            (service_key(&cfg[1]), encode_service(&cfg[1], 0, 5000).value),
+            (
+                service_key(&other[4]),
+                encode_service(&other[4], 1, 100).value,
+            ),
         ];
         let applied = applied(&[("s0", 1000), ("s1", 1000), ("s2", 1000)]);
         let p = run(
@@ -332,7 +335,10 @@ mod tests {
         rollout: Option<Rollout>,
     ) -> ServicePlan {
         let cfg = services(1, "10");
-        let installed = vec![(service_key(&cfg[0]), encode_service(&cfg[0], 0, live_bp))];
+        let installed = vec![(
+            service_key(&cfg[0]),
+            encode_service(&cfg[0], 0, live_bp).value,
+        )];
         let applied = applied(
             &applied_bp
                 .map(|w| ("s0", w))
@@ -369,7 +375,7 @@ mod tests {
         };
         let fresh = kernel(&[], None).unwrap();
         assert_eq!((fresh.gen, fresh.rolled_back), (0, false));
-        let mut value = encode_service(&cfg[0], 0, 1000);
+        let mut value = encode_service(&cfg[0], 0, 1000).value;
         fresh.apply(&mut value);
         let next = kernel(&[(service_key(&cfg[0]), value)], None).unwrap();
         assert_eq!(next.gen, 1, "the installed value holds generation 0");

@@ -4,7 +4,10 @@
 use anyhow::Result;
 
 use super::desired;
-use crate::{datapath::Dataplane, policy::Policy};
+use crate::{
+    datapath::{Dataplane, ServiceEntry},
+    policy::Policy,
+};
 
 /// A service being applied: its config, the plan's decision, its policy and map key.
 pub(super) type Applying = (
@@ -17,14 +20,12 @@ pub(super) type Applying = (
 /// The service-map writes of one apply, with what each key held before, so that a
 /// failed apply puts the map back as it was.
 pub(super) struct Journal {
-    before: Vec<(canary_common::ServiceKey, canary_common::ServiceValue)>,
+    before: Vec<(canary_common::ServiceKey, ServiceEntry)>,
     written: Vec<canary_common::ServiceKey>,
 }
 
 impl Journal {
-    pub(super) fn new(
-        installed: &[(canary_common::ServiceKey, canary_common::ServiceValue)],
-    ) -> Self {
+    pub(super) fn new(installed: &[(canary_common::ServiceKey, ServiceEntry)]) -> Self {
         Self {
             before: installed.to_vec(),
             written: Vec::new(),
@@ -35,9 +36,9 @@ impl Journal {
         &mut self,
         dp: &mut dyn Dataplane,
         key: &canary_common::ServiceKey,
-        value: &canary_common::ServiceValue,
+        entry: &ServiceEntry,
     ) -> Result<()> {
-        dp.install(key, value)?;
+        dp.install(key, entry)?;
         self.written.push(*key);
         Ok(())
     }
@@ -57,7 +58,7 @@ impl Journal {
     pub(super) fn undo(self, dp: &mut dyn Dataplane) {
         for key in self.written.iter().rev() {
             let result = match self.before.iter().find(|(k, _)| k == key) {
-                Some((_, value)) => dp.install(key, value),
+                Some((_, entry)) => dp.install(key, entry),
                 None => dp.uninstall(key),
             };
             if let Err(e) = result {

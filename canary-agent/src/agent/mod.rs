@@ -308,8 +308,9 @@ impl Agent {
         // and their rollout state must not come back if they are configured again.
         let previous: Vec<String> = self.applied.services.keys().cloned().collect();
         let installed = self.datapath.installed()?;
+        let values: Vec<_> = installed.iter().map(|(k, e)| (*k, e.value)).collect();
         let current = Current {
-            installed: &installed,
+            installed: &values,
             applied: &self.applied,
             rollouts: &rollouts,
         };
@@ -425,11 +426,12 @@ impl Agent {
             }
             let routing = policy.as_ref().map(|p| &p.routing);
             let key = service_key_for(svc, routing.unwrap_or(&Default::default()));
-            let mut value = encode_service(svc, decided.id, decided.weight_bp);
             // A reload keeps what the checks found: a down backend stays out.
             let known = self.services.iter().find(|s| s.cfg.name == svc.name);
-            value.down = crate::health::for_config(svc, known.and_then(|s| s.health.as_ref()))
-                .map_or(0, |h| h.selection().down);
+            let down = crate::health::for_config(svc, known.and_then(|s| s.health.as_ref()))
+                .map_or_else(Default::default, |h| h.selection().down);
+            let mut entry = encode_service(svc, decided.id, decided.weight_bp).with_down(down);
+            let value = &mut entry.value;
             let table = routing.and_then(|r| r.kernel_table());
             if let (Some(kernel), Some(table)) = (&decided.kernel, &table) {
                 // The new table under the other generation first; the value below
@@ -437,10 +439,10 @@ impl Agent {
                 self.datapath
                     .write_cidr(decided.id, kernel.gen, table)
                     .map_err(|e| anyhow!("service {:?}: {e:#}", svc.name))?;
-                kernel.apply(&mut value);
+                kernel.apply(value);
                 cidr_tables.insert((decided.id, kernel.gen));
             }
-            journal.install(self.datapath.as_mut(), &key, &value)?;
+            journal.install(self.datapath.as_mut(), &key, &entry)?;
             for note in &decided.notes {
                 changes.push(format!("{}: {note}", svc.name));
             }
@@ -557,8 +559,9 @@ impl Agent {
         if weight_bp > 0 && svc.cfg.canary.is_empty() {
             bail!("service {name:?} has no canary backends");
         }
-        let mut value = encode_service(&svc.cfg, svc.id, weight_bp);
-        value.down = svc.sync_health();
+        let down = svc.sync_health();
+        let mut entry = encode_service(&svc.cfg, svc.id, weight_bp).with_down(down);
+        let value = &mut entry.value;
         // A rollback's weight and the cohorts' closing on canary: one write.
         let rolled_back = svc
             .rollout
@@ -566,12 +569,12 @@ impl Agent {
             .is_some_and(|r| r.state() == RolloutState::RolledBack);
         let kernel = svc.kernel.map(|k| KernelRouting { rolled_back, ..k });
         if let Some(k) = &kernel {
-            k.apply(&mut value);
+            k.apply(value);
         }
         // The proxy reads the flag per request: the rollback takes its next request.
         value.rolled_back = rolled_back as u8;
         let key = svc.key;
-        self.datapath.install(&key, &value)?;
+        self.datapath.install(&key, &entry)?;
         let svc = self.service_mut(name)?;
         svc.kernel = kernel;
         tracing::info!(

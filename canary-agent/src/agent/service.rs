@@ -173,10 +173,12 @@ impl Analysis {
 
 impl LiveService {
     /// Brings the health state in step with the config (after a release swapped the
-    /// groups, or a reload changed them) and returns the map value's down bits.
-    pub fn sync_health(&mut self) -> u32 {
+    /// groups, or a reload changed them) and returns which backends are out.
+    pub fn sync_health(&mut self) -> [Vec<bool>; 2] {
         self.health = health::for_config(&self.cfg, self.health.as_ref());
-        self.health.as_ref().map_or(0, |h| h.selection().down)
+        self.health
+            .as_ref()
+            .map_or_else(Default::default, |h| h.selection().down)
     }
 
     /// Whether the analysis wants this second's counters.

@@ -423,17 +423,9 @@ fn versions(stable: &str, canary: &str) -> String {
 
 /// Stable and canary backend addresses installed for service `id` (non-empty slots).
 fn installed_groups(host: &Host, id: u32) -> (Vec<String>, Vec<String>) {
-    let v = host.fake.service(id).expect("installed");
-    let addr = |slot: usize| {
-        let b = v.backends[slot];
-        let ip = std::net::Ipv4Addr::from(u32::from_be(b.addr[0]));
-        format!("{ip}:{}", u16::from_be(b.port))
-    };
-    let n = canary_common::MAX_GROUP_BACKENDS;
-    (
-        (0..v.n_stable as usize).map(addr).collect(),
-        (0..v.n_canary as usize).map(|i| addr(n + i)).collect(),
-    )
+    let e = host.fake.entry(id).expect("installed");
+    let names = |g: usize| e.groups[g].backends.iter().map(|a| a.to_string()).collect();
+    (names(0), names(1))
 }
 
 fn tick_for(host: &Host, agent: &mut Agent, ms: u64) {
@@ -640,7 +632,19 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     let targets = agent.health_targets();
     assert_eq!(targets.len(), 3);
     let (s1, s2, c1) = (targets[0].backend, targets[1].backend, targets[2].backend);
-    let down = |host: &Host| host.fake.service(id).expect("installed").down;
+    // Backends out of the selection, as (version, index) pairs.
+    let down = |host: &Host| -> Vec<(usize, usize)> {
+        let e = host.fake.entry(id).expect("installed");
+        (0..2)
+            .flat_map(|g| {
+                let d = e.groups[g].down.clone();
+                d.into_iter()
+                    .enumerate()
+                    .filter(|(_, d)| *d)
+                    .map(move |(i, _)| (g, i))
+            })
+            .collect()
+    };
     let refused = || Err("connection refused".to_string());
     rollout(&mut agent, "web", RolloutAction::Start)?;
     host.fake.take_writes();
@@ -649,7 +653,7 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     assert!(host.fake.take_writes().is_empty());
     agent.record_health("web", s2, refused())?;
     assert_eq!(host.fake.take_writes().len(), 1);
-    assert_eq!(down(&host), 0b10);
+    assert_eq!(down(&host), [(0, 1)]);
     let st = status(&agent, "web")?;
     let health = st.backends[1].health.as_ref().expect("health in status");
     assert_eq!(health.state, "down");
@@ -664,16 +668,16 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     assert!(metrics.contains(line), "{metrics}");
     // A reload keeps it out.
     reload(&mut agent)?;
-    assert_eq!(down(&host), 0b10);
+    assert_eq!(down(&host), [(0, 1)]);
     // Every stable backend down: stable fails open, nothing is taken out.
     agent.record_health("web", s1, refused())?;
     agent.record_health("web", s1, refused())?;
-    assert_eq!(down(&host), 0);
+    assert_eq!(down(&host), []);
     // Back after `rise` passes.
     for backend in [s1, s1, s2, s2] {
         agent.record_health("web", backend, Ok(()))?;
     }
-    assert_eq!(down(&host), 0);
+    assert_eq!(down(&host), []);
     assert_eq!(
         status(&agent, "web")?.backends[1]
             .health
@@ -686,7 +690,7 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     // naming the health check.
     agent.record_health("web", c1, refused())?;
     agent.record_health("web", c1, refused())?;
-    assert_eq!(down(&host), 1 << 16);
+    assert_eq!(down(&host), [(1, 0)]);
     let st = status(&agent, "web")?;
     assert_eq!(st.weight_bp, 0);
     let rollout = st.rollout.expect("rollout");

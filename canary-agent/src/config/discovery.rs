@@ -72,6 +72,16 @@ pub(super) fn parse_name(text: &str) -> Result<BackendName, String> {
     if !dns_name(host) || host.parse::<std::net::IpAddr>().is_ok() {
         return Err(format!("{text:?}: {host:?} is not a host name"));
     }
+    // No top-level domain is all digits (RFC 3696): this is a mistyped address.
+    if host
+        .rsplit('.')
+        .next()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!(
+            "{text:?}: {host:?} is neither an IP address nor a host name"
+        ));
+    }
     Ok(BackendName::Host {
         host: host.to_string(),
         port,
@@ -191,6 +201,7 @@ mod tests {
             ("web.lab:0", "port must be 1 to 65535"),
             ("web.lab", "not addr:port, host:port or an SRV name"),
             ("_http.web.lab", "SRV name looks like"),
+            ("1198.18.3.2:8080", "neither an IP address nor a host name"),
         ] {
             let text = TEXT.replace("web-stable.lab:8080", entry);
             let e = Config::parse(&text, Path::new("a.toml"))

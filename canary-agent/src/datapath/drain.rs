@@ -55,7 +55,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use aya::maps::{HashMap, IterableMap, MapData};
 use canary_common::{
     FlowKey, FlowValue, ServiceKey, TcpSeq, DIR_FORWARD, DIR_REPLY, FAMILY_V4, FLOW_CLOSING,
-    MAX_GROUP_BACKENDS, PROTO_TCP,
+    GROUP_CANARY, PROTO_TCP,
 };
 
 use super::Datapath;
@@ -205,7 +205,7 @@ impl Datapath {
         let service = self
             .installed()?
             .into_iter()
-            .find(|(_, v)| v.id == service_id)
+            .find(|(_, e)| e.value.id == service_id)
             .map(|(k, _)| k)
             .ok_or_else(|| anyhow!("no installed service has id {service_id}"))?;
         let entries = dump(self.drain.flows.map().fd().as_fd())?;
@@ -306,7 +306,7 @@ fn is_tcp_of(
     key: &FlowKey,
     value: &FlowValue,
 ) -> bool {
-    let canary = value.slot as usize >= MAX_GROUP_BACKENDS;
+    let canary = value.group == GROUP_CANARY;
     if value.service != id
         || canary != (group == DrainGroup::Canary)
         || key.proto != PROTO_TCP
@@ -655,6 +655,7 @@ fn dump(fd: BorrowedFd<'_>) -> Result<Vec<(FlowKey, FlowValue)>> {
 mod tests {
     use super::*;
     use crate::datapath::encode::{encode_addr, encode_port};
+    use canary_common::GROUP_STABLE;
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     fn sa(s: &str) -> SocketAddr {
@@ -678,7 +679,7 @@ mod tests {
         let fwd = FlowValue {
             addr: encode_addr(b.ip()),
             port: encode_port(b.port()),
-            slot: 16,
+            group: GROUP_CANARY,
             service: 3,
             tcp: TcpSeq {
                 next: 1_000_101,
@@ -885,7 +886,10 @@ mod tests {
         assert!(canary(&svc, 3, &key, &fwd));
         assert!(canary(&svc, 3, &rkey, &reply));
         assert!(!canary(&svc, 4, &key, &fwd), "other service id");
-        let stable = FlowValue { slot: 0, ..fwd };
+        let stable = FlowValue {
+            group: GROUP_STABLE,
+            ..fwd
+        };
         assert!(!canary(&svc, 3, &key, &stable), "stable slot");
         assert!(is_tcp_of(&svc, 3, DrainGroup::Stable, &key, &stable));
         assert!(

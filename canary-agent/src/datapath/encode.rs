@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::lpm_trie::Key;
 use canary_common::{
-    Backend, CidrKey, CidrValue, ServiceKey, ServiceValue, CIDR_CANARY, CIDR_KEY_FIXED_BITS,
+    Backend, CidrKey, CidrValue, Group, ServiceKey, ServiceValue, CIDR_CANARY, CIDR_KEY_FIXED_BITS,
     CIDR_PERCENT, CIDR_SPLIT, CIDR_STABLE, FAMILY_V4, FAMILY_V6, FORWARD_REDIRECT, FORWARD_STACK,
     MAX_GROUP_BACKENDS, MODE_EXACT, MODE_HASH, PROTO_HTTP, PROTO_TCP, PROTO_UDP, ROUTING_CIDR,
     STICKY_CLIENT_IP, STICKY_CONNECTION,
@@ -137,9 +137,87 @@ pub fn cidr_entries(id: u32, gen: u8, table: &KernelTable) -> Vec<(Key<CidrKey>,
     out
 }
 
-/// The complete map value for a service at `weight_bp`.
-pub fn encode_service(svc: &ServiceConfig, id: u32, weight_bp: u16) -> ServiceValue {
-    let mut v = ServiceValue {
+/// A service as the kernel holds it: its map value and both versions' backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    /// `gen` is the datapath's to set: the caller's is ignored.
+    pub value: ServiceValue,
+    /// Stable (`[0]`) and canary (`[1]`).
+    pub groups: [GroupSpec; 2],
+}
+
+/// One version's backends in config order, and which are out of the selection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupSpec {
+    pub backends: Vec<SocketAddr>,
+    /// `down[i]`: `backends[i]` failed its health checks; as long as `backends`.
+    pub down: Vec<bool>,
+}
+
+impl GroupSpec {
+    fn is_down(&self, i: usize) -> bool {
+        self.down.get(i).copied().unwrap_or(false)
+    }
+
+    /// Backends taking new connections.
+    pub fn up(&self) -> usize {
+        (0..self.backends.len())
+            .filter(|&i| !self.is_down(i))
+            .count()
+    }
+
+    /// The kernel's form, its ring built; `stats[i]` is `backends[i]`'s counter slot.
+    pub fn encode(&self, stats: &[u16]) -> Group {
+        let mut g = Group {
+            count: self.backends.len().min(MAX_GROUP_BACKENDS) as u16,
+            ..Group::default()
+        };
+        for (i, addr) in self.backends.iter().take(MAX_GROUP_BACKENDS).enumerate() {
+            g.backends[i] = Backend {
+                addr: encode_addr(addr.ip()),
+                port: encode_port(addr.port()),
+                stats: stats.get(i).copied().unwrap_or(0),
+            };
+            if self.is_down(i) {
+                g.down[i / 32] |= 1 << (i % 32);
+            }
+        }
+        canary_common::ring::build(&mut g);
+        g
+    }
+
+    /// The spec and counter slots of a group read back from the kernel.
+    pub fn decode(g: &Group, v6: bool) -> (Self, Vec<u16>) {
+        let n = (g.count as usize).min(MAX_GROUP_BACKENDS);
+        let spec = GroupSpec {
+            backends: g.backends[..n]
+                .iter()
+                .map(|b| decode_backend(b, v6))
+                .collect(),
+            down: (0..n).map(|i| g.is_down(i)).collect(),
+        };
+        (spec, g.backends[..n].iter().map(|b| b.stats).collect())
+    }
+}
+
+/// A backend's socket address from its wire form.
+pub fn decode_backend(b: &Backend, v6: bool) -> SocketAddr {
+    let port = u16::from_be_bytes(b.port.to_ne_bytes());
+    let ip: IpAddr = if v6 {
+        let mut o = [0u8; 16];
+        for (i, w) in b.addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        o.into()
+    } else {
+        b.addr[0].to_ne_bytes().into()
+    };
+    SocketAddr::new(ip, port)
+}
+
+/// The complete entry for a service at `weight_bp`, every backend up.
+pub fn encode_service(svc: &ServiceConfig, id: u32, weight_bp: u16) -> ServiceEntry {
+    let value = ServiceValue {
         id,
         weight_bp,
         mode: match svc.mode {
@@ -150,25 +228,32 @@ pub fn encode_service(svc: &ServiceConfig, id: u32, weight_bp: u16) -> ServiceVa
             Sticky::Connection => STICKY_CONNECTION,
             Sticky::ClientIp => STICKY_CLIENT_IP,
         },
-        n_stable: svc.stable.len() as u8,
-        n_canary: svc.canary.len() as u8,
         forward: match svc.forward {
             Forward::Stack => FORWARD_STACK,
             Forward::Redirect => FORWARD_REDIRECT,
         },
         ..Default::default()
     };
-    let groups = [(0, &svc.stable), (MAX_GROUP_BACKENDS, &svc.canary)];
-    for (base, list) in groups {
-        for (i, addr) in list.iter().enumerate() {
-            v.backends[base + i] = Backend {
-                addr: encode_addr(addr.ip()),
-                port: encode_port(addr.port()),
-                _pad: 0,
-            };
-        }
+    let group = |list: &[SocketAddr]| GroupSpec {
+        backends: list.to_vec(),
+        down: vec![false; list.len()],
+    };
+    ServiceEntry {
+        value,
+        groups: [group(&svc.stable), group(&svc.canary)],
     }
-    v
+}
+
+impl ServiceEntry {
+    /// With the health checks' selection: `down[g][i]` takes backend `i` of version
+    /// `g` out.
+    pub fn with_down(mut self, down: [Vec<bool>; 2]) -> Self {
+        for (g, mut d) in self.groups.iter_mut().zip(down) {
+            d.resize(g.backends.len(), false);
+            g.down = d;
+        }
+        self
+    }
 }
 
 #[cfg(test)]
@@ -187,5 +272,28 @@ mod tests {
         assert_eq!(w6[3].to_ne_bytes(), [0, 0, 0, 0x10]);
         assert_eq!(encode_port(80).to_ne_bytes(), [0, 80]);
         assert_eq!(encode_port(8080).to_ne_bytes(), [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn a_group_round_trips_through_its_kernel_form() {
+        let spec = GroupSpec {
+            backends: vec![
+                "198.18.2.2:8080".parse().unwrap(),
+                "198.18.2.3:8081".parse().unwrap(),
+            ],
+            down: vec![false, true],
+        };
+        let g = spec.encode(&[7, 9]);
+        assert_eq!((g.count, g.up), (2, 1));
+        assert!(
+            g.ring.iter().all(|&i| i == 0),
+            "only the backend up is on the ring"
+        );
+        assert_eq!(GroupSpec::decode(&g, false), (spec, vec![7, 9]));
+        let v6 = GroupSpec {
+            backends: vec!["[2001:db8::5]:443".parse().unwrap()],
+            down: vec![false],
+        };
+        assert_eq!(GroupSpec::decode(&v6.encode(&[1]), true).0, v6);
     }
 }

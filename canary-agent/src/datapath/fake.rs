@@ -15,6 +15,8 @@ use std::{
 use anyhow::{bail, Result};
 use canary_common::{BackendStats, ServiceKey, ServiceValue, DECISION_RULES, MAX_BACKENDS};
 
+use super::ServiceEntry;
+
 use super::{plane::Dataplane, DrainGroup, DrainMode, DrainProgress, Splicer, VersionSignals};
 use crate::{config::IngressHook, policy::routing::KernelTable};
 
@@ -34,7 +36,7 @@ pub enum Write {
 
 #[derive(Default)]
 pub struct State {
-    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub services: Vec<(ServiceKey, ServiceEntry)>,
     pub attached: BTreeSet<String>,
     /// Interfaces that exist; attaching to any other fails as the kernel would.
     pub interfaces: BTreeSet<String>,
@@ -66,8 +68,17 @@ impl FakeDataplane {
 
     /// The installed value of service `id`.
     pub fn service(&self, id: u32) -> Option<ServiceValue> {
+        self.entry(id).map(|e| e.value)
+    }
+
+    /// The installed entry of service `id`.
+    pub fn entry(&self, id: u32) -> Option<ServiceEntry> {
         let state = self.state();
-        state.services.iter().find(|(_, v)| v.id == id).map(|e| e.1)
+        state
+            .services
+            .iter()
+            .find(|(_, e)| e.value.id == id)
+            .map(|e| e.1.clone())
     }
 
     /// Writes since the last call.
@@ -77,11 +88,12 @@ impl FakeDataplane {
 }
 
 impl Dataplane for FakeDataplane {
-    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
         Ok(self.state().services.clone())
     }
 
-    fn install(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+    fn install(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
+        let value = &entry.value;
         let mut s = self.state();
         if let Some(n) = s.fail_install_after.as_mut() {
             if *n == 0 {
@@ -91,7 +103,7 @@ impl Dataplane for FakeDataplane {
             *n -= 1;
         }
         s.services.retain(|(k, _)| k != key);
-        s.services.push((*key, *value));
+        s.services.push((*key, entry.clone()));
         s.writes.push(Write::Install {
             id: value.id,
             weight_bp: value.weight_bp,
@@ -162,8 +174,8 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn stats(&self, _id: u32) -> Result<[BackendStats; MAX_BACKENDS]> {
-        Ok([BackendStats::default(); MAX_BACKENDS])
+    fn stats(&self, _id: u32) -> Result<Vec<BackendStats>> {
+        Ok(vec![BackendStats::default(); MAX_BACKENDS])
     }
 
     fn stray(&self, _id: u32) -> Result<u64> {
@@ -186,7 +198,7 @@ impl Dataplane for FakeDataplane {
         _now: Instant,
     ) -> Result<DrainProgress> {
         let mut s = self.state();
-        if !s.services.iter().any(|(_, v)| v.id == id) {
+        if !s.services.iter().any(|(_, e)| e.value.id == id) {
             bail!("no installed service has id {id}");
         }
         if mode == DrainMode::Count {

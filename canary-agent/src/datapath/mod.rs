@@ -7,6 +7,7 @@ mod drain;
 pub(crate) mod encode;
 #[cfg(test)]
 pub mod fake;
+mod groups;
 mod migrate;
 mod plane;
 mod route;
@@ -26,15 +27,18 @@ use aya::{
 };
 pub use bpffs::ensure as ensure_bpffs;
 use canary_common::{
-    histogram::LATENCY_BUCKETS, latency_index, stats_index, BackendStats, ServiceKey, ServiceValue,
-    VersionTelemetry, MAP_LATENCY, MAP_SERVICES, MAP_SETTINGS, MAP_STATS, MAP_STRAY, MAP_TELEMETRY,
-    MAX_BACKENDS, MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
+    histogram::LATENCY_BUCKETS, latency_index, BackendStats, ServiceKey, ServiceValue,
+    VersionTelemetry, MAP_GROUPS, MAP_LATENCY, MAP_SERVICES, MAP_SETTINGS, MAP_STATS, MAP_STRAY,
+    MAP_TELEMETRY, MAX_BACKENDS, MAX_GROUP_BACKENDS, PROG_EGRESS, PROG_INGRESS, PROG_INGRESS_TC,
     SETTING_REPLIES_AT_INGRESS,
 };
 
 use crate::config::IngressHook;
 pub use drain::{DrainGroup, DrainMode, DrainProgress, DRAIN_QUIET};
-pub use encode::{encode_service, service_key, service_key_for, KernelRouting};
+pub use encode::{
+    decode_backend, encode_service, service_key, service_key_for, GroupSpec, KernelRouting,
+    ServiceEntry,
+};
 pub use plane::Dataplane;
 pub use route::Splicer;
 
@@ -45,6 +49,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     bpffs_dir: PathBuf,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// The services' backends and counter slots (groups.rs).
+    groups: groups::Groups,
     stats: PerCpuArray<MapData, BackendStats>,
     telemetry: PerCpuArray<MapData, VersionTelemetry>,
     latency: PerCpuArray<MapData, u64>,
@@ -104,6 +110,7 @@ impl Datapath {
                 )
             })?;
         let services = HashMap::try_from(take(&mut ebpf, MAP_SERVICES)?)?;
+        let group_map = HashMap::try_from(take(&mut ebpf, MAP_GROUPS)?)?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, MAP_STATS)?)?;
         let telemetry = PerCpuArray::try_from(take(&mut ebpf, MAP_TELEMETRY)?)?;
         let latency = PerCpuArray::try_from(take(&mut ebpf, MAP_LATENCY)?)?;
@@ -125,11 +132,13 @@ impl Datapath {
             let n = migrate::carry_over(bpffs_dir, aside, migrate::Pass::First)?;
             tracing::info!(entries = n, "carried map entries over to the new layout");
         }
+        let groups = groups::Groups::load(group_map, &services)?;
         Ok(Self {
             upgrading: Vec::new(),
             ebpf,
             bpffs_dir: bpffs_dir.to_path_buf(),
             services,
+            groups,
             stats,
             telemetry,
             latency,
@@ -243,12 +252,11 @@ impl Datapath {
         Ok(())
     }
 
-    /// Installs or replaces a service in one map update, so packets see either the old
-    /// or the new weight and backends, never a mix.
-    pub fn install(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        self.services
-            .insert(key, value, 0)
-            .context("writing the service map")
+    /// Installs or replaces a service: packets see either the old or the new weight
+    /// and backends, never a mix (groups.rs).
+    pub fn install(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
+        self.groups
+            .install(key, entry, &mut self.services, &mut self.stats)
     }
 
     /// Whether TC ingress also takes replies of redirected flows (on a backend-facing
@@ -264,22 +272,31 @@ impl Datapath {
     pub fn uninstall(&mut self, key: &ServiceKey) -> Result<()> {
         self.services
             .remove(key)
-            .context("removing from the service map")
+            .context("removing from the service map")?;
+        self.groups.uninstalled(key);
+        Ok(())
     }
 
-    /// Services present in the (pinned) map, e.g. left by the previous agent.
-    pub fn installed(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
-        self.services
-            .iter()
-            .map(|r| r.context("reading the service map"))
-            .collect()
+    /// Services present in the (pinned) maps, e.g. left by the previous agent.
+    pub fn installed(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
+        Ok(self.groups.installed())
     }
 
-    /// Per-backend counters of service `id`, summed over CPUs.
-    pub fn stats(&self, id: u32) -> Result<[BackendStats; MAX_BACKENDS]> {
-        let mut out = [BackendStats::default(); MAX_BACKENDS];
-        for (slot, total) in out.iter_mut().enumerate() {
-            let per_cpu = self.stats.get(&stats_index(id, slot as u8), 0)?;
+    /// Per-backend counters of service `id` by position (stable's `i` at `i`,
+    /// canary's at `MAX_GROUP_BACKENDS + i`), summed over CPUs.
+    pub fn stats(&self, id: u32) -> Result<Vec<BackendStats>> {
+        let mut out = vec![BackendStats::default(); MAX_BACKENDS];
+        let Some(slots) = self.groups.slots(id) else {
+            return Ok(out);
+        };
+        let positions = slots.iter().enumerate().flat_map(|(g, list)| {
+            list.iter()
+                .enumerate()
+                .map(move |(i, &slot)| (groups::position(g, i), slot))
+        });
+        for (position, slot) in positions {
+            let total = &mut out[position];
+            let per_cpu = self.stats.get(&(slot as u32), 0)?;
             for s in per_cpu.iter() {
                 total.connections += s.connections;
                 total.packets_in += s.packets_in;
@@ -329,10 +346,7 @@ impl Datapath {
     /// Zeroes the counters of a service id that is being given to a different service.
     pub fn clear_stats(&mut self, id: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-        for slot in 0..MAX_BACKENDS {
-            let zero = aya::maps::PerCpuValues::try_from(vec![BackendStats::default(); cpus])?;
-            self.stats.set(stats_index(id, slot as u8), zero, 0)?;
-        }
+        self.groups.clear(id, &mut self.stats)?;
         self.stray
             .set(id, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
         for version in [id * 2, id * 2 + 1] {

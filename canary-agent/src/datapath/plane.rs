@@ -7,17 +7,19 @@
 use std::{collections::BTreeSet, net::IpAddr, time::Instant};
 
 use anyhow::Result;
-use canary_common::{BackendStats, ServiceKey, ServiceValue, MAX_BACKENDS};
+use canary_common::{BackendStats, ServiceKey};
 
-use super::{Datapath, DrainGroup, DrainMode, DrainProgress, Splicer, VersionSignals};
+use super::{
+    Datapath, DrainGroup, DrainMode, DrainProgress, ServiceEntry, Splicer, VersionSignals,
+};
 use crate::{config::IngressHook, policy::routing::KernelTable};
 
 pub trait Dataplane: Send {
     /// Services in the map, those an earlier agent left there included.
-    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceValue)>>;
-    /// Installs or replaces a service in one write: packets see all of the old value or
-    /// all of the new one.
-    fn install(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>>;
+    /// Installs or replaces a service: packets see all of the old entry or all of the
+    /// new one. Only the weight changed: one write of the service value.
+    fn install(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()>;
     fn uninstall(&mut self, key: &ServiceKey) -> Result<()>;
     /// Zeroes the counters of an id about to be given to another service.
     fn clear_stats(&mut self, id: u32) -> Result<()>;
@@ -34,8 +36,9 @@ pub trait Dataplane: Send {
     fn detach(&mut self, iface: &str) -> Result<()>;
     /// Completes a map-layout upgrade once the new programs are attached.
     fn finish_upgrade(&mut self) -> Result<()>;
-    /// Per-backend counters of service `id` (stable slots, then canary slots).
-    fn stats(&self, id: u32) -> Result<[BackendStats; MAX_BACKENDS]>;
+    /// Per-backend counters of service `id` by position (stable's `i` at `i`,
+    /// canary's at `MAX_GROUP_BACKENDS + i`; `MAX_BACKENDS` of them).
+    fn stats(&self, id: u32) -> Result<Vec<BackendStats>>;
     /// TCP segments to service `id` that belonged to no flow, passed untouched.
     fn stray(&self, id: u32) -> Result<u64>;
     /// Stable (`[0]`) and canary (`[1]`) signals of service `id`.
@@ -57,11 +60,11 @@ pub trait Dataplane: Send {
 }
 
 impl Dataplane for Datapath {
-    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+    fn installed(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
         Datapath::installed(self)
     }
-    fn install(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
-        Datapath::install(self, key, value)
+    fn install(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
+        Datapath::install(self, key, entry)
     }
     fn uninstall(&mut self, key: &ServiceKey) -> Result<()> {
         Datapath::uninstall(self, key)
@@ -90,7 +93,7 @@ impl Dataplane for Datapath {
     fn finish_upgrade(&mut self) -> Result<()> {
         Datapath::finish_upgrade(self)
     }
-    fn stats(&self, id: u32) -> Result<[BackendStats; MAX_BACKENDS]> {
+    fn stats(&self, id: u32) -> Result<Vec<BackendStats>> {
         Datapath::stats(self, id)
     }
     fn stray(&self, id: u32) -> Result<u64> {

@@ -23,9 +23,9 @@ use aya::{
     programs::{links::FdLink, SkLookup, SkSkb},
 };
 use canary_common::{
-    RouteAddr, ServiceKey, ServiceValue, SplicePeer, SpliceState, FAMILY_V4, FAMILY_V6,
-    MAP_ROUTE_ADDRS, MAP_ROUTE_BYTES, MAP_ROUTE_LISTENERS, MAP_ROUTE_PEERS, MAP_ROUTE_SOCKS,
-    MAP_ROUTE_STATE, MAP_SERVICES, PROG_ROUTE_LOOKUP, PROG_ROUTE_VERDICT,
+    Group, GroupKey, RouteAddr, ServiceKey, ServiceValue, SplicePeer, SpliceState, FAMILY_V4,
+    FAMILY_V6, MAP_GROUPS, MAP_ROUTE_ADDRS, MAP_ROUTE_BYTES, MAP_ROUTE_LISTENERS, MAP_ROUTE_PEERS,
+    MAP_ROUTE_SOCKS, MAP_ROUTE_STATE, MAP_SERVICES, PROG_ROUTE_LOOKUP, PROG_ROUTE_VERDICT,
 };
 
 use super::encode::encode_addr;
@@ -43,8 +43,10 @@ pub struct Splicer {
     peers: HashMap<MapData, u64, SplicePeer>,
     state: HashMap<MapData, u64, SpliceState>,
     bytes: PerCpuArray<MapData, u64>,
-    /// A second handle on the pinned services map: live weight and backends.
+    /// Second handles on the pinned services and groups maps: live weight and
+    /// backends.
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    groups: HashMap<MapData, GroupKey, Group>,
 }
 
 fn route_addr(ip: IpAddr) -> RouteAddr {
@@ -163,9 +165,12 @@ impl Datapath {
         lookup_link
             .pin(&pin)
             .with_context(|| format!("pinning the sk_lookup link at {}", pin.display()))?;
-        let pin = self.bpffs_dir.join(MAP_SERVICES);
-        let services =
-            MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
+        let open = |name: &str| {
+            let pin = self.bpffs_dir.join(name);
+            MapData::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))
+        };
+        let services = open(MAP_SERVICES)?;
+        let groups = open(MAP_GROUPS)?;
         Ok(Splicer {
             listeners: take(&mut self.ebpf, MAP_ROUTE_LISTENERS)?.try_into()?,
             socks,
@@ -173,6 +178,7 @@ impl Datapath {
             state: take(&mut self.ebpf, MAP_ROUTE_STATE)?.try_into()?,
             bytes: take(&mut self.ebpf, MAP_ROUTE_BYTES)?.try_into()?,
             services: HashMap::try_from(aya::maps::Map::HashMap(services))?,
+            groups: HashMap::try_from(aya::maps::Map::HashMap(groups))?,
         })
     }
 
@@ -199,6 +205,17 @@ impl Splicer {
 
     pub fn service(&self, key: &ServiceKey) -> Option<ServiceValue> {
         self.services.get(key, 0).ok()
+    }
+
+    /// Version `group`'s backends of service `id` under generation `gen`.
+    pub fn group(&self, id: u32, gen: u32, group: u8) -> Option<Group> {
+        let key = GroupKey {
+            service: id,
+            gen,
+            group,
+            _pad: [0; 3],
+        };
+        self.groups.get(&key, 0).ok()
     }
 
     /// Adds a socket to the spliced set with where its bytes go, and its (zeroed)

@@ -41,11 +41,27 @@ pub struct Decisions {
     pub cohorts: Mutex<HashMap<(String, usize), u64>>,
 }
 
+/// One counter per backend position of a service (`MAX_BACKENDS`).
+pub struct PerBackend(Box<[AtomicU64]>);
+
+impl Default for PerBackend {
+    fn default() -> Self {
+        Self((0..MAX_BACKENDS).map(|_| AtomicU64::new(0)).collect())
+    }
+}
+
+impl std::ops::Deref for PerBackend {
+    type Target = [AtomicU64];
+    fn deref(&self) -> &[AtomicU64] {
+        &self.0
+    }
+}
+
 #[derive(Default)]
 pub struct Counts {
     pub versions: [VersionCounts; 2],
-    /// Requests sent to each backend slot.
-    pub backends: [AtomicU64; MAX_BACKENDS],
+    /// Requests sent to each backend position.
+    pub backends: PerBackend,
     pub decisions: Decisions,
     /// Bytes of upgraded connections the agent copied (the kernel carries the rest).
     pub userspace_bytes: AtomicU64,

@@ -8,7 +8,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,8 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use canary_common::{
-    client_hash, group_down, histogram::latency_bucket, nth_up, up_count, Backend, ServiceValue,
-    MAX_GROUP_BACKENDS, STICKY_CLIENT_IP,
+    client_hash, histogram::latency_bucket, Group, MAX_GROUP_BACKENDS, STICKY_CLIENT_IP,
 };
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
@@ -33,6 +32,7 @@ use super::decide::{decide, Head, Rule, Split};
 use super::pool::CONNECT_TIMEOUT;
 use super::splice::Spliced;
 use super::state::{Service, Shared};
+use crate::datapath::decode_backend;
 use crate::policy::routing::Version;
 
 /// A backend that accepted but sends no response head within this time: 502 too.
@@ -149,40 +149,20 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-fn socket_addr(b: &Backend, v6: bool) -> SocketAddr {
-    let port = u16::from_be_bytes(b.port.to_ne_bytes());
-    let ip: IpAddr = if v6 {
-        let mut o = [0u8; 16];
-        for (i, w) in b.addr.iter().enumerate() {
-            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        o.into()
-    } else {
-        b.addr[0].to_ne_bytes().into()
-    };
-    SocketAddr::new(ip, port)
-}
-
-/// The version's next backend that is up (round robin), its group and slot; a canary
-/// with none up sends to stable (never the other way).
-fn pick(svc: &Service, value: &ServiceValue, version: Version) -> Option<(SocketAddr, u8, usize)> {
-    let group_of = |base: usize, count: u8| {
-        let down = group_down(value.down, base as u8);
-        (base, count, down, up_count(count, down))
-    };
-    let stable = group_of(0, value.n_stable);
-    let canary = group_of(MAX_GROUP_BACKENDS, value.n_canary);
-    let ((base, count, down, up), group) = match version {
-        Version::Canary if canary.3 > 0 => (canary, 1u8),
-        _ if stable.3 > 0 => (stable, 0),
+/// The version's next backend on its ring (round robin, so shares follow the ring),
+/// its group and position; a canary with none up sends to stable (never the other way).
+fn pick(svc: &Service, groups: &[Group; 2], version: Version) -> Option<(SocketAddr, u8, usize)> {
+    let group = match version {
+        Version::Canary if groups[1].up > 0 => 1u8,
+        _ if groups[0].up > 0 => 0,
         _ => return None,
     };
-    let n = svc.next[group as usize].fetch_add(1, Ordering::Relaxed) % up as usize;
-    let slot = base + nth_up(count, down, n as u8)? as usize;
+    let n = svc.next[group as usize].fetch_add(1, Ordering::Relaxed) as u64;
+    let (index, b) = groups[group as usize].pick(n << 32)?;
     Some((
-        socket_addr(&value.backends[slot], svc.cfg.listen.is_ipv6()),
+        decode_backend(b, svc.cfg.listen.is_ipv6()),
         group,
-        slot,
+        group as usize * MAX_GROUP_BACKENDS + index as usize,
     ))
 }
 
@@ -247,8 +227,12 @@ async fn proxy(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyB
     let svc = &ctx.svc;
     let counts = &svc.counts;
     let grpc = is_grpc(req.headers());
-    let value = match ctx.shared.splicer().map(|s| s.service(&svc.key)) {
-        Ok(Some(v)) => v,
+    let found = ctx.shared.splicer().map(|s| {
+        let value = s.service(&svc.key)?;
+        Some((value, svc.groups(&s, &value)?))
+    });
+    let (value, groups) = match found {
+        Ok(Some(found)) => found,
         _ => return local(StatusCode::BAD_GATEWAY, grpc, busy),
     };
     let (routing, _) = svc.rules();
@@ -269,7 +253,7 @@ async fn proxy(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<ProxyB
     if value.rolled_back != 0 || svc.rolled_back.load(Ordering::Relaxed) {
         decision.version = Version::Stable;
     }
-    let Some((to, group, slot)) = pick(svc, &value, decision.version) else {
+    let Some((to, group, slot)) = pick(svc, &groups, decision.version) else {
         return local(StatusCode::BAD_GATEWAY, grpc, busy);
     };
     count_decision(counts, &decision.rule, group as usize);

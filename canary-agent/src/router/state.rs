@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Result};
-use canary_common::ServiceKey;
+use canary_common::{Group, ServiceKey, ServiceValue};
 
 use super::counts::Counts;
 use super::handover::Record;
@@ -42,8 +42,11 @@ pub(super) struct Service {
     pub counts: Arc<Counts>,
     /// The smooth counter of the per-request split.
     pub exact: AtomicU32,
-    /// Round-robin position within each version's backends.
+    /// Round-robin position on each version's ring.
     pub next: [AtomicUsize; 2],
+    /// Both versions' backends of the generation last seen in the services map: a
+    /// generation never changes, so they are read from the kernel once per install.
+    groups: Mutex<Option<(u32, Arc<[Group; 2]>)>>,
     /// Set by the agent each tick from the rollout state (the services map's own flag
     /// is read per request too).
     pub rolled_back: AtomicBool,
@@ -66,6 +69,21 @@ pub(super) struct Shared {
 }
 
 impl Service {
+    /// The backends `value` names, from the cache or the kernel.
+    pub fn groups(&self, splicer: &Splicer, value: &ServiceValue) -> Option<Arc<[Group; 2]>> {
+        let mut cache = self.groups.lock().ok()?;
+        if let Some((gen, groups)) = cache.as_ref().filter(|(gen, _)| *gen == value.gen) {
+            debug_assert_eq!(*gen, value.gen);
+            return Some(groups.clone());
+        }
+        let groups = Arc::new([
+            splicer.group(value.id, value.gen, 0)?,
+            splicer.group(value.id, value.gen, 1)?,
+        ]);
+        *cache = Some((value.gen, groups.clone()));
+        Some(groups)
+    }
+
     pub fn new(routed: RoutedService) -> Result<Self> {
         let counts = Arc::new(Counts::default());
         Ok(Self {
@@ -77,6 +95,7 @@ impl Service {
             counts,
             exact: AtomicU32::new(0),
             next: Default::default(),
+            groups: Mutex::new(None),
             rolled_back: AtomicBool::new(false),
             per_client: Mutex::new(HashMap::new()),
         })
