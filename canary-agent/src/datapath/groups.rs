@@ -25,8 +25,9 @@ pub(super) struct Groups {
     /// rewritten, and counters are found without reading the groups back.
     live: StdHashMap<ServiceKey, Live>,
     next_gen: u32,
-    /// `used[slot]`: a live backend counts into that CANARY_STATS slot.
-    used: Vec<bool>,
+    /// `refs[slot]`: how many live entries (a service's generation in force, and
+    /// during an install the one replacing it) name that CANARY_STATS slot; 0: free.
+    refs: Vec<u16>,
     /// Where the search for a free slot starts: slots are handed out round the pool,
     /// so a slot freed by a removed backend (whose open flows may still count into
     /// it) is the last to be given again.
@@ -52,7 +53,7 @@ impl Groups {
             map,
             live: StdHashMap::new(),
             next_gen: 1,
-            used: vec![false; MAX_BACKEND_SLOTS as usize],
+            refs: vec![0; MAX_BACKEND_SLOTS as usize],
             cursor: 1,
         };
         for entry in services.iter() {
@@ -67,8 +68,8 @@ impl Groups {
                 if let Ok(group) = groups.map.get(&gk, 0) {
                     let (spec, slots) = GroupSpec::decode(&group, key.family == FAMILY_V6);
                     for &s in &slots {
-                        if let Some(u) = groups.used.get_mut(s as usize) {
-                            *u = true;
+                        if let Some(r) = groups.refs.get_mut(s as usize) {
+                            *r += 1;
                         }
                     }
                     live.groups[g as usize] = spec;
@@ -141,6 +142,7 @@ impl Groups {
         self.next_gen = self.next_gen.wrapping_add(1).max(1);
         let id = entry.value.id;
         let mut slots: [Vec<u16>; 2] = Default::default();
+        // Allocated by this install (their count already 1): freed if it fails.
         let mut fresh = Vec::new();
         let result = (|| -> Result<()> {
             for (g, group_slots) in slots.iter_mut().enumerate() {
@@ -177,9 +179,14 @@ impl Groups {
                 let _ = self.map.remove(&group_key(id, gen, g));
             }
             for s in fresh {
-                self.used[s as usize] = false;
+                self.refs[s as usize] = 0;
             }
             return Err(e);
+        }
+        for &s in slots.iter().flatten() {
+            if !fresh.contains(&s) {
+                self.refs[s as usize] += 1;
+            }
         }
         self.live.insert(
             *key,
@@ -212,22 +219,18 @@ impl Groups {
             }
         }
         for &s in old.slots.iter().flatten() {
-            let live = self
-                .live
-                .values()
-                .any(|l| l.slots.iter().flatten().any(|&x| x == s));
-            if !live {
-                self.used[s as usize] = false;
+            if let Some(r) = self.refs.get_mut(s as usize) {
+                *r = r.saturating_sub(1);
             }
         }
     }
 
     /// A free counter slot, zeroed.
     fn allocate(&mut self, stats: &mut PerCpuArray<MapData, BackendStats>) -> Result<u16> {
-        let n = self.used.len();
+        let n = self.refs.len();
         let slot = (0..n)
             .map(|i| (self.cursor + i) % n)
-            .find(|&s| s != 0 && !self.used[s])
+            .find(|&s| s != 0 && self.refs[s] == 0)
             .with_context(|| {
                 format!(
                     "every one of the node's {} backend counter slots is taken",
@@ -239,7 +242,7 @@ impl Groups {
         stats
             .set(slot as u32, zero, 0)
             .context("zeroing a backend's counters")?;
-        self.used[slot] = true;
+        self.refs[slot] = 1;
         self.cursor = slot + 1;
         Ok(slot as u16)
     }
