@@ -159,7 +159,13 @@ pub struct ServiceStatus {
 pub struct BackendStatus {
     pub group: String,
     pub address: String,
+    /// Where the address came from: itself as configured, or the backend name
+    /// (`host:port` or SRV) whose answer holds it.
+    pub source: String,
     pub connections: u64,
+    /// TCP handshakes the backend answered, and connections it refused with a reset.
+    pub handshakes: u64,
+    pub refused: u64,
     pub packets_in: u64,
     pub packets_out: u64,
     pub bytes_in: u64,
@@ -180,12 +186,18 @@ pub struct NameStatus {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BackendHealthStatus {
+    /// "up" or "down": in the selection or not, by its checks and passive detection.
     pub state: String,
     pub reason: String,
     /// Controller clock (ms) of the last change; 0: never changed.
     pub since_ms: u64,
     pub checks: u64,
     pub failures: u64,
+    /// Passive detection: ejected until then (controller clock, ms); none: not ejected.
+    #[serde(default)]
+    pub ejected_until_ms: Option<u64>,
+    #[serde(default)]
+    pub ejections: u64,
 }
 
 /// Sends one request to the agent and returns the `ok` payload.

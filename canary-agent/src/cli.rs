@@ -729,10 +729,13 @@ pub fn render_status(status: &Status) -> String {
                 b.bytes_in,
                 b.bytes_out
             );
+            if b.source != b.address {
+                out += &format!("          from {}\n", b.source);
+            }
             if let Some(h) = b
                 .health
                 .as_ref()
-                .filter(|h| h.state != "up" || h.failures > 0)
+                .filter(|h| h.state != "up" || h.failures > 0 || h.ejections > 0)
             {
                 out += &format!("          health {}: {}\n", h.state, h.reason);
             }

@@ -57,6 +57,8 @@ pub struct BackendLabels {
     pub service: String,
     pub version: String,
     pub backend: String,
+    /// Where the address came from: itself as configured, or the name that answered it.
+    pub source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +114,7 @@ pub struct Families {
     pub routing: Family<RoutingLabels, Counter>,
     pub backend_up: Family<BackendLabels, Gauge>,
     pub health_failures: Family<BackendLabels, Counter>,
+    pub ejections: Family<BackendLabels, Counter>,
 }
 
 impl Families {
@@ -161,8 +164,14 @@ impl Families {
         );
         r.register(
             "backend_up",
-            "1 while a health-checked backend is in the selection, 0 once its checks failed",
+            "1 while a health-checked backend is in the selection, 0 once its checks failed or \
+             passive detection ejected it",
             self.backend_up,
+        );
+        r.register(
+            "backend_ejections",
+            "Ejections by passive detection ([service.outlier]) per backend",
+            self.ejections,
         );
         r.register(
             "health_check_failures",

@@ -660,8 +660,30 @@ fn http_and_handshake_telemetry_is_counted_once_per_segment(hook: Hook) {
     rst[47] |= 0x04;
     f.egress(&rst);
     assert_eq!(f.dp().signals(0).unwrap()[0].counters.resets, 1);
+    // Per backend (passive health): one answered handshake; a reset after it is no
+    // refusal.
+    let stats = f.dp().stats(0).unwrap();
+    assert_eq!((stats[0].handshakes, stats[0].refused), (1, 0));
 }
 at_both_hooks!(http_and_handshake_telemetry_is_counted_once_per_segment);
+
+/// Passive health's counters: a SYN answered by a reset is a refused connection of
+/// that backend, once per connection, and no handshake; a SYN left unanswered is
+/// neither (the agent counts it as placed without a SYN-ACK).
+fn a_reset_instead_of_a_syn_ack_is_a_refused_connection(hook: Hook) {
+    let mut f = Fixture::new(hook, WEB);
+    let (vip, backend) = (sa("198.19.0.10:80"), sa("198.18.2.2:8080"));
+    let refused = sa("198.18.1.2:40010");
+    f.ingress(&seg(refused, vip, "S", 1000, 0, b""));
+    let rst = seg(backend, refused, "RA", 0, 1001, b"");
+    f.egress(&rst);
+    f.egress(&rst); // a second reset of the same connection
+    f.ingress(&seg(sa("198.18.1.2:40011"), vip, "S", 1000, 0, b""));
+    let stats = f.dp().stats(0).unwrap();
+    assert_eq!(stats[0].connections, 2);
+    assert_eq!((stats[0].handshakes, stats[0].refused), (0, 1));
+}
+at_both_hooks!(a_reset_instead_of_a_syn_ack_is_a_refused_connection);
 
 /// A TCP segment with explicit flags ("S", "SA", "A", "FA", "R"), sequence and
 /// acknowledgment numbers.

@@ -410,6 +410,10 @@ pub struct BackendStats {
     /// Non-SYN segments whose forward entry was gone (table eviction) while the reply
     /// entry remained: placed again on the backend it names.
     pub flow_misses: u64,
+    /// TCP handshakes the backend answered (its SYN-ACK seen), once per connection.
+    pub handshakes: u64,
+    /// TCP connections the backend reset before answering the handshake (refused).
+    pub refused: u64,
 }
 
 /// Per service and version (stable, canary) application signals, per CPU.

@@ -10,7 +10,7 @@ use canary_common::{
     histogram::latency_bucket, latency_index, telemetry_index, FlowValue, TcpSeq, FLOW_ESTABLISHED,
 };
 
-use crate::maps::{LATENCY, TELEMETRY};
+use crate::maps::{LATENCY, STATS, TELEMETRY};
 
 /// First four bytes of the HTTP/1.x methods, as loaded from the packet.
 const METHODS: [[u8; 4]; 9] = [
@@ -84,7 +84,8 @@ pub fn response(reply: *mut FlowValue, seq: u32, class_digit: u8) {
     }
 }
 
-/// The backend's SYN-ACK: handshake time from the SYN stamped at placement.
+/// The backend's SYN-ACK: handshake time from the SYN stamped at placement, and one
+/// answered handshake for the backend (passive health).
 #[inline(always)]
 pub fn handshake(reply: *mut FlowValue) {
     // SAFETY: as above.
@@ -93,6 +94,9 @@ pub fn handshake(reply: *mut FlowValue) {
             return;
         }
         (*reply).flags |= FLOW_ESTABLISHED;
+        if let Some(stats) = STATS.get_ptr_mut((*reply).stats) {
+            (*stats).handshakes += 1;
+        }
         let started = (*reply).ts_ns;
         (*reply).ts_ns = 0;
         if let Some(v) = version(&*reply) {
@@ -104,11 +108,18 @@ pub fn handshake(reply: *mut FlowValue) {
     }
 }
 
-/// A reset from the backend (counted once per connection).
+/// A reset from the backend (counted once per connection); before its SYN-ACK it is
+/// a refused connection of that backend (passive health).
 #[inline(always)]
 pub fn reset(reply: &FlowValue) {
     if let Some(v) = version(reply) {
         v.resets += 1;
+    }
+    if reply.flags & FLOW_ESTABLISHED == 0 {
+        if let Some(stats) = STATS.get_ptr_mut(reply.stats) {
+            // SAFETY: per-CPU slot.
+            unsafe { (*stats).refused += 1 };
+        }
     }
 }
 

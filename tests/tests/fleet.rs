@@ -558,6 +558,10 @@ fn a_slow_or_flapping_etcd_never_changes_a_weight() -> Result<()> {
 /// each node's own share within ±2.5 points (0.52 points each).
 #[test]
 fn one_weight_splits_the_whole_fleet_within_one_point() -> Result<()> {
+    // 30 000 connections in all: one point is 4.3 standard deviations of a 20 % share
+    // (with 18 000 it was 3.4, and a CI run once landed at 21.09 %); per node, 2 points
+    // are 5 of them.
+    const PER_NODE: usize = 10_000;
     let lab = FleetLab::build()?;
     let _backends = lab.start_backends(Path::new(BACKEND_BIN))?;
     let _etcd = lab.start_etcd()?;
@@ -600,7 +604,7 @@ fn one_weight_splits_the_whole_fleet_within_one_point() -> Result<()> {
                     c.enter(|| {
                         banner_connections(
                             target,
-                            6000,
+                            PER_NODE,
                             32,
                             &[client_v4(i).into()],
                             Duration::from_secs(5),
@@ -616,10 +620,10 @@ fn one_weight_splits_the_whole_fleet_within_one_point() -> Result<()> {
     })?;
     let (mut canary, mut total) = (0, 0);
     for (i, r) in reports.iter().enumerate() {
-        ensure!(r.ok() == 6000, "n{}: {r:?}", i + 1);
+        ensure!(r.ok() == PER_NODE, "n{}: {r:?}", i + 1);
         let share = r.count("canary") as f64 / r.ok() as f64;
         println!("n{}: canary share {:.2} %", i + 1, share * 100.0);
-        ensure!((share - 0.2).abs() <= 0.025, "n{}: share {share:.4}", i + 1);
+        ensure!((share - 0.2).abs() <= 0.02, "n{}: share {share:.4}", i + 1);
         canary += r.count("canary");
         total += r.ok();
     }

@@ -181,3 +181,78 @@ fn a_canary_with_no_healthy_backend_is_rolled_back_naming_the_check() -> Result<
     println!("{}", agent.cli(&["history", "web"])?);
     Ok(())
 }
+
+#[test]
+fn passive_detection_ejects_a_killed_backend_from_its_refused_handshakes() -> Result<()> {
+    let topo = Topology::build()?;
+    topo.stable.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{STABLE_B}/24"),
+        "dev",
+        LEAF_IFACE,
+    ])?;
+    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let b = start_stable_b(&topo)?;
+    let stable_b = format!("{STABLE_B}:{BANNER_PORT}");
+    // No active checks: only what the kernel sees of the handshakes.
+    let services = format!(
+        "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\n\
+         stable = [\"{STABLE_V4}:{BANNER_PORT}\", \"{stable_b}\"]\n\
+         canary = [\"{CANARY_V4}:{BANNER_PORT}\"]\n\
+         [service.outlier]\nejection = \"3s\"\n"
+    );
+    let agent = Agent::start(&topo.node, &services, &[])?;
+    let before = connections(&topo, 2)?;
+    ensure!(
+        before.failed() == 0 && before.count("stable-b") > 0,
+        "{before:?}"
+    );
+    // Killed: its port answers SYNs with resets; new connections keep coming.
+    let killed = Instant::now();
+    drop(b);
+    let mut refused_meanwhile = 0;
+    while health_of(&agent, &stable_b)? != "down" {
+        ensure!(
+            killed.elapsed() < Duration::from_secs(10),
+            "not ejected within 10 s: {}",
+            agent.status()?
+        );
+        refused_meanwhile += connections(&topo, 1)?.failed();
+    }
+    let took = killed.elapsed();
+    println!(
+        "stable-b ejected {took:?} after the kill; {refused_meanwhile} connections failed before"
+    );
+    let status = agent.status()?;
+    let backend = &status["services"][0]["backends"][1];
+    let reason = backend["health"]["reason"].to_string();
+    ensure!(
+        reason.contains("got no SYN-ACK") && reason.contains("refused by a reset"),
+        "{reason}"
+    );
+    ensure!(backend["refused"].as_u64() > Some(0), "{backend}");
+    let while_out = connections(&topo, 2)?;
+    println!("while ejected: {while_out:?}");
+    ensure!(
+        while_out.failed() == 0 && while_out.count("stable-b") == 0 && while_out.ok() >= 90,
+        "{while_out:?}"
+    );
+    // Restarted: back when its ejection ends, and it answers again.
+    let _b = start_stable_b(&topo)?;
+    let took = wait_health(&agent, &stable_b, "up")?;
+    println!("stable-b back {took:?} after the restart");
+    let after = connections(&topo, 2)?;
+    ensure!(
+        after.failed() == 0 && after.count("stable-b") > 0,
+        "{after:?}"
+    );
+    let status = agent.status()?;
+    let backend = &status["services"][0]["backends"][1];
+    ensure!(
+        backend["source"] == stable_b.as_str() && backend["health"]["ejections"] == 1,
+        "{backend}"
+    );
+    Ok(())
+}

@@ -81,6 +81,32 @@ impl Agent {
         }
     }
 
+    /// Where backend `addr` of `group` came from: the address itself as configured, or
+    /// the name whose answer holds it (status, metrics and the dashboard show it).
+    pub(super) fn backend_source(
+        &self,
+        cfg: &crate::config::ServiceConfig,
+        group: usize,
+        addr: std::net::SocketAddr,
+    ) -> String {
+        use crate::config::BackendSource;
+        let sources = &cfg.sources[group];
+        if sources.contains(&BackendSource::Addr(addr)) {
+            return addr.to_string();
+        }
+        sources
+            .iter()
+            .find_map(|s| match s {
+                BackendSource::Name(n)
+                    if self.resolved.get(n).is_some_and(|a| a.contains(&addr)) =>
+                {
+                    Some(n.to_string())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| addr.to_string())
+    }
+
     /// Status lines of `service`'s names: the answer in force and the last error.
     pub(super) fn discovery_status(
         &self,

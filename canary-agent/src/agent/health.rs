@@ -1,6 +1,7 @@
-//! The agent's side of health checks: what the daemon's prober must check, and what a
-//! result changes (one map write of the service's value when a backend leaves or
-//! returns; a rollback when no canary backend is left).
+//! The agent's side of health checks: what the daemon's prober must check, the
+//! kernel's per-backend handshake counters for passive detection, and what a change
+//! does (one map write of the service's value when a backend leaves or returns; a
+//! rollback when no canary backend is left).
 
 use std::net::SocketAddr;
 
@@ -10,7 +11,7 @@ use super::Agent;
 use crate::{
     config::HealthCheck,
     controller::{Actor, Command, RolloutState},
-    health::State,
+    health::{Change, Selection, State, PASSIVE_PERIOD},
 };
 
 /// One backend the prober checks, and how.
@@ -33,12 +34,13 @@ impl Agent {
         let mut out = Vec::new();
         for svc in &self.services {
             let Some(h) = &svc.health else { continue };
+            let Some(check) = &h.spec else { continue };
             for backend in h.addrs() {
                 out.push(HealthTarget {
                     service: svc.cfg.name.clone(),
                     backend,
                     target: h.target(backend),
-                    check: h.spec.clone(),
+                    check: check.clone(),
                 });
             }
         }
@@ -62,15 +64,53 @@ impl Agent {
         };
         let before = health.selection();
         let changes = health.record(backend, outcome, now);
+        self.health_changed(service, before, changes)
+    }
+
+    /// Passive detection, every [`PASSIVE_PERIOD`] for a service with
+    /// `[service.outlier]`: the per-backend counters from the kernel.
+    pub(super) fn observe_backends(&mut self, i: usize, now_ms: u64) -> Result<()> {
+        let svc = &mut self.services[i];
+        let period = PASSIVE_PERIOD.as_millis() as u64;
+        let due = svc.health.as_ref().is_some_and(|h| {
+            h.outlier.is_some() && h.observed_ms.is_none_or(|at| now_ms >= at + period)
+        });
+        if !due {
+            return Ok(());
+        }
+        let stats = self.datapath.stats(svc.id)?;
+        let service = svc.cfg.name.clone();
+        svc.sync_health();
+        let Some(health) = svc.health.as_mut() else {
+            return Ok(());
+        };
+        health.observed_ms = Some(now_ms);
+        let before = health.selection();
+        let changes = health.observe(&stats, now_ms);
+        self.health_changed(&service, before, changes)
+    }
+
+    /// Logs and alerts each backend that left or returned, writes the new selection,
+    /// and rolls a rollout in progress back when no canary backend is left.
+    fn health_changed(
+        &mut self,
+        service: &str,
+        before: Selection,
+        changes: Vec<Change>,
+    ) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
+        let svc = self.service_mut(service)?;
+        let Some(health) = svc.health.as_ref() else {
+            return Ok(());
+        };
         let after = health.selection();
         let weight_bp = svc.weight_bp;
         let state = svc.rollout.as_ref().map(|r| r.state());
         let canary: Vec<String> = health.groups[1]
             .iter()
-            .map(|b| format!("{} ({})", b.addr, b.reason))
+            .map(|b| format!("{} ({})", b.addr, b.why()))
             .collect();
         for c in &changes {
             let group = ["stable", "canary"][c.group];
@@ -89,8 +129,9 @@ impl Agent {
             self.write_weight(service, weight_bp)?;
         }
         if after.stable_fails_open && !before.stable_fails_open {
-            let reason = "every stable backend failed its health checks: they stay in the \
-                          selection (stable fails open; its traffic never goes to canary)";
+            let reason = "every stable backend failed its health checks or was ejected: they \
+                          stay in the selection (stable fails open; its traffic never goes to \
+                          canary)";
             tracing::error!(service, reason);
             self.alert(service, "stable-unhealthy", reason);
         }
@@ -104,10 +145,7 @@ impl Agent {
             )
         );
         if after.canary_down && !before.canary_down && in_progress && self.fleet_leading() {
-            let detail = format!(
-                "no canary backend passes its health checks: {}",
-                canary.join(", ")
-            );
+            let detail = format!("no canary backend is healthy: {}", canary.join(", "));
             let command = Command::AnalysisRollback {
                 rule: HEALTH_RULE.into(),
                 detail,

@@ -640,22 +640,30 @@ impl Agent {
                 })
                 .map(|(group, addr, slot)| {
                     let s = &stats[slot];
+                    let source =
+                        self.backend_source(&svc.cfg, (slot >= MAX_GROUP_BACKENDS) as usize, *addr);
                     let health = svc.health.as_ref().and_then(|h| {
                         let b = h.groups[(slot >= MAX_GROUP_BACKENDS) as usize]
                             .get(slot % MAX_GROUP_BACKENDS)?;
+                        let state = if b.down() { "down" } else { "up" };
                         Some(BackendHealthStatus {
-                            state: b.state.as_str().into(),
-                            reason: b.reason.clone(),
+                            state: state.into(),
+                            reason: b.why().into(),
                             since_ms: b.since_ms,
                             checks: b.checks,
                             failures: b.failures,
+                            ejected_until_ms: b.ejected_until_ms,
+                            ejections: b.ejected_total,
                         })
                     });
                     BackendStatus {
                         health,
                         group: group.into(),
                         address: addr.to_string(),
+                        source,
                         connections: s.connections + routed.as_ref().map_or(0, |r| r[slot]),
+                        handshakes: s.handshakes,
+                        refused: s.refused,
                         packets_in: s.packets_in,
                         packets_out: s.packets_out,
                         bytes_in: s.bytes_in,
@@ -1090,6 +1098,7 @@ impl Agent {
             self.apply_effects(&name, effects)?;
         }
         self.retire(i, now, leading)?;
+        self.observe_backends(i, now)?;
         if self.services[i].draining {
             let id = self.services[i].id;
             let now = std::time::Instant::now();

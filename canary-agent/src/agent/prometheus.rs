@@ -116,10 +116,11 @@ impl Agent {
                         service: service.clone(),
                         version: ["stable", "canary"][group].into(),
                         backend: b.addr.to_string(),
+                        source: self.backend_source(&svc.cfg, group, b.addr),
                     };
-                    let up = b.state == crate::health::State::Up;
-                    f.backend_up.get_or_create(&labels).set(up as i64);
+                    f.backend_up.get_or_create(&labels).set(!b.down() as i64);
                     f.health_failures.get_or_create(&labels).inc_by(b.failures);
+                    f.ejections.get_or_create(&labels).inc_by(b.ejected_total);
                 }
             }
             for v in svc.verdicts() {

@@ -7,6 +7,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
+use canary_common::{BackendStats, MAX_BACKENDS, MAX_GROUP_BACKENDS};
 
 use super::Agent;
 use crate::{
@@ -664,7 +665,7 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     );
     let metrics = agent.metrics()?;
     let line =
-        "canary_backend_up{service=\"web\",version=\"stable\",backend=\"198.18.1.4:8080\"} 0";
+        "canary_backend_up{service=\"web\",version=\"stable\",backend=\"198.18.1.4:8080\",source=\"198.18.1.4:8080\"} 0";
     assert!(metrics.contains(line), "{metrics}");
     // A reload keeps it out.
     reload(&mut agent)?;
@@ -698,6 +699,113 @@ fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -
     assert!(
         rollout.reason.contains("rule health-check fired")
             && rollout.reason.contains("198.18.1.3:8080"),
+        "{}",
+        rollout.reason
+    );
+    Ok(())
+}
+
+#[test]
+fn passive_detection_ejects_a_backend_whose_handshakes_fail_and_a_dead_canary_rolls_back(
+) -> Result<()> {
+    let host = Host::new("outlier");
+    host.write_file("web.toml", TWO_STEPS);
+    let services = "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\n\
+        stable = [\"198.18.1.2:8080\", \"198.18.1.4:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n\
+        policy = \"web.toml\"\n[service.outlier]\nejection = \"5s\"\n";
+    host.write_config("", services);
+    let mut agent = host.start()?;
+    let id = status_id(&agent, "web")?;
+    assert!(agent.health_targets().is_empty(), "no active checks");
+    rollout(&mut agent, "web", RolloutAction::Start)?;
+    host.fake.take_writes();
+    // Each second 10 new connections per backend; the second stable backend answers
+    // none of them (refused by a reset), the others answer all.
+    let canary = MAX_GROUP_BACKENDS;
+    let mut totals = [(0u64, 0u64, 0u64); 3];
+    let mut feed = |host: &Host, dead: &[usize]| {
+        let mut stats = vec![BackendStats::default(); MAX_BACKENDS];
+        for (k, position) in [0, 1, canary].into_iter().enumerate() {
+            let t = &mut totals[k];
+            t.0 += 10;
+            if dead.contains(&position) {
+                t.2 += 10;
+            } else {
+                t.1 += 10;
+            }
+            stats[position] = BackendStats {
+                connections: t.0,
+                handshakes: t.1,
+                refused: t.2,
+                ..Default::default()
+            };
+        }
+        host.fake.state().stats.insert(id, stats);
+    };
+    let down = |host: &Host| -> [Vec<bool>; 2] {
+        let e = host.fake.entry(id).expect("installed");
+        [e.groups[0].down.clone(), e.groups[1].down.clone()]
+    };
+    for _ in 0..3 {
+        feed(&host, &[]);
+        tick_for(&host, &mut agent, 1_000);
+    }
+    assert!(
+        host.fake.take_writes().is_empty(),
+        "healthy: nothing written"
+    );
+    // Dead: out within three seconds, in one write.
+    let mut waited = 0;
+    while down(&host)[0] != [false, true] {
+        feed(&host, &[1]);
+        tick_for(&host, &mut agent, 1_000);
+        waited += 1;
+        assert!(waited <= 3, "not ejected after {waited} s");
+    }
+    assert_eq!(host.fake.take_writes().len(), 1);
+    let st = status(&agent, "web")?;
+    let b = &st.backends[1];
+    assert_eq!((b.handshakes, b.refused), (30, 10 * waited as u64));
+    let health = b.health.as_ref().expect("health in status");
+    assert_eq!(health.state, "down");
+    assert!(health.ejected_until_ms.is_some());
+    assert!(
+        health.reason.contains("in a row got no SYN-ACK"),
+        "{}",
+        health.reason
+    );
+    assert!(
+        health.reason.contains("refused by a reset"),
+        "{}",
+        health.reason
+    );
+    let metrics = agent.metrics()?;
+    let line = "canary_backend_ejections_total{service=\"web\",version=\"stable\",\
+                backend=\"198.18.1.4:8080\",source=\"198.18.1.4:8080\"} 1";
+    assert!(metrics.contains(line), "{metrics}");
+    // Back after its 5 s ejection (no new connections reach it meanwhile).
+    tick_for(&host, &mut agent, 5_100);
+    assert_eq!(down(&host)[0], [false, false]);
+    let state = status(&agent, "web")?.rollout.map(|r| r.state);
+    assert_eq!(
+        state,
+        Some(RolloutState::Progressing),
+        "a stable ejection rolls nothing back"
+    );
+    // The only canary backend stops answering: ejected, the rollout rolls back.
+    let mut waited = 0;
+    while down(&host)[1] != [true] {
+        feed(&host, &[canary]);
+        tick_for(&host, &mut agent, 1_000);
+        waited += 1;
+        assert!(waited <= 3, "canary not ejected after {waited} s");
+    }
+    let rollout = status(&agent, "web")?.rollout.context("rollout")?;
+    assert_eq!(rollout.state, RolloutState::RolledBack);
+    assert!(
+        rollout.reason.contains("rule health-check fired")
+            && rollout.reason.contains("no canary backend is healthy")
+            && rollout.reason.contains("SYN-ACK"),
         "{}",
         rollout.reason
     );

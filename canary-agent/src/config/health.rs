@@ -1,9 +1,13 @@
 //! `[service.health]`: how each backend of a service is checked. Without the table
 //! every backend is taken to be up (no checks), as before health checks existed.
+//! `[service.outlier]`: passive detection from the handshakes the kernel sees.
 
 use std::time::Duration;
 
-use super::{raw::RawHealth, Protocol};
+use super::{
+    raw::{RawHealth, RawOutlier},
+    Protocol,
+};
 
 /// Defaults, as README documents them.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -32,6 +36,108 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that take an up backend out of the selection.
     pub fall: u32,
+}
+
+/// Defaults of `[service.outlier]`, as README documents them.
+pub const DEFAULT_OUTLIER_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+pub const DEFAULT_MIN_CONNECTIONS: u32 = 20;
+pub const DEFAULT_FAILURE_RATIO: f64 = 0.5;
+pub const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// Passive detection (Envoy's outlier detection, on what the kernel sees): a backend
+/// whose new connections get no SYN-ACK (refused by a reset or unanswered), this many
+/// in a row or this share of a window, is ejected from the selection for a while,
+/// longer each time in a row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierDetection {
+    /// New connections in a row without a SYN-ACK that eject.
+    pub consecutive_failures: u32,
+    /// The span of new connections the share is judged over, at each second.
+    pub window: Duration,
+    /// Fewer new connections than this in the window: no judgement of the share.
+    pub min_connections: u32,
+    /// The share of the window's new connections without a SYN-ACK that ejects.
+    pub failure_ratio: f64,
+    /// The first ejection; each ejection in a row doubles it, up to `max_ejection`.
+    pub ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+/// The checked `[service.outlier]`, or the field (under `outlier.`) and why it is
+/// refused.
+pub(super) fn parse_outlier(
+    raw: RawOutlier,
+    protocol: Protocol,
+) -> Result<OutlierDetection, (String, String)> {
+    let field = |f: &str| format!("outlier.{f}");
+    if protocol != Protocol::Tcp {
+        return Err((
+            "outlier".into(),
+            "passive detection reads TCP handshakes the kernel forwards: only for \
+             protocol = \"tcp\" (use [service.health] for this service)"
+                .into(),
+        ));
+    }
+    let duration = |name: &str, given: Option<String>, default: Duration, min: Duration| {
+        let Some(text) = given else {
+            return Ok(default);
+        };
+        let d = parse_interval(&text).map_err(|r| (field(name), r))?;
+        if !(min..=Duration::from_secs(3600)).contains(&d) {
+            return Err((field(name), format!("{text:?}: use {min:?} to 1h")));
+        }
+        Ok(d)
+    };
+    let second = Duration::from_secs(1);
+    let window = duration("window", raw.window, DEFAULT_OUTLIER_WINDOW, second * 2)?;
+    let ejection = duration("ejection", raw.ejection, DEFAULT_EJECTION, second)?;
+    let max_ejection = duration(
+        "max_ejection",
+        raw.max_ejection,
+        DEFAULT_MAX_EJECTION.max(ejection),
+        second,
+    )?;
+    if max_ejection < ejection {
+        return Err((
+            field("max_ejection"),
+            format!("{max_ejection:?} is shorter than the ejection {ejection:?}"),
+        ));
+    }
+    let count = |name: &str, given: Option<u32>, default: u32| {
+        let n = given.unwrap_or(default);
+        if (1..=1_000_000).contains(&n) {
+            Ok(n)
+        } else {
+            Err((field(name), format!("{n}: use 1 to 1000000")))
+        }
+    };
+    let consecutive_failures = count(
+        "consecutive_failures",
+        raw.consecutive_failures,
+        DEFAULT_CONSECUTIVE_FAILURES,
+    )?;
+    let min_connections = count(
+        "min_connections",
+        raw.min_connections,
+        DEFAULT_MIN_CONNECTIONS,
+    )?;
+    let failure_ratio = raw.failure_ratio.unwrap_or(DEFAULT_FAILURE_RATIO);
+    if !(failure_ratio > 0.0 && failure_ratio <= 1.0) {
+        return Err((
+            field("failure_ratio"),
+            format!("{failure_ratio}: a share above 0 and at most 1"),
+        ));
+    }
+    Ok(OutlierDetection {
+        consecutive_failures,
+        window,
+        min_connections,
+        failure_ratio,
+        ejection,
+        max_ejection,
+    })
 }
 
 /// Defaults of `[agent] dns_min_ttl` and `dns_max_ttl`.
@@ -199,6 +305,83 @@ mod tests {
         // The default timeout is never longer than the interval.
         assert_eq!(h.timeout, Duration::from_millis(200));
         assert_eq!(h.rise, 3);
+    }
+
+    fn outlier(table: &str, protocol: &str) -> Result<Option<OutlierDetection>, String> {
+        let text = format!(
+            "[agent]\ninterface = \"cli0\"\n[[service]]\nname = \"web\"\n\
+             listen = \"198.19.0.10:80\"\nprotocol = \"{protocol}\"\n\
+             stable = [\"198.18.2.2:8080\"]\n[service.outlier]\n{table}"
+        );
+        Config::parse(&text, Path::new("/etc/canary/agent.toml"))
+            .map(|c| c.services[0].outlier.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn outlier_detection_has_documented_defaults_and_located_errors() {
+        let o = outlier("", "tcp").unwrap().unwrap();
+        assert_eq!(
+            o,
+            OutlierDetection {
+                consecutive_failures: 5,
+                window: Duration::from_secs(10),
+                min_connections: 20,
+                failure_ratio: 0.5,
+                ejection: Duration::from_secs(30),
+                max_ejection: Duration::from_secs(300),
+            }
+        );
+        let o = outlier("ejection = \"10m\"", "tcp").unwrap().unwrap();
+        assert_eq!(
+            o.max_ejection,
+            Duration::from_secs(600),
+            "never below ejection"
+        );
+        for (table, protocol, field, reason) in [
+            ("", "http", "outlier", "only for protocol = \"tcp\""),
+            ("", "udp", "outlier", "only for protocol = \"tcp\""),
+            ("window = \"1s\"", "tcp", "outlier.window", "2s to 1h"),
+            (
+                "failure_ratio = 0.0",
+                "tcp",
+                "outlier.failure_ratio",
+                "above 0",
+            ),
+            (
+                "failure_ratio = 1.5",
+                "tcp",
+                "outlier.failure_ratio",
+                "at most 1",
+            ),
+            (
+                "min_connections = 0",
+                "tcp",
+                "outlier.min_connections",
+                "1 to",
+            ),
+            (
+                "consecutive_failures = 0",
+                "tcp",
+                "outlier.consecutive_failures",
+                "1 to",
+            ),
+            (
+                "ejection = \"1m\"\nmax_ejection = \"30s\"",
+                "tcp",
+                "outlier.max_ejection",
+                "shorter than",
+            ),
+            (
+                "consecutive = 5",
+                "tcp",
+                "line 9",
+                "unknown field `consecutive`",
+            ),
+        ] {
+            let e = outlier(table, protocol).expect_err(table);
+            assert!(e.contains(field) && e.contains(reason), "{table}: {e}");
+        }
     }
 
     #[test]

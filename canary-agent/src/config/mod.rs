@@ -13,7 +13,7 @@ mod raw;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use discovery::{BackendName, BackendSource, Resolved};
-pub use health::{CheckKind, HealthCheck};
+pub use health::{CheckKind, HealthCheck, OutlierDetection};
 pub use host::{host_name, load_ui_token, MIN_UI_TOKEN};
 
 pub const DEFAULT_SOCKET: &str = "/run/canary/agent.sock";
@@ -164,6 +164,8 @@ pub struct ServiceConfig {
     pub forward: Forward,
     /// `[service.health]`: none, every backend is taken to be up.
     pub health: Option<HealthCheck>,
+    /// `[service.outlier]`: none, no passive detection.
+    pub outlier: Option<OutlierDetection>,
 }
 
 impl ServiceConfig {

@@ -591,9 +591,16 @@ impl Config {
                 }
                 None => None,
             };
+            let outlier = match s.outlier {
+                Some(o) => Some(
+                    super::health::parse_outlier(o, protocol).map_err(|(f, r)| err(at(&f), r))?,
+                ),
+                None => None,
+            };
             services.push(ServiceConfig {
                 sources,
                 health,
+                outlier,
                 backend_protocol,
                 max_connections: caps[0],
                 max_client_connections: caps[1],

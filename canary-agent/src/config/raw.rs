@@ -78,6 +78,7 @@ pub(super) struct RawService {
     pub(super) max_client_connections: Option<u32>,
     pub(super) forward: Option<String>,
     pub(super) health: Option<RawHealth>,
+    pub(super) outlier: Option<RawOutlier>,
 }
 
 #[derive(Deserialize)]
@@ -91,4 +92,15 @@ pub(super) struct RawHealth {
     pub(super) timeout: Option<String>,
     pub(super) rise: Option<u32>,
     pub(super) fall: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutlier {
+    pub(super) consecutive_failures: Option<u32>,
+    pub(super) window: Option<String>,
+    pub(super) min_connections: Option<u32>,
+    pub(super) failure_ratio: Option<f64>,
+    pub(super) ejection: Option<String>,
+    pub(super) max_ejection: Option<String>,
 }

@@ -42,6 +42,8 @@ pub struct State {
     pub interfaces: BTreeSet<String>,
     pub cidr: BTreeSet<(u32, u8)>,
     pub signals: BTreeMap<u32, [VersionSignals; 2]>,
+    /// Per-backend counters per service id, by position (`MAX_BACKENDS` long).
+    pub stats: BTreeMap<u32, Vec<BackendStats>>,
     /// Open connections per service id and group: counted by a `Count` scan, closed by
     /// any other.
     pub open: BTreeMap<(u32, DrainGroup), usize>,
@@ -174,8 +176,13 @@ impl Dataplane for FakeDataplane {
         Ok(())
     }
 
-    fn stats(&self, _id: u32) -> Result<Vec<BackendStats>> {
-        Ok(vec![BackendStats::default(); MAX_BACKENDS])
+    fn stats(&self, id: u32) -> Result<Vec<BackendStats>> {
+        let state = self.state();
+        Ok(state
+            .stats
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| vec![BackendStats::default(); MAX_BACKENDS]))
     }
 
     fn stray(&self, _id: u32) -> Result<u64> {

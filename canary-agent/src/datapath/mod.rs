@@ -304,6 +304,8 @@ impl Datapath {
                 total.packets_out += s.packets_out;
                 total.bytes_out += s.bytes_out;
                 total.flow_misses += s.flow_misses;
+                total.handshakes += s.handshakes;
+                total.refused += s.refused;
             }
         }
         Ok(out)

@@ -410,7 +410,7 @@ pub fn live_panel(
         out.push_str(&chart);
     }
     out.push_str("</div>");
-    out.push_str("<table class=\"backends\"><thead><tr><th>group</th><th>backend</th><th>connections</th><th>packets in</th><th>packets out</th><th>bytes in</th><th>bytes out</th><th>flow misses</th><th>health</th></tr></thead><tbody>");
+    out.push_str("<table class=\"backends\"><thead><tr><th>group</th><th>backend</th><th>source</th><th>connections</th><th>packets in</th><th>packets out</th><th>bytes in</th><th>bytes out</th><th>flow misses</th><th>health</th></tr></thead><tbody>");
     for b in &status.backends {
         let health = b.health.as_ref().map_or_else(
             || "not checked".to_string(),
@@ -424,9 +424,10 @@ pub fn live_panel(
         );
         let _ = write!(
             out,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&b.group),
             esc(&b.address),
+            esc(&b.source),
             b.connections,
             b.packets_in,
             b.packets_out,
