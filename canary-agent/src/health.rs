@@ -548,17 +548,6 @@ mod tests {
         assert_eq!(next.addrs(), vec![addr(3), addr(4)]);
     }
 
-    fn outlier() -> OutlierDetection {
-        OutlierDetection {
-            consecutive_failures: 5,
-            window: Duration::from_secs(10),
-            min_connections: 20,
-            failure_ratio: 0.5,
-            ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-        }
-    }
-
     /// Per-backend counters as the kernel would hold them after `placed` new
     /// connections of which `answered` got a SYN-ACK and `refused` a reset.
     fn counters(per_backend: &[(usize, u64, u64, u64)]) -> Vec<BackendStats> {
@@ -576,7 +565,13 @@ mod tests {
 
     #[test]
     fn a_backend_whose_handshakes_fail_is_ejected_longer_each_time_and_returns() {
-        let mut h = ServiceHealth::new(None, Some(outlier()), &[addr(2), addr(3)], &[], None);
+        let mut h = ServiceHealth::new(
+            None,
+            Some(OutlierDetection::default()),
+            &[addr(2), addr(3)],
+            &[],
+            None,
+        );
         // 10 new connections a second each; addr(3) refuses 8 of every 10 from t = 5 s.
         let mut refused_from = None;
         let mut ejected_at = None;
@@ -635,7 +630,13 @@ mod tests {
 
     #[test]
     fn a_healthy_backend_is_never_ejected_by_timing_or_a_falling_rate() {
-        let mut h = ServiceHealth::new(None, Some(outlier()), &[addr(2)], &[addr(9)], None);
+        let mut h = ServiceHealth::new(
+            None,
+            Some(OutlierDetection::default()),
+            &[addr(2)],
+            &[addr(9)],
+            None,
+        );
         // A burst of 500 connections in one second, answered in the next, then silence;
         // answers arriving up to ANSWER_LAG late; too few placed to judge (canary).
         let mut placed = 0;
@@ -655,7 +656,13 @@ mod tests {
 
     #[test]
     fn every_canary_backend_ejected_is_a_canary_down_and_both_kinds_must_agree_to_return() {
-        let mut h = ServiceHealth::new(Some(spec()), Some(outlier()), &[addr(2)], &[addr(9)], None);
+        let mut h = ServiceHealth::new(
+            Some(spec()),
+            Some(OutlierDetection::default()),
+            &[addr(2)],
+            &[addr(9)],
+            None,
+        );
         let dead = |t: u64| counters(&[(0, 10 * t, 10 * t, 0), (MAX_GROUP_BACKENDS, 10 * t, 0, 0)]);
         let mut t = 0;
         while h.observe(&dead(t), t * 1000).is_empty() {

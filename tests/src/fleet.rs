@@ -84,7 +84,7 @@ impl FleetLab {
     fn wire(&self) -> Result<()> {
         let f = &self.fabric;
         f.run(&["ip", "link", "add", "br0", "type", "bridge"])?;
-        f.run(&["ip", "addr", "add", &format!("{ETCD_V4}/24"), "dev", "br0"])?;
+        f.add_address(&format!("{ETCD_V4}/24"), "br0")?;
         f.run(&["ip", "link", "set", "br0", "up"])?;
         let mut port = 0;
         let mut plug = |ns: &NetNs, iface: &str, addr: Ipv4Addr| -> Result<()> {
@@ -104,7 +104,7 @@ impl FleetLab {
                 ns.name(),
             ])?;
             f.run(&["ip", "link", "set", &name, "master", "br0", "up"])?;
-            ns.run(&["ip", "addr", "add", &format!("{addr}/24"), "dev", iface])?;
+            ns.add_address(&format!("{addr}/24"), iface)?;
             ns.run(&["ip", "link", "set", iface, "up"])?;
             Ok(())
         };
@@ -112,14 +112,7 @@ impl FleetLab {
             let ns = self.backend(version);
             plug(ns, LEAF_IFACE, backend_fabric_v4(version))?;
             // The service's backend addresses, as the one-node lab has them.
-            ns.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", version.v4()),
-                "dev",
-                LEAF_IFACE,
-            ])?;
+            ns.add_address(&format!("{}/24", version.v4()), LEAF_IFACE)?;
             ns.run(&[
                 "ip",
                 "-6",
@@ -146,22 +139,8 @@ impl FleetLab {
                 "netns",
                 client.name(),
             ])?;
-            node.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", node_client_v4(i)),
-                "dev",
-                NODE_CLIENT_IFACE,
-            ])?;
-            client.run(&[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", client_v4(i)),
-                "dev",
-                LEAF_IFACE,
-            ])?;
+            node.add_address(&format!("{}/24", node_client_v4(i)), NODE_CLIENT_IFACE)?;
+            client.add_address(&format!("{}/24", client_v4(i)), LEAF_IFACE)?;
             node.run(&["ip", "link", "set", NODE_CLIENT_IFACE, "up"])?;
             client.run(&["ip", "link", "set", LEAF_IFACE, "up"])?;
             // Full checksums from the client, as off a wire (see topology.rs).

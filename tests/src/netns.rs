@@ -84,6 +84,11 @@ impl NetNs {
         )
     }
 
+    /// Adds address `cidr` (e.g. "198.18.2.3/24") to interface `dev` of the namespace.
+    pub fn add_address(&self, cidr: &str, dev: &str) -> Result<()> {
+        self.run(&["ip", "addr", "add", cidr, "dev", dev]).map(drop)
+    }
+
     /// Starts a long-running process in the namespace. Its stdout and stderr
     /// go to a log file under [`log_dir`]; the guard kills it on drop.
     pub fn spawn(&self, program: impl AsRef<OsStr>, args: &[&str]) -> Result<ChildGuard> {

@@ -298,7 +298,7 @@ impl Topology {
 /// Adds one IPv4 /24 and one IPv6 /64 address. `nodad` makes the IPv6 one
 /// usable at once instead of after duplicate address detection.
 fn add_addrs(ns: &NetNs, iface: &str, v4: IpAddr, v6: IpAddr) -> Result<()> {
-    ns.run(&["ip", "addr", "add", &format!("{v4}/24"), "dev", iface])?;
+    ns.add_address(&format!("{v4}/24"), iface)?;
     ns.run(&[
         "ip",
         "-6",

@@ -80,14 +80,8 @@ fn name_status(agent: &Agent, name: &str) -> Result<serde_json::Value> {
 #[test]
 fn backends_follow_their_dns_names_and_keep_the_last_answer() -> Result<()> {
     let topo = Topology::build()?;
-    topo.canary.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{CANARY_B}/24"),
-        "dev",
-        LEAF_IFACE,
-    ])?;
+    topo.canary
+        .add_address(&format!("{CANARY_B}/24"), LEAF_IFACE)?;
     let _stable = backend::start(&topo.stable, Path::new(BACKEND_BIN), Version::Stable)?;
     let _canary = backend::start(&topo.canary, Path::new(BACKEND_BIN), Version::Canary)?;
     let banner_b = format!("{CANARY_B}:{BANNER_PORT}");

@@ -293,7 +293,7 @@ fn toy_server(listener: std::net::TcpListener, how: Server) -> ToyServer {
 #[test]
 fn http_client_retries_only_what_rfc9112_allows() -> Result<()> {
     let ns = canary_lab::NetNs::new("httpretry")?;
-    ns.run(&["ip", "addr", "add", "198.18.250.1/32", "dev", "lo"])?;
+    ns.add_address("198.18.250.1/32", "lo")?;
     let cases = [
         (Server::DropsEveryThirdRequest, 8080),
         (Server::ClosesIdleConnections, 8081),

@@ -110,7 +110,7 @@ fn fleet_cost_against_a_real_etcd() -> Result<()> {
         "ip", "link", "add", "sim0", "type", "veth", "peer", "name", "sim1",
     ])?;
     ns.run(&["ip", "link", "set", "sim1", "up"])?;
-    ns.run(&["ip", "addr", "add", &format!("{ETCD_V4}/24"), "dev", "sim0"])?;
+    ns.add_address(&format!("{ETCD_V4}/24"), "sim0")?;
     ns.run(&["ip", "link", "set", "sim0", "up"])?;
     let data = log_dir().join("etcd-sim");
     let _ = std::fs::remove_dir_all(&data);

@@ -13,7 +13,7 @@ use canary_lab::{
     backend::{self, BANNER_PORT},
     banner_connections,
     topology::{CANARY_V4, LEAF_IFACE, STABLE_V4},
-    BannerReport, ChildGuard, Topology, Version, VIP_V4,
+    Backends, BannerReport, ChildGuard, Topology, Version, VIP_V4,
 };
 
 const BACKEND_BIN: &str = env!("CARGO_BIN_EXE_lab-backend");
@@ -34,6 +34,16 @@ fn start_stable_b(topo: &Topology) -> Result<ChildGuard> {
         .spawn(BACKEND_BIN, &["--name", "stable-b", "--banner", &addr])?;
     child.wait_for_log(backend::READY_LINE, Duration::from_secs(10))?;
     Ok(child)
+}
+
+/// The lab with its backends and a second stable backend, [`STABLE_B`], beside them.
+fn lab_with_stable_b() -> Result<(Topology, Backends, ChildGuard)> {
+    let topo = Topology::build()?;
+    topo.stable
+        .add_address(&format!("{STABLE_B}/24"), LEAF_IFACE)?;
+    let backends = topo.start_backends(Path::new(BACKEND_BIN))?;
+    let b = start_stable_b(&topo)?;
+    Ok((topo, backends, b))
 }
 
 /// New connections at about 50 per second for `secs` seconds, from the client.
@@ -86,17 +96,7 @@ fn wait_health(agent: &Agent, address: &str, state: &str) -> Result<Duration> {
 
 #[test]
 fn a_dead_stable_backend_leaves_the_selection_and_returns_after_rise_passes() -> Result<()> {
-    let topo = Topology::build()?;
-    topo.stable.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{STABLE_B}/24"),
-        "dev",
-        LEAF_IFACE,
-    ])?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let b = start_stable_b(&topo)?;
+    let (topo, _backends, b) = lab_with_stable_b()?;
     let stable_b = format!("{STABLE_B}:{BANNER_PORT}");
     let services = format!(
         "[[service]]\nname = \"web\"\nlisten = \"{VIP_V4}:80\"\n\
@@ -184,17 +184,7 @@ fn a_canary_with_no_healthy_backend_is_rolled_back_naming_the_check() -> Result<
 
 #[test]
 fn passive_detection_ejects_a_killed_backend_from_its_refused_handshakes() -> Result<()> {
-    let topo = Topology::build()?;
-    topo.stable.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{STABLE_B}/24"),
-        "dev",
-        LEAF_IFACE,
-    ])?;
-    let _backends = topo.start_backends(Path::new(BACKEND_BIN))?;
-    let b = start_stable_b(&topo)?;
+    let (topo, _backends, b) = lab_with_stable_b()?;
     let stable_b = format!("{STABLE_B}:{BANNER_PORT}");
     // No active checks: only what the kernel sees of the handshakes.
     let services = format!(

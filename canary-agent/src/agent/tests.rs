@@ -620,14 +620,24 @@ fn a_lone_node_skips_the_waves_of_other_regions() -> Result<()> {
     Ok(())
 }
 
+/// Service `web` with two stable backends and one canary, policy `web.toml`, and
+/// `table` (its health tables).
+fn two_stable_backends(table: &str) -> String {
+    format!(
+        "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\n\
+         stable = [\"198.18.1.2:8080\", \"198.18.1.4:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n\
+         policy = \"web.toml\"\n{table}\n"
+    )
+}
+
 #[test]
 fn health_checks_take_backends_out_in_one_write_and_a_dead_canary_rolls_back() -> Result<()> {
     let host = Host::new("health");
     host.write_file("web.toml", TWO_STEPS);
-    let services = "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\n\
-        stable = [\"198.18.1.2:8080\", \"198.18.1.4:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n\
-        policy = \"web.toml\"\n[service.health]\nfall = 2\nrise = 2\n";
-    host.write_config("", services);
+    host.write_config(
+        "",
+        &two_stable_backends("[service.health]\nfall = 2\nrise = 2"),
+    );
     let mut agent = host.start()?;
     let id = status_id(&agent, "web")?;
     let targets = agent.health_targets();
@@ -710,10 +720,10 @@ fn passive_detection_ejects_a_backend_whose_handshakes_fail_and_a_dead_canary_ro
 ) -> Result<()> {
     let host = Host::new("outlier");
     host.write_file("web.toml", TWO_STEPS);
-    let services = "[[service]]\nname = \"web\"\nlisten = \"198.18.0.10:80\"\n\
-        stable = [\"198.18.1.2:8080\", \"198.18.1.4:8080\"]\ncanary = [\"198.18.1.3:8080\"]\n\
-        policy = \"web.toml\"\n[service.outlier]\nejection = \"5s\"\n";
-    host.write_config("", services);
+    host.write_config(
+        "",
+        &two_stable_backends("[service.outlier]\nejection = \"5s\""),
+    );
     let mut agent = host.start()?;
     let id = status_id(&agent, "web")?;
     assert!(agent.health_targets().is_empty(), "no active checks");

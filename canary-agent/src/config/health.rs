@@ -65,6 +65,20 @@ pub struct OutlierDetection {
     pub max_ejection: Duration,
 }
 
+impl Default for OutlierDetection {
+    /// An empty `[service.outlier]`.
+    fn default() -> Self {
+        Self {
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            window: DEFAULT_OUTLIER_WINDOW,
+            min_connections: DEFAULT_MIN_CONNECTIONS,
+            failure_ratio: DEFAULT_FAILURE_RATIO,
+            ejection: DEFAULT_EJECTION,
+            max_ejection: DEFAULT_MAX_EJECTION,
+        }
+    }
+}
+
 /// The checked `[service.outlier]`, or the field (under `outlier.`) and why it is
 /// refused.
 pub(super) fn parse_outlier(
@@ -80,23 +94,17 @@ pub(super) fn parse_outlier(
                 .into(),
         ));
     }
+    let d = OutlierDetection::default();
     let duration = |name: &str, given: Option<String>, default: Duration, min: Duration| {
-        let Some(text) = given else {
-            return Ok(default);
-        };
-        let d = parse_interval(&text).map_err(|r| (field(name), r))?;
-        if !(min..=Duration::from_secs(3600)).contains(&d) {
-            return Err((field(name), format!("{text:?}: use {min:?} to 1h")));
-        }
-        Ok(d)
+        bounded_duration(given.as_deref(), &field(name), default, min)
     };
     let second = Duration::from_secs(1);
-    let window = duration("window", raw.window, DEFAULT_OUTLIER_WINDOW, second * 2)?;
-    let ejection = duration("ejection", raw.ejection, DEFAULT_EJECTION, second)?;
+    let window = duration("window", raw.window, d.window, second * 2)?;
+    let ejection = duration("ejection", raw.ejection, d.ejection, second)?;
     let max_ejection = duration(
         "max_ejection",
         raw.max_ejection,
-        DEFAULT_MAX_EJECTION.max(ejection),
+        d.max_ejection.max(ejection),
         second,
     )?;
     if max_ejection < ejection {
@@ -106,24 +114,15 @@ pub(super) fn parse_outlier(
         ));
     }
     let count = |name: &str, given: Option<u32>, default: u32| {
-        let n = given.unwrap_or(default);
-        if (1..=1_000_000).contains(&n) {
-            Ok(n)
-        } else {
-            Err((field(name), format!("{n}: use 1 to 1000000")))
-        }
+        bounded_count(&field(name), given, default, 1_000_000, "")
     };
     let consecutive_failures = count(
         "consecutive_failures",
         raw.consecutive_failures,
-        DEFAULT_CONSECUTIVE_FAILURES,
+        d.consecutive_failures,
     )?;
-    let min_connections = count(
-        "min_connections",
-        raw.min_connections,
-        DEFAULT_MIN_CONNECTIONS,
-    )?;
-    let failure_ratio = raw.failure_ratio.unwrap_or(DEFAULT_FAILURE_RATIO);
+    let min_connections = count("min_connections", raw.min_connections, d.min_connections)?;
+    let failure_ratio = raw.failure_ratio.unwrap_or(d.failure_ratio);
     if !(failure_ratio > 0.0 && failure_ratio <= 1.0) {
         return Err((
             field("failure_ratio"),
@@ -150,12 +149,39 @@ pub(super) fn ttl_bound(
     field: &str,
     default: Duration,
 ) -> Result<Duration, (String, String)> {
+    bounded_duration(text, field, default, Duration::from_millis(100))
+}
+
+/// A duration field from `min` to 1h, or `default` when it is not given.
+fn bounded_duration(
+    text: Option<&str>,
+    field: &str,
+    default: Duration,
+    min: Duration,
+) -> Result<Duration, (String, String)> {
     let Some(text) = text else { return Ok(default) };
     let d = parse_interval(text).map_err(|r| (field.to_string(), r))?;
-    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
-        return Err((field.to_string(), format!("{text:?}: use 100ms to 1h")));
+    if !(min..=Duration::from_secs(3600)).contains(&d) {
+        return Err((field.to_string(), format!("{text:?}: use {min:?} to 1h")));
     }
     Ok(d)
+}
+
+/// A count field from 1 to `max` (`unit` names what is counted in the error), or
+/// `default` when it is not given.
+fn bounded_count(
+    field: &str,
+    given: Option<u32>,
+    default: u32,
+    max: u32,
+    unit: &str,
+) -> Result<u32, (String, String)> {
+    let n = given.unwrap_or(default);
+    if (1..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err((field.to_string(), format!("{n}: use 1 to {max}{unit}")))
+    }
 }
 
 /// "500ms", "2s", "1m", or a bare number of seconds.
@@ -224,15 +250,13 @@ pub(super) fn parse(raw: RawHealth, protocol: Protocol) -> Result<HealthCheck, (
     if raw.port == Some(0) {
         return Err((field("port"), "port 0".into()));
     }
-    let duration = |name: &str, given: Option<String>, default: Duration| match given {
-        None => Ok(default),
-        Some(text) => {
-            let d = parse_interval(&text).map_err(|r| (field(name), r))?;
-            if !(Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&d) {
-                return Err((field(name), format!("{text:?}: use 10ms to 1h")));
-            }
-            Ok(d)
-        }
+    let duration = |name: &str, given: Option<String>, default: Duration| {
+        bounded_duration(
+            given.as_deref(),
+            &field(name),
+            default,
+            Duration::from_millis(10),
+        )
     };
     let interval = duration("interval", raw.interval, DEFAULT_INTERVAL)?;
     let timeout = duration("timeout", raw.timeout, DEFAULT_TIMEOUT.min(interval))?;
@@ -243,12 +267,7 @@ pub(super) fn parse(raw: RawHealth, protocol: Protocol) -> Result<HealthCheck, (
         ));
     }
     let count = |name: &str, given: Option<u32>, default: u32| {
-        let n = given.unwrap_or(default);
-        if (1..=100).contains(&n) {
-            Ok(n)
-        } else {
-            Err((field(name), format!("{n}: use 1 to 100 checks")))
-        }
+        bounded_count(&field(name), given, default, 100, " checks")
     };
     Ok(HealthCheck {
         kind,
@@ -321,16 +340,20 @@ mod tests {
     #[test]
     fn outlier_detection_has_documented_defaults_and_located_errors() {
         let o = outlier("", "tcp").unwrap().unwrap();
+        assert_eq!(o, OutlierDetection::default());
+        // The defaults README documents.
         assert_eq!(
-            o,
-            OutlierDetection {
-                consecutive_failures: 5,
-                window: Duration::from_secs(10),
-                min_connections: 20,
-                failure_ratio: 0.5,
-                ejection: Duration::from_secs(30),
-                max_ejection: Duration::from_secs(300),
-            }
+            (
+                o.consecutive_failures,
+                o.window,
+                o.min_connections,
+                o.failure_ratio
+            ),
+            (5, Duration::from_secs(10), 20, 0.5)
+        );
+        assert_eq!(
+            (o.ejection, o.max_ejection),
+            (Duration::from_secs(30), Duration::from_secs(300))
         );
         let o = outlier("ejection = \"10m\"", "tcp").unwrap().unwrap();
         assert_eq!(
