@@ -4,6 +4,10 @@
 use std::{
     net::SocketAddr,
     path::Path,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -12,7 +16,7 @@ use canary_lab::{
     agent::Agent,
     backend::{set_faults, ADMIN_PORT},
     fleet::{fleet_service, Etcd, FleetLab, NODES},
-    http_load,
+    http_load_until,
     topology::CANARY_V4,
     Faults, HttpReport, VIP_V4,
 };
@@ -88,9 +92,11 @@ impl Fleet {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        let rollout = &self.agents[0].status()?["services"][0]["rollout"];
         Err(anyhow!(
-            "{what}: not within {limit:?}: {:?}",
-            self.observe()?
+            "{what}: not within {limit:?}: {:?}; holding: {}",
+            self.observe()?,
+            rollout["holding"]
         ))
     }
 
@@ -99,9 +105,17 @@ impl Fleet {
     }
 
     /// HTTP load through every node at once, `rps` per node over `conns` keep-alive
-    /// connections (enough that hashing them splits near the weight).
-    fn load(&self, rps: u32, secs: u64, conns: usize) -> Result<Vec<HttpReport>> {
+    /// connections (enough that hashing them splits near the weight), for `secs`
+    /// or until `stop` is set.
+    fn load(
+        &self,
+        rps: u32,
+        secs: u64,
+        conns: usize,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<Vec<HttpReport>> {
         let vip = SocketAddr::new(VIP_V4.into(), 80);
+        let limit = Duration::from_secs(secs);
         std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .lab
@@ -109,7 +123,7 @@ impl Fleet {
                 .iter()
                 .map(|c| {
                     scope.spawn(move || {
-                        c.enter(|| http_load(vip, "/", rps, Duration::from_secs(secs), conns))
+                        c.enter(|| http_load_until(vip, "/", rps, limit, conns, stop))
                     })
                 })
                 .collect();
@@ -265,11 +279,15 @@ fn a_canary_failing_in_wave_2_returns_every_node_to_0_in_one_decision() -> Resul
     let fleet = Fleet::start(&policy, &[])?;
     fleet.agents[0].cli(&["rollout", "start", "web"])?;
     let canary_admin = SocketAddr::new(CANARY_V4.into(), ADMIN_PORT);
-    let result = std::thread::scope(|scope| -> Result<Instant> {
-        let load = scope.spawn(|| fleet.load(100, 45, 32));
+    // Evidence accrues at the canary's request rate, which hashing 32 pinned
+    // keep-alive connections makes uneven: the load runs until the test is done
+    // (at most 120 s), not for a fixed time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let result = std::thread::scope(|scope| -> Result<Duration> {
+        let load = scope.spawn(|| fleet.load(100, 120, 32, &stop));
         let mut wave_2_load = None;
         let result = (|| {
-            fleet.until("wave 2 started", Duration::from_secs(40), |f| {
+            fleet.until("wave 2 started", Duration::from_secs(90), |f| {
                 let seen = f.observe()?;
                 ensure!(
                     seen[0].1 != "rolled-back",
@@ -279,7 +297,7 @@ fn a_canary_failing_in_wave_2_returns_every_node_to_0_in_one_decision() -> Resul
             })?;
             // The load's keep-alive connections in region b were all placed on stable
             // while it stood at 0 %: new clients reach the canary there now.
-            wave_2_load = Some(scope.spawn(|| fleet.load(100, 20, 32)));
+            wave_2_load = Some(scope.spawn(|| fleet.load(100, 60, 32, &stop)));
             ensure!(fleet.observe()?[0].0 == 10_000, "{:?}", fleet.observe()?);
             fleet.lab.canary.enter(|| {
                 set_faults(
@@ -298,16 +316,16 @@ fn a_canary_failing_in_wave_2_returns_every_node_to_0_in_one_decision() -> Resul
                     .all(|(w, s)| *w == 0 && s == "rolled-back")
                     .then_some(()))
             })?;
-            Ok(faulted)
+            Ok(faulted.elapsed())
         })();
+        stop.store(true, Ordering::Relaxed);
         let _ = load.join().expect("load thread");
         if let Some(more) = wave_2_load {
             let _ = more.join().expect("load thread");
         }
         result
     });
-    let faulted = result?;
-    println!("every node at 0 % {:?} after the fault", faulted.elapsed());
+    println!("every node at 0 % {:?} after the fault", result?);
     let h = history(&fleet.agents[1])?;
     let rollbacks: Vec<_> = h
         .iter()
